@@ -1,0 +1,225 @@
+"""The `vitport` command: thin wiring of the library to typer and rich."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vitport.errors import VitportError
+
+app = typer.Typer(
+    name="vitport",
+    help=(
+        "Bring vision-transformer encoders (DINOv2, DINOv3, ViT, AIMv2, timm ViTs) to new "
+        "hardware (Ascend NPU, CUDA, CPU, ...): load, run, and prove the port faithful and fast.\n\n"
+        "Model specs: demo:dinov2-small (a real model built offline), hf:ORG/NAME or ORG/NAME "
+        "(Hugging Face), ms:ORG/NAME (ModelScope), timm:NAME [--weights FILE], or a local "
+        "directory."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+STATE = {"debug": False}
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="Model spec: demo:NAME, hf:ORG/NAME, ms:ORG/NAME, timm:NAME, or a local directory.",
+    ),
+]  # fmt: skip
+DeviceOpt = Annotated[
+    str, typer.Option("--device", "-d", help="auto, cpu, cuda[:N], npu[:N], xpu or mps.")
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(help="Input side in pixels (a multiple of the patch size); default: the model's."),
+]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Local weights (.safetensors, or weights-only .pth) for timm:NAME."),
+]
+RemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code to run.")
+]
+CudaShimOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-shim", help="Forward torch.cuda calls to the NPU, for code written for CUDA."
+    ),
+]
+ImagesArg = Annotated[
+    list[Path] | None, typer.Argument(help="Image files or directories (searched recursively).")
+]
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    STATE["debug"] = debug
+
+
+def load_model(spec: str, device: str, dtype: str, image_size: int | None, weights: Path | None,
+               trust_remote_code: bool, cuda_shim: bool):  # fmt: skip
+    """Shared by every command: the shim first, then the one door."""
+    import vitport
+    from vitport.devices import enable_cuda_shim
+
+    if cuda_shim:
+        errors.print(f"[dim]{enable_cuda_shim()}[/dim]")
+    with console.status(f"loading {spec} ..."):
+        return vitport.load(
+            spec, device, dtype, image_size=image_size, weights=weights,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+
+
+def report_problems(problems) -> None:
+    for problem in problems:
+        errors.print(f"[yellow]skipped[/yellow] {problem.name}: {problem.reason}")
+
+
+def fmt_values(values, count: int = 4) -> str:
+    return " ".join(f"{v:+.3f}" for v in values[:count].tolist())
+
+
+@app.command()
+def infer(
+    model: ModelOpt,
+    images: ImagesArg = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    out: Annotated[
+        Path | None, typer.Option(help="Save the Features (safetensors + metadata) to this file.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    image_size: ImageSizeOpt = None,
+    weights: WeightsOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    cuda_shim: CudaShimOpt = False,
+) -> None:
+    """Run a model on images: output shapes, first pooled values, per-image latency.
+
+    With no images, a few real photos shipped with scikit-image are used. --out writes the
+    features as a golden file that `vitport compare --reference FILE` accepts on another machine.
+    """
+    from vitport.images import read_images, sample_images
+    from vitport.infer import infer as run_infer
+
+    if images:
+        loaded, problems = read_images(images)
+    else:
+        loaded, problems = sample_images(4), []
+    report_problems(problems)
+    if not loaded:
+        raise VitportError("none of the given images could be read; see the reasons above")
+    encoder = load_model(model, device, dtype, image_size, weights, trust_remote_code, cuda_shim)
+    result = run_infer(encoder, loaded, batch_size, problems)
+    feats = result.features
+    h, w = encoder.image_size
+
+    summary = Table(title=f"{model} on {encoder.device} ({feats.meta['dtype']}), {h}x{w} input")
+    summary.add_column("output")
+    summary.add_column("shape")
+    for name, shape in feats.shapes().items():
+        summary.add_row(name, " x ".join(map(str, shape)))
+    console.print(summary)
+    console.print(
+        f"[dim]{encoder.family}, {encoder.num_params / 1e6:.1f}M parameters, tokens: "
+        f"{encoder.layout.describe(h, w)}; source: {encoder.source}[/dim]"
+    )
+    for note in encoder.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+    per_image = Table(title="per image")
+    for column in ("image", "size", "latency ms", "pooled[:4]"):
+        per_image.add_column(column, justify="right" if column == "latency ms" else "left")
+    pooled = feats.pooled if feats.pooled is not None else feats.patches.mean(1)
+    for i, name in enumerate(feats.names):
+        ow, oh = result.original_sizes[i]
+        per_image.add_row(
+            name, f"{ow}x{oh}", f"{result.per_image_ms[i]:.1f}", fmt_values(pooled[i])
+        )
+    console.print(per_image)
+    console.print(
+        f"[dim]latency is device time (synchronised); the first call ({result.first_call_ms:.1f} ms) "
+        "includes warm-up and kernel selection. Load took "
+        f"{encoder.load_seconds:.1f} s.[/dim]"
+    )
+    if out is not None:
+        feats.meta["skipped"] = [[p.name, p.reason] for p in problems]
+        path = feats.save(out)
+        console.print(f"features saved to [bold]{path}[/bold]")
+
+
+@app.command()
+def models() -> None:
+    """List the model specs and families vitport understands."""
+    from vitport.families import SOURCES, demo_names
+    from vitport.families.hf import supported_types
+
+    table = Table(title="model specs")
+    table.add_column("spec")
+    table.add_column("meaning")
+    for source in SOURCES:
+        table.add_row(source.example, source.help)
+    console.print(table)
+    console.print(f"transformers model types: {supported_types()}")
+    console.print("timm: Vision Transformers (timm.models.vision_transformer and kin)")
+    console.print(f"demo models: {', '.join('demo:' + n for n in demo_names())}")
+
+
+@app.command()
+def devices() -> None:
+    """Show the devices this machine offers and describe the default one."""
+    from vitport.devices import available_devices, resolve_device
+
+    console.print(f"available: {', '.join(available_devices())}")
+    table = Table(title="auto device")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in resolve_device("auto").describe().items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning known errors into one line and an exit code."""
+    debug = "--debug" in sys.argv
+    try:
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except VitportError as exc:
+        if debug:
+            raise
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        errors.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - anything else: one line, with the way to see more
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if debug:
+            raise
+        errors.print(
+            f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            highlight=False,
+        )
+        sys.exit(1)

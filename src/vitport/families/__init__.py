@@ -1,0 +1,180 @@
+"""One door for every model: `load(spec)` resolves a spec, loads it and returns an Encoder.
+
+Specs:
+  demo:NAME          a real trained model vitport builds offline (see `demo_names()`)
+  hf:ORG/NAME        Hugging Face hub (ORG/NAME alone works too)
+  ms:ORG/NAME        ModelScope (needs the `modelscope` extra)
+  timm:NAME          timm, pretrained from its hub, or with --weights FILE
+  PATH               a local transformers directory (config.json + weights) or a timm directory
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitport.devices import Device, parse_dtype, resolve_device
+from vitport.encoder import Encoder, find_blocks
+from vitport.errors import HubUnreachableError, SpecError, WeightsError
+from vitport.families import hf
+from vitport.families import timm as timm_family
+from vitport.families.demo import demo_checkpoint_dir, demo_names
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A spec prefix, what it means, and how it becomes a local directory or timm name."""
+
+    prefix: str
+    help: str
+    example: str
+
+
+SOURCES = (
+    Source("demo:", "a real trained model built offline by vitport", "demo:dinov2-small"),
+    Source("hf:", "Hugging Face hub repository", "hf:facebook/dinov2-small"),
+    Source("ms:", "ModelScope repository (pip install 'vitport[modelscope]')", "ms:facebook/dinov2-small"),
+    Source("timm:", "timm model name, with --weights FILE for local weights", "timm:vit_small_patch14_reg4_dinov2.lvd142m"),
+    Source("", "local transformers or timm directory", "./weights/dinov2-large"),
+)  # fmt: skip
+
+
+def spec_help() -> str:
+    return "; ".join(f"{s.example} ({s.help})" for s in SOURCES)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """Download a hub repository's config, processor and weights (safetensors preferred)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        if not any((path / name).is_file() for name in hf.WEIGHT_FILES):
+            path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin"]))
+    except GatedRepoError as exc:
+        raise WeightsError(
+            f"{repo_id} is gated: accept its licence on huggingface.co and run `hf auth login`"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise SpecError(
+            f"no repository '{repo_id}' on the Hugging Face hub; check the name"
+        ) from exc
+    except Exception as exc:  # offline, DNS, proxy, timeouts: all mean the same to a user
+        raise HubUnreachableError(
+            f"could not reach the Hugging Face hub for '{repo_id}' ({type(exc).__name__}); "
+            f"download it elsewhere and pass the local directory, or use ms:{repo_id}"
+        ) from exc
+    return path
+
+
+def modelscope_snapshot(repo_id: str) -> Path:
+    try:
+        from modelscope import snapshot_download
+    except ImportError as exc:
+        raise SpecError("ms: specs need ModelScope: pip install 'vitport[modelscope]'") from exc
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # modelscope wraps network errors in many types
+        raise HubUnreachableError(
+            f"could not download '{repo_id}' from ModelScope ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); pass a local directory"
+        ) from exc
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """A hash of the weights as loaded (fp32, CPU), independent of file layout."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve(spec: str) -> tuple[str, Path | str]:
+    """('hf', directory) or ('timm', timm name) for a spec; downloads when needed."""
+    if spec.startswith("demo:"):
+        return "hf", demo_checkpoint_dir(spec.removeprefix("demo:"))
+    if spec.startswith("timm:"):
+        name = spec.removeprefix("timm:")
+        if not name:
+            raise SpecError(
+                "timm: needs a model name, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m"
+            )
+        return "timm", name
+    if spec.startswith("ms:"):
+        return "hf", modelscope_snapshot(spec.removeprefix("ms:"))
+    if spec.startswith("hf:"):
+        return "hf", hub_snapshot(spec.removeprefix("hf:"))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        config = hf.read_config(path)
+        if "architecture" in config and "model_type" not in config:
+            return "timm", f"local-dir:{path.resolve()}"
+        return "hf", path
+    if path.exists():
+        raise SpecError(
+            f"{spec} is a file; pass the checkpoint's directory, or timm:NAME --weights {spec}"
+        )
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return "hf", hub_snapshot(spec)
+    raise SpecError(f"cannot understand model spec '{spec}'; use one of: {spec_help()}")
+
+
+def load(
+    spec: str,
+    device: str | Device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    *,
+    image_size: int | None = None,
+    weights: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> Encoder:
+    """Load a model from any source into an Encoder on `device` in `dtype`."""
+    target = device if isinstance(device, Device) else resolve_device(device)
+    dtype = parse_dtype(dtype)
+    start = time.perf_counter()
+    kind, where = resolve(spec)
+    if weights is not None and kind != "timm":
+        raise SpecError("--weights is for timm:NAME specs; a directory carries its own weights")
+    if kind == "timm":
+        loaded = timm_family.load(str(where), Path(weights) if weights else None, image_size)
+        forward: Callable = timm_family.forward
+        family, source = "timm", loaded.source
+    else:
+        loaded = hf.load_dir(Path(where), image_size, trust_remote_code)
+        forward = loaded.forward
+        family, source = f"transformers/{loaded.module.config.model_type}", str(where)
+        if spec.startswith("demo:"):
+            source = (Path(where) / "PROVENANCE.md").read_text().strip().splitlines()[0]
+    encoder = Encoder(
+        module=loaded.module,
+        spec=spec,
+        family=family,
+        layout=loaded.layout,
+        arch=loaded.arch,
+        preprocess=loaded.preprocess,
+        device=resolve_device("cpu"),
+        dtype=torch.float32,
+        forward_fn=forward,
+        blocks=find_blocks(loaded.module, loaded.arch.depth),
+        final_norm=loaded.final_norm,
+        source=source,
+        weights_sha256=weights_sha256(loaded.module),
+        notes=list(loaded.notes),
+    )
+    encoder = encoder.to(target, dtype, copy=False)
+    encoder.load_seconds = time.perf_counter() - start
+    return encoder
+
+
+__all__ = ["SOURCES", "demo_names", "load", "resolve", "spec_help", "weights_sha256"]

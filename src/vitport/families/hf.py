@@ -1,0 +1,313 @@
+"""transformers checkpoints (hub snapshot or local directory): DINOv2, DINOv3, ViT, AIMv2."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitport.encoder import Architecture, Preprocess, RawOutput, TokenLayout
+from vitport.errors import UnsupportedModelError, VitportError, WeightsError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HFType:
+    """What differs between the supported transformers model types, as data."""
+
+    model_type: str
+    has_cls: bool
+    resizable: bool  # position embeddings follow the input size
+    forward_kwargs: tuple[tuple[str, Any], ...] = ()
+    vision_attr: str | None = None  # for multimodal wrappers: the vision tower's attribute
+
+
+HF_TYPES = {
+    t.model_type: t
+    for t in (
+        HFType("dinov2", has_cls=True, resizable=True),
+        HFType("dinov2_with_registers", has_cls=True, resizable=True),
+        HFType("dinov3_vit", has_cls=True, resizable=True),
+        HFType(
+            "vit",
+            has_cls=True,
+            resizable=True,
+            forward_kwargs=(("interpolate_pos_encoding", True),),
+        ),
+        HFType("aimv2_vision_model", has_cls=False, resizable=False),
+        HFType("aimv2", has_cls=False, resizable=False, vision_attr="vision_model"),
+    )
+}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars for the duration of a load."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise WeightsError(
+            f"{path} has no config.json; pass a transformers checkpoint directory "
+            "(config.json + model.safetensors) or a timm directory"
+        )
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(
+            f"{config_file} is not valid JSON ({exc.msg}, line {exc.lineno})"
+        ) from exc
+
+
+def supported_types() -> str:
+    return ", ".join(sorted(HF_TYPES))
+
+
+@dataclass
+class HFModel:
+    """A transformers model and what vitport needs from it."""
+
+    module: nn.Module
+    forward: Callable[[nn.Module, torch.Tensor], RawOutput]
+    layout: TokenLayout
+    arch: Architecture
+    preprocess: Preprocess
+    notes: list[str]
+    final_norm: nn.Module | None
+
+
+def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFModel:
+    """Load a transformers checkpoint directory on the CPU in fp32, checking the weights fit."""
+    raw_config = read_config(path)
+    model_type = raw_config.get("model_type")
+    kind = HF_TYPES.get(model_type or "")
+    if kind is None and not trust_remote_code:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' in {path}/config.json is not supported; "
+            f"supported: {supported_types()}, and timm models (timm:NAME)"
+        )
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise WeightsError(
+            f"no weights in {path}: expected model.safetensors (or pytorch_model.bin); "
+            "download the full checkpoint, not only its config"
+        )
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    architectures = raw_config.get("architectures") or []
+    with_head = any(a.endswith("ForImageClassification") for a in architectures)
+    auto = AutoModelForImageClassification if with_head else AutoModel
+    with quiet_transformers():
+        try:
+            model, info = auto.from_pretrained(
+                str(path),
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                trust_remote_code=trust_remote_code,
+                dtype=torch.float32,
+            )
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"could not load {path}: {first_line(exc)}") from exc
+    model.eval()
+    if kind is None:
+        kind = HFType(model_type or "remote", has_cls=True, resizable=True)
+    notes = check_loading(info, path, with_head)
+    logits = with_head and not any(k.startswith("classifier") for k in info["missing_keys"])
+    return wrap(model, kind, path, image_size, notes, logits)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_loading(info: dict[str, Any], path: Path, with_head: bool) -> list[str]:
+    """Refuse weights that do not fit; turn a missing classifier head into a note."""
+    if info.get("mismatched_keys"):
+        name, got, want = sorted(info["mismatched_keys"])[0]
+        raise WeightsError(
+            f"weights in {path} do not fit the architecture: '{name}' has shape {tuple(got)}, "
+            f"config.json expects {tuple(want)}; are config.json and the weights from the same model?"
+        )
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("classifier"))
+    if missing:
+        raise WeightsError(
+            f"weights in {path} lack {len(missing)} tensors the architecture needs, first "
+            f"'{missing[0]}'; the checkpoint is incomplete or from another model"
+        )
+    head_missing = any(k.startswith("classifier") for k in info.get("missing_keys", ()))
+    if with_head and head_missing:
+        return [
+            "the classification head has no trained weights in this checkpoint "
+            "(randomly initialised); logits are not reported"
+        ]
+    return []
+
+
+def wrap(
+    model: nn.Module, kind: HFType, path: Path, image_size: int | None, notes: list[str],
+    logits: bool,
+) -> HFModel:  # fmt: skip
+    """Fill the Encoder fields for a loaded transformers model."""
+    if kind.vision_attr:
+        backbone = getattr(model, kind.vision_attr)
+    elif hasattr(model, "classifier"):
+        backbone = model.base_model
+    else:
+        backbone = model
+    module = model if logits else backbone  # an untrained head is dropped, not run
+    config = backbone.config
+    patch = int(config.patch_size)
+    registers = int(getattr(config, "num_register_tokens", 0) or 0)
+    top = dict(backbone.named_children())
+    return HFModel(
+        module=module,
+        forward=make_forward(kind, logits),
+        layout=TokenLayout(num_cls=int(kind.has_cls), num_registers=registers, patch_size=patch),
+        arch=architecture(config),
+        preprocess=hf_preprocess(path, patch, image_size, kind, config),
+        notes=notes,
+        final_norm=next((m for n, m in top.items() if "norm" in n), None),
+    )
+
+
+def architecture(config: Any) -> Architecture:
+    hidden = int(config.hidden_size)
+    gated = bool(
+        getattr(config, "use_swiglu_ffn", False)
+        or getattr(config, "use_gated_mlp", False)
+        or config.model_type.startswith("aimv2")
+    )
+    mlp_hidden = getattr(config, "intermediate_size", None)
+    if mlp_hidden is None:  # DINOv2 states a ratio
+        mlp_hidden = int(hidden * float(config.mlp_ratio))
+        if gated:  # DINOv2's SwiGLU shrinks the hidden width to 2/3, rounded up to 8
+            mlp_hidden = (int(mlp_hidden * 2 / 3) + 7) // 8 * 8
+    return Architecture(
+        hidden_size=hidden,
+        depth=int(config.num_hidden_layers),
+        num_heads=int(config.num_attention_heads),
+        mlp_hidden=int(mlp_hidden),
+        gated_mlp=gated,
+        patch_size=int(config.patch_size),
+        in_chans=int(getattr(config, "num_channels", 3)),
+    )
+
+
+def make_forward(kind: HFType, with_logits: bool) -> Callable[[nn.Module, torch.Tensor], RawOutput]:
+    """The family forward: tokens after the final norm, the family's pooled output, logits."""
+    kwargs = dict(kind.forward_kwargs)
+
+    def pooled_of(out: Any, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is not None:
+            return pooled
+        return tokens[:, 0] if kind.has_cls else tokens.mean(dim=1)
+
+    if not with_logits:
+
+        def forward(module: nn.Module, pixels: torch.Tensor) -> RawOutput:
+            out = module(pixel_values=pixels, **kwargs)
+            tokens = out.last_hidden_state
+            return RawOutput(tokens=tokens, pooled=pooled_of(out, tokens))
+
+        return forward
+
+    def forward_with_head(module: nn.Module, pixels: torch.Tensor) -> RawOutput:
+        captured: dict[str, Any] = {}
+        handle = module.base_model.register_forward_hook(
+            lambda _m, _i, out: captured.setdefault("out", out)
+        )
+        try:
+            logits = module(pixel_values=pixels, **kwargs).logits
+        finally:
+            handle.remove()
+        out = captured["out"]
+        tokens = out.last_hidden_state
+        return RawOutput(tokens=tokens, pooled=pooled_of(out, tokens), logits=logits)
+
+    return forward_with_head
+
+
+def hf_preprocess(
+    path: Path, patch: int, image_size: int | None, kind: HFType, config: Any
+) -> Preprocess:
+    """The checkpoint's own image processor, resized to `image_size` when one is asked for."""
+    from transformers import AutoImageProcessor
+
+    try:
+        with quiet_transformers():
+            processor = AutoImageProcessor.from_pretrained(str(path))
+    except (OSError, ValueError):
+        processor = None
+    if processor is None:
+        raise WeightsError(
+            f"{path} has no preprocessor_config.json; copy the one published with the model"
+        )
+    crop = (
+        getattr(processor, "crop_size", None)
+        if getattr(processor, "do_center_crop", False)
+        else None
+    )
+    crop = {k: v for k, v in dict(crop).items() if v is not None} if crop else None
+    size = {k: v for k, v in dict(getattr(processor, "size", None) or {}).items() if v is not None}
+    native = crop or size
+    default = int(native.get("height") or native.get("shortest_edge") or config.image_size)
+    target = image_size or default
+    if target % patch:
+        raise VitportError(
+            f"--image-size {target} is not a multiple of the patch size {patch}; "
+            f"try {target // patch * patch} or {(target // patch + 1) * patch}"
+        )
+    if target != int(config.image_size) and not kind.resizable:
+        raise VitportError(
+            f"{kind.model_type} has fixed position embeddings for {config.image_size}px; "
+            f"--image-size {target} is not possible"
+        )
+    overrides: dict[str, Any] = {}
+    if image_size:
+        if crop:
+            short = size.get("shortest_edge")
+            scale = short / crop["height"] if short else 1.0
+            overrides["crop_size"] = {"height": target, "width": target}
+            overrides["size"] = {"shortest_edge": round(target * scale)} if short else {
+                "height": target, "width": target}  # fmt: skip
+        elif "shortest_edge" in size:
+            overrides["size"] = {"shortest_edge": target}
+            overrides["crop_size"] = {"height": target, "width": target}
+            overrides["do_center_crop"] = True
+        else:
+            overrides["size"] = {"height": target, "width": target}
+
+    def run(images: list[Any]) -> torch.Tensor:
+        return processor(images=images, return_tensors="pt", **overrides)["pixel_values"]
+
+    settings = {
+        "processor": type(processor).__name__,
+        "resize": overrides.get("size", size),
+        "crop": overrides.get("crop_size", crop),
+        "mean": list(getattr(processor, "image_mean", []) or []),
+        "std": list(getattr(processor, "image_std", []) or []),
+        "resample": str(getattr(processor, "resample", "")),
+    }
+    return Preprocess(run, (target, target), settings)

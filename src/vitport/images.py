@@ -1,0 +1,428 @@
+"""Images in, RGB PIL images out: read files and directories, report bad files, make test inputs.
+
+Everything a user hits in practice is handled here once: EXIF orientation, every PIL mode
+(alpha composited onto white, CMYK, 16-bit and float data scaled by their real range),
+multi-frame files, truncated and non-image files, and decompression bombs. A bad file is
+reported as an :class:`ImageProblem` with a one-line reason; it never aborts a batch.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vitport.errors import ImageError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageProblem",
+    "LoadedImage",
+    "find_images",
+    "random_images",
+    "read_image",
+    "read_images",
+    "sample_images",
+    "to_rgb",
+]
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".apng",
+        ".bmp",
+        ".dib",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".pfm",
+        ".tga",
+        ".ico",
+        ".jp2",
+        ".j2k",
+        ".jpx",
+        ".pcx",
+        ".sgi",
+        ".rgb",
+        ".dds",
+        ".qoi",
+    }
+)
+"""File suffixes (lower case, with the dot) that directory expansion keeps."""
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image ready for a model: ``image`` is RGB, upright and fully decoded."""
+
+    name: str
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class ImageProblem:
+    """An input that could not be used, with one short human-readable reason."""
+
+    name: str
+    reason: str
+
+
+class _Unreadable(Exception):
+    """Internal: carries the one-line reason a file could not be read."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Mode conversion
+# --------------------------------------------------------------------------------------------
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    """Composite an image with alpha (or a transparency key) onto an opaque white background."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    background.alpha_composite(rgba)
+    return background.convert("RGB")
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """True if a P/L/RGB image carries a transparency key or a palette with alpha."""
+    if "transparency" in image.info:
+        return True
+    return bool(getattr(image, "has_transparency_data", False))
+
+
+def _gray_array_to_rgb(values: np.ndarray) -> Image.Image:
+    """Turn a 2-D uint8 array into an RGB image."""
+    return Image.fromarray(np.ascontiguousarray(values, dtype=np.uint8)).convert("RGB")
+
+
+def _integer_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer image to 8 bits by its bit depth (not by clipping at 255)."""
+    values = np.asarray(image)
+    if values.dtype.kind == "u" and values.dtype.itemsize == 2:  # I;16, I;16B, I;16L, I;16N
+        return _gray_array_to_rgb(values >> 8)
+    values = values.astype(np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low >= 0 and high <= 255:  # 8-bit data held in a wide mode
+        return _gray_array_to_rgb(values)
+    if low >= 0 and high <= 65535:  # 16-bit data (e.g. a 16-bit PGM or PNG opened as "I")
+        return _gray_array_to_rgb(values >> 8)
+    scaled = (values - low) * 255 // max(high - low, 1)  # anything else: stretch to 0..255
+    return _gray_array_to_rgb(scaled)
+
+
+def _float_to_rgb(image: Image.Image) -> Image.Image:
+    """Map a float image to 8 bits: [0, 1] data is scaled by 255, anything else min-max."""
+    values = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(values)
+    values = np.where(finite, values, 0.0)
+    if not finite.any():
+        return _gray_array_to_rgb(np.zeros(values.shape, dtype=np.uint8))
+    low, high = float(values[finite].min()), float(values[finite].max())
+    if low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    else:  # constant image outside [0, 1]
+        scaled = values
+    return _gray_array_to_rgb(np.clip(np.rint(scaled), 0, 255))
+
+
+def _lab_to_rgb(image: Image.Image) -> Image.Image:
+    """Convert CIE L*a*b* to sRGB colorimetrically (PIL's plain convert copies channels)."""
+    try:
+        from PIL import ImageCms
+    except ImportError:  # Pillow built without littleCMS
+        return image.convert("RGB")
+    try:
+        transform = ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
+        return ImageCms.applyTransform(image, transform)
+    except (OSError, ValueError, ImageCms.PyCMSError):
+        return image.convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return a new, upright RGB copy of ``image``, whatever its mode.
+
+    EXIF orientation is applied; a multi-frame image gives its first frame (the image is
+    seeked to frame 0); alpha and palette transparency are composited onto white; CMYK,
+    YCbCr, LAB and HSV are converted to RGB; 16-bit data is scaled by 1/256, 32-bit integer
+    data by its range, float data from [0, 1] (or min-max when outside it).
+    """
+    if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and _has_transparency(image)):
+        return _composite_on_white(image)
+    if mode.startswith("I"):
+        return _integer_to_rgb(image)
+    if mode == "F":
+        return _float_to_rgb(image)
+    if mode == "LAB":
+        return _lab_to_rgb(image)
+    return image.convert("RGB")  # RGB (copies), L, 1, P, CMYK, YCbCr, HSV, RGBX, ...
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+_BOMB_MESSAGE = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+
+
+def _bomb_reason(error: BaseException) -> str:
+    """One line for a decompression bomb, with the pixel count and the limit when known."""
+    found = _BOMB_MESSAGE.search(str(error))
+    if found:
+        pixels, limit = found.groups()
+        # PIL's error quotes twice the limit; warnings are errors here, so the limit is the value
+        if Image.MAX_IMAGE_PIXELS:
+            limit = str(Image.MAX_IMAGE_PIXELS)
+        return (
+            f"decompression bomb: {pixels} pixels exceeds the {limit} limit "
+            "(PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+    return f"decompression bomb: {_one_line(error)}"
+
+
+def _one_line(error: BaseException) -> str:
+    """The exception's message on one line (its type name when it has no message)."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _decode_reason(error: BaseException, action: str = "decode") -> str:
+    """One line for an error raised while opening or decoding an image."""
+    message = _one_line(error)
+    if "truncated" in message.lower() or "broken data stream" in message.lower():
+        return f"truncated file ({message})"
+    return f"cannot {action} image, the file may be corrupt ({message})"
+
+
+def _check_file(path: Path) -> None:
+    """Raise _Unreadable for inputs that are not a non-empty regular file."""
+    try:
+        if not path.exists():
+            raise _Unreadable("file not found")
+        if path.is_dir():
+            raise _Unreadable("is a directory, not an image file")
+        if not path.is_file():
+            raise _Unreadable("not a regular file")
+        if path.stat().st_size == 0:
+            raise _Unreadable("empty file")
+    except PermissionError as error:
+        raise _Unreadable("permission denied") from error
+    except OSError as error:
+        raise _Unreadable(f"cannot access file ({_one_line(error)})") from error
+
+
+def _read(path: Path) -> Image.Image:
+    """Open, fully decode and convert one file; raise _Unreadable with a one-line reason."""
+    _check_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise _Unreadable(_bomb_reason(error)) from error
+        except UnidentifiedImageError as error:
+            raise _Unreadable("not an image (cannot identify format)") from error
+        except FileNotFoundError as error:
+            raise _Unreadable("file not found") from error
+        except PermissionError as error:
+            raise _Unreadable("permission denied") from error
+        except IsADirectoryError as error:
+            raise _Unreadable("is a directory, not an image file") from error
+        except Exception as error:  # any decoder failure is a reportable problem
+            raise _Unreadable(_decode_reason(error, "open")) from error
+        with opened:
+            try:
+                opened.load()
+                return to_rgb(opened)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+                raise _Unreadable(_bomb_reason(error)) from error
+            except MemoryError as error:
+                raise _Unreadable("out of memory while decoding") from error
+            except Exception as error:  # truncated or corrupt pixel data
+                raise _Unreadable(_decode_reason(error)) from error
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Read one image file as upright RGB; raise ImageError("<path>: <reason>") if unusable."""
+    try:
+        return _read(Path(path))
+    except _Unreadable as problem:
+        raise ImageError(f"{path}: {problem.reason}") from problem.__cause__
+
+
+def _as_list(inputs: Iterable[str | Path]) -> list[str | Path]:
+    """Accept a single path as well as an iterable of paths."""
+    if isinstance(inputs, (str, Path)):
+        return [inputs]
+    return list(inputs)
+
+
+def _expand_directory(directory: Path) -> list[Path]:
+    """Image files under ``directory`` (recursive), hidden entries skipped, sorted by path parts."""
+    found = []
+    for candidate in directory.rglob("*"):
+        relative = candidate.relative_to(directory).parts
+        if any(part.startswith(".") for part in relative):  # .git, .DS_Store, ._photo.jpg
+            continue
+        if candidate.suffix.lower() in IMAGE_SUFFIXES and candidate.is_file():
+            found.append(candidate)
+    return sorted(found, key=lambda p: p.relative_to(directory).parts)
+
+
+def _expand(inputs: Iterable[str | Path]) -> list[tuple[str, Path]]:
+    """(name, path) pairs: files keep the name as given; directories are expanded."""
+    pairs: list[tuple[str, Path]] = []
+    for item in _as_list(inputs):
+        path = Path(item)
+        if path.is_dir():
+            pairs.extend((str(found), found) for found in _expand_directory(path))
+        else:
+            pairs.append((str(item), path))
+    return pairs
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, directories expanded recursively (sorted, filtered by IMAGE_SUFFIXES).
+
+    A path that does not exist is kept so that :func:`read_images` can report it.
+    """
+    return [path for _, path in _expand(inputs)]
+
+
+def read_images(inputs: Iterable[str | Path]) -> tuple[list[LoadedImage], list[ImageProblem]]:
+    """Read every image in ``inputs``; bad files become ImageProblems, never exceptions.
+
+    Raises ImageError only when ``inputs`` holds no file at all after directory expansion.
+    """
+    given = _as_list(inputs)
+    pairs = _expand(given)
+    if not pairs:
+        where = ", ".join(str(item) for item in given) or "(no inputs)"
+        raise ImageError(f"no images found in {where}; pass image files or a directory")
+    loaded: list[LoadedImage] = []
+    problems: list[ImageProblem] = []
+    for name, path in pairs:
+        try:
+            loaded.append(LoadedImage(name=name, image=_read(path)))
+        except _Unreadable as problem:
+            problems.append(ImageProblem(name=name, reason=problem.reason))
+    return loaded, problems
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in inputs
+# --------------------------------------------------------------------------------------------
+
+# Photographs that ship inside the scikit-image wheel (no download, no pooch), in the order
+# sample_images() returns them. Colour photos first, then grayscale ones.
+_SAMPLES: tuple[tuple[str, str], ...] = (
+    ("astronaut", "astronaut"),
+    ("chelsea", "chelsea"),
+    ("coffee", "coffee"),
+    ("rocket", "rocket"),
+    ("camera", "camera"),
+    ("hubble_deep_field", "hubble_deep_field"),
+    ("immunohistochemistry", "immunohistochemistry"),
+    ("motorcycle", "stereo_motorcycle"),
+    ("retina", "retina"),
+    ("moon", "moon"),
+    ("coins", "coins"),
+    ("clock", "clock"),
+    ("brick", "brick"),
+    ("grass", "grass"),
+    ("gravel", "gravel"),
+    ("page", "page"),
+    ("text", "text"),
+)
+
+
+def _sample_array(loader: Callable[[], object]) -> np.ndarray:
+    """Call a skimage.data loader; stereo_motorcycle returns (left, right, disparity)."""
+    data = loader()
+    if isinstance(data, tuple):
+        data = data[0]
+    return np.asarray(data)
+
+
+def sample_images(count: int = 8) -> list[LoadedImage]:
+    """The first ``count`` real photos shipped with scikit-image, as RGB, named "skimage:<name>".
+
+    The order is fixed. Raises ImageError if fewer than ``count`` are available.
+    """
+    if count < 0:
+        raise ImageError(f"sample image count must be >= 0, got {count}")
+    if count == 0:
+        return []
+    try:
+        import skimage.data
+    except ImportError as error:
+        raise ImageError(
+            "sample images need scikit-image; install it with: pip install scikit-image"
+        ) from error
+    samples: list[LoadedImage] = []
+    for name, function in _SAMPLES:
+        loader = getattr(skimage.data, function, None)
+        if loader is None:
+            continue
+        try:
+            array = _sample_array(loader)
+        except Exception:  # this skimage build lacks the file; use the next one
+            continue
+        if array.dtype != np.uint8 or array.ndim not in (2, 3):
+            continue
+        image = Image.fromarray(array)
+        samples.append(LoadedImage(name=f"skimage:{name}", image=to_rgb(image)))
+        if len(samples) == count:
+            return samples
+    raise ImageError(
+        f"asked for {count} sample images but only {len(samples)} ship with this scikit-image; "
+        f"pass a count of at most {len(samples)} or give image files"
+    )
+
+
+def random_images(count: int, size: int = 224, seed: int = 0) -> list[LoadedImage]:
+    """``count`` uniform-noise RGB images of ``size`` x ``size``, named "random:<seed>:<i>".
+
+    Image ``i`` depends only on (seed, i, size), so results are reproducible across machines
+    and a larger ``count`` extends a smaller one.
+    """
+    if count < 0:
+        raise ImageError(f"random image count must be >= 0, got {count}")
+    if size < 1:
+        raise ImageError(f"random image size must be >= 1, got {size}")
+    if seed < 0:
+        raise ImageError(f"random image seed must be >= 0, got {seed}")
+    images = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        images.append(LoadedImage(name=f"random:{seed}:{index}", image=Image.fromarray(pixels)))
+    return images
