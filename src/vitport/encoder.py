@@ -308,7 +308,7 @@ def block_parts(block: nn.Module) -> dict[str, nn.Module]:
 def find_blocks(module: nn.Module, depth: int) -> list[nn.Module]:
     """The ModuleList of `depth` identical transformer blocks."""
     for _, child in module.named_modules():
-        if isinstance(child, nn.ModuleList) and len(child) == depth:
+        if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) == depth:
             kinds = {type(b) for b in child}
             if len(kinds) == 1 and block_parts(child[0]):
                 return list(child)

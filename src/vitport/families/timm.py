@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,19 @@ def create(name: str, weights: Path | None, image_size: int | None) -> tuple[nn.
 
 
 def state_dict_problem(text: str) -> str:
-    """The first concrete problem in torch's load_state_dict error text."""
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("size mismatch") or line.startswith(("Missing key", "Unexpected key")):
-            return line[:300]
-    return text.splitlines()[0][:300]
+    """The first concrete problem in torch's load_state_dict error: a shape, else a missing key."""
+    shape = r"torch\.Size\(\[([\d, ]*)\]\)"
+    mismatch = re.search(rf"size mismatch for ([\w.]+): copying a param with shape {shape} from "
+                         rf"checkpoint, the shape in current model is {shape}", text)  # fmt: skip
+    if mismatch:
+        name, got, want = mismatch.groups()
+        return f"'{name}' has shape [{got}] in the file, the model expects [{want}]"
+    for label in ("Missing key(s)", "Unexpected key(s)"):
+        block = re.search(re.escape(label) + r" in state_dict: (.*?)(?:\.\s|$)", text, re.S)
+        if block:
+            keys = re.findall(r'"([^"]+)"', block.group(1))
+            return f"{label.lower()} {len(keys)} tensors, first '{keys[0]}'"
+    return text.strip().splitlines()[0][:300]
 
 
 def load(name: str, weights: Path | None, image_size: int | None) -> TimmModel:

@@ -1,0 +1,3 @@
+from vitport.cli import main
+
+main()
