@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(BIN)/vitport infer --model demo:dinov2-small --device auto
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
 test: lint
 	$(BIN)/python -m pytest
