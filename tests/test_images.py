@@ -377,7 +377,7 @@ def test_random_images_reproducible() -> None:
     first = random_images(3, size=32, seed=7)
     again = random_images(3, size=32, seed=7)
     other = random_images(3, size=32, seed=8)
-    assert [item.name for item in first] == ["random:7:0", "random:7:1", "random:7:2"]
+    assert [item.name for item in first] == ["random:7:0:32", "random:7:1:32", "random:7:2:32"]
     for a, b, c in zip(first, again, other, strict=True):
         assert a.image.mode == "RGB" and a.image.size == (32, 32)
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image))

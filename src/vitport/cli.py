@@ -158,8 +158,203 @@ def infer(
     )
     if out is not None:
         feats.meta["skipped"] = [[p.name, p.reason] for p in problems]
+        feats.meta["device_description"] = encoder.device.describe()
         path = feats.save(out)
         console.print(f"features saved to [bold]{path}[/bold]")
+
+
+FixOpt = Annotated[
+    str | None,
+    typer.Option("--fix", help="Precision fixes to apply, comma-separated (see vitport fixes)."),
+]
+
+
+def read_inputs(images: list[Path] | None, size: int):
+    """The user's images, or the default set: real photos plus seeded random inputs."""
+    from vitport.images import default_inputs, read_images
+
+    if not images:
+        return default_inputs(size), []
+    loaded, problems = read_images(images)
+    report_problems(problems)
+    if not loaded:
+        raise VitportError("none of the given images could be read; see the reasons above")
+    return loaded, problems
+
+
+@app.command()
+def compare(
+    model: ModelOpt,
+    images: ImagesArg = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference",
+            "-r",
+            help="A device to run the reference on in this process (cpu, cuda, ...), or a golden "
+            "features file written by `vitport infer --out` on another machine.",
+        ),
+    ] = "cpu",
+    reference_dtype: Annotated[
+        str, typer.Option(help="dtype of an in-process reference.")
+    ] = "fp32",
+    fix: FixOpt = None,
+    localize: Annotated[
+        bool, typer.Option("--localize", help="Find the first block whose own error stands out.")
+    ] = False,
+    try_fixes: Annotated[
+        bool, typer.Option("--try-fixes", help="Compare again with each fix and with all together.")
+    ] = False,
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--threshold",
+            "-t",
+            help="Override a limit: METRIC=VALUE or GROUP.METRIC=VALUE (repeatable).",
+        ),
+    ] = None,
+    inject_fault: Annotated[
+        str | None,
+        typer.Option(
+            help="Plant a known fault KIND@BLOCK in the candidate (gelu-tanh@7, "
+            "layernorm-bf16@3) to check that localisation and fixes find it."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write every number here.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
+    image_size: ImageSizeOpt = None,
+    weights: WeightsOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    cuda_shim: CudaShimOpt = False,
+) -> None:
+    """Is the port faithful? The device's output against a reference, with the noise floor.
+
+    Metrics per output group (CLS, registers, patches, pooled, logits): relative error
+    mean|d|/mean|ref| (seed 000), vector relative error, max/mean abs, MSE, cosine per token,
+    top-1/top-5 of logits, nearest-neighbour agreement of pooled features; beside each, the
+    same metric between fp32 and fp64 on the CPU (the arithmetic noise floor). Exit code 0 when
+    every threshold passes, 1 when one fails: it can gate CI.
+    """
+    import json
+
+    from vitport import Features
+    from vitport.compare.run import compare as run_compare
+    from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
+    from vitport.devices import parse_dtype, resolve_device
+    from vitport.faults import inject, parse_fault
+    from vitport.fixes import apply_fixes, fix_names, parse_fixes
+    from vitport.images import images_by_name
+
+    try:
+        overrides = parse_threshold_overrides(threshold or [])
+    except ValueError as exc:
+        raise VitportError(str(exc)) from exc
+    fixes = parse_fixes(fix)
+    if inject_fault:
+        parse_fault(inject_fault)
+    golden = None
+    if Path(reference).is_file():
+        golden = Features.load(reference)
+        golden.meta["path"] = reference
+    else:
+        ref_device = resolve_device(reference)
+    target = resolve_device(device)
+    cand_dtype = parse_dtype(dtype)
+    ref_dtype = parse_dtype(reference_dtype)
+
+    if golden is not None and not images:
+        loaded, problems = images_by_name(golden.names)
+        report_problems(problems)
+    else:
+        loaded, problems = read_inputs(images, image_size or 224)
+    base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
+
+    def make_candidate(names):
+        candidate = base.to(target, cand_dtype)
+        done = [inject(candidate, inject_fault)] if inject_fault else []
+        done += [r.detail for r in apply_fixes(candidate, names)]
+        return candidate, "; ".join(done)
+
+    candidate, detail = make_candidate(fixes)
+    notes = [f"candidate: {detail}"] if detail else []
+    if golden is None:
+        same = ref_device == resolve_device("cpu") and ref_dtype == base.dtype
+        ref = base if same else base.to(ref_device, ref_dtype)
+    else:
+        ref = golden
+    trials = [(name,) for name in fix_names()] if try_fixes else []
+    with console.status("comparing ...") as status:
+        result = run_compare(
+            base, candidate, ref, loaded, thresholds_for(dtype_label(cand_dtype), overrides),
+            localize_points=localize, trial_fixes=trials, make_candidate=make_candidate,
+            batch_size=batch_size, fixes=fixes, progress=lambda m: status.update(m + " ..."),
+            notes=notes,
+        )  # fmt: skip
+    render_compare(result)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        console.print(f"every number written to [bold]{json_out}[/bold]")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def dtype_label(dtype) -> str:
+    from vitport.devices import dtype_name
+
+    return dtype_name(dtype)
+
+
+def render_compare(result) -> None:
+    from vitport import cli_tables
+
+    console.print(cli_tables.accuracy_table(result))
+    for line in cli_tables.task_lines(result):
+        console.print(line)
+    console.print(
+        "[dim]floor = the same metric between fp32 and fp64 on the CPU; x floor = how many times "
+        "the arithmetic noise of fp32 this error is.[/dim]"
+    )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if result.localization is not None:
+        console.print(cli_tables.localization_table(result))
+        loc = result.localization
+        if loc.culprit:
+            console.print(f"[bold]first diverging point:[/bold] {loc.culprit}: {loc.reason}")
+        else:
+            console.print(f"[bold]no single culprit:[/bold] {loc.reason}")
+    if result.trials:
+        console.print(cli_tables.trials_table(result))
+        best = result.best_trial()
+        if best is not None:
+            from vitport.compare.run import worst_rel_error
+
+            console.print(
+                f"[bold]best fix:[/bold] --fix {best.fixes[0]} (worst relative error "
+                f"{100 * worst_rel_error(result.groups):.4g}% -> "
+                f"{100 * worst_rel_error(best.groups):.4g}%)"
+            )
+        else:
+            console.print("[bold]no single fix passes and halves the error[/bold]")
+    console.print(cli_tables.verdict_text(result))
+
+
+@app.command()
+def fixes() -> None:
+    """List the precision fixes any command can apply with --fix."""
+    from vitport.fixes import FIXES
+
+    table = Table(title="precision fixes")
+    table.add_column("name")
+    table.add_column("what it does")
+    for fix in FIXES.values():
+        table.add_row(fix.name, fix.help)
+    console.print(table)
 
 
 @app.command()

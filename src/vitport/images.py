@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -409,7 +409,7 @@ def sample_images(count: int = 8) -> list[LoadedImage]:
 
 
 def random_images(count: int, size: int = 224, seed: int = 0) -> list[LoadedImage]:
-    """``count`` uniform-noise RGB images of ``size`` x ``size``, named "random:<seed>:<i>".
+    """``count`` uniform-noise RGB images of ``size`` x ``size``, named "random:<seed>:<i>:<size>".
 
     Image ``i`` depends only on (seed, i, size), so results are reproducible across machines
     and a larger ``count`` extends a smaller one.
@@ -424,5 +424,41 @@ def random_images(count: int, size: int = 224, seed: int = 0) -> list[LoadedImag
     for index in range(count):
         rng = np.random.default_rng([seed, index])
         pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-        images.append(LoadedImage(name=f"random:{seed}:{index}", image=Image.fromarray(pixels)))
+        name = f"random:{seed}:{index}:{size}"
+        images.append(LoadedImage(name=name, image=Image.fromarray(pixels)))
     return images
+
+
+DEFAULT_PHOTOS = 8
+DEFAULT_RANDOM = 2
+
+
+def default_inputs(size: int = 224) -> list[LoadedImage]:
+    """What commands use when given no images: real photos, then seeded random noise."""
+    return sample_images(DEFAULT_PHOTOS) + random_images(DEFAULT_RANDOM, size=size)
+
+
+def images_by_name(names: Sequence[str]) -> tuple[list[LoadedImage], list[ImageProblem]]:
+    """Recreate the inputs a golden file names: samples and random images by name, files by path."""
+    wanted = [n for n in names if n.startswith("skimage:")]
+    samples = {im.name: im for im in sample_images(_sample_rank(wanted))}
+    loaded: list[LoadedImage] = []
+    problems: list[ImageProblem] = []
+    for name in names:
+        if name in samples:
+            loaded.append(samples[name])
+        elif re.fullmatch(r"random:\d+:\d+:\d+", name):
+            seed, index, size = (int(part) for part in name.split(":")[1:])
+            loaded.append(random_images(index + 1, size=size, seed=seed)[index])
+        else:
+            found, missing = read_images([name])
+            loaded.extend(found)
+            problems.extend(missing)
+    return loaded, problems
+
+
+def _sample_rank(names: Sequence[str]) -> int:
+    """How many samples to load so that every named one is among them."""
+    order = [f"skimage:{name}" for name, _ in _SAMPLES]
+    ranks = [order.index(n) + 1 for n in names if n in order]
+    return max(ranks, default=0)

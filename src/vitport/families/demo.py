@@ -441,7 +441,10 @@ def _transformers_output(directory: Path, pixels: np.ndarray) -> np.ndarray:
     import torch
     from transformers import Dinov2Model
 
-    model, info = Dinov2Model.from_pretrained(directory, output_loading_info=True)
+    from vitport.families.hf import quiet_transformers
+
+    with quiet_transformers():
+        model, info = Dinov2Model.from_pretrained(directory, output_loading_info=True)
     if any(info.values()):  # missing, unexpected or mismatched keys, or load errors
         raise WeightsError(f"the new checkpoint in {directory} does not load cleanly: {info}")
     model.eval()

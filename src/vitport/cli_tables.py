@@ -1,0 +1,161 @@
+"""Rich tables for the CLI: results in, renderables out. No computation happens here."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+from rich.text import Text
+
+from vitport.compare.run import CompareResult, describe_side, worst_rel_error
+
+GROUP_LABELS = {
+    "cls": "CLS",
+    "registers": "registers",
+    "patches": "patches",
+    "pooled": "pooled",
+    "logits": "logits",
+}
+
+
+def num(value: float, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    if percent:
+        return f"{100 * value:.4g}%"
+    return f"{value:.3g}"
+
+
+def ratio(value: float) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:,.0f}x" if value >= 10 else f"{value:.1f}x"
+
+
+def accuracy_table(result: CompareResult) -> Table:
+    """Per output group: the seeds' metrics (mean and worst input) and the noise floor."""
+    table = Table(
+        title=(
+            f"{result.spec}: {describe_side(result.candidate)} vs {describe_side(result.reference)}"
+            f", {len(result.inputs)} inputs"
+        )
+    )
+    for column in (
+        "output", "rel err mean", "rel err worst", "vec rel", "max abs", "mse",
+        "cos mean", "cos worst token", "floor rel err", "x floor",
+    ):  # fmt: skip
+        table.add_column(column, justify="left" if column == "output" else "right")
+    for name, group in result.groups.items():
+        floor = result.floor.get(name)
+        table.add_row(
+            GROUP_LABELS.get(name, name),
+            num(group.mean["rel_error"], percent=True),
+            num(group.worst["rel_error"], percent=True),
+            num(group.worst["vec_rel_error"]),
+            num(group.worst["max_abs"]),
+            num(group.mean["mse"]),
+            f"{group.mean['cos_mean']:.6f}",
+            f"{group.worst['cos_worst']:.6f}",
+            num(floor.mean["rel_error"], percent=True) if floor else "n/a",
+            ratio(result.floor_ratio.get(name, {}).get("rel_error", float("nan"))),
+        )
+    return table
+
+
+def task_lines(result: CompareResult) -> list[str]:
+    """Task-level agreement: top-k of logits, nearest neighbours of pooled features."""
+    lines = []
+    logits = result.groups.get("logits")
+    if logits is not None:
+        lines.append(
+            f"logits: top-1 agreement {num(logits.batch.get('top1', float('nan')), True)}, "
+            f"top-5 overlap {num(logits.batch.get('top5', float('nan')), True)}"
+        )
+    pooled = result.groups.get("pooled")
+    if pooled is not None and "knn_top1" in pooled.batch:
+        spearman = pooled.batch.get("knn_spearman", float("nan"))
+        lines.append(
+            f"pooled: nearest neighbour agrees for {num(pooled.batch['knn_top1'], True)} of inputs, "
+            f"mean Spearman of neighbour ranks {num(spearman)}"
+        )
+    return lines
+
+
+def verdict_text(result: CompareResult) -> Text:
+    if result.passed:
+        checks = ", ".join(sorted({f"{c.metric} {'>' if c.higher_is_better else '<'} {c.limit:g}"
+                                   for c in result.verdict.checks}))  # fmt: skip
+        return Text.assemble(("PASS", "bold green"), f"  faithful at {checks}")
+    text = Text.assemble(("FAIL", "bold red"), "  ")
+    for check in result.verdict.failures:
+        sign = ">" if check.higher_is_better else "<"
+        text.append(
+            f"{check.group}.{check.metric} = {check.value:.4g} (needs {sign} {check.limit:g}); "
+        )
+    return text
+
+
+def localization_table(result: CompareResult) -> Table:
+    loc = result.localization
+    table = Table(
+        title=f"error by block (local = teacher-forced on the {result.localization_reference} input)"
+    )
+    kinds = []
+    for point in loc.points:
+        if point.kind not in ("embeddings", "block", "final_norm") and point.kind not in kinds:
+            kinds.append(point.kind)
+    table.add_column("point")
+    table.add_column("accumulated", justify="right")
+    table.add_column("local", justify="right")
+    for kind in kinds:
+        table.add_column(f"local {kind}", justify="right")
+    parts: dict[int, dict[str, float]] = {}
+    for point in loc.points:
+        if point.block is not None and point.kind in kinds:
+            parts.setdefault(point.block, {})[point.kind] = point.local
+    for point in loc.blocks():
+        label = point.name if point.block is None else f"block {point.block}"
+        style = "bold red" if loc.culprit and loc.culprit.startswith(point.name) else None
+        cells = [num(parts.get(point.block, {}).get(k, float("nan"))) for k in kinds]
+        if point.block is None:
+            cells = [""] * len(kinds)
+        table.add_row(label, num(point.accumulated), num(point.local), *cells, style=style)
+    return table
+
+
+def trials_table(result: CompareResult) -> Table:
+    """Before/after each precision fix, as in seed 000's table."""
+    groups = list(result.groups)
+    table = Table(title="precision fixes: relative error (worst input) before and after")
+    table.add_column("fix")
+    for name in groups:
+        table.add_column(GROUP_LABELS.get(name, name), justify="right")
+    table.add_column("max", justify="right")
+    table.add_column("better by", justify="right")
+    table.add_column("verdict")
+    before = worst_rel_error(result.groups)
+    table.add_row(
+        "none (as ported)",
+        *[num(result.groups[g].worst["rel_error"], True) for g in groups],
+        num(before, True),
+        "",
+        "PASS" if result.passed else "FAIL",
+    )
+    for trial in result.trials:
+        label = " + ".join(trial.fixes)
+        if trial.groups is None:
+            table.add_row(label, *["-"] * len(groups), "-", "-", Text(trial.detail, style="dim"))
+            continue
+        after = worst_rel_error(trial.groups)
+        table.add_row(
+            label,
+            *[num(trial.groups[g].worst["rel_error"], True) for g in groups],
+            num(after, True),
+            ratio(before / after) if after > 0 else "exact",
+            "PASS" if trial.verdict else "FAIL",
+        )
+    return table

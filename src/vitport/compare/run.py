@@ -1,0 +1,301 @@
+"""`compare`: a candidate (device, dtype, fixes) against a reference run or a golden file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vitport.compare.localize import Localization, localize
+from vitport.compare.metrics import GroupResult, compare_groups, floor_ratios
+from vitport.compare.verdict import Threshold, Verdict, judge
+from vitport.devices import Device, dtype_name, resolve_device
+from vitport.encoder import Encoder, Features
+from vitport.errors import GoldenMismatchError, VitportError
+from vitport.images import LoadedImage
+from vitport.infer import infer
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison, as data."""
+
+    kind: str  # "run" or "golden"
+    device: str
+    dtype: str
+    fixes: tuple[str, ...] = ()
+    path: str = ""
+    description: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FixTrial:
+    """The candidate with one fix (or all together) set against the same reference."""
+
+    fixes: tuple[str, ...]
+    groups: dict[str, GroupResult] | None
+    verdict: Verdict | None
+    detail: str  # what the fix changed, or why it does not apply
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fixes": list(self.fixes),
+            "groups": {k: v.to_dict() for k, v in (self.groups or {}).items()},
+            "verdict": self.verdict.to_dict() if self.verdict is not None else None,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FixTrial:
+        return cls(
+            fixes=tuple(data["fixes"]),
+            groups={k: GroupResult.from_dict(v) for k, v in data["groups"].items()} or None,
+            verdict=Verdict.from_dict(data["verdict"]) if data["verdict"] else None,
+            detail=data["detail"],
+        )
+
+
+@dataclass
+class CompareResult:
+    spec: str
+    candidate: Side
+    reference: Side
+    inputs: list[str]
+    groups: dict[str, GroupResult]
+    floor: dict[str, GroupResult]
+    floor_ratio: dict[str, dict[str, float]]
+    thresholds: list[Threshold]
+    verdict: Verdict
+    localization: Localization | None = None
+    localization_reference: str = ""
+    trials: list[FixTrial] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verdict)
+
+    def best_trial(self) -> FixTrial | None:
+        """The passing single fix that lowers the worst relative error most, if one does."""
+        before = worst_rel_error(self.groups)
+        better = [
+            t for t in self.trials
+            if t.verdict and len(t.fixes) == 1 and worst_rel_error(t.groups) < 0.5 * before
+        ]  # fmt: skip
+        return min(better, key=lambda t: worst_rel_error(t.groups), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        from vitport.compare.metrics import encode_float
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "spec": self.spec,
+            "candidate": asdict(self.candidate),
+            "reference": asdict(self.reference),
+            "inputs": self.inputs,
+            "groups": {k: v.to_dict() for k, v in self.groups.items()},
+            "floor": {k: v.to_dict() for k, v in self.floor.items()},
+            "floor_ratio": {
+                g: {m: encode_float(v) for m, v in r.items()} for g, r in self.floor_ratio.items()
+            },
+            "thresholds": [asdict(t) for t in self.thresholds],
+            "verdict": self.verdict.to_dict(),
+            "passed": self.passed,
+            "localization": self.localization.to_dict() if self.localization else None,
+            "localization_reference": self.localization_reference,
+            "trials": [t.to_dict() for t in self.trials],
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompareResult:
+        from vitport.compare.metrics import decode_float
+
+        def side(d: dict[str, Any]) -> Side:
+            return Side(**{**d, "fixes": tuple(d["fixes"])})
+
+        return cls(
+            spec=data["spec"],
+            candidate=side(data["candidate"]),
+            reference=side(data["reference"]),
+            inputs=data["inputs"],
+            groups={k: GroupResult.from_dict(v) for k, v in data["groups"].items()},
+            floor={k: GroupResult.from_dict(v) for k, v in data["floor"].items()},
+            floor_ratio={
+                g: {m: decode_float(v) for m, v in r.items()}
+                for g, r in data["floor_ratio"].items()
+            },
+            thresholds=[Threshold(**t) for t in data["thresholds"]],
+            verdict=Verdict.from_dict(data["verdict"]),
+            localization=(
+                Localization.from_dict(data["localization"]) if data["localization"] else None
+            ),
+            localization_reference=data.get("localization_reference", ""),
+            trials=[FixTrial.from_dict(t) for t in data["trials"]],
+            notes=data.get("notes", []),
+        )
+
+
+def worst_rel_error(groups: dict[str, GroupResult] | None) -> float:
+    if not groups:
+        return float("inf")
+    return max(g.worst.get("rel_error", 0.0) for g in groups.values())
+
+
+def check_golden(golden: Features, base: Encoder, names: Sequence[str]) -> None:
+    """Refuse a golden file from another model, other preprocessing or other images."""
+    meta, mine = golden.meta, base.meta()
+    if meta.get("weights_sha256") != mine["weights_sha256"]:
+        raise GoldenMismatchError(
+            f"the golden file is from another model ({meta.get('spec')}, weights "
+            f"{str(meta.get('weights_sha256'))[:12]}) than {base.spec} (weights "
+            f"{mine['weights_sha256'][:12]}); write it with the same weights"
+        )
+    if meta.get("preprocess") != mine["preprocess"]:
+        theirs, ours = meta.get("preprocess") or {}, mine["preprocess"]
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise GoldenMismatchError(
+            f"the golden file used other preprocessing ({', '.join(diff)} differ: "
+            f"{', '.join(f'{k}={theirs.get(k)!r} vs {ours.get(k)!r}' for k in diff[:2])}); "
+            "use the same --image-size and processor"
+        )
+    if list(golden.names) != list(names):
+        missing = [n for n in golden.names if n not in names]
+        extra = [n for n in names if n not in golden.names]
+        detail = f"missing {missing[:3]}" if missing else f"not in it {extra[:3]}"
+        raise GoldenMismatchError(
+            f"the golden file holds other images ({len(golden.names)} there, {len(names)} here; "
+            f"{detail}); pass the images it was written with, in the same order"
+        )
+
+
+def features_of(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int) -> Features:
+    return infer(encoder, images, batch_size).features
+
+
+def pixel_batches(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int):
+    for start in range(0, len(images), batch_size):
+        yield encoder.preprocess([im.image for im in images[start : start + batch_size]])
+
+
+def compare(
+    base: Encoder,
+    candidate: Encoder,
+    reference: Encoder | Features,
+    images: Sequence[LoadedImage],
+    thresholds: Sequence[Threshold],
+    *,
+    localize_points: bool = False,
+    trial_fixes: Sequence[tuple[str, ...]] = (),
+    make_candidate: Callable[[Sequence[str]], tuple[Encoder, str]] | None = None,
+    batch_size: int = 4,
+    fixes: Sequence[str] = (),
+    progress: Callable[[str], None] = lambda _: None,
+    notes: Sequence[str] = (),
+) -> CompareResult:
+    """Compare `candidate` with `reference` on `images`, with the fp32-vs-fp64 noise floor.
+
+    `base` is the model on the CPU in fp32: it gives the floor and, for golden references,
+    the in-process reference for localisation. `make_candidate(fixes)` builds a fresh candidate
+    with those fixes applied, for `trial_fixes`.
+    """
+    names = [im.name for im in images]
+    notes = list(notes)
+    if isinstance(reference, Features):
+        check_golden(reference, base, names)
+        ref_feats = reference
+        ref_side = Side(
+            kind="golden",
+            device=str(reference.meta.get("device")),
+            dtype=str(reference.meta.get("dtype")),
+            path=str(reference.meta.get("path", "")),
+            description=reference.meta.get("device_description", {}),
+        )
+    else:
+        progress(f"reference on {reference.device} ({dtype_name(reference.dtype)})")
+        ref_feats = features_of(reference, images, batch_size)
+        ref_side = Side("run", str(reference.device), dtype_name(reference.dtype),
+                        description=reference.device.describe())  # fmt: skip
+    progress(f"candidate on {candidate.device} ({dtype_name(candidate.dtype)})")
+    out_feats = features_of(candidate, images, batch_size)
+    groups = compare_groups(ref_feats.groups(), out_feats.groups())
+
+    progress("noise floor: fp32 vs fp64 on the CPU")
+    cpu = resolve_device("cpu")
+    fp32 = ref_feats if _is_cpu_fp32(reference) else features_of(base, images, batch_size)
+    fp64 = features_of(base.to(cpu, torch.float64), images, batch_size)
+    floor = compare_groups(fp64.groups(), fp32.groups())
+
+    result = CompareResult(
+        spec=base.spec,
+        candidate=Side(
+            "run",
+            str(candidate.device),
+            dtype_name(candidate.dtype),
+            tuple(fixes),
+            description=candidate.device.describe(),
+        ),  # fmt: skip
+        reference=ref_side,
+        inputs=names,
+        groups=groups,
+        floor=floor,
+        floor_ratio=floor_ratios(groups, floor),
+        thresholds=list(thresholds),
+        verdict=judge(groups, thresholds),
+        notes=notes,
+    )
+    if localize_points:
+        progress("localising: teacher-forced error at every block")
+        in_process = reference if isinstance(reference, Encoder) else base
+        result.localization = localize(candidate, in_process, pixel_batches(base, images, 2))
+        result.localization_reference = f"{in_process.device} {dtype_name(in_process.dtype)}"
+        if isinstance(reference, Features):
+            notes.append(
+                "localisation ran against the CPU fp32 model in this process: a golden file "
+                "holds final outputs only"
+            )
+    if trial_fixes and make_candidate is None:
+        raise VitportError("trying fixes needs a way to build a fresh candidate")
+
+    def attempt(trial: tuple[str, ...]) -> FixTrial:
+        progress(f"trying {'+'.join(trial)}")
+        try:
+            fixed, detail = make_candidate(trial)
+        except VitportError as exc:  # the fix does not apply to this model
+            return FixTrial(trial, None, None, str(exc))
+        fixed_feats = features_of(fixed, images, batch_size)
+        trial_groups = compare_groups(ref_feats.groups(), fixed_feats.groups())
+        return FixTrial(trial, trial_groups, judge(trial_groups, thresholds), detail)
+
+    result.trials = [attempt(tuple(trial)) for trial in trial_fixes]
+    applicable = tuple(t.fixes[0] for t in result.trials if t.groups is not None)
+    if len(applicable) > 1:
+        result.trials.append(attempt(applicable))
+    return result
+
+
+def _is_cpu_fp32(reference: Encoder | Features) -> bool:
+    return (
+        isinstance(reference, Encoder)
+        and reference.device.type == "cpu"
+        and reference.dtype == torch.float32
+    )
+
+
+def describe_side(side: Side) -> str:
+    text = f"{side.device} {side.dtype}"
+    if side.fixes:
+        text += f" + {', '.join(side.fixes)}"
+    if side.kind == "golden":
+        text += f" (golden file {side.path})"
+    return text
+
+
+def resolve_reference_device(spec: str) -> Device:
+    return resolve_device(spec)

@@ -1,0 +1,411 @@
+"""Numerical fixes: each finds its targets by type, changes them, and says what it changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+from torch import nn
+
+import vitport
+from vitport.devices import Device
+from vitport.errors import VitportError
+from vitport.fixes import (
+    FIXES,
+    ExactGELU,
+    FP32Attention,
+    FP32LayerNorm,
+    FP32Norm,
+    FP32RMSNorm,
+    MathSDPAForward,
+    apply_fixes,
+    fix_names,
+    parse_fixes,
+)
+
+NAMES = ["erf-gelu", "layernorm-fp32", "attention-fp32", "math-sdpa", "no-tf32"]
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    return torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def strict_settings_restored():
+    """Save and restore the process-wide settings no-tf32 changes."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (
+        matmul.allow_tf32,
+        cudnn.allow_tf32,
+        matmul.allow_fp16_reduced_precision_reduction,
+        matmul.allow_bf16_reduced_precision_reduction,
+        torch.get_float32_matmul_precision(),
+    )
+    yield
+    matmul.allow_tf32 = saved[0]
+    cudnn.allow_tf32 = saved[1]
+    matmul.allow_fp16_reduced_precision_reduction = saved[2]
+    matmul.allow_bf16_reduced_precision_reduction = saved[3]
+    torch.set_float32_matmul_precision(saved[4])
+
+
+def load(tiny_dir, name: str) -> vitport.Encoder:
+    return vitport.load(str(tiny_dir(name)))
+
+
+def out(encoder: vitport.Encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """Every output group of one run, flattened into one float32 vector."""
+    side = encoder.image_size
+    batch = F.interpolate(pixels, size=side) if tuple(pixels.shape[-2:]) != side else pixels
+    groups = encoder.encode(batch).groups()
+    return torch.cat([t.float().flatten() for t in groups.values()])
+
+
+def swap_first(root: nn.Module, match, new: nn.Module) -> nn.Module:
+    """Replace the first descendant of `root` for which match(module) holds; return it."""
+    for parent in root.modules():
+        for name, child in parent.named_children():
+            if match(child):
+                setattr(parent, name, new)
+                return child
+    raise AssertionError("no module to replace")
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# --------------------------------------------------------------------------- registry, parsing
+
+
+def test_registry_lists_every_fix_in_a_stable_order():
+    assert fix_names() == NAMES
+    assert list(FIXES) == NAMES
+    assert all(FIXES[n].name == n and FIXES[n].help for n in NAMES)
+
+
+def test_parse_fixes_reads_lists_all_and_keeps_order():
+    assert parse_fixes("erf-gelu,layernorm-fp32") == ["erf-gelu", "layernorm-fp32"]
+    assert parse_fixes(["math-sdpa", " erf_gelu ,"]) == ["math-sdpa", "erf-gelu"]
+    assert parse_fixes("all") == NAMES
+    assert parse_fixes("no-tf32,all") == ["no-tf32", *NAMES[:4]]
+    assert parse_fixes(None) == []
+    assert parse_fixes("") == []
+
+
+def test_parse_fixes_refuses_unknown_names_in_one_line():
+    with pytest.raises(VitportError, match="unknown fix 'gelu-erf'") as info:
+        parse_fixes("erf-gelu,gelu-erf")
+    message = str(info.value)
+    assert "\n" not in message
+    assert all(name in message for name in NAMES)
+
+
+def test_apply_fixes_refuses_unknown_names(tiny_dir):
+    with pytest.raises(VitportError, match="unknown fix 'fast'"):
+        apply_fixes(load(tiny_dir, "dinov2"), ["fast"])
+
+
+# --------------------------------------------------------------------------- erf-gelu
+
+
+def test_erf_gelu_cures_a_tanh_gelu(tiny_dir, pixels):
+    clean, encoder = load(tiny_dir, "dinov2"), load(tiny_dir, "dinov2")
+    is_gelu = lambda m: type(m).__name__ == "GELUActivation"  # noqa: E731
+    swap_first(encoder.blocks[1], is_gelu, nn.GELU(approximate="tanh"))
+    reference = out(clean, pixels)
+    assert max_diff(out(encoder, pixels), reference) > 1e-6
+
+    (report,) = apply_fixes(encoder, ["erf-gelu"])
+
+    assert report.name == "erf-gelu"
+    assert report.changed == 2 == len(report.targets)
+    assert report.targets == (
+        "encoder.layer.0.mlp.activation_fn",
+        "encoder.layer.1.mlp.activation_fn",
+    )
+    assert "GELU, GELUActivation" in report.detail
+    assert "torch.nn.functional.gelu approximate='none'" in report.detail
+    assert "ExactGELU(npu=False)" in repr(encoder.module)
+    assert not any(type(m) in (nn.GELU,) or is_gelu(m) for m in encoder.module.modules())
+    torch.testing.assert_close(out(encoder, pixels), reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov3_vit", "timm_vit_reg4"])
+def test_erf_gelu_finds_gelus_by_type_in_every_family(name, tiny_dir, pixels):
+    encoder = load(tiny_dir, name)
+    before = out(encoder, pixels)
+    (report,) = apply_fixes(encoder, ["erf-gelu"])
+    assert report.changed == 2
+    exact = [n for n, m in encoder.module.named_modules() if isinstance(m, ExactGELU)]
+    assert tuple(exact) == report.targets
+    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
+
+
+def test_erf_gelu_on_timm_names_the_mlp_activations(tiny_dir):
+    (report,) = apply_fixes(load(tiny_dir, "timm_vit_reg4"), ["erf-gelu"])
+    assert report.targets == ("blocks.0.mlp.act", "blocks.1.mlp.act")
+
+
+def test_erf_gelu_refuses_a_model_without_gelu(tiny_dir):
+    encoder = load(tiny_dir, "aimv2")
+    with pytest.raises(VitportError, match="changed nothing.*no GELU.*SiLU"):
+        apply_fixes(encoder, ["erf-gelu"])
+
+
+def test_erf_gelu_twice_reports_nothing_new(tiny_dir):
+    encoder = load(tiny_dir, "dinov2")
+    first, second = apply_fixes(encoder, ["erf-gelu", "erf-gelu"])
+    assert (first.changed, second.changed) == (2, 0)
+    assert "already" in second.detail
+
+
+def fake_torch_npu(calls: list[str]) -> types.ModuleType:
+    module = types.ModuleType("torch_npu")
+
+    def npu_gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+        calls.append(approximate)
+        return F.gelu(x, approximate=approximate)
+
+    module.npu_gelu = npu_gelu  # type: ignore[attr-defined]
+    return module
+
+
+def test_erf_gelu_on_npu_uses_the_npu_kernel(tiny_dir, pixels, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setitem(sys.modules, "torch_npu", fake_torch_npu(calls))
+    clean, encoder = load(tiny_dir, "dinov2"), load(tiny_dir, "dinov2")
+    on_npu = dataclasses.replace(encoder, device=Device("npu", 0))  # shares the module
+
+    (report,) = apply_fixes(on_npu, ["erf-gelu"])
+
+    assert report.changed == 2
+    assert "torch_npu.npu_gelu approximate='none'" in report.detail
+    assert "ExactGELU(npu=True)" in repr(encoder.module)
+    exact = [m for m in encoder.module.modules() if isinstance(m, ExactGELU)]
+    assert [m.npu for m in exact] == [True, True]
+    result = out(encoder, pixels)  # runs on the CPU, through the stand-in kernel
+    assert calls == ["none", "none"]
+    torch.testing.assert_close(result, out(clean, pixels), atol=1e-6, rtol=0)
+
+    (again,) = apply_fixes(encoder, ["erf-gelu"])  # back on the CPU: the choice follows
+    assert again.changed == 0
+    assert "ExactGELU(npu=True)" not in repr(encoder.module)
+
+
+def test_erf_gelu_on_npu_without_torch_npu_fails_loudly(tiny_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import torch_npu -> ImportError
+    encoder = load(tiny_dir, "dinov2")
+    with pytest.raises(VitportError, match="torch_npu"):
+        apply_fixes(dataclasses.replace(encoder, device=Device("npu", 0)), ["erf-gelu"])
+
+
+# --------------------------------------------------------------------------- layernorm-fp32
+
+
+class BF16LayerNorm(nn.LayerNorm):
+    """A faulty LayerNorm that computes in bfloat16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.bfloat16(), self.bias.bfloat16()
+        return F.layer_norm(x.bfloat16(), self.normalized_shape, w, b, self.eps).float()
+
+
+class OffsetRMSNorm(nn.Module):
+    """An RMSNorm of other semantics (Gemma's ``1 + weight``): no formula may replace it."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(hidden) * 0.1)
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def test_layernorm_fp32_is_exact_on_a_clean_fp32_model(tiny_dir, pixels):
+    encoder = load(tiny_dir, "dinov2")
+    keys = set(encoder.module.state_dict())
+    before = out(encoder, pixels)
+
+    (report,) = apply_fixes(encoder, ["layernorm-fp32"])
+
+    assert report.changed == 5  # 2 blocks x 2 norms + the final norm
+    assert "layernorm" in report.targets
+    assert isinstance(encoder.final_norm, FP32LayerNorm)
+    assert encoder.final_norm is encoder.module.layernorm
+    assert "FP32LayerNorm((32,), eps=1e-06)" in repr(encoder.module)
+    assert sum(isinstance(m, FP32LayerNorm) for m in encoder.module.modules()) == 5
+    assert set(encoder.module.state_dict()) == keys
+    assert torch.equal(out(encoder, pixels), before)
+
+
+def test_layernorm_fp32_cures_a_bf16_layernorm(tiny_dir, pixels):
+    clean, encoder = load(tiny_dir, "dinov2"), load(tiny_dir, "dinov2")
+    faulty = BF16LayerNorm(32, eps=1e-6)
+    original = swap_first(encoder.blocks[0], lambda m: isinstance(m, nn.LayerNorm), faulty)
+    faulty.load_state_dict(original.state_dict())
+    reference = out(clean, pixels)
+    assert max_diff(out(encoder, pixels), reference) > 1e-4
+
+    apply_fixes(encoder, ["layernorm-fp32"])
+
+    assert not any(isinstance(m, BF16LayerNorm) for m in encoder.module.modules())
+    torch.testing.assert_close(out(encoder, pixels), reference, atol=1e-6, rtol=0)
+
+
+def test_layernorm_fp32_handles_rmsnorm(tiny_dir, pixels):
+    encoder = load(tiny_dir, "aimv2")
+    before = out(encoder, pixels)
+    (report,) = apply_fixes(encoder, ["layernorm-fp32"])
+    assert report.changed == 5
+    assert "Aimv2RMSNorm" in report.detail
+    assert sum(isinstance(m, FP32RMSNorm) for m in encoder.module.modules()) == 5
+    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
+
+
+def test_layernorm_fp32_wraps_a_norm_it_has_no_formula_for(tiny_dir, pixels):
+    encoder = load(tiny_dir, "aimv2")
+    swap_first(encoder.blocks[0], lambda m: "RMSNorm" in type(m).__name__, OffsetRMSNorm(32))
+    before = out(encoder, pixels)
+    apply_fixes(encoder, ["layernorm-fp32"])
+    wrapped = [m for m in encoder.module.modules() if isinstance(m, FP32Norm)]
+    assert len(wrapped) == 1 and isinstance(wrapped[0].inner, OffsetRMSNorm)
+    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- attention-fp32
+
+
+def test_attention_fp32_keeps_an_fp32_model(tiny_dir, pixels):
+    encoder = load(tiny_dir, "dinov2")
+    before = out(encoder, pixels)
+    (report,) = apply_fixes(encoder, ["attention-fp32"])
+    assert report.changed == 2
+    assert report.targets == ("encoder.layer.0.attention", "encoder.layer.1.attention")
+    assert all(isinstance(b.attention, FP32Attention) for b in encoder.blocks)
+    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["dinov2", "aimv2"])
+def test_attention_fp32_brings_bf16_closer_to_fp32(name, tiny_dir, pixels):
+    encoder = load(tiny_dir, name)
+    reference = out(encoder, pixels)
+    plain = out(encoder.to(dtype=torch.bfloat16), pixels)
+    fixed_encoder = encoder.to(dtype=torch.bfloat16)
+    (report,) = apply_fixes(fixed_encoder, ["attention-fp32"])
+    fixed = out(fixed_encoder, pixels)
+    assert report.changed == 2
+    assert not torch.equal(fixed, plain)
+    assert (fixed - reference).norm() < (plain - reference).norm()
+
+
+def test_attention_fp32_brings_a_bf16_timm_attention_closer_to_fp32(tiny_dir):
+    """timm's LayerScale (1e-5) hides attention in the model output: check the module itself."""
+    encoder = load(tiny_dir, "timm_vit_reg4")
+    tokens = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = encoder.blocks[0].attn(tokens)
+        bf16 = encoder.to(dtype=torch.bfloat16)
+        plain = bf16.blocks[0].attn(tokens.bfloat16())
+        (report,) = apply_fixes(bf16, ["attention-fp32"])
+        fixed = bf16.blocks[0].attn(tokens.bfloat16())
+    assert report.targets == ("blocks.0.attn", "blocks.1.attn")
+    assert isinstance(bf16.blocks[0].attn, FP32Attention)
+    assert fixed.dtype == torch.bfloat16
+    assert (fixed.float() - reference).norm() < (plain.float() - reference).norm()
+
+
+# --------------------------------------------------------------------------- math-sdpa
+
+
+def test_math_sdpa_runs_the_forward_in_the_math_backend(tiny_dir, pixels):
+    encoder = load(tiny_dir, "dinov2")
+    before = out(encoder, pixels)
+    seen: list[tuple[bool, bool]] = []
+    original = encoder.forward_fn
+
+    def spy(module, batch):
+        seen.append(
+            (torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+        )
+        return original(module, batch)
+
+    encoder.forward_fn = spy
+    (report,) = apply_fixes(encoder, ["math-sdpa"])
+
+    assert report.changed == 1
+    assert report.detail.startswith("forward runs with SDPA math backend")
+    assert isinstance(encoder.forward_fn, MathSDPAForward)
+    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
+    assert seen == [(True, False)]
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the forward
+    (again,) = apply_fixes(encoder, ["math-sdpa"])
+    assert again.changed == 0
+
+
+# --------------------------------------------------------------------------- no-tf32
+
+
+def strict_state() -> tuple:
+    matmul = torch.backends.cuda.matmul
+    return (
+        matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        matmul.allow_fp16_reduced_precision_reduction,
+        matmul.allow_bf16_reduced_precision_reduction,
+        torch.get_float32_matmul_precision(),
+    )
+
+
+@pytest.mark.usefixtures("strict_settings_restored")
+def test_no_tf32_makes_float32_math_strict(tiny_dir):
+    encoder = load(tiny_dir, "dinov2")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+
+    (report,) = apply_fixes(encoder, ["no-tf32"])
+
+    assert strict_state() == (False, False, False, False, "highest")
+    assert "torch.backends.cuda.matmul.allow_tf32" in report.targets
+    assert "torch.backends.cudnn.allow_tf32" in report.targets
+    assert report.changed == len(report.targets) >= 3
+    (again,) = apply_fixes(encoder, ["no-tf32"])  # already strict: not an error
+    assert again.changed == 0 and "already strict" in again.detail
+
+
+@pytest.mark.usefixtures("strict_settings_restored")
+def test_no_tf32_turns_off_ascend_hf32(tiny_dir, monkeypatch):
+    npu = types.SimpleNamespace(
+        matmul=types.SimpleNamespace(allow_hf32=True), conv=types.SimpleNamespace(allow_hf32=True)
+    )
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    (report,) = apply_fixes(load(tiny_dir, "dinov2"), ["no-tf32"])
+    assert npu.matmul.allow_hf32 is False and npu.conv.allow_hf32 is False
+    assert {"torch.npu.matmul.allow_hf32", "torch.npu.conv.allow_hf32"} <= set(report.targets)
+
+
+# --------------------------------------------------------------------------- all fixes
+
+
+@pytest.mark.usefixtures("strict_settings_restored")
+@pytest.mark.parametrize("name", list(TINY))
+def test_all_fixes_keep_an_fp32_model(name, tiny_dir, pixels):
+    encoder = load(tiny_dir, name)
+    before = out(encoder, pixels)
+    names = [n for n in fix_names() if not (n == "erf-gelu" and name == "aimv2")]
+    reports = apply_fixes(encoder, names)
+    assert [r.name for r in reports] == names
+    assert all(r.changed > 0 for r in reports if r.name != "no-tf32")
+    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-5, rtol=0)
+    moved = encoder.to(dtype=torch.bfloat16)  # fixed modules survive a copy and a cast
+    assert torch.isfinite(out(moved, pixels)).all()
