@@ -63,7 +63,8 @@ def timm_builder(path: Path) -> None:
     import timm
     from timm.models._hub import save_for_hf
 
-    args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28}
+    # LayerScale at 1 (not timm's 1e-5 init) so that a fault inside a block shows at the output
+    args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28, "init_values": 1.0}
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, **args)
     save_for_hf(model, path, model_args=args)

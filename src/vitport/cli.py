@@ -57,6 +57,12 @@ CudaShimOpt = Annotated[
         "--cuda-shim", help="Forward torch.cuda calls to the NPU, for code written for CUDA."
     ),
 ]
+FixOpt = Annotated[
+    str | None,
+    typer.Option("--fix", help="Precision fixes to apply, comma-separated (see vitport fixes)."),
+]
+
+
 ImagesArg = Annotated[
     list[Path] | None, typer.Argument(help="Image files or directories (searched recursively).")
 ]
@@ -70,18 +76,22 @@ def main_options(
 
 
 def load_model(spec: str, device: str, dtype: str, image_size: int | None, weights: Path | None,
-               trust_remote_code: bool, cuda_shim: bool):  # fmt: skip
-    """Shared by every command: the shim first, then the one door."""
+               trust_remote_code: bool, cuda_shim: bool, fixes: list[str] = ()):  # fmt: skip
+    """Shared by every command: the shim first, then the one door, then the fixes."""
     import vitport
     from vitport.devices import enable_cuda_shim
+    from vitport.fixes import apply_fixes
 
     if cuda_shim:
         errors.print(f"[dim]{enable_cuda_shim()}[/dim]")
     with console.status(f"loading {spec} ..."):
-        return vitport.load(
+        encoder = vitport.load(
             spec, device, dtype, image_size=image_size, weights=weights,
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
+    for report in apply_fixes(encoder, fixes):
+        errors.print(f"[dim]fix {report.name}: {report.detail}[/dim]", soft_wrap=True)
+    return encoder
 
 
 def report_problems(problems) -> None:
@@ -103,6 +113,7 @@ def infer(
         Path | None, typer.Option(help="Save the Features (safetensors + metadata) to this file.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    fix: FixOpt = None,
     image_size: ImageSizeOpt = None,
     weights: WeightsOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
@@ -110,20 +121,18 @@ def infer(
 ) -> None:
     """Run a model on images: output shapes, first pooled values, per-image latency.
 
-    With no images, a few real photos shipped with scikit-image are used. --out writes the
+    With no images, 8 real photos shipped with scikit-image and 2 seeded random images are
+    used, the same set `vitport compare` uses. --out writes the
     features as a golden file that `vitport compare --reference FILE` accepts on another machine.
     """
-    from vitport.images import read_images, sample_images
+    from vitport.fixes import parse_fixes
     from vitport.infer import infer as run_infer
 
-    if images:
-        loaded, problems = read_images(images)
-    else:
-        loaded, problems = sample_images(4), []
-    report_problems(problems)
-    if not loaded:
-        raise VitportError("none of the given images could be read; see the reasons above")
-    encoder = load_model(model, device, dtype, image_size, weights, trust_remote_code, cuda_shim)
+    fixes = parse_fixes(fix)
+    loaded, problems = read_inputs(images, image_size or 224)
+    encoder = load_model(
+        model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes
+    )
     result = run_infer(encoder, loaded, batch_size, problems)
     feats = result.features
     h, w = encoder.image_size
@@ -161,12 +170,6 @@ def infer(
         feats.meta["device_description"] = encoder.device.describe()
         path = feats.save(out)
         console.print(f"features saved to [bold]{path}[/bold]")
-
-
-FixOpt = Annotated[
-    str | None,
-    typer.Option("--fix", help="Precision fixes to apply, comma-separated (see vitport fixes)."),
-]
 
 
 def read_inputs(images: list[Path] | None, size: int):
@@ -242,11 +245,12 @@ def compare(
     import json
 
     from vitport import Features
+    from vitport.compare.run import candidate_factory
     from vitport.compare.run import compare as run_compare
     from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
     from vitport.devices import parse_dtype, resolve_device
-    from vitport.faults import inject, parse_fault
-    from vitport.fixes import apply_fixes, fix_names, parse_fixes
+    from vitport.faults import parse_fault
+    from vitport.fixes import fix_names, parse_fixes
     from vitport.images import images_by_name
 
     try:
@@ -273,12 +277,7 @@ def compare(
         loaded, problems = read_inputs(images, image_size or 224)
     base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
 
-    def make_candidate(names):
-        candidate = base.to(target, cand_dtype)
-        done = [inject(candidate, inject_fault)] if inject_fault else []
-        done += [r.detail for r in apply_fixes(candidate, names)]
-        return candidate, "; ".join(done)
-
+    make_candidate = candidate_factory(base, target, cand_dtype, inject_fault)
     candidate, detail = make_candidate(fixes)
     notes = [f"candidate: {detail}"] if detail else []
     if golden is None:
@@ -355,6 +354,24 @@ def fixes() -> None:
     for fix in FIXES.values():
         table.add_row(fix.name, fix.help)
     console.print(table)
+
+
+@app.command()
+def thresholds() -> None:
+    """Show the default pass/fail limits of `vitport compare` per dtype, and why."""
+    from vitport.compare.verdict import DEFAULT_THRESHOLDS, THRESHOLD_REASONS
+
+    for dtype, limits in DEFAULT_THRESHOLDS.items():
+        table = Table(title=f"{dtype} defaults")
+        table.add_column("group")
+        table.add_column("metric")
+        table.add_column("limit", justify="right")
+        for t in limits:
+            sign = ">" if t.higher_is_better else "<"
+            table.add_row(t.group or "every group", t.metric, f"{sign} {t.limit:g}")
+        console.print(table)
+        console.print(THRESHOLD_REASONS[dtype], soft_wrap=False)
+    console.print("override any of them with --threshold METRIC=VALUE or GROUP.METRIC=VALUE")
 
 
 @app.command()

@@ -182,6 +182,7 @@ class Encoder:
     source: str = ""
     weights_sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)  # precision fixes applied, in order
     load_seconds: float = 0.0
 
     @property
@@ -206,6 +207,7 @@ class Encoder:
             "dtype": dtype_name(self.dtype),
             "preprocess": self.preprocess.describe(),
             "layout": [self.layout.num_cls, self.layout.num_registers, self.layout.patch_size],
+            "fixes": list(self.fixes),
         }
 
     @torch.inference_mode()
@@ -279,6 +281,7 @@ class Encoder:
             device=device,
             dtype=dtype,
             blocks=[same(b) for b in self.blocks],
+            fixes=list(self.fixes),
             final_norm=same(self.final_norm),
         )
 

@@ -581,4 +581,6 @@ def apply_fixes(encoder: Encoder, names: Sequence[str]) -> list[FixReport]:
     unknown = [n for n in names if n not in FIXES]
     if unknown:
         raise _unknown(unknown[0])
-    return [FIXES[name].apply(encoder) for name in names]
+    reports = [FIXES[name].apply(encoder) for name in names]
+    encoder.fixes.extend(n for n in names if n not in encoder.fixes)
+    return reports

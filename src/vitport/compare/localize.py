@@ -243,15 +243,19 @@ def judge_points(points: list[PointError]) -> Localization:
                 kind_medians=medians,
             )
     embeddings = next((p for p in points if p.kind == "embeddings"), None)
-    if embeddings is not None and embeddings.local > ABSOLUTE_FLOOR and points[1:]:
-        first_block = next((p for p in points if p.kind == "block"), None)
-        if first_block is not None and embeddings.local > first_block.local:
-            return Localization(
-                points,
-                culprit="embeddings",
-                reason=f"the embeddings already differ by {embeddings.local:.3g}",
-                kind_medians=medians,
-            )
+    typical_block = medians.get("block", 0.0)
+    if embeddings is not None and embeddings.local > max(
+        STANDOUT_FACTOR * typical_block, ABSOLUTE_FLOOR
+    ):
+        return Localization(
+            points,
+            culprit="embeddings",
+            reason=(
+                f"the embeddings already differ by {embeddings.local:.3g}, against "
+                f"{typical_block:.3g} typical for a block"
+            ),
+            kind_medians=medians,
+        )
     worst = max((k for k in medians if k != "embeddings"), key=lambda k: medians[k], default=None)
     reason = "no single point stands out: the error is spread evenly over the blocks"
     if worst is not None and medians[worst] > ABSOLUTE_FLOOR:

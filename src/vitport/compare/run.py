@@ -280,6 +280,23 @@ def compare(
     return result
 
 
+def candidate_factory(
+    base: Encoder, device: Device, dtype: torch.dtype, fault: str | None = None
+) -> Callable[[Sequence[str]], tuple[Encoder, str]]:
+    """make(fixes) -> a fresh copy of `base` on the candidate device, with the planted fault
+    (if any) and the fixes applied, and one line saying what was changed."""
+    from vitport.faults import inject
+    from vitport.fixes import apply_fixes
+
+    def make(fixes: Sequence[str]) -> tuple[Encoder, str]:
+        candidate = base.to(device, dtype)
+        done = [inject(candidate, fault)] if fault else []
+        done += [r.detail for r in apply_fixes(candidate, list(fixes))]
+        return candidate, "; ".join(done)
+
+    return make
+
+
 def _is_cpu_fp32(reference: Encoder | Features) -> bool:
     return (
         isinstance(reference, Encoder)

@@ -1,0 +1,154 @@
+"""compare: planted faults are localised and cured, golden files round-trip, exit codes gate CI."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+import vitport
+from vitport.compare.run import CompareResult, candidate_factory, compare
+from vitport.compare.verdict import thresholds_for
+from vitport.devices import resolve_device
+from vitport.errors import GoldenMismatchError
+from vitport.fixes import fix_names
+from vitport.infer import infer
+
+CPU = resolve_device("cpu")
+
+
+def run_compare(base, photos, fault=None, dtype="fp32", reference=None, **kwargs):
+    import torch
+
+    make = candidate_factory(
+        base, CPU, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), fault
+    )
+    candidate, _ = make([])
+    return compare(
+        base, candidate, reference if reference is not None else base, photos,
+        thresholds_for(dtype), make_candidate=make, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "fault", "culprit", "cure"),
+    [
+        ("dinov2", "gelu-tanh@1", "encoder.layer.1.mlp", "erf-gelu"),
+        ("dinov2", "layernorm-bf16@0", "encoder.layer.0.norm1", "layernorm-fp32"),
+        ("vit", "layernorm-bf16@1", "layers.1.layernorm_before", "layernorm-fp32"),
+        ("dinov3_vit", "gelu-tanh@0", "model.layer.0.mlp", "erf-gelu"),
+        ("timm_vit_reg4", "gelu-tanh@1", "blocks.1.mlp", "erf-gelu"),
+    ],
+)
+def test_planted_fault_is_localised_and_cured(family, fault, culprit, cure, tiny_dir, photos):
+    base = vitport.load(str(tiny_dir(family)))
+    result = run_compare(
+        base, photos, fault=fault, localize_points=True, trial_fixes=[(n,) for n in fix_names()]
+    )
+    assert result.localization.culprit == culprit, result.localization.reason
+    block = int(fault.split("@")[1])
+    points = result.localization.points
+    assert next(p for p in points if p.name == culprit).local > 0
+    assert all(p.local == 0 for p in points if p.block != block)  # teacher forcing: no spill
+    assert any(p.accumulated > 0 for p in points if p.block is not None and p.block > block) or (
+        block == max(p.block for p in points if p.block is not None)
+    )
+    assert result.best_trial().fixes == (cure,)
+    cured = next(t for t in result.trials if t.fixes == (cure,))
+    assert max(g.worst["rel_error"] for g in cured.groups.values()) == 0
+    together = result.trials[-1]
+    assert len(together.fixes) > 1 and together.verdict
+
+
+def test_clean_port_has_no_culprit_and_floor_is_measured(tiny_dir, photos):
+    base = vitport.load(str(tiny_dir("dinov2")))
+    result = run_compare(base, photos, dtype="bf16", localize_points=True)
+    assert result.localization.culprit is None
+    assert "spread evenly" in result.localization.reason
+    for name, group in result.groups.items():
+        assert group.worst["rel_error"] > 0
+        assert 0 < result.floor[name].mean["rel_error"] < group.mean["rel_error"]
+        assert result.floor_ratio[name]["rel_error"] > 1
+
+
+def test_aimv2_has_no_gelu_and_says_so(tiny_dir, photos):
+    base = vitport.load(str(tiny_dir("aimv2")))
+    result = run_compare(base, photos, trial_fixes=[("erf-gelu",), ("layernorm-fp32",)])
+    gelu, norm = result.trials[:2]
+    assert gelu.groups is None and "changed nothing" in gelu.detail
+    assert norm.groups is not None
+
+
+def test_result_round_trips_through_json(tiny_dir, photos):
+    base = vitport.load(str(tiny_dir("vit_classifier")))
+    result = run_compare(base, photos, fault="gelu-tanh@0", localize_points=True,
+                         trial_fixes=[("erf-gelu",)])  # fmt: skip
+    data = json.loads(json.dumps(result.to_dict()))
+    back = CompareResult.from_dict(data)
+    assert back.to_dict() == result.to_dict()
+    assert "logits" in data["groups"] and "top1" in data["groups"]["logits"]["batch"]
+    assert data["schema_version"] == 1
+
+
+def test_golden_round_trip_and_mismatches(tiny_dir, photos, tmp_path):
+    base = vitport.load(str(tiny_dir("dinov2")))
+    golden = infer(base, photos).features
+    golden.save(tmp_path / "g.safetensors")
+    loaded = vitport.Features.load(tmp_path / "g.safetensors")
+    result = run_compare(base, photos, reference=loaded)
+    assert result.passed and result.reference.kind == "golden"
+    assert result.groups["cls"].worst["rel_error"] < 1e-5  # batch 1 vs 4: summation order only
+
+    other = vitport.load(str(tiny_dir("dinov2_with_registers")))
+    with pytest.raises(GoldenMismatchError, match="another model"):
+        run_compare(other, photos, reference=loaded)
+    with pytest.raises(GoldenMismatchError, match="other images"):
+        run_compare(base, photos[:2], reference=loaded)
+    bigger = vitport.load(str(tiny_dir("dinov2")), image_size=42)
+    with pytest.raises(GoldenMismatchError, match="other preprocessing"):
+        run_compare(bigger, photos, reference=loaded)
+
+
+def cli(monkeypatch, capsys, *args):
+    from vitport.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vitport", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_exit_codes_gate_ci(monkeypatch, capsys, tiny_dir, tmp_path):
+    model = str(tiny_dir("vit"))
+    report = tmp_path / "c.json"
+    code, out, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
+                         "--dtype", "bf16", "--json", str(report))  # fmt: skip
+    assert code == 0, err
+    assert "PASS" in out and "x floor" in out
+    assert json.loads(report.read_text())["passed"] is True
+    code, out, _ = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
+                       "--dtype", "bf16", "-t", "rel_error=1e-9")  # fmt: skip
+    assert code == 1 and "FAIL" in out and "needs < 1e-09" in out
+    code, _, err = cli(monkeypatch, capsys, "compare", "--model", model, "-t", "bogus=1")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    code, _, err = cli(monkeypatch, capsys, "compare", "--model", model, "--fix", "nope")
+    assert code == 2 and "erf-gelu" in err
+
+
+def test_cli_golden_from_another_machine(monkeypatch, capsys, tiny_dir, tmp_path):
+    """infer --out on machine A (default inputs), compare --reference on machine B."""
+    model = str(tiny_dir("dinov2"))
+    golden = tmp_path / "a.safetensors"
+    code, _, err = cli(monkeypatch, capsys, "infer", "--model", model, "--out", str(golden))
+    assert code == 0, err
+    code, out, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
+                         "--reference", str(golden), "--localize")  # fmt: skip
+    assert code == 0, err
+    assert "golden file" in out and "10 inputs" in out
+    assert "a golden file holds final outputs only" in out
