@@ -159,3 +159,74 @@ def trials_table(result: CompareResult) -> Table:
             "PASS" if trial.verdict else "FAIL",
         )
     return table
+
+
+def gib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def bench_table(result) -> Table:
+    """The seeds' performance table: per batch size latency percentiles, img/s, roofline."""
+    table = Table(
+        title=(
+            f"{result.spec} on {result.device} ({result.dtype}, attention {result.attention}"
+            f"{', compiled' if result.compiled else ''}), "
+            f"{result.image_size[0]}x{result.image_size[1]}"
+        )
+    )
+    for column in ("batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ± std ms", "ms/img",
+                   "img/s", "TFLOP/s", "MFU", "MFU vendor", "peak mem", "samples"):  # fmt: skip
+        table.add_column(column, justify="right")
+    best = result.best()
+    for row in result.rows():
+        style = "bold" if best is not None and row["batch_size"] == best.batch_size else None
+        table.add_row(
+            str(row["batch_size"]),
+            f"{row['p50_ms']:.2f}",
+            f"{row['p90_ms']:.2f}",
+            f"{row['p95_ms']:.2f}",
+            f"{row['p99_ms']:.2f}",
+            f"{row['mean_ms']:.2f} ± {row['std_ms']:.2f}",
+            f"{row['ms_per_image']:.2f}",
+            f"{row['images_per_second']:.1f}",
+            f"{row['achieved_tflops']:.3f}",
+            pct(row["mfu"]),
+            pct(row["vendor_mfu"]),
+            gib(row["peak_memory_bytes"]),
+            str(row["samples"]),
+            style=style,
+        )
+    return table
+
+
+def optimize_table(result) -> Table:
+    table = Table(title="configurations tried (faithful = passes compare against CPU fp32)")
+    table.add_column("configuration")
+    table.add_column("faithful")
+    table.add_column("worst rel err", justify="right")
+    for batch in result.batch_sizes:
+        table.add_column(f"img/s bs{batch}", justify="right")
+    best = result.best()
+    for trial in result.trials:
+        faithful = {True: "yes", False: "no", None: "error"}[trial.faithful]
+        if trial.faithful is False and trial.failed_checks:
+            faithful += f" ({trial.failed_checks[0]})"
+        if trial.error:
+            faithful = f"error: {trial.error[:60]}"
+        speeds = [
+            f"{trial.speed(b):.1f}" if trial.speed(b) is not None else "-"
+            for b in result.batch_sizes
+        ]
+        style = "bold green" if best is not None and trial is best[0] else None
+        table.add_row(
+            trial.config.label(),
+            faithful,
+            num(trial.worst_rel_error, True) if trial.worst_rel_error is not None else "-",
+            *speeds,
+            style=style,
+        )
+    return table

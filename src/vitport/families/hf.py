@@ -299,9 +299,6 @@ def hf_preprocess(
         else:
             overrides["size"] = {"height": target, "width": target}
 
-    def run(images: list[Any]) -> torch.Tensor:
-        return processor(images=images, return_tensors="pt", **overrides)["pixel_values"]
-
     settings = {
         "processor": type(processor).__name__,
         "resize": overrides.get("size", size),
@@ -310,4 +307,15 @@ def hf_preprocess(
         "std": list(getattr(processor, "image_std", []) or []),
         "resample": str(getattr(processor, "resample", "")),
     }
-    return Preprocess(run, (target, target), settings)
+    return Preprocess(ProcessorPixels(processor, overrides), (target, target), settings)
+
+
+class ProcessorPixels:
+    """A transformers image processor with size overrides, as a picklable callable."""
+
+    def __init__(self, processor: Any, overrides: dict[str, Any]) -> None:
+        self.processor = processor
+        self.overrides = overrides
+
+    def __call__(self, images: list[Any]) -> torch.Tensor:
+        return self.processor(images=images, return_tensors="pt", **self.overrides)["pixel_values"]

@@ -121,9 +121,6 @@ def load(name: str, weights: Path | None, image_size: int | None) -> TimmModel:
     data["input_size"] = (3, height, width)
     transform = timm.data.create_transform(**data, is_training=False)
 
-    def run(images: list[Any]) -> torch.Tensor:
-        return torch.stack([transform(im) for im in images])
-
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
     notes = []
     if module.num_classes and weights is None and name.startswith("local-dir:"):
@@ -132,11 +129,23 @@ def load(name: str, weights: Path | None, image_size: int | None) -> TimmModel:
         module=module,
         layout=layout,
         arch=architecture(module),
-        preprocess=Preprocess(run, (height, width), {"processor": "timm", **settings}),
+        preprocess=Preprocess(
+            TransformPixels(transform), (height, width), {"processor": "timm", **settings}
+        ),
         final_norm=module.norm if not isinstance(module.norm, nn.Identity) else None,
         source=source,
         notes=notes,
     )
+
+
+class TransformPixels:
+    """A timm eval transform applied image by image, as a picklable callable."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, images: list[Any]) -> torch.Tensor:
+        return torch.stack([self.transform(im) for im in images])
 
 
 def architecture(module: nn.Module) -> Architecture:

@@ -1,0 +1,1 @@
+"""Honest benchmarking: device-synchronised timing, FLOP counts and roofline peaks."""

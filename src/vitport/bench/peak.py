@@ -1,0 +1,186 @@
+"""The roofline ceiling: vendor-published dense matmul peaks and a measured matmul peak."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vitport.bench.timing import TaskSpec, measure
+from vitport.devices import Device, dtype_name, parse_dtype
+from vitport.errors import DeviceError
+
+__all__ = [
+    "VENDOR_PEAKS",
+    "PeakResult",
+    "clear_peak_cache",
+    "measure_peak",
+    "peak_dtype_key",
+    "vendor_peak",
+]
+
+# Dense (no structured sparsity) peak TFLOP/s from vendor datasheets/whitepapers, keyed by a
+# substring of the device name as the backend reports it (matched case-insensitively, "-" and
+# "_" read as spaces, the longest matching key wins). "fp32" is the plain CUDA-core rate;
+# "tf32" the tensor-core rate used for fp32 matmuls when TF32 is allowed (see
+# peak_dtype_key). Datasheets quote tensor-core rates "with sparsity": halved here.
+# A dtype absent from an entry means "no figure we are sure of"; an empty entry names a
+# variant that must not fall through to a shorter key.
+VENDOR_PEAKS: dict[str, dict[str, float]] = {
+    # NVIDIA H100 Tensor Core GPU Architecture whitepaper (SXM5 column); torch reports
+    # "NVIDIA H100 80GB HBM3".
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    # Same whitepaper, H100 PCIe column.
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    # H100 NVL product brief (1,671 / 835 TFLOPS with sparsity; FP32 60).
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    # H200 datasheet: same compute as H100 SXM (1,979 bf16 with sparsity; FP32 67).
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    # H200 NVL datasheet: same compute as H100 NVL.
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    # GH200 datasheet: the Hopper GPU at H100 SXM rates (and keeps "GH200" off "H200").
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    # NVIDIA A100 datasheet (SXM and PCIe, 40 and 80 GB alike).
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    # NVIDIA L40S datasheet (362.05 dense, 733 with sparsity).
+    "L40S": {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
+    # NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090: tensor rates with FP32
+    # accumulation (what torch uses), dense.
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    # Cut-down variants with other clocks/SM counts: no figure rather than the wrong one.
+    "RTX 4090 D": {},
+    "RTX 4090 Laptop": {},
+    # Ascend 910B (torch_npu reports e.g. "Ascend910B2"): Huawei publishes no per-variant dense
+    # fp16/bf16 figure we could confirm (circulating numbers, ~280-400 TFLOPS, are third-party),
+    # so none is given; measure_peak gives the measured ceiling instead.
+}
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.lower().replace("-", " ").replace("_", " ").split())
+
+
+def _dtype_key(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, str) and dtype.strip().lower() == "tf32":
+        return "tf32"
+    try:
+        return dtype_name(parse_dtype(dtype))
+    except DeviceError:
+        return str(dtype).strip().lower()
+
+
+def vendor_peak(device_name: str, dtype: str | torch.dtype) -> float | None:
+    """The vendor's dense peak TFLOP/s for ``dtype`` ("bf16", "fp16", "fp32", "tf32" or a
+    torch dtype) on the device named ``device_name``; None when unknown."""
+    name = _normalise(device_name)
+    matches = [key for key in VENDOR_PEAKS if _normalise(key) in name]
+    if not matches:
+        return None
+    best = max(matches, key=len)
+    return VENDOR_PEAKS[best].get(_dtype_key(dtype))
+
+
+def peak_dtype_key(dtype: torch.dtype) -> str:
+    """The :data:`VENDOR_PEAKS` key that bounds matmuls in ``dtype`` with the current settings.
+
+    fp32 matmuls run on TF32 tensor cores when torch's CUDA matmul settings allow it
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``allow_tf32`` or
+    ``torch.set_float32_matmul_precision("high")``): the ceiling is then "tf32".
+    """
+    name = dtype_name(dtype)
+    if name != "fp32":
+        return name
+    return "tf32" if _tf32_enabled() else "fp32"
+
+
+def _tf32_enabled() -> bool:
+    """Whether CUDA fp32 matmuls may use TF32; reads the new API first, then the legacy ones."""
+    matmul = torch.backends.cuda.matmul
+    with contextlib.suppress(Exception):  # torch raises when the two APIs were mixed
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    with contextlib.suppress(Exception):
+        return bool(matmul.allow_tf32)
+    with contextlib.suppress(Exception):
+        return torch.get_float32_matmul_precision() != "highest"
+    return False
+
+
+@dataclass(frozen=True)
+class PeakResult:
+    """A measured square-matmul rate: ``tflops`` = 2·size³ / median ``seconds`` / 1e12."""
+
+    dtype: str
+    size: int
+    tflops: float
+    seconds: float
+    iterations: int
+
+
+_CACHE: dict[tuple[str, str, int, float], PeakResult] = {}
+
+
+def clear_peak_cache() -> None:
+    """Forget measured peaks (they are cached per device, dtype, size and min_seconds)."""
+    _CACHE.clear()
+
+
+def measure_peak(
+    device: Device, dtype: torch.dtype, size: int | None = None, min_seconds: float = 1.0
+) -> PeakResult:
+    """Measure the matmul ceiling: ``size``×``size`` @ ``size``×``size`` in ``dtype``.
+
+    ``size`` defaults to 8192 on accelerators and 2048 on the CPU. Each matmul is timed with
+    ``device.timer()`` through :func:`vitport.bench.timing.measure`; the rate uses the median.
+    Results are cached in-process per (device, dtype, size, min_seconds).
+    """
+    if size is None:
+        size = 2048 if device.type == "cpu" else 8192
+    if size < 1:
+        raise ValueError(f"matmul size must be positive, got {size}")
+    key = (str(device), dtype_name(dtype), int(size), float(min_seconds))
+    if key not in _CACHE:
+        _CACHE[key] = _measure(device, dtype, int(size), float(min_seconds))
+    return _CACHE[key]
+
+
+def _measure(device: Device, dtype: torch.dtype, size: int, min_seconds: float) -> PeakResult:
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+    a = a.to(device=device.torch_device, dtype=dtype)
+    b = b.to(device=device.torch_device, dtype=dtype)
+    out = torch.empty_like(a)
+
+    def matmul() -> None:
+        torch.mm(a, b, out=out)
+
+    spec = TaskSpec(
+        model=f"matmul {size}x{size}",
+        device=str(device),
+        dtype=dtype_name(dtype),
+        batch_size=1,
+        image_size=(size, size),
+    )
+    with torch.no_grad():
+        result = measure(
+            matmul,
+            device,
+            spec,
+            warmup_iters=3,
+            warmup_seconds=min(0.5, min_seconds / 4),
+            min_iters=5,
+            min_seconds=min_seconds,
+            max_seconds=max(30.0, 10 * min_seconds),
+        )
+    seconds = result.median
+    tflops = 2.0 * size**3 / seconds / 1e12 if seconds > 0 else math.inf
+    return PeakResult(
+        dtype=dtype_name(dtype),
+        size=size,
+        tflops=tflops,
+        seconds=seconds,
+        iterations=len(result.times),
+    )

@@ -1,0 +1,373 @@
+"""`bench`: latency and throughput by batch size, on the device itself, against the roofline."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vitport.bench.flops import FlopCount, flops_per_image
+from vitport.bench.peak import PeakResult, measure_peak, peak_dtype_key, vendor_peak
+from vitport.bench.timing import Measurement, TaskSpec, measure
+from vitport.devices import dtype_name
+from vitport.encoder import Encoder
+from vitport.errors import OutOfMemoryError
+
+SCHEMA_VERSION = 1
+AUTO_MAX_BATCH = 1024
+AUTO_PATIENCE = 2  # doublings without a throughput gain before auto stops
+AUTO_MIN_GAIN = 0.03
+
+
+@dataclass(frozen=True)
+class Window:
+    """How long to warm up and measure each configuration."""
+
+    warmup_iters: int = 5
+    warmup_seconds: float = 1.0
+    min_iters: int = 10
+    min_seconds: float = 2.0
+
+    def kwargs(self) -> dict[str, float]:
+        return {
+            "warmup_iters": self.warmup_iters,
+            "warmup_seconds": self.warmup_seconds,
+            "min_iters": self.min_iters,
+            "min_seconds": self.min_seconds,
+        }
+
+
+@dataclass
+class BatchRun:
+    """One batch size: its timing, its memory, and what the roofline makes of it."""
+
+    measurement: Measurement
+    peak_memory: int | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.measurement.spec.batch_size
+
+
+@dataclass
+class BenchResult:
+    spec: str
+    device: str
+    dtype: str
+    attention: str
+    compiled: bool
+    fixes: list[str]
+    image_size: tuple[int, int]
+    params: int
+    flops: FlopCount
+    peak: PeakResult | None
+    vendor_tflops: float | None
+    device_description: dict[str, str]
+    load_seconds: float
+    runs: list[BatchRun] = field(default_factory=list)
+    oom_batch: int | None = None  # the first batch size that ran out of memory, if any
+    auto: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def achieved_tflops(self, run: BatchRun) -> float:
+        return self.flops.total * run.measurement.images_per_second / 1e12
+
+    def mfu(self, run: BatchRun) -> float | None:
+        return self.achieved_tflops(run) / self.peak.tflops if self.peak else None
+
+    def vendor_mfu(self, run: BatchRun) -> float | None:
+        return self.achieved_tflops(run) / self.vendor_tflops if self.vendor_tflops else None
+
+    def best(self) -> BatchRun | None:
+        return max(self.runs, key=lambda r: r.measurement.images_per_second, default=None)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per batch size: every statistic the tables and CSV show."""
+        rows = []
+        for run in self.runs:
+            m = run.measurement
+            rows.append(
+                {
+                    "batch_size": run.batch_size,
+                    "samples": len(m.times),
+                    "mean_ms": 1000 * m.mean,
+                    "std_ms": 1000 * m.std,
+                    "min_ms": 1000 * m.min,
+                    "max_ms": 1000 * m.max,
+                    "p50_ms": 1000 * m.median,
+                    "p90_ms": 1000 * m.p90,
+                    "p95_ms": 1000 * m.p95,
+                    "p99_ms": 1000 * m.p99,
+                    "ms_per_image": m.ms_per_image,
+                    "images_per_second": m.images_per_second,
+                    "first_call_ms": 1000 * m.first_call,
+                    "achieved_tflops": self.achieved_tflops(run),
+                    "mfu": self.mfu(run),
+                    "vendor_mfu": self.vendor_mfu(run),
+                    "peak_memory_bytes": run.peak_memory,
+                }
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "spec": self.spec,
+            "device": self.device,
+            "dtype": self.dtype,
+            "attention": self.attention,
+            "compiled": self.compiled,
+            "fixes": self.fixes,
+            "image_size": list(self.image_size),
+            "params": self.params,
+            "flops": asdict(self.flops),
+            "peak": asdict(self.peak) if self.peak else None,
+            "vendor_tflops": self.vendor_tflops,
+            "device_description": self.device_description,
+            "load_seconds": self.load_seconds,
+            "runs": [
+                {"measurement": r.measurement.to_dict(), "peak_memory": r.peak_memory}
+                for r in self.runs
+            ],
+            "rows": self.rows(),
+            "oom_batch": self.oom_batch,
+            "auto": self.auto,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchResult:
+        return cls(
+            spec=data["spec"],
+            device=data["device"],
+            dtype=data["dtype"],
+            attention=data["attention"],
+            compiled=data["compiled"],
+            fixes=list(data["fixes"]),
+            image_size=tuple(data["image_size"]),
+            params=data["params"],
+            flops=FlopCount(**data["flops"]),
+            peak=PeakResult(**data["peak"]) if data["peak"] else None,
+            vendor_tflops=data["vendor_tflops"],
+            device_description=data["device_description"],
+            load_seconds=data["load_seconds"],
+            runs=[
+                BatchRun(Measurement.from_dict(r["measurement"]), r["peak_memory"])
+                for r in data["runs"]
+            ],
+            oom_batch=data["oom_batch"],
+            auto=data["auto"],
+            notes=data["notes"],
+        )
+
+    def to_csv(self) -> str:
+        """One row per batch size with timm benchmark.py's column names."""
+        out = io.StringIO()
+        columns = ["model", "infer_img_size", "infer_samples_per_sec", "infer_step_time",
+                   "infer_batch_size", "param_count", "infer_gmacs", "infer_device",
+                   "infer_dtype"]  # fmt: skip
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for run in self.runs:
+            m = run.measurement
+            writer.writerow(
+                {
+                    "model": self.spec,
+                    "infer_img_size": self.image_size[0],
+                    "infer_samples_per_sec": round(m.images_per_second, 2),
+                    "infer_step_time": round(1000 * m.mean, 3),
+                    "infer_batch_size": run.batch_size,
+                    "param_count": round(self.params / 1e6, 2),
+                    "infer_gmacs": round(self.flops.gmacs, 2),
+                    "infer_device": self.device,
+                    "infer_dtype": self.dtype,
+                }
+            )
+        return out.getvalue()
+
+    def to_markdown(self) -> str:
+        head = (
+            "| batch | p50 ms | p90 ms | p99 ms | mean ± std ms | ms/img | img/s | TFLOP/s | MFU |\n"
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        )
+        lines = []
+        for row in self.rows():
+            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+            lines.append(
+                f"| {row['batch_size']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
+                f"{row['p99_ms']:.2f} | {row['mean_ms']:.2f} ± {row['std_ms']:.2f} | "
+                f"{row['ms_per_image']:.2f} | {row['images_per_second']:.1f} | "
+                f"{row['achieved_tflops']:.3f} | {mfu} |"
+            )
+        return head + "\n".join(lines) + "\n"
+
+
+def random_pixels(encoder: Encoder, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic input on the device, as timm's benchmark uses: preprocessing is --e2e's job."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = encoder.image_size
+    pixels = torch.randn(batch_size, 3, height, width, generator=generator)
+    return pixels.to(device=encoder.device.torch_device, dtype=encoder.dtype)
+
+
+def task_spec(encoder: Encoder, batch_size: int, attention: str, compiled: bool) -> TaskSpec:
+    return TaskSpec(
+        model=encoder.spec,
+        device=str(encoder.device),
+        dtype=dtype_name(encoder.dtype),
+        batch_size=batch_size,
+        image_size=tuple(encoder.image_size),
+        attention=attention,
+        compiled=compiled,
+        fixes=tuple(encoder.fixes),
+    )
+
+
+def bench_batch(
+    encoder: Encoder, batch_size: int, window: Window, attention: str = "default",
+    compiled: bool = False,
+) -> BatchRun:  # fmt: skip
+    """Time one batch size; raises OutOfMemoryError when the device runs out."""
+    device = encoder.device
+    device.empty_cache()
+    device.reset_peak_memory()
+    pixels = random_pixels(encoder, batch_size)
+
+    def call() -> object:
+        return encoder.encode(pixels)
+
+    measurement = measure(call, device, task_spec(encoder, batch_size, attention, compiled),
+                          **window.kwargs())  # fmt: skip
+    return BatchRun(measurement, device.peak_memory())
+
+
+def sweep(
+    encoder: Encoder,
+    batch_sizes: Sequence[int] | None,
+    window: Window,
+    *,
+    attention: str = "default",
+    compiled: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> tuple[list[BatchRun], int | None]:
+    """Each batch size in turn, or (None) doubling from 1 until out of memory or no gain.
+
+    Returns the runs and the first batch size that ran out of memory (None if none did).
+    """
+    runs: list[BatchRun] = []
+    auto = batch_sizes is None
+    sizes = iter(batch_sizes or [])
+    batch, best, stale = 1, 0.0, 0
+    while True:
+        batch = batch if auto else next(sizes, None)
+        if batch is None or batch > AUTO_MAX_BATCH:
+            return runs, None
+        progress(f"batch {batch}")
+        try:
+            run = bench_batch(encoder, batch, window, attention, compiled)
+        except OutOfMemoryError:
+            encoder.device.empty_cache()
+            if not runs:
+                raise
+            return runs, batch  # back off: the runs so far stand, this size does not fit
+        runs.append(run)
+        if auto:
+            speed = run.measurement.images_per_second
+            stale = 0 if speed > best * (1 + AUTO_MIN_GAIN) else stale + 1
+            best = max(best, speed)
+            if stale >= AUTO_PATIENCE:
+                return runs, None
+            batch *= 2
+
+
+def bench(
+    encoder: Encoder,
+    batch_sizes: Sequence[int] | None,
+    window: Window = Window(),
+    *,
+    attention: str = "default",
+    compiled: bool = False,
+    measure_roofline: bool = True,
+    progress: Callable[[str], None] = lambda _: None,
+) -> BenchResult:
+    """Latency and throughput by batch size, FLOPs, achieved TFLOP/s and MFU."""
+    flops = flops_per_image(encoder.arch, encoder.image_size, encoder.layout.num_prefix)
+    description = encoder.device.describe()
+    result = BenchResult(
+        spec=encoder.spec,
+        device=str(encoder.device),
+        dtype=dtype_name(encoder.dtype),
+        attention=attention,
+        compiled=compiled,
+        fixes=list(encoder.fixes),
+        image_size=tuple(encoder.image_size),
+        params=encoder.num_params,
+        flops=flops,
+        peak=None,
+        vendor_tflops=vendor_peak(description.get("name", ""), peak_dtype_key(encoder.dtype)),
+        device_description=description,
+        load_seconds=encoder.load_seconds,
+        auto=batch_sizes is None,
+    )
+    result.runs, result.oom_batch = sweep(
+        encoder, batch_sizes, window, attention=attention, compiled=compiled, progress=progress
+    )
+    if measure_roofline:
+        progress("peak: a large matmul on the device")
+        result.peak = measure_peak(encoder.device, encoder.dtype)
+    if result.oom_batch is not None:
+        result.notes.append(
+            f"batch {result.oom_batch} ran out of memory; the largest that fits was "
+            f"{result.runs[-1].batch_size}"
+        )
+    if (
+        result.runs
+        and result.runs[0].measurement.first_call > 10 * result.runs[0].measurement.median
+    ):
+        first = result.runs[0].measurement
+        result.notes.append(
+            f"the first call took {1000 * first.first_call:.0f} ms against a median of "
+            f"{1000 * first.median:.1f} ms: kernel build or compilation, paid once per process"
+        )
+    for run in result.runs:
+        result.notes.extend(f"batch {run.batch_size}: {w}" for w in run.measurement.warnings())
+    return result
+
+
+@dataclass(frozen=True)
+class Regression:
+    batch_size: int
+    old_images_per_second: float
+    new_images_per_second: float
+    noise: float  # relative run-to-run noise allowed
+
+    @property
+    def change(self) -> float:
+        return self.new_images_per_second / self.old_images_per_second - 1
+
+
+def regressions(old: BenchResult, new: BenchResult, min_noise: float = 0.02) -> list[Regression]:
+    """Batch sizes whose throughput fell by more than the run-to-run noise of either run.
+
+    Noise is the larger relative IQR of the two runs' latency samples (at least `min_noise`).
+    """
+    before = {r.batch_size: r.measurement for r in old.runs}
+    found = []
+    for run in new.runs:
+        then = before.get(run.batch_size)
+        if then is None:
+            continue
+        now = run.measurement
+        noise = max(then.relative_iqr, now.relative_iqr, min_noise)
+        change = now.images_per_second / then.images_per_second - 1
+        if change < -noise and not math.isclose(change, 0.0):
+            found.append(Regression(run.batch_size, then.images_per_second,
+                                    now.images_per_second, noise))  # fmt: skip
+    return found

@@ -1,0 +1,137 @@
+"""bench: statistics on a model of known run time, OOM back-off, outputs, regressions, optimize."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+
+import pytest
+import torch
+
+import vitport
+from vitport.bench.run import BenchResult, Window, bench, regressions
+from vitport.encoder import RawOutput
+
+FAST = Window(warmup_iters=1, warmup_seconds=0.0, min_iters=5, min_seconds=0.0)
+SLEEP = 0.02
+
+
+@pytest.fixture
+def sleepy(tiny_dir):
+    """The tiny DINOv2 with a forward that sleeps 20 ms per call and fails above batch 8."""
+    encoder = vitport.load(str(tiny_dir("dinov2")))
+
+    def forward(module, pixels):
+        if len(pixels) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        time.sleep(SLEEP)
+        tokens = torch.zeros(len(pixels), 5, 32)
+        return RawOutput(tokens=tokens, pooled=tokens[:, 0])
+
+    encoder.forward_fn = forward
+    return encoder
+
+
+def test_statistics_of_a_known_run_time(sleepy):
+    result = bench(sleepy, [1, 4], FAST, measure_roofline=False)
+    for row in result.rows():
+        assert SLEEP * 1000 * 0.9 < row["p50_ms"] < SLEEP * 1000 * 3
+        assert row["images_per_second"] == pytest.approx(
+            row["batch_size"] / (row["mean_ms"] / 1000)
+        )
+        assert row["ms_per_image"] == pytest.approx(row["mean_ms"] / row["batch_size"])
+        assert row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["samples"] >= 5
+    one, four = result.rows()
+    assert four["images_per_second"] > 2.5 * one["images_per_second"]
+
+
+def test_auto_backs_off_at_out_of_memory(sleepy):
+    result = bench(sleepy, None, FAST, measure_roofline=False)
+    assert [r.batch_size for r in result.runs] == [1, 2, 4, 8]
+    assert result.oom_batch == 16
+    assert result.best().batch_size == 8
+    assert any("ran out of memory" in n for n in result.notes)
+
+
+def test_out_of_memory_at_the_first_size_is_an_error(sleepy):
+    from vitport.errors import OutOfMemoryError
+
+    with pytest.raises(OutOfMemoryError, match="out of memory"):
+        bench(sleepy, [16], FAST, measure_roofline=False)
+
+
+def test_roofline_numbers_follow_from_the_measurement(tiny_dir):
+    encoder = vitport.load(str(tiny_dir("vit")))
+    result = bench(encoder, [2], FAST)
+    run = result.runs[0]
+    expected = result.flops.total * run.measurement.images_per_second / 1e12
+    assert result.achieved_tflops(run) == pytest.approx(expected)
+    assert result.mfu(run) == pytest.approx(expected / result.peak.tflops)
+    assert result.peak.tflops > 0
+
+
+def test_outputs_schema(sleepy):
+    result = bench(sleepy, [1, 2], FAST, measure_roofline=False)
+    rows = list(csv.DictReader(io.StringIO(result.to_csv())))
+    assert list(rows[0]) == [
+        "model", "infer_img_size", "infer_samples_per_sec", "infer_step_time",
+        "infer_batch_size", "param_count", "infer_gmacs", "infer_device", "infer_dtype",
+    ]  # fmt: skip
+    assert [int(r["infer_batch_size"]) for r in rows] == [1, 2]
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["schema_version"] == 1 and len(data["runs"][0]["measurement"]["times"]) >= 5
+    back = BenchResult.from_dict(data)
+    assert back.rows() == result.rows()
+    assert result.to_markdown().count("\n") == 4
+
+
+def test_regressions_beyond_noise(sleepy):
+    old = bench(sleepy, [1], FAST, measure_roofline=False)
+    same = BenchResult.from_dict(old.to_dict())
+    assert regressions(old, same) == []
+    slower = BenchResult.from_dict(old.to_dict())
+    slower.runs[0].measurement.times = [t * 1.5 for t in slower.runs[0].measurement.times]
+    found = regressions(old, slower)
+    assert len(found) == 1 and found[0].change == pytest.approx(1 / 1.5 - 1, rel=1e-6)
+
+
+def test_optimize_keeps_only_faithful_configurations(tiny_dir, photos):
+    from vitport.bench.optimize import BASELINE, optimize
+    from vitport.devices import resolve_device
+
+    base = vitport.load(str(tiny_dir("dinov2")))
+    result = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
+                      attentions=("default", "eager"), compile_options=(False,))  # fmt: skip
+    labels = [t.config for t in result.trials]
+    assert labels[0] == BASELINE and len(labels) == 4
+    for trial in result.trials:
+        assert trial.faithful is not None
+        assert bool(trial.measurements) == (trial.faithful or trial.config == BASELINE)
+    best, batch = result.best()
+    assert best.faithful and batch == 2
+    assert result.speedup() == pytest.approx(best.speed(2) / result.baseline.speed(2))
+    json.dumps(result.to_dict())
+
+
+def test_cli_bench(monkeypatch, capsys, tiny_dir, tmp_path):
+    from vitport.cli import main
+
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "argv", ["vitport", "bench", "--model", str(tiny_dir("vit")),
+                        "--device", "cpu", "--batch-sizes", "1,2", "--min-seconds", "0.2",
+                        "--warmup-seconds", "0.1", "--json", str(out),
+                        "--csv", str(tmp_path / "b.csv")])  # fmt: skip
+    monkeypatch.setenv("COLUMNS", "200")
+    main()
+    text = capsys.readouterr().out
+    assert "p99 ms" in text and "MFU" in text and "GFLOPs per image" in text
+    assert json.loads(out.read_text())["rows"][1]["batch_size"] == 2
+    monkeypatch.setattr(sys, "argv", ["vitport", "bench", "--model", str(tiny_dir("vit")),
+                        "--batch-sizes", "0,x"])  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
