@@ -560,6 +560,92 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
 
 
 @app.command()
+def report(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model spec (see vitport models); not with --from."),
+    ] = None,
+    images: ImagesArg = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    reference: Annotated[
+        str, typer.Option("--reference", "-r", help="Device of the in-process reference.")
+    ] = "cpu",
+    reference_dtype: Annotated[str, typer.Option(help="dtype of the reference.")] = "fp32",
+    golden: Annotated[
+        Path | None, typer.Option(help="A golden features file from another machine.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory to write the report into.")] = Path("report"),
+    lang: Annotated[str, typer.Option(help="Language of README.md: en or zh.")] = "en",
+    batch_sizes: Annotated[
+        str, typer.Option(help="Batch sizes to benchmark, or auto.")
+    ] = "1,2,4,8",
+    min_seconds: Annotated[float, typer.Option(help="Measured window per batch size.")] = 2.0,
+    fix: FixOpt = None,
+    from_json: Annotated[
+        Path | None,
+        typer.Option("--from", help="Re-render an earlier report.json without recomputing."),
+    ] = None,
+    image_size: ImageSizeOpt = None,
+    weights: WeightsOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    cuda_shim: CudaShimOpt = False,
+) -> None:
+    """The whole proof of a port in one command, in the form of the hand-written reports.
+
+    Runs infer, bench and compare (with --localize and --try-fixes) and writes into --out:
+    README.md (verdict first, then environment, weights, dependencies, inference sample,
+    performance by batch size with MFU, accuracy with noise floor, fixes before/after, error by
+    block, notes), report.json (every number), PNG plots, the raw JSON of each step and a log.
+    """
+    from vitport import Features
+    from vitport.devices import enable_cuda_shim
+    from vitport.fixes import parse_fixes
+    from vitport.images import images_by_name
+    from vitport.report import LANGS, RunLog, build_report, read_report, write_report
+
+    if lang not in LANGS:
+        raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
+    if from_json is not None:
+        path = write_report(read_report(from_json), out, lang)
+        console.print(f"report re-rendered: [bold]{path}[/bold]")
+        return
+    if model is None:
+        raise VitportError("vitport report needs --model SPEC (or --from DIR/report.json)")
+    sizes = parse_batch_sizes(batch_sizes)
+    fixes = parse_fixes(fix)
+    gold = Features.load(golden) if golden is not None else None
+    if gold is not None:
+        gold.meta["path"] = str(golden)
+    if gold is not None and not images:
+        loaded, problems = images_by_name(gold.names)
+        report_problems(problems)
+    else:
+        loaded, _ = read_inputs(images, image_size or 224)
+    if cuda_shim:
+        errors.print(f"[dim]{enable_cuda_shim()}[/dim]")
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:  # fmt: skip
+        task = progress.add_task(f"report on {model}")
+        log = RunLog(echo=lambda m: progress.update(task, description=m))
+        from vitport.bench.run import Window
+
+        data = build_report(
+            model, device, dtype, loaded, reference=reference, reference_dtype=reference_dtype,
+            golden=gold, batch_sizes=sizes, window=Window(min_seconds=min_seconds), fixes=fixes,
+            image_size=image_size, weights=weights, trust_remote_code=trust_remote_code, log=log,
+        )  # fmt: skip
+    path = write_report(data, out, lang)
+    from vitport.report.render import STRINGS, headline
+
+    for line in headline(data, STRINGS[lang]):
+        console.print(line.replace("**", ""))
+    console.print(f"report written: [bold]{path}[/bold]")
+
+
+@app.command()
 def thresholds() -> None:
     """Show the default pass/fail limits of `vitport compare` per dtype, and why."""
     from vitport.compare.verdict import DEFAULT_THRESHOLDS, THRESHOLD_REASONS

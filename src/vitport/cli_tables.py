@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vitport.compare.run import CompareResult, describe_side, worst_rel_error
+from vitport.report.render import improvement
 
 GROUP_LABELS = {
     "cls": "CLS",
@@ -155,7 +156,7 @@ def trials_table(result: CompareResult) -> Table:
             label,
             *[num(trial.groups[g].worst["rel_error"], True) for g in groups],
             num(after, True),
-            ratio(before / after) if after > 0 else "exact",
+            improvement(before, after),
             "PASS" if trial.verdict else "FAIL",
         )
     return table

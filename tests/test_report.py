@@ -1,0 +1,92 @@
+"""report: every section from the run's numbers, plots, --from, and the same numbers in en and zh."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+from PIL import Image
+
+from vitport.bench.run import Window
+from vitport.images import sample_images
+from vitport.report import build_report, read_report, write_report
+from vitport.report.plots import DPI, FIGSIZE
+
+QUICK = Window(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0)
+SECTIONS = ["1. Introduction", "2. Environment", "3. Weights", "4. Dependencies",
+            "5. Inference sample", "6. Performance", "7. Accuracy", "8. Precision fixes",
+            "9. Error by block", "10. Notes"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tiny_dir):
+    return build_report(str(tiny_dir("vit_classifier")), "cpu", "bf16", sample_images(4),
+                        batch_sizes=[1, 2], window=QUICK)  # fmt: skip
+
+
+def decimals(text: str) -> list[str]:
+    return sorted(re.findall(r"-?\d+\.\d+(?:e-?\d+)?%?", text))
+
+
+def test_every_section_with_numbers_from_the_run(data, tmp_path):
+    readme = write_report(data, tmp_path).read_text()
+    for title in SECTIONS:
+        assert f"## {title}" in readme
+    first_lines = readme.splitlines()[2:4]
+    assert first_lines[0].startswith("- **Faithful**") or first_lines[0].startswith(
+        "- **Not faithful**"
+    )
+    assert "img/s" in first_lines[1]
+    for row in data["bench"]["rows"]:
+        assert f"| {row['batch_size']} | {row['p50_ms']:.2f} |" in readme
+    cls = data["compare"]["groups"]["cls"]["worst"]["rel_error"]
+    assert f"{100 * cls:.4g}%" in readme
+    assert f"{data['model']['params'] / 1e6:.2f}M" in readme
+    assert data["model"]["weights_sha256"] in readme
+    assert "logits" in data["inference"]["shapes"] and "| logits | 1 x 10 |" in readme
+    for name in ("report.json", "inference.json", "bench.json", "compare.json", "report.log"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "report.json").read_text())["schema_version"] == 1
+
+
+def test_plots_open_with_the_expected_size(data, tmp_path):
+    write_report(data, tmp_path)
+    for name in ("performance.png", "block_errors.png", "patch_error.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+            assert len(set(image.convert("L").getdata())) > 10  # something was drawn
+
+
+def test_from_reproduces_the_same_readme(data, tmp_path):
+    first = write_report(data, tmp_path / "a").read_text()
+    again = write_report(read_report(tmp_path / "a" / "report.json"), tmp_path / "b").read_text()
+    assert first == again
+
+
+def test_zh_and_en_carry_the_same_numbers(data, tmp_path):
+    en = write_report(data, tmp_path / "en", "en").read_text()
+    zh = write_report(data, tmp_path / "zh", "zh").read_text()
+    assert "精度评测" in zh and "性能评测" in zh and "Accuracy" not in zh
+    assert decimals(en) == decimals(zh)
+
+
+def test_cli_report_and_from(monkeypatch, capsys, tiny_dir, tmp_path):
+    from vitport.cli import main
+
+    out = tmp_path / "r"
+    monkeypatch.setattr(sys, "argv", ["vitport", "report", "--model", str(tiny_dir("dinov2")),
+                        "--device", "cpu", "--out", str(out), "--batch-sizes", "1",
+                        "--min-seconds", "0.05", "--lang", "zh"])  # fmt: skip
+    main()
+    assert "report written" in capsys.readouterr().out
+    assert "# " in (out / "README.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["vitport", "report", "--from", str(out / "report.json"),
+                        "--out", str(tmp_path / "again"), "--lang", "zh"])  # fmt: skip
+    main()
+    assert (tmp_path / "again" / "README.md").read_text() == (out / "README.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["vitport", "report", "--from", str(tmp_path / "nope.json")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
