@@ -170,3 +170,21 @@ def test_formula_agrees_with_profiler_on_tiny_gated_aimv2():
     arch = Architecture(64, 2, 2, 128, gated_mlp=True, patch_size=14)
     counted = count_flops_by_profiler(module, torch.randn(1, 3, 28, 28))
     assert counted == pytest.approx(flops_per_image(arch, (28, 28), 0).total, rel=0.02)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "dinov3_vit", "vit",
+                                    "timm_vit_reg4"])  # fmt: skip
+def test_every_family_matches_the_profiler(family, tiny_dir):
+    """The config-based count equals torch's FLOP counter on each family's real forward."""
+    import vitport
+    from vitport.bench.flops import count_flops_by_profiler, flops_per_image
+
+    encoder = vitport.load(str(tiny_dir(family)))
+    pixels = torch.randn(2, 3, *encoder.image_size)
+    counted = flops_per_image(encoder.arch, encoder.image_size, encoder.layout.num_prefix)
+    profiled = count_flops_by_profiler(encoder.module, pixels) / 2
+    # the ViT pooler (dense on CLS) is outside the encoder's count: subtract it when present
+    pooler = getattr(encoder.module, "pooler", None)
+    if pooler is not None:
+        profiled -= 2 * pooler.dense.in_features * pooler.dense.out_features
+    assert profiled == pytest.approx(counted.total, rel=1e-9)

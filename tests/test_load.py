@@ -241,3 +241,16 @@ def test_modelscope_snapshot_loads_as_local_dir(monkeypatch, tiny_dir, photos):
 def test_wrong_device_is_one_line():
     with pytest.raises(VitportError, match="not available"):
         vitport.load("demo:dinov2-small", device="cuda")
+
+
+def test_timm_pretrained_comes_through_the_hub_snapshot(monkeypatch, tiny_dir):
+    """timm:NAME downloads its hub repository like any other, then loads it as a timm dir."""
+    from vitport import families
+
+    asked = []
+    monkeypatch.setattr(
+        families, "hub_snapshot", lambda repo: asked.append(repo) or tiny_dir("timm_vit_reg4")
+    )
+    encoder = vitport.load("timm:vit_small_patch14_reg4_dinov2.lvd142m")
+    assert asked == ["timm/vit_small_patch14_reg4_dinov2.lvd142m"]
+    assert encoder.layout.num_registers == 4 and encoder.family == "timm"

@@ -21,7 +21,15 @@ app = typer.Typer(
         "(Hugging Face), ms:ORG/NAME (ModelScope), timm:NAME [--weights FILE], or a local "
         "directory."
     ),
+    epilog=(
+        "A port, step by step: [bold]vitport infer[/bold] (does it run?), [bold]vitport compare "
+        "--localize --try-fixes[/bold] (is it faithful, and if not, where and what cures it?), "
+        "[bold]vitport bench --optimize[/bold] (how fast, and the fastest faithful setting), "
+        "[bold]vitport report[/bold] (all of it, written up). Errors are one line and exit 2; "
+        "put --debug before the command for a traceback."
+    ),
     no_args_is_help=True,
+    add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
@@ -288,7 +296,7 @@ def compare(
     trials = [(name,) for name in fix_names()] if try_fixes else []
     with console.status("comparing ...") as status:
         result = run_compare(
-            base, candidate, ref, loaded, thresholds_for(dtype_label(cand_dtype), overrides),
+            base, candidate, ref, loaded, thresholds_for(cand_dtype, overrides),
             localize_points=localize, trial_fixes=trials, make_candidate=make_candidate,
             batch_size=batch_size, fixes=fixes, progress=lambda m: status.update(m + " ..."),
             notes=notes,
@@ -300,12 +308,6 @@ def compare(
         console.print(f"every number written to [bold]{json_out}[/bold]")
     if not result.passed:
         raise typer.Exit(1)
-
-
-def dtype_label(dtype) -> str:
-    from vitport.devices import dtype_name
-
-    return dtype_name(dtype)
 
 
 def render_compare(result) -> None:

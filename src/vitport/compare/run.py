@@ -323,7 +323,3 @@ def describe_side(side: Side) -> str:
     if side.kind == "golden":
         text += f" (golden file {side.path})"
     return text
-
-
-def resolve_reference_device(spec: str) -> Device:
-    return resolve_device(spec)

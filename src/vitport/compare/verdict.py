@@ -112,26 +112,21 @@ THRESHOLD_REASONS: dict[str, str] = {
     ),
 }
 
-_DTYPE_ALIASES: dict[str, str] = {
-    "float32": "fp32",
-    "float": "fp32",
-    "float16": "fp16",
-    "half": "fp16",
-    "bfloat16": "bf16",
-    "float64": "fp64",
-    "double": "fp64",
-}
-
 
 def _dtype_key(dtype: str | torch.dtype) -> str:
-    key = str(dtype).strip().lower().removeprefix("torch.")
-    key = _DTYPE_ALIASES.get(key, key)
-    if key == "fp64":
-        return "fp32"
-    if key not in DEFAULT_THRESHOLDS:
+    from vitport.devices import dtype_name, parse_dtype
+    from vitport.errors import DeviceError
+
+    if isinstance(dtype, str):
+        dtype = dtype.strip().lower().removeprefix("torch.")
+    try:
+        key = dtype_name(parse_dtype(dtype))
+    except DeviceError as exc:
         valid = ", ".join([*DEFAULT_THRESHOLDS, "fp64"])
-        raise ValueError(f"no default thresholds for dtype {str(dtype)!r}; use one of {valid}")
-    return key
+        raise ValueError(
+            f"no default thresholds for dtype {str(dtype)!r}; use one of {valid}"
+        ) from exc
+    return "fp32" if key == "fp64" else key
 
 
 def parse_threshold_overrides(items: Sequence[str]) -> list[Threshold]:

@@ -96,7 +96,25 @@ def weights_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def resolve(spec: str) -> tuple[str, Path | str]:
+def timm_snapshot(name: str) -> str:
+    """A timm model on the Hugging Face hub, downloaded like any hub repository (one clear
+    error offline, no retry storm), as a timm `local-dir:`; other names go to timm as they are."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return name
+    try:
+        return f"local-dir:{hub_snapshot(hub_id)}"
+    except HubUnreachableError as exc:
+        raise HubUnreachableError(
+            f"could not fetch timm weights for '{name}' from the Hugging Face hub ({hub_id}); "
+            "pass --weights FILE or a local timm directory"
+        ) from exc
+
+
+def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
     """('hf', directory) or ('timm', timm name) for a spec; downloads when needed."""
     if spec.startswith("demo:"):
         return "hf", demo_checkpoint_dir(spec.removeprefix("demo:"))
@@ -106,7 +124,7 @@ def resolve(spec: str) -> tuple[str, Path | str]:
             raise SpecError(
                 "timm: needs a model name, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m"
             )
-        return "timm", name
+        return "timm", name if weights_given else timm_snapshot(name)
     if spec.startswith("ms:"):
         return "hf", modelscope_snapshot(spec.removeprefix("ms:"))
     if spec.startswith("hf:"):
@@ -142,7 +160,7 @@ def load(
     target = device if isinstance(device, Device) else resolve_device(device)
     dtype = parse_dtype(dtype)
     start = time.perf_counter()
-    kind, where = resolve(spec)
+    kind, where = resolve(spec, weights_given=weights is not None)
     if weights is not None and kind != "timm":
         raise SpecError("--weights is for timm:NAME specs; a directory carries its own weights")
     if kind == "timm":

@@ -1,0 +1,92 @@
+"""Target: on a GPU, ViT-L/14 at 224 in bf16 through vitport is at or above a timm
+benchmark.py-style loop with torch.compile measured in the same run, and MFU >= 50%.
+
+Weights do not change speed, so the model is built from its architecture with random weights
+(timm `vit_large_patch14_dinov2`, 224 px). Writes its section of docs/benchmarks.md.
+Run: python benchmarks/gpu_vit_large.py [--smoke]   (--smoke: tiny model on the CPU, to check
+the script itself)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+from timm.models._hub import save_for_hf
+
+import vitport
+from vitport.bench.configure import configure
+from vitport.bench.run import Window, bench
+from vitport.devices import resolve_device
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+MARK = "<!-- gpu_vit_large -->"
+
+
+def timm_style(model_name: str, args: dict, device: torch.device, batch: int, steps: int = 40):
+    """timm benchmark.py's method: 10 warm-up + `steps` timed steps, synchronised at the edges."""
+    model = timm.create_model(model_name, **args).to(device=device, dtype=torch.bfloat16).eval()
+    model = torch.compile(model)
+    x = torch.randn(batch, 3, args["img_size"], args["img_size"], device=device,
+                    dtype=torch.bfloat16)  # fmt: skip
+    with torch.inference_mode():
+        for _ in range(10):
+            model(x)
+        torch.accelerator.synchronize() if device.type != "cpu" else None
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        torch.accelerator.synchronize() if device.type != "cpu" else None
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batch-sizes", default="64,128,256")
+    opts = parser.parse_args()
+    device = resolve_device("cpu" if opts.smoke else "cuda")
+    name = "vit_large_patch14_dinov2"
+    args = {"img_size": 224, "num_classes": 0}
+    if opts.smoke:
+        args.update(embed_dim=64, depth=2, num_heads=2)
+    sizes = [2] if opts.smoke else [int(b) for b in opts.batch_sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_hf(timm.create_model(name, **args), tmp, model_args=args)
+        encoder = vitport.load(tmp, device=str(device), dtype="bf16")
+    configure(encoder, "sdpa", compiled=True)
+    window = Window(
+        min_seconds=0.5 if opts.smoke else 5.0, warmup_seconds=0.5 if opts.smoke else 5.0
+    )
+    ours = bench(encoder, sizes, window, attention="sdpa", compiled=True)
+    lines = [MARK, f"## GPU: ViT-L/14 @224 bf16 vs timm-style loop ({datetime.date.today()})", "",
+             f"Device: {ours.device_description.get('name')}. Command: "
+             f"`python benchmarks/gpu_vit_large.py{' --smoke' if opts.smoke else ''}`.", "",
+             "| batch | vitport img/s | timm-style img/s | MFU (measured peak) | MFU (vendor) |",
+             "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for run, row in zip(ours.runs, ours.rows(), strict=True):
+        theirs = timm_style(name, args, device.torch_device, run.batch_size)
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+        vendor = f"{100 * row['vendor_mfu']:.1f}%" if row["vendor_mfu"] is not None else "n/a"
+        lines.append(f"| {run.batch_size} | {row['images_per_second']:.1f} | {theirs:.1f} | "
+                     f"{mfu} | {vendor} |")  # fmt: skip
+    lines.append(MARK)
+    section = "\n".join(lines) + "\n"
+    if not opts.smoke:
+        text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
+        if MARK in text:
+            start, end = text.index(MARK), text.rindex(MARK) + len(MARK) + 1
+            text = text[:start] + section + text[end:]
+        else:
+            text += "\n" + section
+        DOC.write_text(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
