@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitport.devices import Device, dtype_name
-from vitport.errors import VitportError
+from vitport.devices import Device, dtype_name, out_of_memory_error
+from vitport.errors import DeviceError, VitportError
 
 OUTPUT_GROUPS = ("cls", "registers", "patches", "pooled", "logits")
 
@@ -218,8 +218,6 @@ class Encoder:
             raw = self.forward_fn(self.module, pixels)
         except Exception as exc:
             if self.device.is_out_of_memory(exc):
-                from vitport.devices import out_of_memory_error
-
                 raise out_of_memory_error(
                     self.device, exc, f"encoding {len(pixels)} images"
                 ) from exc
@@ -255,8 +253,6 @@ class Encoder:
         device = device or self.device
         dtype = dtype or self.dtype
         if not device.supports(dtype):
-            from vitport.errors import DeviceError
-
             raise DeviceError(
                 f"{device} does not support {dtype_name(dtype)}; choose another --dtype"
             )
@@ -265,8 +261,6 @@ class Encoder:
             module = module.to(device=device.torch_device, dtype=dtype)
         except Exception as exc:
             if device.is_out_of_memory(exc):
-                from vitport.devices import out_of_memory_error
-
                 raise out_of_memory_error(device, exc, "moving the model") from exc
             raise
         index = {id(m): name for name, m in self.module.named_modules()}
