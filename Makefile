@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/vitport report --model demo:dinov2-small --device auto --out report/demo-dinov2-small
+	$(BIN)/vitport report --model demo:dinov2-small --device auto --dtype bf16 --out report/demo-dinov2-small
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks)

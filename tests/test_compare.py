@@ -152,3 +152,19 @@ def test_cli_golden_from_another_machine(monkeypatch, capsys, tiny_dir, tmp_path
     assert code == 0, err
     assert "golden file" in out and "10 inputs" in out
     assert "a golden file holds final outputs only" in out
+
+
+def test_identical_candidate_is_said_to_agree_exactly(tiny_dir, photos):
+    base = vitport.load(str(tiny_dir("vit")))
+    result = run_compare(base, photos[:2], localize_points=True)
+    assert result.localization.culprit is None
+    assert result.localization.reason == "candidate and reference agree exactly at every point"
+
+
+def test_improvement_wording():
+    from vitport.report.render import improvement
+
+    assert improvement(0.0, 0.0) == "-"
+    assert improvement(0.01, 0.0) == "exact"
+    assert improvement(0.0, 1e-6) == "worse"
+    assert improvement(0.01, 0.001) == "10x"

@@ -17,7 +17,7 @@ app = typer.Typer(
     help=(
         "Bring vision-transformer encoders (DINOv2, DINOv3, ViT, AIMv2, timm ViTs) to new "
         "hardware (Ascend NPU, CUDA, CPU, ...): load, run, and prove the port faithful and fast.\n\n"
-        "Model specs: demo:dinov2-small (a real model built offline), hf:ORG/NAME or ORG/NAME "
+        "Model specs: demo:dinov2-small (a real trained model, no model hub needed), hf:ORG/NAME or ORG/NAME "
         "(Hugging Face), ms:ORG/NAME (ModelScope), timm:NAME [--weights FILE], or a local "
         "directory."
     ),

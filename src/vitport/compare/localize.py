@@ -256,6 +256,9 @@ def judge_points(points: list[PointError]) -> Localization:
             ),
             kind_medians=medians,
         )
+    if all(p.local == 0 and p.accumulated == 0 for p in points):
+        return Localization(points, None, "candidate and reference agree exactly at every point",
+                            kind_medians=medians)  # fmt: skip
     worst = max((k for k in medians if k != "embeddings"), key=lambda k: medians[k], default=None)
     reason = "no single point stands out: the error is spread evenly over the blocks"
     if worst is not None and medians[worst] > ABSOLUTE_FLOOR:

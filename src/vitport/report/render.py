@@ -171,6 +171,11 @@ def pct(value: float | None) -> str:
     return f"{100 * value:.4g}%"
 
 
+def share(value: float | None) -> str:
+    """A utilisation such as MFU, one decimal."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def sci(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -189,6 +194,8 @@ def improvement(before: float, after: float) -> str:
     """How many times smaller the error became: 'exact' when it vanished, '-' when both are 0."""
     if after == 0:
         return "-" if before == 0 else "exact"
+    if after > before:
+        return "worse"
     return f"{before / after:.2g}x"
 
 
@@ -224,7 +231,7 @@ def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
     rows = perf["rows"]
     if rows:
         best = max(rows, key=lambda r: r["images_per_second"])
-        mfu = f", MFU {pct(best['mfu'])}" if best["mfu"] is not None else ""
+        mfu = f", MFU {share(best['mfu'])}" if best["mfu"] is not None else ""
         key = "fastest" if cmp["passed"] else "fastest_unfaithful"
         lines.append(s[key].format(batch=best["batch_size"], ips=best["images_per_second"],
                                    ms=best["ms_per_image"], mfu=mfu))  # fmt: skip
@@ -295,8 +302,8 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     rows = [
         [str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
          f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f}", f"{r['ms_per_image']:.2f}",
-         f"{r['images_per_second']:.1f}", f"{r['achieved_tflops']:.3f}", pct(r["mfu"]),
-         pct(r["vendor_mfu"])]
+         f"{r['images_per_second']:.1f}", f"{r['achieved_tflops']:.3f}", share(r["mfu"]),
+         share(r["vendor_mfu"])]
         for r in perf["rows"]
     ]  # fmt: skip
     out += table([s["batch"], "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "ms/img", "img/s",
