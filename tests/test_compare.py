@@ -168,3 +168,11 @@ def test_improvement_wording():
     assert improvement(0.01, 0.0) == "exact"
     assert improvement(0.0, 1e-6) == "worse"
     assert improvement(0.01, 0.001) == "10x"
+
+
+def test_cli_per_input_table(monkeypatch, capsys, tiny_dir):
+    model = str(tiny_dir("vit"))
+    code, out, _ = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
+                       "--dtype", "bf16", "--per-input", "--batch-size", "2")  # fmt: skip
+    assert code == 0
+    assert "per input" in out and "random:0:1:224" in out and "skimage:astronaut" in out

@@ -49,6 +49,7 @@ def test_every_section_with_numbers_from_the_run(data, tmp_path):
     for name in ("report.json", "inference.json", "bench.json", "compare.json", "report.log"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "report.json").read_text())["schema_version"] == 1
+    assert isinstance(data["warnings"], list)
 
 
 def test_plots_open_with_the_expected_size(data, tmp_path):

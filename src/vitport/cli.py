@@ -236,6 +236,9 @@ def compare(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write every number here.")
     ] = None,
+    per_input: Annotated[
+        bool, typer.Option("--per-input", help="Also show the error of each input.")
+    ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
     image_size: ImageSizeOpt = None,
     weights: WeightsOpt = None,
@@ -301,7 +304,7 @@ def compare(
             batch_size=batch_size, fixes=fixes, progress=lambda m: status.update(m + " ..."),
             notes=notes,
         )  # fmt: skip
-    render_compare(result)
+    render_compare(result, per_input)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.to_dict(), indent=2))
@@ -310,10 +313,12 @@ def compare(
         raise typer.Exit(1)
 
 
-def render_compare(result) -> None:
+def render_compare(result, per_input: bool = False) -> None:
     from vitport import cli_tables
 
     console.print(cli_tables.accuracy_table(result))
+    if per_input:
+        console.print(cli_tables.per_input_table(result))
     for line in cli_tables.task_lines(result):
         console.print(line)
     console.print(

@@ -67,6 +67,21 @@ def accuracy_table(result: CompareResult) -> Table:
     return table
 
 
+def per_input_table(result: CompareResult) -> Table:
+    """Relative error and worst-token cosine of each input, per output group."""
+    table = Table(title="per input: relative error (cos worst token)")
+    table.add_column("input")
+    for name in result.groups:
+        table.add_column(GROUP_LABELS.get(name, name), justify="right")
+    for i, image in enumerate(result.inputs):
+        cells = []
+        for group in result.groups.values():
+            metrics = group.per_input[i]
+            cells.append(f"{num(metrics['rel_error'], True)} ({metrics['cos_worst']:.5f})")
+        table.add_row(image, *cells)
+    return table
+
+
 def task_lines(result: CompareResult) -> list[str]:
     """Task-level agreement: top-k of logits, nearest neighbours of pooled features."""
     lines = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,20 @@ def build_report(
 ) -> dict[str, Any]:
     """Every number of a port's report, measured in this run."""
     log = log or RunLog()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        data = _measure(spec, device, dtype, images, reference, reference_dtype, golden,
+                        batch_sizes, window, fixes, image_size, weights, trust_remote_code, log)  # fmt: skip
+    unique = sorted(
+        {f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in seen}
+    )
+    data["warnings"] = unique
+    data["model"]["notes"] += [f"warning seen during the run: {w}" for w in unique]
+    return data
+
+
+def _measure(spec, device, dtype, images, reference, reference_dtype, golden, batch_sizes,
+             window, fixes, image_size, weights, trust_remote_code, log) -> dict[str, Any]:  # fmt: skip
     target = resolve_device(device)
     cand_dtype = parse_dtype(dtype)
     log(f"loading {spec}")
