@@ -18,6 +18,13 @@ def _figure():
     return plt, plt.figure(figsize=FIGSIZE, dpi=DPI)
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def performance(data: dict[str, Any], path: Path, labels: dict[str, str]) -> Path | None:
     rows = data["bench"]["rows"]
     if not rows:
@@ -33,10 +40,7 @@ def performance(data: dict[str, Any], path: Path, labels: dict[str, str]) -> Pat
     twin.plot(batches, [r["images_per_second"] for r in rows], "s--", color="tab:orange")
     twin.set_ylabel(labels["throughput"], color="tab:orange")
     ax.set_title(f"{data['model']['spec']} · {data['bench']['device']} {data['bench']['dtype']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def block_errors(data: dict[str, Any], path: Path, labels: dict[str, str]) -> Path | None:
@@ -58,10 +62,7 @@ def block_errors(data: dict[str, Any], path: Path, labels: dict[str, str]) -> Pa
     ax.set_ylabel(labels["rel_error"])
     ax.legend()
     ax.set_title(labels["block_errors_title"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def patch_error(data: dict[str, Any], path: Path, labels: dict[str, str]) -> Path | None:
@@ -75,10 +76,7 @@ def patch_error(data: dict[str, Any], path: Path, labels: dict[str, str]) -> Pat
     ax.set_title(f"{labels['patch_error_title']} · {data['compare']['inputs'][0]}")
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 PLOTS = {
