@@ -11,7 +11,7 @@ from PIL import Image
 
 from vitport.bench.run import Window
 from vitport.images import sample_images
-from vitport.report import build_report, read_report, write_report
+from vitport.report import ReportOptions, build_report, read_report, write_report
 from vitport.report.plots import DPI, FIGSIZE
 
 QUICK = Window(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0)
@@ -22,8 +22,9 @@ SECTIONS = ["1. Introduction", "2. Environment", "3. Weights", "4. Dependencies"
 
 @pytest.fixture(scope="module")
 def data(tiny_dir):
-    return build_report(str(tiny_dir("vit_classifier")), "cpu", "bf16", sample_images(4),
-                        batch_sizes=[1, 2], window=QUICK)  # fmt: skip
+    options = ReportOptions(str(tiny_dir("vit_classifier")), "cpu", "bf16", batch_sizes=(1, 2),
+                            window=QUICK, optimize=True)  # fmt: skip
+    return build_report(options, sample_images(4))
 
 
 def decimals(text: str) -> list[str]:
@@ -39,6 +40,9 @@ def test_every_section_with_numbers_from_the_run(data, tmp_path):
         "- **Not faithful**"
     )
     assert "img/s" in first_lines[1]
+    assert "Fastest faithful configuration" in readme
+    best = data["optimize"]["best"]
+    assert f"at batch {best['batch_size']}," in readme
     for row in data["bench"]["rows"]:
         assert f"| {row['batch_size']} | {row['p50_ms']:.2f} |" in readme
     cls = data["compare"]["groups"]["cls"]["worst"]["rel_error"]

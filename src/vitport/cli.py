@@ -588,6 +588,14 @@ def report(
         str, typer.Option(help="Batch sizes to benchmark, or auto.")
     ] = "1,2,4,8",
     min_seconds: Annotated[float, typer.Option(help="Measured window per batch size.")] = 2.0,
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize",
+            help="Also search dtype x attention x batch for the "
+            "fastest configuration that stays faithful.",
+        ),
+    ] = False,
     fix: FixOpt = None,
     from_json: Annotated[
         Path | None,
@@ -609,7 +617,14 @@ def report(
     from vitport.devices import enable_cuda_shim
     from vitport.fixes import parse_fixes
     from vitport.images import images_by_name
-    from vitport.report import LANGS, RunLog, build_report, read_report, write_report
+    from vitport.report import (
+        LANGS,
+        ReportOptions,
+        RunLog,
+        build_report,
+        read_report,
+        write_report,
+    )
 
     if lang not in LANGS:
         raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
@@ -639,11 +654,14 @@ def report(
         log = RunLog(echo=lambda m: progress.update(task, description=m))
         from vitport.bench.run import Window
 
-        data = build_report(
-            model, device, dtype, loaded, reference=reference, reference_dtype=reference_dtype,
-            golden=gold, batch_sizes=sizes, window=Window(min_seconds=min_seconds), fixes=fixes,
-            image_size=image_size, weights=weights, trust_remote_code=trust_remote_code, log=log,
+        options = ReportOptions(
+            spec=model, device=device, dtype=dtype, reference=reference,
+            reference_dtype=reference_dtype, batch_sizes=tuple(sizes) if sizes else None,
+            window=Window(min_seconds=min_seconds), fixes=tuple(fixes), image_size=image_size,
+            weights=str(weights) if weights else None, trust_remote_code=trust_remote_code,
+            optimize=optimize,
         )  # fmt: skip
+        data = build_report(options, loaded, gold, log)
     path = write_report(data, out, lang)
     from vitport.report.render import STRINGS, headline
 

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from vitport.errors import VitportError
-from vitport.report.build import SCHEMA_VERSION, RunLog, build_report
+from vitport.report.build import SCHEMA_VERSION, ReportOptions, RunLog, build_report
 from vitport.report.plots import write_plots
 from vitport.report.render import LANGS, labels, render
 
-__all__ = ["LANGS", "RunLog", "build_report", "read_report", "write_report"]
+__all__ = ["LANGS", "ReportOptions", "RunLog", "build_report", "read_report", "write_report"]
 
 
 def write_report(data: dict[str, Any], directory: Path, lang: str = "en") -> Path:

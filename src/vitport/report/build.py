@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 import vitport
+from vitport.bench.optimize import optimize
 from vitport.bench.run import Window, bench
 from vitport.compare.run import candidate_factory, compare
 from vitport.compare.verdict import thresholds_for
 from vitport.devices import dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
+from vitport.fixes import fix_names
 from vitport.images import LoadedImage
 from vitport.infer import infer
 
@@ -51,29 +53,35 @@ def fetch_command(spec: str) -> str:
     return f"hf download {repo} --local-dir ./{repo.split('/')[-1]}"
 
 
+@dataclass(frozen=True)
+class ReportOptions:
+    """What a report runs: the model, the candidate, the reference and the benchmark."""
+
+    spec: str
+    device: str = "auto"
+    dtype: str = "fp32"
+    reference: str = "cpu"
+    reference_dtype: str = "fp32"
+    batch_sizes: tuple[int, ...] | None = (1, 2, 4, 8)  # None: auto
+    window: Window = Window()
+    fixes: tuple[str, ...] = ()
+    image_size: int | None = None
+    weights: str | None = None
+    trust_remote_code: bool = False
+    optimize: bool = False  # also search dtype x attention x batch for the fastest faithful
+
+
 def build_report(
-    spec: str,
-    device: str,
-    dtype: str,
+    options: ReportOptions,
     images: Sequence[LoadedImage],
-    *,
-    reference: str = "cpu",
-    reference_dtype: str = "fp32",
     golden: Features | None = None,
-    batch_sizes: Sequence[int] | None = (1, 2, 4, 8),
-    window: Window = Window(),
-    fixes: Sequence[str] = (),
-    image_size: int | None = None,
-    weights: str | Path | None = None,
-    trust_remote_code: bool = False,
     log: RunLog | None = None,
 ) -> dict[str, Any]:
-    """Every number of a port's report, measured in this run."""
+    """Every number of a port's report, measured in this run; warnings seen are kept too."""
     log = log or RunLog()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        data = _measure(spec, device, dtype, images, reference, reference_dtype, golden,
-                        batch_sizes, window, fixes, image_size, weights, trust_remote_code, log)  # fmt: skip
+        data = measure_all(options, images, golden, log)
     unique = sorted(
         {f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in seen}
     )
@@ -82,40 +90,45 @@ def build_report(
     return data
 
 
-def _measure(spec, device, dtype, images, reference, reference_dtype, golden, batch_sizes,
-             window, fixes, image_size, weights, trust_remote_code, log) -> dict[str, Any]:  # fmt: skip
-    target = resolve_device(device)
-    cand_dtype = parse_dtype(dtype)
-    log(f"loading {spec}")
-    base = vitport.load(spec, "cpu", "fp32", image_size=image_size, weights=weights,
-                        trust_remote_code=trust_remote_code)  # fmt: skip
+def measure_all(
+    o: ReportOptions, images: Sequence[LoadedImage], golden: Features | None, log: RunLog
+) -> dict[str, Any]:
+    target = resolve_device(o.device)
+    cand_dtype = parse_dtype(o.dtype)
+    log(f"loading {o.spec}")
+    base = vitport.load(o.spec, "cpu", "fp32", image_size=o.image_size, weights=o.weights,
+                        trust_remote_code=o.trust_remote_code)  # fmt: skip
     make = candidate_factory(base, target, cand_dtype)
-    candidate, fix_detail = make(fixes)
+    candidate, fix_detail = make(o.fixes)
     if fix_detail:
         log(f"fixes: {fix_detail}")
 
-    log(f"inference sample on {target} ({dtype})")
+    log(f"inference sample on {target} ({o.dtype})")
     sample = infer(candidate, images[:1])
     feats = sample.features
     pooled = feats.pooled if feats.pooled is not None else feats.patches.mean(1)
 
     log("benchmark by batch size")
-    perf = bench(candidate, batch_sizes, window, progress=log)
+    perf = bench(candidate, o.batch_sizes, o.window, progress=log)
 
     log("accuracy against the reference, localisation and fixes")
     if golden is not None:
         ref: Any = golden
-    elif reference == "cpu" and parse_dtype(reference_dtype) == torch.float32:
+    elif o.reference == "cpu" and parse_dtype(o.reference_dtype) == torch.float32:
         ref = base
     else:
-        ref = base.to(resolve_device(reference), parse_dtype(reference_dtype))
-    from vitport.fixes import fix_names
-
+        ref = base.to(resolve_device(o.reference), parse_dtype(o.reference_dtype))
     accuracy = compare(
-        base, candidate, ref, images, thresholds_for(dtype_name(cand_dtype)),
+        base, candidate, ref, images, thresholds_for(cand_dtype),
         localize_points=True, trial_fixes=[(n,) for n in fix_names()],
-        make_candidate=make, fixes=fixes, progress=log,
+        make_candidate=make, fixes=o.fixes, progress=log,
     )  # fmt: skip
+    search = None
+    if o.optimize:
+        log("searching for the fastest faithful configuration")
+        sizes = list(o.batch_sizes or [1, 8])
+        search = optimize(base, target, images, sizes, o.window, compile_options=(False,),
+                          progress=log).to_dict()  # fmt: skip
     log("done")
     height, width = candidate.image_size
     return {
@@ -123,18 +136,18 @@ def _measure(spec, device, dtype, images, reference, reference_dtype, golden, ba
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "vitport_version": vitport.__version__,
         "command": {
-            "spec": spec,
+            "spec": o.spec,
             "device": str(target),
             "dtype": dtype_name(cand_dtype),
-            "reference": "golden" if golden is not None else reference,
-            "reference_dtype": reference_dtype,
-            "fixes": list(fixes),
-        },  # fmt: skip
+            "reference": "golden" if golden is not None else o.reference,
+            "reference_dtype": o.reference_dtype,
+            "fixes": list(o.fixes),
+        },
         "model": {
-            "spec": spec,
+            "spec": o.spec,
             "family": base.family,
             "source": base.source,
-            "fetch": fetch_command(spec),
+            "fetch": fetch_command(o.spec),
             "params": base.num_params,
             "weights_sha256": base.weights_sha256,
             "image_size": [height, width],
@@ -158,5 +171,6 @@ def _measure(spec, device, dtype, images, reference, reference_dtype, golden, ba
         },
         "bench": perf.to_dict(),
         "compare": accuracy.to_dict(),
+        "optimize": search,
         "log": log.lines,
     }
