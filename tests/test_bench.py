@@ -135,3 +135,31 @@ def test_cli_bench(monkeypatch, capsys, tiny_dir, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("family", ["dinov2", "timm_vit_reg4"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "flash"])
+def test_attention_backends_give_the_same_features(family, attention, tiny_dir):
+    from vitport.bench.configure import configure
+
+    base = vitport.load(str(tiny_dir(family)))
+    pixels = torch.randn(2, 3, *base.image_size)
+    ref = base.encode(pixels)
+    switched = configure(base.to(), attention)
+    out = switched.encode(pixels)
+    assert torch.allclose(out.patches, ref.patches, atol=1e-5)
+    if family == "timm_vit_reg4":
+        fused = {m.fused_attn for m in switched.module.modules() if hasattr(m, "fused_attn")}
+        assert fused == {attention != "eager"}
+    else:
+        assert switched.module.config._attn_implementation == (
+            "eager" if attention == "eager" else "sdpa"
+        )
+
+
+def test_unknown_attention_is_refused(tiny_dir):
+    from vitport.bench.configure import configure
+    from vitport.errors import VitportError
+
+    with pytest.raises(VitportError, match="choose one of default, eager, sdpa, flash"):
+        configure(vitport.load(str(tiny_dir("vit"))), "xformers")
