@@ -91,3 +91,42 @@ def test_devices_describes_the_machine(monkeypatch, capsys):
     code, out, _ = run(monkeypatch, capsys, "devices")
     assert code == 0
     assert "cpu" in out and "torch" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["infer"], "model"),  # a usage error: the missing option
+        (["infer", "--model", "x", "--bogus"], "bogus"),
+        (["bench", "--model", "x", "--min-seconds", "-1"], "min-seconds"),
+        (["bench", "--model", "x", "--baseline", "/nonexistent.json"], "not found"),
+        (["bench", "--model", "x", "--optimize", "--dtype", "bf16"], "drop --dtype"),
+        (["bench", "--model", "x", "--e2e"], "--e2e needs image files"),
+        (["compare", "--model", "x", "-r", "/tmp/nope/gold.safetensors"], "golden file"),
+    ],
+)
+def test_usage_and_option_errors_exit_2(monkeypatch, capsys, args, message):
+    code, out, err = run(monkeypatch, capsys, *args)
+    assert code == 2
+    assert message in out + err
+    assert "Traceback" not in out + err
+
+
+def test_baseline_from_another_configuration_is_refused(monkeypatch, capsys, tmp_path, tiny_dir):
+    import json
+
+    baseline = tmp_path / "b.json"
+    code, _, err = run(monkeypatch, capsys, "bench", "--model", str(tiny_dir("vit")), "--device",
+                       "cpu", "--batch-sizes", "1", "--min-seconds", "0.05", "--warmup-seconds",
+                       "0", "--json", str(baseline))  # fmt: skip
+    assert code == 0, err
+    assert json.loads(baseline.read_text())["dtype"] == "fp32"
+    code, _, err = run(monkeypatch, capsys, "bench", "--model", str(tiny_dir("vit")), "--dtype",
+                       "bf16", "--baseline", str(baseline))  # fmt: skip
+    assert code == 2 and "compare like with like" in err
+
+
+def test_out_must_be_a_file(monkeypatch, capsys, tmp_path, tiny_dir):
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--out",
+                       str(tmp_path))  # fmt: skip
+    assert code == 2 and "is a directory" in err

@@ -176,3 +176,34 @@ def test_cli_per_input_table(monkeypatch, capsys, tiny_dir):
                        "--dtype", "bf16", "--per-input", "--batch-size", "2")  # fmt: skip
     assert code == 0
     assert "per input" in out and "random:0:1:224" in out and "skimage:astronaut" in out
+
+
+def test_fix_trials_leave_process_settings_as_they_were(tiny_dir, photos):
+    import torch
+
+    before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        base = vitport.load(str(tiny_dir("vit")))
+        result = run_compare(base, photos[:2], trial_fixes=[("no-tf32",)])
+        assert "cudnn.allow_tf32" in result.trials[0].detail
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+
+
+def test_only_the_culprit_block_is_highlighted():
+    from types import SimpleNamespace
+
+    from vitport.cli_tables import localization_table
+    from vitport.compare.localize import Localization, PointError
+
+    points = [
+        PointError(f"encoder.layer.{i}", i, "block", 0.1, 0.1 if i == 10 else 0.0, 0.0, 0.0)
+        for i in range(12)
+    ]
+    loc = Localization(points, culprit="encoder.layer.10.mlp", reason="")
+    table = localization_table(SimpleNamespace(localization=loc, localization_reference="cpu"))
+    styled = [i for i, row in enumerate(table.rows) if row.style]
+    assert styled == [10]

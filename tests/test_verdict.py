@@ -259,3 +259,10 @@ def test_verdict_json_round_trip() -> None:
     good = Verdict((Check("cls", "rel_error", 0.001, 0.01, True, False, 0.001),))
     assert Verdict.from_dict(json.loads(json.dumps(good.to_dict()))) == good
     assert good.to_dict()["passed"] is True
+
+
+def test_override_without_group_replaces_group_defaults() -> None:
+    """`-t top1=0.5` must not be shadowed by the logits.top1 default."""
+    limits = thresholds_for("fp32", parse_threshold_overrides(["knn_top1=0.5", "top1=0.5"]))
+    chosen = {(t.metric, t.group, t.limit) for t in limits if t.metric in ("knn_top1", "top1")}
+    assert chosen == {("knn_top1", "", 0.5), ("top1", "", 0.5)}

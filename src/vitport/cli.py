@@ -50,7 +50,9 @@ DeviceOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")]
 ImageSizeOpt = Annotated[
     int | None,
-    typer.Option(help="Input side in pixels (a multiple of the patch size); default: the model's."),
+    typer.Option(
+        min=1, help="Input side in pixels (a multiple of the patch size); default: the model's."
+    ),
 ]
 WeightsOpt = Annotated[
     Path | None,
@@ -137,6 +139,10 @@ def infer(
     from vitport.infer import infer as run_infer
 
     fixes = parse_fixes(fix)
+    if out is not None and out.is_dir():
+        raise VitportError(
+            f"--out {out} is a directory; give a file name such as {out}/features.safetensors"
+        )
     loaded, problems = read_inputs(images, image_size or 224)
     encoder = load_model(
         model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes
@@ -275,6 +281,8 @@ def compare(
     if Path(reference).is_file():
         golden = Features.load(reference)
         golden.meta["path"] = reference
+    elif "/" in reference or reference.endswith(".safetensors"):
+        raise VitportError(f"golden file {reference} not found; write one with vitport infer --out")
     else:
         ref_device = resolve_device(reference)
     target = resolve_device(device)
@@ -345,6 +353,8 @@ def render_compare(result, per_input: bool = False) -> None:
                 f"{100 * worst_rel_error(result.groups):.4g}% -> "
                 f"{100 * worst_rel_error(best.groups):.4g}%)"
             )
+        elif result.passed:
+            console.print("no fix needed: the port passes, and no fix halves its error")
         else:
             console.print("[bold]no single fix passes and halves the error[/bold]")
     console.print(cli_tables.verdict_text(result))
@@ -409,8 +419,10 @@ def bench(
             "fastest configuration that still passes compare.",
         ),
     ] = False,
-    min_seconds: Annotated[float, typer.Option(help="Measured window per batch size.")] = 2.0,
-    warmup_seconds: Annotated[float, typer.Option(help="Warm-up per batch size.")] = 1.0,
+    min_seconds: Annotated[
+        float, typer.Option(min=0.0, help="Measured window per batch size.")
+    ] = 2.0,
+    warmup_seconds: Annotated[float, typer.Option(min=0.0, help="Warm-up per batch size.")] = 1.0,
     fix: FixOpt = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Every sample and statistic.")
@@ -437,20 +449,41 @@ def bench(
     FLOPs per image are counted from the config; MFU is against a peak measured here with a
     large matmul in the same dtype, and against the vendor's figure where one is known.
     """
-    import json
 
     from vitport.bench.configure import ATTENTION, configure
-    from vitport.bench.run import BenchResult, Window, regressions
+    from vitport.bench.run import Window, regressions
     from vitport.bench.run import bench as run_bench
     from vitport.fixes import parse_fixes
 
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
+    if e2e and not images:
+        raise VitportError("--e2e needs image files or a directory to read")
     if attn not in ATTENTION:
         raise VitportError(f"--attn {attn} is unknown; choose one of {', '.join(ATTENTION)}")
-    old = BenchResult.from_dict(json.loads(baseline.read_text())) if baseline else None
+    old = read_baseline(baseline) if baseline else None
+    if old is not None:
+        from vitport.devices import dtype_name, parse_dtype
+
+        theirs = (old.spec, old.dtype, old.attention, old.compiled)
+        ours = (model, dtype_name(parse_dtype(dtype)), attn, compile)
+        if theirs != ours:
+            raise VitportError(
+                f"baseline {baseline} measured {theirs}, this run is {ours} "
+                "(model, dtype, attention, compiled); compare like with like"
+            )
     window = Window(warmup_seconds=warmup_seconds, min_seconds=min_seconds)
     if optimize:
+        clashing = [flag for flag, given in (
+            ("--dtype", dtype != "fp32"), ("--attn", attn != "default"), ("--compile", compile),
+            ("--fix", bool(fixes)), ("--e2e", e2e), ("--csv", csv_out is not None),
+            ("--markdown", markdown is not None), ("--baseline", baseline is not None),
+        ) if given]  # fmt: skip
+        if clashing:
+            raise VitportError(
+                f"--optimize chooses dtype, attention and compile itself and writes --json only; "
+                f"drop {', '.join(clashing)}"
+            )
         return bench_optimize(model, images, device, sizes or [1, 8], window, image_size,
                               weights, trust_remote_code, cuda_shim, json_out)  # fmt: skip
     encoder = load_model(model, device, dtype, image_size, weights, trust_remote_code, cuda_shim,
@@ -497,6 +530,23 @@ def bench(
         raise typer.Exit(1)
 
 
+def read_baseline(path: Path):
+    import json
+
+    from vitport.bench.run import BenchResult
+
+    try:
+        return BenchResult.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        raise VitportError(
+            f"baseline {path} not found; write one with vitport bench --json"
+        ) from exc
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise VitportError(
+            f"{path} is not a vitport bench --json file ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def write_outputs(data, json_out, csv_text, csv_out, md_text, md_out) -> None:
     import json
 
@@ -525,6 +575,8 @@ def bench_e2e(encoder, images, workers, batch_size, out) -> None:
         table.add_row(stage, f"{value:.2f}")
     out.print(table)
     out.print(result.bottleneck())
+    for note in result.notes:
+        out.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     for name, reason in result.skipped:
         errors.print(f"[yellow]skipped[/yellow] {name}: {reason}", soft_wrap=True)
 
@@ -587,7 +639,9 @@ def report(
     batch_sizes: Annotated[
         str, typer.Option(help="Batch sizes to benchmark, or auto.")
     ] = "1,2,4,8",
-    min_seconds: Annotated[float, typer.Option(help="Measured window per batch size.")] = 2.0,
+    min_seconds: Annotated[
+        float, typer.Option(min=0.0, help="Measured window per batch size.")
+    ] = 2.0,
     optimize: Annotated[
         bool,
         typer.Option(
@@ -735,12 +789,12 @@ def main() -> None:
         errors.print("[red]interrupted[/red]")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - anything else: one line, with the way to see more
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if hasattr(exc, "show") and hasattr(
+            exc, "exit_code"
+        ):  # click's (or typer's copy's) usage errors
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(exc.exit_code or 2)
+        if type(exc).__name__ == "Abort":
             sys.exit(1)
         if debug:
             raise

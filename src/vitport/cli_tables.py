@@ -135,7 +135,10 @@ def localization_table(result: CompareResult) -> Table:
             parts.setdefault(point.block, {})[point.kind] = point.local
     for point in loc.blocks():
         label = point.name if point.block is None else f"block {point.block}"
-        style = "bold red" if loc.culprit and loc.culprit.startswith(point.name) else None
+        hit = loc.culprit and (
+            loc.culprit == point.name or loc.culprit.startswith(point.name + ".")
+        )
+        style = "bold red" if hit else None
         cells = [num(parts.get(point.block, {}).get(k, float("nan"))) for k in kinds]
         if point.block is None:
             cells = [""] * len(kinds)

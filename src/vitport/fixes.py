@@ -14,6 +14,7 @@ in :mod:`vitport.devices` only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -489,6 +490,18 @@ STRICT_SETTINGS: tuple[Setting, ...] = (
     _attr("torch.npu.conv", "allow_hf32", False),
 )
 """Switches that let float32 math run in reduced precision, in the order they are set."""
+
+
+@contextlib.contextmanager
+def process_settings_restored() -> Iterator[None]:
+    """Undo whatever `no-tf32` (or anything else) changes in the process-wide switches."""
+    saved = [(s, s.get()) for s in STRICT_SETTINGS]
+    try:
+        yield
+    finally:
+        for setting, value in saved:
+            if value is not _ABSENT and setting.get() != value:
+                setting.put(value)
 
 
 def _no_tf32(encoder: Encoder) -> FixReport:

@@ -149,6 +149,8 @@ def optimize(
         progress(f"{config.label()}: checking it is faithful")
         trial = Trial(config, faithful=None, worst_rel_error=None)
         trials.append(trial)
+        if config.compiled:
+            torch._dynamo.reset()  # each configuration compiles afresh, within dynamo's limits
         try:
             candidate = configure(
                 base.to(device, parse_dtype(config.dtype)), config.attention, config.compiled

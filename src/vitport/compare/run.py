@@ -14,6 +14,7 @@ from vitport.compare.verdict import Threshold, Verdict, judge
 from vitport.devices import Device, dtype_name, resolve_device
 from vitport.encoder import Encoder, Features
 from vitport.errors import GoldenMismatchError, VitportError
+from vitport.fixes import process_settings_restored
 from vitport.images import LoadedImage
 from vitport.infer import infer
 
@@ -269,11 +270,12 @@ def compare(
 
     def attempt(trial: tuple[str, ...]) -> FixTrial:
         progress(f"trying {'+'.join(trial)}")
-        try:
-            fixed, detail = make_candidate(trial)
-        except VitportError as exc:  # the fix does not apply to this model
-            return FixTrial(trial, None, None, str(exc))
-        fixed_feats = features_of(fixed, images, batch_size)
+        with process_settings_restored():  # a trial must not change the runs after it
+            try:
+                fixed, detail = make_candidate(trial)
+            except VitportError as exc:  # the fix does not apply to this model
+                return FixTrial(trial, None, None, str(exc))
+            fixed_feats = features_of(fixed, images, batch_size)
         trial_groups = compare_groups(ref_feats.groups(), fixed_feats.groups())
         return FixTrial(trial, trial_groups, judge(trial_groups, thresholds), detail)
 

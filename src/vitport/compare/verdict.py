@@ -171,14 +171,21 @@ def parse_threshold_overrides(items: Sequence[str]) -> list[Threshold]:
 def thresholds_for(
     dtype: str | torch.dtype, overrides: Sequence[Threshold] = ()
 ) -> list[Threshold]:
-    """The defaults for ``dtype`` (fp64 uses fp32's); an override replaces the default of the same
-    (group, metric) in place, any other override is appended."""
+    """The defaults for ``dtype`` (fp64 uses fp32's) with the overrides applied.
+
+    A group-specific override replaces the default of the same (group, metric); an override
+    for every group ("" group) replaces that metric's defaults in every group, so
+    ``top1=0.5`` also overrides the ``logits.top1`` default."""
     result = list(DEFAULT_THRESHOLDS[_dtype_key(dtype)])
     for override in overrides:
-        for i, current in enumerate(result):
-            if current.key() == override.key():
-                result[i] = override
-                break
+        replaced = [
+            t.key() == override.key() if override.group else t.metric == override.metric
+            for t in result
+        ]
+        if any(replaced):
+            first = replaced.index(True)
+            result = [t for t, gone in zip(result, replaced, strict=True) if not gone]
+            result.insert(first, override)
         else:
             result.append(override)
     return result

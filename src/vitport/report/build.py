@@ -15,7 +15,7 @@ import torch
 import vitport
 from vitport.bench.optimize import optimize
 from vitport.bench.run import Window, bench
-from vitport.compare.run import candidate_factory, compare
+from vitport.compare.run import candidate_factory, check_golden, compare
 from vitport.compare.verdict import thresholds_for
 from vitport.devices import dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
@@ -103,6 +103,14 @@ def measure_all(
     if fix_detail:
         log(f"fixes: {fix_detail}")
 
+    if golden is not None:  # refuse a wrong reference before the long runs
+        check_golden(golden, base, [im.name for im in images])
+        ref: Any = golden
+    elif o.reference == "cpu" and parse_dtype(o.reference_dtype) == torch.float32:
+        ref = base
+    else:
+        ref = base.to(resolve_device(o.reference), parse_dtype(o.reference_dtype))
+
     log(f"inference sample on {target} ({o.dtype})")
     sample = infer(candidate, images[:1])
     feats = sample.features
@@ -112,12 +120,6 @@ def measure_all(
     perf = bench(candidate, o.batch_sizes, o.window, progress=log)
 
     log("accuracy against the reference, localisation and fixes")
-    if golden is not None:
-        ref: Any = golden
-    elif o.reference == "cpu" and parse_dtype(o.reference_dtype) == torch.float32:
-        ref = base
-    else:
-        ref = base.to(resolve_device(o.reference), parse_dtype(o.reference_dtype))
     accuracy = compare(
         base, candidate, ref, images, thresholds_for(cand_dtype),
         localize_points=True, trial_fixes=[(n,) for n in fix_names()],

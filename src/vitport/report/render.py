@@ -209,6 +209,16 @@ def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str
     return lines + [""]
 
 
+def floor_ratio(value: float | str | None) -> str:
+    """'x floor' as the CLI prints it: whole numbers from 10 up, one decimal below."""
+    if value in (None, "nan"):
+        return "n/a"
+    if value == "inf":
+        return "inf"
+    value = float(value)
+    return f"{value:,.0f}x" if value >= 10 else f"{value:.1f}x"
+
+
 def improvement(before: float, after: float) -> str:
     """How many times smaller the error became: 'exact' when it vanished, '-' when both are 0."""
     if after == 0:
@@ -235,6 +245,8 @@ def config_label(config: dict[str, Any]) -> str:
 def limits_text(compare: dict[str, Any]) -> str:
     marks = []
     for t in compare["thresholds"]:
+        if t["group"] and t["group"] not in compare["groups"]:
+            continue  # e.g. a logits limit for a model without logits
         sign = ">" if t["metric"].startswith(("cos", "top", "knn")) else "<"
         where = f"{t['group']}." if t["group"] else ""
         marks.append(f"{where}{t['metric']} {sign} {t['limit']:g}")
@@ -380,7 +392,7 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             name, pct(float(g["mean"]["rel_error"])), pct(float(g["worst"]["rel_error"])),
             f"{float(g['worst']['cos_worst']):.6f}", sci(float(g["worst"]["max_abs"])),
             pct(float(floor["mean"]["rel_error"])) if floor else "n/a",
-            f"{float(ratio):,.0f}x" if ratio not in (None, "inf", "nan") else str(ratio),
+            floor_ratio(ratio),
         ])  # fmt: skip
     out += table([s["group"], s["rel_mean"], s["rel_worst"], s["cos_worst"], s["max_abs"],
                   s["floor"], s["x_floor"]], rows)  # fmt: skip
