@@ -156,12 +156,9 @@ def test_slow_preprocess_is_named_as_the_bottleneck(encoder, paths, monkeypatch)
     assert "preprocessing" in line and "--workers" in line
 
 
-@pytest.mark.filterwarnings("ignore:Got pickle error")
-def test_workers_that_cannot_start_fall_back_to_none(encoder, paths, monkeypatch):
-    # Under spawn an unpicklable preprocess (a closure here) cannot reach the workers.
+def spawn_workers(monkeypatch) -> None:
+    """Make the DataLoader start its workers with spawn (pickling everything they need)."""
     made = e2e._loader
-    inner = encoder.preprocess.fn
-    monkeypatch.setattr(encoder.preprocess, "fn", lambda images: inner(images))
 
     def spawning(dataset, batch_size, workers, pin):
         loader = made(dataset, batch_size, workers, pin)
@@ -170,6 +167,14 @@ def test_workers_that_cannot_start_fall_back_to_none(encoder, paths, monkeypatch
         return loader
 
     monkeypatch.setattr(e2e, "_loader", spawning)
+
+
+@pytest.mark.filterwarnings("ignore:Got pickle error")
+def test_workers_that_cannot_start_fall_back_to_none(encoder, paths, monkeypatch):
+    # Under spawn an unpicklable preprocess (a closure here) cannot reach the workers.
+    inner = encoder.preprocess.fn
+    monkeypatch.setattr(encoder.preprocess, "fn", lambda images: inner(images))
+    spawn_workers(monkeypatch)
     got = run_e2e(encoder, paths, batch_size=4, workers=2)
     assert got.workers == 0 and got.workers_requested == 2
     assert got.images == GOOD
@@ -177,15 +182,7 @@ def test_workers_that_cannot_start_fall_back_to_none(encoder, paths, monkeypatch
 
 
 def test_preprocess_is_picklable_so_spawned_workers_run(encoder, paths, monkeypatch):
-    made = e2e._loader
-
-    def spawning(dataset, batch_size, workers, pin):
-        loader = made(dataset, batch_size, workers, pin)
-        if workers:
-            loader.multiprocessing_context = "spawn"
-        return loader
-
-    monkeypatch.setattr(e2e, "_loader", spawning)
+    spawn_workers(monkeypatch)
     got = run_e2e(encoder, paths, batch_size=4, workers=2)
     assert got.workers == 2 and got.images == GOOD
 

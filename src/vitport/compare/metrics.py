@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-# Mirrors vitport.encoder.OUTPUT_GROUPS (not imported: this module depends on torch only).
-GROUPS: tuple[str, ...] = ("cls", "registers", "patches", "pooled", "logits")
+from vitport.encoder import OUTPUT_GROUPS
+
+GROUPS: tuple[str, ...] = OUTPUT_GROUPS  # the Features contract's output groups, in order
 
 TENSOR_METRICS: tuple[str, ...] = (
     "rel_error",
