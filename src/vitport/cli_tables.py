@@ -249,3 +249,28 @@ def optimize_table(result) -> Table:
             style=style,
         )
     return table
+
+
+def conversion_table(result) -> Table:
+    """The proof of a conversion: per check and output group, the error against the source."""
+    table = Table(
+        title=f"verification: {len(result.inputs)} inputs at {result.image_size}px, fp32 limits"
+    )
+    for column in ("check", "output", "rel err worst", "max abs", "cos worst token", "verdict"):
+        table.add_column(column, justify="left" if column in ("check", "output") else "right")
+    for check in result.checks:
+        failed = {c.group for c in check.judgement.verdict.failures}
+        for name, group in check.judgement.groups.items():
+            table.add_row(
+                check.label,
+                GROUP_LABELS.get(name, name),
+                num(group.worst["rel_error"], percent=True),
+                num(group.worst["max_abs"]),
+                f"{group.worst['cos_worst']:.7f}",
+                "[red]FAIL[/red]" if name in failed else "[green]pass[/green]",
+            )
+        for name, why in check.skipped.items():
+            table.add_row(
+                check.label, GROUP_LABELS.get(name, name), "-", "-", "-", f"not compared: {why}"
+            )
+    return table

@@ -12,8 +12,7 @@ import torch
 from vitport.bench.configure import configure
 from vitport.bench.run import Window, bench_batch
 from vitport.bench.timing import Measurement
-from vitport.compare.metrics import compare_groups
-from vitport.compare.verdict import judge, thresholds_for
+from vitport.compare.verdict import judge_features, thresholds_for
 from vitport.devices import Device, dtype_name, parse_dtype
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
@@ -159,11 +158,12 @@ def optimize(
         except (VitportError, RuntimeError, torch.OutOfMemoryError) as exc:
             trial.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             continue
-        groups = compare_groups(reference.groups(), output.groups())
-        verdict = judge(groups, thresholds_for(config.dtype))
-        trial.faithful = bool(verdict)
-        trial.worst_rel_error = max(g.worst.get("rel_error", 0.0) for g in groups.values())
-        trial.failed_checks = [f"{c.group}.{c.metric}={c.value:.3g}" for c in verdict.failures]
+        judged = judge_features(reference.groups(), output.groups(), thresholds_for(config.dtype))
+        trial.faithful = bool(judged)
+        trial.worst_rel_error = judged.worst_rel_error
+        trial.failed_checks = [
+            f"{c.group}.{c.metric}={c.value:.3g}" for c in judged.verdict.failures
+        ]
         if not trial.faithful and config != BASELINE:
             continue  # unfaithful speed is not worth measuring
         for batch in batch_sizes:

@@ -10,7 +10,7 @@ import torch
 
 from vitport.compare.localize import Localization, localize
 from vitport.compare.metrics import GroupResult, compare_groups, floor_ratios
-from vitport.compare.verdict import Threshold, Verdict, judge
+from vitport.compare.verdict import Threshold, Verdict, judge_features
 from vitport.devices import Device, dtype_name, resolve_device
 from vitport.encoder import Encoder, Features
 from vitport.errors import GoldenMismatchError, VitportError
@@ -228,7 +228,8 @@ def compare(
                         description=reference.device.describe())  # fmt: skip
     progress(f"candidate on {candidate.device} ({dtype_name(candidate.dtype)})")
     out_feats = features_of(candidate, images, batch_size)
-    groups = compare_groups(ref_feats.groups(), out_feats.groups())
+    judged = judge_features(ref_feats.groups(), out_feats.groups(), thresholds)
+    groups = judged.groups
 
     progress("noise floor: fp32 vs fp64 on the CPU")
     cpu = resolve_device("cpu")
@@ -251,7 +252,7 @@ def compare(
         floor=floor,
         floor_ratio=floor_ratios(groups, floor),
         thresholds=list(thresholds),
-        verdict=judge(groups, thresholds),
+        verdict=judged.verdict,
         notes=notes,
         patch_error_map=patch_error_map(ref_feats, out_feats),
     )
@@ -276,8 +277,8 @@ def compare(
             except VitportError as exc:  # the fix does not apply to this model
                 return FixTrial(trial, None, None, str(exc))
             fixed_feats = features_of(fixed, images, batch_size)
-        trial_groups = compare_groups(ref_feats.groups(), fixed_feats.groups())
-        return FixTrial(trial, trial_groups, judge(trial_groups, thresholds), detail)
+        judged = judge_features(ref_feats.groups(), fixed_feats.groups(), thresholds)
+        return FixTrial(trial, judged.groups, judged.verdict, detail)
 
     result.trials = [attempt(tuple(trial)) for trial in trial_fixes]
     applicable = tuple(t.fixes[0] for t in result.trials if t.groups is not None)

@@ -22,6 +22,7 @@ from vitport.compare.metrics import (
     METRIC_GROUPS,
     NONFINITE,
     GroupResult,
+    compare_groups,
     decode_float,
     encode_float,
 )
@@ -289,3 +290,28 @@ def judge(results: Mapping[str, GroupResult], thresholds: Sequence[Threshold]) -
         if nonfinite != 0.0:  # NaN too
             checks.append(Check(group, NONFINITE, nonfinite, 1.0, False, False, nonfinite))
     return Verdict(tuple(checks))
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One run judged against its reference: the metrics per group and the verdict on them."""
+
+    groups: dict[str, GroupResult]
+    verdict: Verdict
+
+    def __bool__(self) -> bool:
+        return bool(self.verdict)
+
+    @property
+    def worst_rel_error(self) -> float:
+        return max((g.worst.get("rel_error", 0.0) for g in self.groups.values()), default=math.inf)
+
+
+def judge_features(
+    ref: Mapping[str, torch.Tensor],
+    out: Mapping[str, torch.Tensor],
+    thresholds: Sequence[Threshold],
+) -> Judgement:
+    """The one run-then-judge step: compare output groups with the reference, apply limits."""
+    groups = compare_groups(ref, out)
+    return Judgement(groups, judge(groups, thresholds))

@@ -132,7 +132,11 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFM
     if kind is None:
         kind = HFType(model_type or "remote", has_cls=True, resizable=True)
     notes = check_loading(info, path, with_head)
-    logits = with_head and not any(k.startswith("classifier") for k in info["missing_keys"])
+    logits = (
+        with_head
+        and int(getattr(model.config, "num_labels", 0) or 0) > 0  # 0 labels: no head at all
+        and not any(k.startswith("classifier") for k in info["missing_keys"])
+    )
     return wrap(model, kind, path, image_size, notes, logits)
 
 

@@ -804,3 +804,6 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+from vitport.cli import convert as _convert  # noqa: E402,F401  (registers the command)

@@ -1,0 +1,111 @@
+"""`vitport convert`: wiring of vitport.convert to the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitport.cli import RemoteCodeOpt, app, console
+
+
+@app.command()
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A model spec (hf:ORG/NAME, timm:NAME, demo:NAME, a local directory) or a "
+            "checkpoint file or directory in a foreign layout (Apple AIMv2, DINOv2 torch-hub .pth)."
+        ),
+    ],
+    to: Annotated[str, typer.Option("--to", help="Target: hf, timm or onnx.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (atomically).")],
+    from_layout: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="Source layout: aimv2-apple, dinov2-hub, timm or hf; detected from the keys "
+            "when left out.",
+        ),
+    ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture name (timm's, or DINOv2 torch-hub's such as dinov2_vitl14_reg): "
+            "sets the head count of a checkpoint without config, and the timm architecture "
+            "of a timm target."
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Input side for verification and ONNX export; default: the size of the "
+            "position embeddings (layouts) or the model's preprocessing (ONNX).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out.")
+    ] = False,
+    opset: Annotated[int, typer.Option(min=7, help="ONNX opset.")] = 17,
+    static: Annotated[
+        bool,
+        typer.Option(
+            "--static",
+            help="ONNX with fixed batch and size (for runtimes that need static shapes, such "
+            "as Ascend ATC); default: dynamic batch.",
+        ),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch of a --static ONNX export.")] = 1,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the conversion record here.")
+    ] = None,
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Convert a checkpoint to transformers, timm or ONNX, and prove it computes the same function.
+
+    Apple's original AIMv2 and DINOv2's torch-hub release go to transformers (Aimv2VisionModel,
+    Dinov2Model, Dinov2WithRegistersModel); DINOv2 and ViT go between timm and transformers; any
+    model vitport loads goes to ONNX. Every source tensor is mapped or dropped with a reason,
+    every target tensor filled, shapes checked first. Then the result and its source run on the
+    default real inputs and are compared at fp32 limits (for ONNX, onnxruntime at two batch
+    sizes); a result that fails is never written. --out gets a directory that transformers or
+    timm loads without vitport, with conversion.json recording provenance and the proof.
+    Exit code 0 when written, 1 when verification failed, 2 for unusable input.
+    """
+    import json
+
+    from vitport import cli_tables
+    from vitport.convert import VerificationFailed
+    from vitport.convert import convert as run_convert
+
+    with console.status("converting ...") as status:
+        try:
+            result = run_convert(
+                source, to, out, from_layout=from_layout, arch=arch, image_size=image_size,
+                overwrite=overwrite, opset=opset, static=static, batch_size=batch_size,
+                trust_remote_code=trust_remote_code,
+                progress=lambda m: status.update(m + " ..."),
+            )  # fmt: skip
+        except VerificationFailed as exc:
+            console.print(cli_tables.conversion_table(exc.result))
+            raise
+    console.print(cli_tables.conversion_table(result))
+    console.print(
+        f"[dim]{result.source_layout} -> {result.target} with {result.table or 'torch.onnx'}; "
+        f"{len(result.dropped)} tensors dropped, {len(result.filled)} filled[/dim]"
+    )
+    for name, why in sorted(result.dropped.items()):
+        console.print(f"[dim]dropped {name}: {why}[/dim]", soft_wrap=True)
+    for name, why in sorted(result.filled.items()):
+        console.print(f"[dim]filled {name} with zeros: {why}[/dim]", soft_wrap=True)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(
+        f"[green]same function[/green]: written to [bold]{result.out}[/bold] "
+        f"({', '.join(result.files)})"
+    )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))

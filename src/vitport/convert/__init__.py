@@ -1,0 +1,357 @@
+"""`convert`: a checkpoint into another layout (transformers, timm) or ONNX, proven to compute the
+same function as its source before anything is written.
+
+    result = vitport.convert.convert("./dinov2_vits14_pretrain.pth", "hf", "out/dinov2-small")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitport.convert.engine import ConversionError, Converted, apply
+from vitport.convert.layouts import (
+    LAYOUTS,
+    TARGETS,
+    Arch,
+    Preprocessing,
+    detect_layout,
+    expected_shapes,
+    file_sha256,
+    foreign_arch,
+    foreign_preprocessing,
+    loaded_arch,
+    loaded_preprocessing,
+    loaded_state,
+    read_json,
+    weights_file,
+    write_checkpoint,
+    write_foreign_as_timm,
+)
+from vitport.convert.tables import DROPPED_GROUPS, table_for
+from vitport.convert.verify import Check, compare_functions, culprit, pixel_batches, run_features
+from vitport.encoder import Encoder
+from vitport.errors import SpecError, VitportError
+
+SCHEMA_VERSION = 1
+
+
+class VerificationFailed(VitportError):
+    """The converted model does not compute its source's function; nothing was written."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, result: ConversionResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class Source:
+    """A checkpoint to convert: its tensors in its own layout, and the function it computes."""
+
+    spec: str
+    layout: str
+    arch: Arch | None  # None: a model vitport loads but does not convert between layouts
+    state: dict[str, torch.Tensor]
+    function: Encoder  # the source's own function, loaded independently of vitport's tables
+    sha256: str
+    preprocessing: Preprocessing
+    processor_file: Path | None = None
+
+
+@dataclass
+class ConversionResult:
+    source: str
+    source_sha256: str
+    source_layout: str
+    target: str
+    out: str
+    family: str
+    arch: dict[str, Any]
+    table: str = ""
+    table_version: int = 0
+    dropped: dict[str, str] = field(default_factory=dict)
+    filled: dict[str, str] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    image_size: int = 0
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        from vitport import __version__
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "vitport_version": __version__,
+            "source": {
+                "path": self.source,
+                "sha256": self.source_sha256,
+                "layout": self.source_layout,
+            },  # fmt: skip
+            "target": {"layout": self.target, "path": self.out, "files": self.files},
+            "family": self.family,
+            "arch": self.arch,
+            "mapping": {"table": self.table, "version": self.table_version},
+            "dropped": self.dropped,
+            "filled": self.filled,
+            "verification": {
+                "inputs": self.inputs,
+                "image_size": self.image_size,
+                "dtype": "fp32",
+                "passed": self.passed,
+                "checks": [c.to_dict() for c in self.checks],
+            },
+            "notes": self.notes,
+        }
+
+
+def open_source(
+    source: str,
+    from_layout: str | None = None,
+    arch: str | None = None,
+    workdir: Path | None = None,
+    trust_remote_code: bool = False,
+) -> Source:
+    """Read SOURCE (a spec, a directory or a checkpoint file) and load its own function."""
+    import vitport
+    from vitport.families.timm import read_weights
+
+    if from_layout is not None and from_layout not in LAYOUTS:
+        raise SpecError(f"--from {from_layout}: unknown layout; use one of {', '.join(LAYOUTS)}")
+    path = Path(source).expanduser()
+    config: dict[str, Any] = {}
+    file: Path | None = None
+    if path.is_file():
+        file = path
+    elif path.is_dir():
+        config = read_json(path / "config.json")
+        foreign = config.get("model_type") == "aimv2" and "vision_config" not in config
+        if foreign or not config:
+            file = weights_file(path)
+            if file is None:
+                raise SpecError(f"{path} holds no checkpoint (.safetensors, .bin or .pth)")
+    if file is not None:
+        state = read_weights(file)
+        layout = from_layout or detect_layout(state)
+        if layout in ("hf", "timm"):
+            raise SpecError(
+                f"{file} is a bare {layout} checkpoint; pass its directory (with config.json)"
+                + (" or use timm:NAME --weights FILE" if layout == "timm" else "")
+            )
+        desc = foreign_arch(layout, state, config, arch)
+        pre = foreign_preprocessing(layout)
+        where = Path(workdir or tempfile.mkdtemp()) / "source-as-timm"
+        write_foreign_as_timm(where, desc, state, pre)
+        function = vitport.load(str(where))
+        processor = path / "preprocessor_config.json" if path.is_dir() else None
+        return Source(
+            spec=source,
+            layout=layout,
+            arch=desc,
+            state=state,
+            function=function,
+            sha256=file_sha256(file),
+            preprocessing=pre,
+            processor_file=processor if processor and processor.is_file() else None,
+        )
+    encoder = vitport.load(source, trust_remote_code=trust_remote_code)
+    layout = "timm" if encoder.family == "timm" else "hf"
+    if from_layout is not None and from_layout != layout:
+        raise SpecError(f"{source} loads as a {layout} checkpoint, not --from {from_layout}")
+    try:
+        desc = loaded_arch(encoder)
+    except SpecError:
+        desc = None  # not convertible between layouts; ONNX export still works
+    if arch and desc is not None:
+        desc = _with_heads(desc, arch)
+    weights = _weights_of(source)
+    return Source(
+        spec=source,
+        layout=layout,
+        arch=desc,
+        state=loaded_state(encoder),
+        function=encoder,
+        sha256=file_sha256(weights) if weights else f"weights:{encoder.weights_sha256}",
+        preprocessing=loaded_preprocessing(encoder),
+    )
+
+
+def _weights_of(spec: str) -> Path | None:
+    """The weights file behind a local or demo spec, for its hash; None for hub and timm names."""
+    from vitport.families import resolve
+
+    if spec.startswith("demo:"):
+        return weights_file(Path(resolve(spec)[1]))
+    path = Path(spec).expanduser()
+    return weights_file(path) if path.is_dir() else None
+
+
+def _with_heads(arch: Arch, name: str) -> Arch:
+    from dataclasses import replace
+
+    from vitport.convert.layouts import timm_heads
+
+    return replace(arch, heads=timm_heads(name))
+
+
+def convert(
+    source: str,
+    to: str,
+    out: str | Path,
+    *,
+    from_layout: str | None = None,
+    arch: str | None = None,
+    image_size: int | None = None,
+    overwrite: bool = False,
+    opset: int = 17,
+    static: bool = False,
+    batch_size: int = 1,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+    mapping_override: Any = None,
+) -> ConversionResult:
+    """Convert SOURCE to `to` (hf, timm or onnx) in directory `out`, verified before it is written.
+
+    `mapping_override` replaces the table (tests plant a broken one with it)."""
+    from vitport.images import default_inputs
+
+    if to not in TARGETS:
+        raise SpecError(f"--to {to}: use one of {', '.join(TARGETS)}")
+    out = Path(out).expanduser()
+    check_out(out, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=_parent(out)))
+    try:
+        progress(f"reading {source}")
+        src = open_source(source, from_layout, arch, staging / "work", trust_remote_code)
+        if to == "onnx":
+            from vitport.convert.onnx import export_onnx
+
+            result = export_onnx(
+                src, staging / "result", image_size, opset, static, batch_size, progress
+            )
+        else:
+            result = _convert_layout(src, to, staging / "result", arch, image_size, progress,
+                                     mapping_override, default_inputs)  # fmt: skip
+        result.out = str(out)
+        if not result.passed:
+            raise VerificationFailed(_failure_line(result), result)
+        (staging / "result" / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
+        result.files = sorted(p.name for p in (staging / "result").iterdir())
+        (staging / "result" / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staging / "result", out)
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless told to replace it; check it can be written at all."""
+    if out.exists() and not overwrite:
+        raise VitportError(f"{out} already exists; choose another --out or pass --overwrite")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise VitportError(f"cannot write to {parent}; choose another --out")
+
+
+def _failure_line(result: ConversionResult) -> str:
+    failed = next(c for c in result.checks if not c.passed)
+    checks = failed.judgement.verdict.failures or failed.judgement.verdict.checks
+    first = checks[0] if checks else None
+    what = (
+        f"{first.group}.{first.metric} = {first.value:.3g}, limit {first.limit:g}" if first else ""
+    )
+    where = f"; {result.notes[-1]}" if result.notes else ""
+    return (
+        f"the converted model does not compute the source's function ({failed.label}: {what})"
+        f"{where}; nothing was written"
+    )
+
+
+def _convert_layout(
+    src: Source,
+    to: str,
+    directory: Path,
+    arch_name: str | None,
+    image_size: int | None,
+    progress: Callable[[str], None],
+    mapping_override: Any,
+    default_inputs: Callable,
+) -> ConversionResult:
+    import vitport
+
+    if src.arch is None:
+        raise SpecError(
+            f"vitport converts DINOv2, ViT and AIMv2 between layouts; {src.spec} is "
+            f"{src.function.family} (--to onnx works for any model)"
+        )
+    if to == src.layout:
+        raise SpecError(f"{src.spec} is already in the {to} layout; nothing to convert")
+    table = mapping_override or table_for(src.layout, to, src.arch.family)
+    if table is None:
+        raise SpecError(
+            f"no mapping from {src.layout} to {to} for {src.arch.family}; vitport converts "
+            "aimv2-apple and dinov2-hub to hf, and timm <-> hf for DINOv2 and ViT"
+        )
+    timm_name = arch_name if to == "timm" else None
+    progress(f"mapping {len(src.state)} tensors with {table.name}")
+    expected = expected_shapes(to, src.arch, timm_name)
+    converted: Converted = apply(table, src.state, expected)
+    write_checkpoint(directory, to, src.arch, converted.tensors, src.preprocessing, timm_name,
+                     src.processor_file if to == "hf" else None)  # fmt: skip
+
+    size = image_size or src.arch.image_size
+    progress(f"verifying: the {to} checkpoint against the source at {size}px")
+    target = vitport.load(str(directory), image_size=size)
+    images = default_inputs(size)
+    pixels = list(pixel_batches(target, images, 4))
+    reference = run_features(src.function, pixels)
+    output = run_features(target, pixels)
+    skipped = {DROPPED_GROUPS[r]: r for r in set(converted.dropped.values()) if r in DROPPED_GROUPS}
+    check = compare_functions(f"{to} vs source", reference, output, skipped, 4)
+    result = ConversionResult(
+        source=src.spec,
+        source_sha256=src.sha256,
+        source_layout=src.layout,
+        target=to,
+        out="",
+        family=src.arch.family,
+        arch=src.arch.to_dict(),
+        table=table.name,
+        table_version=table.version,
+        dropped=converted.dropped,
+        filled=converted.filled,
+        inputs=[im.name for im in images],
+        image_size=size,
+        checks=[check],
+    )
+    if not check.passed:
+        progress("localising the difference")
+        result.notes.append(culprit(src.function, target, pixels, converted.origin))
+    return result
+
+
+__all__ = ["ConversionError", "ConversionResult", "VerificationFailed", "convert", "open_source"]
