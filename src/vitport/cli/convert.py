@@ -48,7 +48,7 @@ def convert(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --out.")
     ] = False,
-    opset: Annotated[int, typer.Option(min=7, help="ONNX opset.")] = 17,
+    opset: Annotated[int, typer.Option(min=7, help="ONNX opset.")] = 18,
     static: Annotated[
         bool,
         typer.Option(
@@ -100,6 +100,9 @@ def convert(
         console.print(f"[dim]dropped {name}: {why}[/dim]", soft_wrap=True)
     for name, why in sorted(result.filled.items()):
         console.print(f"[dim]filled {name} with zeros: {why}[/dim]", soft_wrap=True)
+    skipped = {g: why for c in result.checks for g, why in c.skipped.items()}
+    for group, why in skipped.items():
+        console.print(f"[dim]{group} not compared: {why}[/dim]", soft_wrap=True)
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(

@@ -62,10 +62,18 @@ class Source:
     layout: str
     arch: Arch | None  # None: a model vitport loads but does not convert between layouts
     state: dict[str, torch.Tensor]
-    function: Encoder  # the source's own function, loaded independently of vitport's tables
+    load_function: Callable[[], Encoder]  # the source's own function, independent of the tables
     sha256: str
     preprocessing: Preprocessing
     processor_file: Path | None = None
+    _function: Encoder | None = None
+
+    @property
+    def function(self) -> Encoder:
+        """Loaded on first use, so that a source that does not fit its table fails before."""
+        if self._function is None:
+            self._function = self.load_function()
+        return self._function
 
 
 @dataclass
@@ -155,15 +163,18 @@ def open_source(
         desc = foreign_arch(layout, state, config, arch)
         pre = foreign_preprocessing(layout)
         where = Path(workdir or tempfile.mkdtemp()) / "source-as-timm"
-        write_foreign_as_timm(where, desc, state, pre)
-        function = vitport.load(str(where))
+
+        def load_function() -> Encoder:
+            write_foreign_as_timm(where, desc, state, pre)
+            return vitport.load(str(where))
+
         processor = path / "preprocessor_config.json" if path.is_dir() else None
         return Source(
             spec=source,
             layout=layout,
             arch=desc,
             state=state,
-            function=function,
+            load_function=load_function,
             sha256=file_sha256(file),
             preprocessing=pre,
             processor_file=processor if processor and processor.is_file() else None,
@@ -184,7 +195,7 @@ def open_source(
         layout=layout,
         arch=desc,
         state=loaded_state(encoder),
-        function=encoder,
+        load_function=lambda: encoder,
         sha256=file_sha256(weights) if weights else f"weights:{encoder.weights_sha256}",
         preprocessing=loaded_preprocessing(encoder),
     )
@@ -217,7 +228,7 @@ def convert(
     arch: str | None = None,
     image_size: int | None = None,
     overwrite: bool = False,
-    opset: int = 17,
+    opset: int = 18,
     static: bool = False,
     batch_size: int = 1,
     trust_remote_code: bool = False,
@@ -331,7 +342,7 @@ def _convert_layout(
     reference = run_features(src.function, pixels)
     output = run_features(target, pixels)
     skipped = {DROPPED_GROUPS[r]: r for r in set(converted.dropped.values()) if r in DROPPED_GROUPS}
-    check = compare_functions(f"{to} vs source", reference, output, skipped, 4)
+    check = compare_functions(to, reference, output, skipped, 4)
     result = ConversionResult(
         source=src.spec,
         source_sha256=src.sha256,

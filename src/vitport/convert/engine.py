@@ -37,7 +37,7 @@ def _fill(pattern: str, index: str | None, suffix: str) -> str:
 class Rule:
     """``op`` turns the tensors named by ``sources`` into those named by ``targets``.
 
-    ops: rename, split (chunk along dim 0), concat (its inverse), transpose (of a 2-d weight),
+    ops: rename, split (chunk along dim 0), concat (its inverse), transpose (of a weight),
     reshape (to the target's shape), fold_class_pos (class position into the class token, the
     position table loses its first row), unfold_class_pos (its inverse: a zero class position),
     drop (a source tensor left out on purpose) and fill (a target tensor the source lacks, zeros).
@@ -141,8 +141,9 @@ def _run(rule: Rule, inputs: list[torch.Tensor], shapes: list[tuple[int, ...] | 
     op = rule.op
     if op == "rename":
         return [inputs[0]]
-    if op == "transpose":
-        return [inputs[0].transpose(0, 1).contiguous()]
+    if op == "transpose":  # a module's weight; its bias stays as it is
+        tensor = inputs[0]
+        return [tensor.transpose(0, 1).contiguous() if tensor.ndim >= 2 else tensor]
     if op == "reshape":
         return [inputs[0].reshape(shapes[0]) if shapes[0] is not None else inputs[0]]
     if op == "split":
@@ -216,7 +217,7 @@ def apply(
             shapes = [expected.get(t) for t in targets]
             try:
                 results = _run(rule, [state[n] for n in names], shapes)
-            except (RuntimeError, ValueError) as exc:
+            except (RuntimeError, ValueError, IndexError) as exc:
                 raise ConversionError(
                     f"source tensor '{key}' has shape {tuple(state[key].shape)}, which cannot "
                     f"become {', '.join(targets)} {tuple(s for s in shapes if s)}: {exc}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,11 +138,10 @@ def weights_file(directory: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _count_blocks(state: Mapping[str, torch.Tensor], pattern: str) -> int:
-    depth = 0
-    while pattern.format(depth) in state:
-        depth += 1
-    return depth
+def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """1 + the highest block index under `prefix`, so a block missing a tensor still counts."""
+    found = [re.match(rf"{re.escape(prefix)}(\d+)\.", k) for k in state]
+    return 1 + max((int(m.group(1)) for m in found if m), default=-1)
 
 
 def _grid(positions: int, what: str) -> int:
@@ -190,7 +190,7 @@ def foreign_arch(
         return Arch(
             family=family,
             hidden=hidden,
-            depth=_count_blocks(state, "blocks.{}.norm1.weight"),
+            depth=_count_blocks(state, "blocks."),
             heads=timm_heads(arch) if arch else _heads(hidden, family),
             mlp_hidden=fc1.shape[0] // (2 if gated else 1),
             patch=state["patch_embed.proj.weight"].shape[-1],
@@ -206,7 +206,7 @@ def foreign_arch(
     return Arch(
         family="aimv2",
         hidden=hidden,
-        depth=_count_blocks(state, "trunk.blocks.{}.norm_1.weight"),
+        depth=_count_blocks(state, "trunk.blocks."),
         heads=int(heads),
         mlp_hidden=state["trunk.blocks.0.mlp.fc1.weight"].shape[0],
         patch=state["preprocessor.patchifier.proj.weight"].shape[-1],

@@ -22,6 +22,24 @@ INPUT = "pixel_values"
 VERIFY_BATCH = 5  # the second batch size a dynamic export is verified at (besides 1)
 
 
+def _bicubic_antialiased(g, x, output_size, align_corners, scale_h=None, scale_w=None):
+    """aten::_upsample_bicubic2d_aa (DINOv2-with-registers' position interpolation) as ONNX
+    Resize: PyTorch's antialiased bicubic is Pillow's kernel (a = -0.5, outside taps excluded)."""
+    from torch.onnx import symbolic_helper
+
+    def const(values: list[int]):
+        return g.op("Constant", value_t=torch.tensor(values))
+
+    batch_channels = g.op("Slice", g.op("Shape", x), const([0]), const([2]))
+    sizes = g.op("Concat", batch_channels, g.op("Cast", output_size, to_i=7), axis_i=0)
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    corners = symbolic_helper._maybe_get_const(align_corners, "b")
+    return g.op("Resize", x, empty, empty, sizes, mode_s="cubic", cubic_coeff_a_f=-0.5,
+                antialias_i=1, exclude_outside_i=1,
+                coordinate_transformation_mode_s="align_corners" if corners else "pytorch_half_pixel",
+                )  # fmt: skip
+
+
 class EncoderGraph(nn.Module):
     """The encoder as one graph: pixels in, the Features groups out, in the contract's order."""
 
@@ -66,6 +84,10 @@ def export_onnx(
     progress(f"exporting {', '.join(groups)} at {size[0]}x{size[1]} (opset {opset})")
     example = torch.zeros(batch_size if static else 1, 3, *size)
     dynamic = None if static else {name: {0: "batch"} for name in (INPUT, *groups)}
+    if opset >= 18:  # ONNX Resize has antialiasing from opset 18
+        torch.onnx.register_custom_op_symbolic(
+            "aten::_upsample_bicubic2d_aa", _bicubic_antialiased, 18
+        )
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

@@ -1,0 +1,393 @@
+"""vitport convert: every pair round-trips on tiny random models, broken sources are refused by
+name, and a conversion that changes the function is never written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vitport.convert import VerificationFailed, convert
+from vitport.convert.engine import ConversionError, Rule
+from vitport.convert.layouts import detect_layout, file_sha256
+from vitport.convert.tables import HUB_HF_DINOV2, TABLES
+
+
+def randomize(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Weights large enough that attention is sharp: a swapped q/k or a transposed weight must
+    change the output, as it does in a trained model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.6 / p.shape[-1] ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def timm_dir(path: Path, name: str, **args) -> Path:
+    import timm
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(randomize(timm.create_model(name, **args)), path, model_args=args,
+                safe_serialization=True)  # fmt: skip
+    return path
+
+
+def hf_dir(path: Path, model: str, config: str, **kwargs) -> Path:
+    import transformers
+
+    cfg = getattr(transformers, config)(**kwargs)
+    randomize(getattr(transformers, model)(cfg)).save_pretrained(path)
+    transformers.BitImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def hub_state(registers: bool) -> dict[str, torch.Tensor]:
+    """A DINOv2 torch-hub checkpoint: timm's DINOv2 layout plus mask_token (and registers)."""
+    import timm
+
+    model = randomize(timm.create_model("vit_small_patch14_dinov2", embed_dim=128, depth=2,
+                                        num_heads=2, img_size=28, init_values=1.0))  # fmt: skip
+    state = dict(model.state_dict())
+    state["mask_token"] = torch.zeros(1, 128)
+    if registers:
+        state["register_tokens"] = torch.randn(
+            1, 4, 128, generator=torch.Generator().manual_seed(3)
+        )
+    return state
+
+
+APPLE_NAMES = (("patch_embed.proj", "preprocessor.patchifier.proj"),
+               ("patch_embed.norm", "preprocessor.patchifier.norm"),
+               ("pos_embed", "preprocessor.pos_embed"), ("norm1", "norm_1"), ("norm2", "norm_2"),
+               ("fc1_g", "fc1"), ("fc1_x", "fc3"))  # fmt: skip
+
+
+def apple_dir(path: Path) -> Path:
+    """Apple's original AIMv2 release: preprocessor.* / trunk.* keys and an `aimv2` config."""
+    import timm
+
+    model = randomize(timm.create_model("aimv2_large_patch14_224", embed_dim=32, depth=2,
+                                        num_heads=2, img_size=28, mlp_ratio=2.75))  # fmt: skip
+    state = {}
+    for key, value in model.state_dict().items():
+        for old, new in APPLE_NAMES:
+            key = key.replace(old, new)
+        if key.startswith("blocks."):
+            key = "trunk." + key
+        key = (
+            key.replace("norm.weight", "trunk.post_trunk_norm.weight")
+            if key == "norm.weight"
+            else key
+        )
+        state[key] = value.contiguous()
+    path.mkdir(parents=True)
+    save_file(state, str(path / "model.safetensors"))
+    config = {"architectures": ["AIMv2Model"], "model_type": "aimv2", "hidden_size": 32,
+              "intermediate_size": 88, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14, "rms_norm_eps": 1e-5, "qkv_bias": False,
+              "use_bias": False, "num_channels": 3}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    torch.manual_seed(0)
+    made = {
+        "timm-dinov2-reg": timm_dir(root / "timm-reg", "vit_small_patch14_reg4_dinov2",
+                                    embed_dim=32, depth=2, num_heads=2, img_size=28,
+                                    init_values=1.0),
+        "timm-vit-head": timm_dir(root / "timm-vit", "vit_base_patch16_224", embed_dim=32,
+                                  depth=2, num_heads=2, img_size=32, patch_size=16, num_classes=5),
+        "hf-dinov2": hf_dir(root / "hf-dinov2", "Dinov2Model", "Dinov2Config", hidden_size=32,
+                            num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                            patch_size=14),
+        "hf-vit-pooler": hf_dir(root / "hf-vit", "ViTModel", "ViTConfig", hidden_size=32,
+                                num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=28, patch_size=14),
+        "apple": apple_dir(root / "apple"),
+    }  # fmt: skip
+    for registers in (False, True):
+        path = root / f"dinov2_hub{'_reg' if registers else ''}.pth"
+        torch.save(hub_state(registers), path)
+        made["hub-reg" if registers else "hub"] = path
+    return made
+
+
+def on_disk(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def loads_without_vitport(directory: Path, layout: str) -> None:
+    """transformers or timm alone loads the result, with no tensor missing or left over."""
+    if layout == "timm":
+        import timm
+
+        timm.create_model(f"local-dir:{directory}", pretrained=True)  # strict load
+        return
+    import transformers
+
+    config = json.loads((directory / "config.json").read_text())
+    cls = getattr(transformers, config["architectures"][0])
+    _, info = cls.from_pretrained(str(directory), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    transformers.AutoImageProcessor.from_pretrained(str(directory))
+
+
+@pytest.mark.parametrize(
+    ("name", "via"),
+    [("timm-dinov2-reg", "hf"), ("timm-vit-head", "hf"), ("hf-dinov2", "timm"),
+     ("hf-vit-pooler", "timm")],
+)  # fmt: skip
+def test_round_trip_restores_every_tensor(sources, tmp_path, name, via):
+    there = convert(str(sources[name]), via, tmp_path / "there")
+    assert there.passed and there.checks[0].judgement.worst_rel_error < 1e-5
+    loads_without_vitport(tmp_path / "there", via)
+    back_layout = "timm" if via == "hf" else "hf"
+    back = convert(str(tmp_path / "there"), back_layout, tmp_path / "back")
+    assert back.passed
+    loads_without_vitport(tmp_path / "back", back_layout)
+    original = on_disk(sources[name])
+    restored = on_disk(tmp_path / "back")
+    dropped = set(there.dropped) | set(back.filled) | set(there.filled) | set(back.dropped)
+    for key, tensor in original.items():
+        if key in dropped:
+            continue
+        key = key if key in restored else f"vit.{key}"  # ViTModel comes back with a head class
+        assert torch.equal(restored[key], tensor), key
+
+
+def test_timm_registers_fold_class_position(sources, tmp_path):
+    """timm folds the class position into the class token; transformers gets it back as zero."""
+    convert(str(sources["timm-dinov2-reg"]), "hf", tmp_path / "hf")
+    timm_state, hf_state = on_disk(sources["timm-dinov2-reg"]), on_disk(tmp_path / "hf")
+    assert timm_state["pos_embed"].shape[1] == 4  # patches only
+    assert hf_state["embeddings.position_embeddings"].shape[1] == 5  # class + patches
+    assert torch.equal(hf_state["embeddings.position_embeddings"][:, 0], torch.zeros(1, 32))
+    assert torch.equal(hf_state["embeddings.cls_token"], timm_state["cls_token"])
+
+
+def test_vit_pooler_is_dropped_with_its_reason_and_not_compared(sources, tmp_path):
+    result = convert(str(sources["hf-vit-pooler"]), "timm", tmp_path / "timm")
+    assert set(result.dropped) == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert "pooled" in result.checks[0].skipped
+    assert "pooled" not in result.checks[0].judgement.groups
+
+
+@pytest.mark.parametrize("name", ["hub", "hub-reg", "apple"])
+def test_foreign_release_to_transformers(sources, tmp_path, name):
+    """DINOv2 torch-hub and Apple AIMv2 checkpoints become plain transformers directories that
+    compute what timm, reading the original layout itself, computes."""
+    out = tmp_path / "hf"
+    result = convert(str(sources[name]), "hf", out)
+    assert result.source_layout == {"hub": "dinov2-hub", "hub-reg": "dinov2-hub",
+                                    "apple": "aimv2-apple"}[name]  # fmt: skip
+    assert result.passed and result.checks[0].judgement.worst_rel_error < 1e-5
+    loads_without_vitport(out, "hf")
+    record = json.loads((out / "conversion.json").read_text())
+    weights = sources[name] if sources[name].is_file() else sources[name] / "model.safetensors"
+    assert record["source"]["sha256"] == file_sha256(weights)
+    assert record["mapping"] == {"table": result.table, "version": 1}
+    assert record["verification"]["passed"] is True
+    assert record["verification"]["checks"][0]["groups"]  # the numbers, not only the verdict
+    config = json.loads((out / "config.json").read_text())
+    expected = {"hub": "Dinov2Model", "hub-reg": "Dinov2WithRegistersModel",
+                "apple": "Aimv2VisionModel"}[name]  # fmt: skip
+    assert config["architectures"] == [expected]
+    if name == "hub":
+        assert config["num_attention_heads"] == 2  # 128 wide / DINOv2's head width of 64
+
+
+def test_apple_split_and_swiglu_mapping(sources, tmp_path):
+    convert(str(sources["apple"]), "hf", tmp_path / "hf")
+    apple, hf = on_disk(sources["apple"]), on_disk(tmp_path / "hf")
+    qkv = apple["trunk.blocks.1.attn.qkv.weight"]
+    q, k, v = qkv.chunk(3)
+    assert torch.equal(hf["encoder.layers.1.attention.k_proj.weight"], k)
+    assert torch.equal(
+        hf["encoder.layers.1.ffn.gate_proj.weight"], apple["trunk.blocks.1.mlp.fc1.weight"]
+    )
+    assert torch.equal(
+        hf["encoder.layers.1.ffn.up_proj.weight"], apple["trunk.blocks.1.mlp.fc3.weight"]
+    )
+    assert hf["embeddings.position_embedding.weight"].shape == (4, 32)
+
+
+def test_layout_detected_from_keys(sources):
+    assert detect_layout(torch.load(sources["hub"], weights_only=True)) == "dinov2-hub"
+    assert detect_layout(on_disk(sources["apple"])) == "aimv2-apple"
+    assert detect_layout(on_disk(sources["timm-vit-head"])) == "timm"
+    assert detect_layout(["vit.embeddings.patch_embeddings.projection.weight"]) == "hf"
+
+
+def test_every_table_has_its_inverse():
+    for (source, target, family), table in TABLES.items():
+        if source == "hf":
+            forward = TABLES[(target, source, family)]
+            assert tuple(r.inverse() for r in forward.rules) == table.rules
+
+
+# --- ONNX ----------------------------------------------------------------------------------------
+
+
+def test_onnx_dynamic_batch_runs_at_another_batch_size(sources, tmp_path):
+    import onnxruntime as ort
+
+    import vitport
+
+    result = convert(str(sources["timm-dinov2-reg"]), "onnx", tmp_path / "onnx")
+    assert [c.batch_size for c in result.checks] == [1, 5] and result.passed
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["cls", "registers", "patches", "pooled"]
+    encoder = vitport.load(str(sources["timm-dinov2-reg"]))
+    pixels = torch.randn(3, 3, 28, 28)  # a batch size it was never exported or verified at
+    cls, registers, patches, pooled = session.run(None, {"pixel_values": pixels.numpy()})
+    feats = encoder.encode(pixels)
+    assert cls.shape == (3, 32) and registers.shape == (3, 4, 32)
+    torch.testing.assert_close(torch.from_numpy(patches), feats.patches, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_static_fixes_batch_and_size(sources, tmp_path):
+    import onnx
+
+    result = convert(str(sources["hf-dinov2"]), "onnx", tmp_path / "onnx", static=True,
+                     batch_size=2)  # fmt: skip
+    assert [c.batch_size for c in result.checks] == [2] and result.passed
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 3, 28, 28]
+    assert (tmp_path / "onnx" / "preprocessor_config.json").is_file()
+
+
+def test_onnx_of_registers_model_with_antialiased_positions(sources, tmp_path):
+    """transformers' DINOv2-with-registers interpolates positions with antialiasing while
+    tracing; vitport exports that as ONNX Resize (opset 18) and it verifies."""
+    hf = convert(str(sources["timm-dinov2-reg"]), "hf", tmp_path / "hf")
+    assert hf.passed
+    result = convert(str(tmp_path / "hf"), "onnx", tmp_path / "onnx")
+    assert result.passed
+
+
+# --- broken sources ------------------------------------------------------------------------------
+
+
+def broken_hub(tmp_path: Path, edit) -> str:
+    state = hub_state(registers=False)
+    edit(state)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda s: s.pop("blocks.1.norm1.weight"), "blocks.1.norm1.weight"),
+        (lambda s: s.update({"blocks.0.attn.extra.weight": torch.zeros(2)}), "blocks.0.attn.extra.weight"),
+        (lambda s: s.update({"blocks.1.mlp.fc1.weight": torch.zeros(500, 128)}), "blocks.1.mlp.fc1.weight"),
+        (lambda s: s.update({"blocks.1.attn.qkv.weight": torch.zeros(380, 128)}), "blocks.1.attn.qkv.weight"),
+    ],
+    ids=["missing", "unknown", "wrong-shape", "qkv-not-splittable"],
+)  # fmt: skip
+def test_broken_source_refused_naming_the_tensor(tmp_path, edit, named):
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=named.replace(".", r"\.")) as info:
+        convert(broken_hub(tmp_path, edit), "hf", out)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))  # the staging directory is gone
+
+
+def _broken_table(change):
+    rules = tuple(change(r) for r in HUB_HF_DINOV2.rules)
+    return replace(HUB_HF_DINOV2, rules=rules)
+
+
+def _transpose_proj(rule: Rule) -> Rule:
+    if rule.sources == ("blocks.{i}.attn.proj",):
+        return replace(rule, op="transpose")
+    return rule
+
+
+def _swap_qk(rule: Rule) -> Rule:
+    if rule.op == "split":
+        q, k, v = rule.targets
+        return replace(rule, targets=(k, q, v))
+    return rule
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [(_transpose_proj, "blocks.0.attn.proj.weight"), (_swap_qk, "blocks.0.attn.qkv.weight")],
+    ids=["transposed-square-weight", "q-k-swapped"],
+)
+def test_shape_preserving_mistake_caught_only_by_the_output(sources, tmp_path, change, named):
+    """A transposed square weight or q/k swapped in the fused qkv pass every shape check; the
+    comparison with the source function refuses them, names the tensors, writes nothing."""
+    out = tmp_path / "out"
+    with pytest.raises(VerificationFailed) as info:
+        convert(str(sources["hub"]), "hf", out, mapping_override=_broken_table(change))
+    message = str(info.value)
+    assert info.value.exit_code == 1 and named in message and "block 0 attention" in message
+    assert not info.value.result.passed
+    assert not out.exists()
+
+
+def test_existing_output_refused_without_overwrite(sources, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(Exception, match="already exists"):
+        convert(str(sources["apple"]), "hf", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert(str(sources["apple"]), "hf", out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_same_layout_and_unknown_layout_refused(sources, tmp_path):
+    from vitport.errors import SpecError
+
+    with pytest.raises(SpecError, match="already in the hf layout"):
+        convert(str(sources["hf-dinov2"]), "hf", tmp_path / "a")
+    with pytest.raises(SpecError, match="--from"):
+        convert(str(sources["hub"]), "hf", tmp_path / "b", from_layout="caffe")
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from test_cli import run
+
+    return run(monkeypatch, capsys, *args)
+
+
+def test_cli_prints_the_proof_and_writes(sources, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "hf"
+    record = tmp_path / "record.json"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "convert", str(sources["hub-reg"]), "--to",
+                              "hf", "--out", str(out), "--json", str(record))  # fmt: skip
+    assert code == 0
+    assert "same function" in stdout and "registers" in stdout and "pass" in stdout
+    assert json.loads(record.read_text())["verification"]["passed"] is True
+
+
+def test_cli_broken_source_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    source = broken_hub(tmp_path, lambda s: s.pop("blocks.0.attn.proj.weight"))
+    out = str(tmp_path / "o")
+    code, _, err = run_cli(monkeypatch, capsys, "convert", source, "--to", "hf", "--out", out)
+    assert code == 2
+    assert "blocks.0.attn.proj.weight" in err and len(err.strip().splitlines()) == 1
