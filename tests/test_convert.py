@@ -68,6 +68,29 @@ def hub_state(registers: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def test_giant_swiglu_hub_checkpoint(tmp_path):
+    """ViT-g's fused SwiGLU (w12, w3) becomes transformers' weights_in / weights_out."""
+    import timm
+
+    model = randomize(timm.create_model("vit_giant_patch14_dinov2", embed_dim=128, depth=2,
+                                        num_heads=2, img_size=28, mlp_ratio=5.375))  # fmt: skip
+    state = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v
+             for k, v in model.state_dict().items()}  # fmt: skip
+    state["mask_token"] = torch.zeros(1, 128)
+    torch.save(state, tmp_path / "dinov2_vitg14.pth")
+    result = convert(str(tmp_path / "dinov2_vitg14.pth"), "hf", tmp_path / "hf")
+    assert result.arch["gated"] and result.passed
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["use_swiglu_ffn"] is True
+    loads_without_vitport(tmp_path / "hf", "hf")
+
+
+def test_arch_names_the_head_count(sources, tmp_path):
+    result = convert(str(sources["hub"]), "hf", tmp_path / "hf", arch="vit_large_patch14_dinov2")
+    assert result.arch["heads"] == 16 and result.passed
+    with pytest.raises(Exception, match="--arch"):
+        convert(str(sources["hub"]), "hf", tmp_path / "x", arch="no_such_vit")
+
+
 APPLE_NAMES = (("patch_embed.proj", "preprocessor.patchifier.proj"),
                ("patch_embed.norm", "preprocessor.patchifier.norm"),
                ("pos_embed", "preprocessor.pos_embed"), ("norm1", "norm_1"), ("norm2", "norm_2"),
@@ -391,3 +414,15 @@ def test_cli_broken_source_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(monkeypatch, capsys, "convert", source, "--to", "hf", "--out", out)
     assert code == 2
     assert "blocks.0.attn.proj.weight" in err and len(err.strip().splitlines()) == 1
+
+
+def test_real_trained_model_to_timm_is_exact(tmp_path):
+    """The demo's trained DINOv2 ViT-S/14 into timm, verified at 518 px against transformers."""
+    import timm
+
+    result = convert("demo:dinov2-small", "timm", tmp_path / "timm")
+    assert result.passed and result.image_size == 518
+    groups = result.checks[0].judgement.groups
+    assert groups["cls"].worst["rel_error"] < 1e-5
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    assert model.num_prefix_tokens == 1 and model.embed_dim == 384

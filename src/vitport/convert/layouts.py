@@ -324,7 +324,7 @@ def loaded_state(encoder: Encoder) -> dict[str, torch.Tensor]:
 
 def timm_recipe(arch: Arch, name: str | None = None) -> tuple[str, dict[str, Any]]:
     """A timm architecture and the arguments that give it exactly `arch`."""
-    size = TIMM_SIZES.get(arch.hidden, "small")
+    size = "giant" if arch.gated else TIMM_SIZES.get(arch.hidden, "small")  # ViT-g: SwiGLU
     if name is None:
         name = {
             "dinov2": f"vit_{size}_patch14_dinov2",
