@@ -426,3 +426,38 @@ def test_real_trained_model_to_timm_is_exact(tmp_path):
     assert groups["cls"].worst["rel_error"] < 1e-5
     model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
     assert model.num_prefix_tokens == 1 and model.embed_dim == 384
+
+
+@pytest.mark.parametrize("name", ["dinov3_vit", "vit_classifier", "aimv2"])
+def test_onnx_of_every_family(tiny_dir, tmp_path, name):
+    """DINOv3's rotary positions, a classifier's logits, AIMv2's RMSNorm: all export and verify."""
+    result = convert(str(tiny_dir(name)), "onnx", tmp_path / "onnx")
+    assert result.passed and [c.batch_size for c in result.checks] == [1, 5]
+    assert ("logits" in result.arch["outputs"]) == (name == "vit_classifier")
+
+
+def test_onnx_straight_from_a_foreign_checkpoint(sources, tmp_path):
+    """Apple's AIMv2 release to ONNX in one step: timm reads it, RMSNorm becomes ONNX ops."""
+    result = convert(str(sources["apple"]), "onnx", tmp_path / "onnx")
+    assert result.passed and result.source_layout == "aimv2-apple"
+
+
+def test_cli_changed_function_exit_1_with_the_table_and_record(sources, tmp_path, capsys,
+                                                               monkeypatch):  # fmt: skip
+    import vitport.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "table_for", lambda *_: _broken_table(_swap_qk))
+    out, record = tmp_path / "o", tmp_path / "record.json"
+    code, stdout, err = run_cli(monkeypatch, capsys, "convert", str(sources["hub"]), "--to", "hf",
+                                "--out", str(out), "--json", str(record))  # fmt: skip
+    assert code == 1 and "FAIL" in stdout and "blocks.0.attn.qkv.weight" in err
+    assert not out.exists()
+    assert json.loads(record.read_text())["verification"]["passed"] is False
+
+
+def test_cli_existing_out_is_refused(sources, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(sources["apple"]), "--to", "hf",
+                           "--out", str(out))  # fmt: skip
+    assert code == 2 and "--overwrite" in err

@@ -255,7 +255,7 @@ def conversion_table(result) -> Table:
     """The proof of a conversion: per check and output group, the error against the source."""
     title = f"against the source: {len(result.inputs)} inputs at {result.image_size}px, fp32 limits"
     table = Table(title=title)
-    for column in ("check", "output", "rel err worst", "max abs", "cos worst token", "verdict"):
+    for column in ("check", "output", "rel err worst", "max abs", "cos worst", "verdict"):
         table.add_column(column, justify="left" if column in ("check", "output") else "right")
     for check in result.checks:
         failed = {c.group for c in check.judgement.verdict.failures}

@@ -65,17 +65,12 @@ def convert(
 ) -> None:
     """Convert a checkpoint to transformers, timm or ONNX, and prove it computes the same function.
 
-    Apple's original AIMv2 and DINOv2's torch-hub release go to transformers (Aimv2VisionModel,
-    Dinov2Model, Dinov2WithRegistersModel); DINOv2 and ViT go between timm and transformers; any
-    model vitport loads goes to ONNX. Every source tensor is mapped or dropped with a reason,
-    every target tensor filled, shapes checked first. Then the result and its source run on the
-    default real inputs and are compared at fp32 limits (for ONNX, onnxruntime at two batch
-    sizes); a result that fails is never written. --out gets a directory that transformers or
-    timm loads without vitport, with conversion.json recording provenance and the proof.
-    Exit code 0 when written, 1 when verification failed, 2 for unusable input.
-    """
-    import json
+    Apple's original AIMv2 and DINOv2's torch-hub release go to transformers (Aimv2VisionModel, Dinov2Model, Dinov2WithRegistersModel); DINOv2 and ViT go between timm and transformers; any model vitport loads goes to ONNX.
 
+    Every source tensor is mapped or dropped with a reason, every target tensor filled, every shape checked before anything runs. Then the result and its source run on the default real inputs and are compared at fp32 limits (ONNX: onnxruntime at batch 1 and 5). A result that fails is never written.
+
+    --out gets a directory that transformers or timm loads without vitport, with conversion.json recording the source, its sha256, the mapping and the proof. Exit code 0 when written, 1 when the function changed, 2 for unusable input.
+    """
     from vitport import cli_tables
     from vitport.convert import VerificationFailed
     from vitport.convert import convert as run_convert
@@ -90,6 +85,8 @@ def convert(
             )  # fmt: skip
         except VerificationFailed as exc:
             console.print(cli_tables.conversion_table(exc.result))
+            if json_out is not None:
+                write_json(json_out, exc.result.to_dict())
             raise
     console.print(cli_tables.conversion_table(result))
     console.print(
@@ -110,5 +107,11 @@ def convert(
         f"({', '.join(result.files)})"
     )
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        write_json(json_out, result.to_dict())
+
+
+def write_json(path: Path, data: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))

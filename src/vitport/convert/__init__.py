@@ -161,7 +161,7 @@ def open_source(
                 + (" or use timm:NAME --weights FILE" if layout == "timm" else "")
             )
         desc = foreign_arch(layout, state, config, arch)
-        pre = foreign_preprocessing(layout)
+        pre = foreign_preprocessing(layout, desc)
         where = Path(workdir or tempfile.mkdtemp()) / "source-as-timm"
 
         def load_function() -> Encoder:

@@ -217,11 +217,12 @@ def foreign_arch(
     )
 
 
-def foreign_preprocessing(layout: str) -> Preprocessing:
-    """What the original releases prescribe: DINOv2's 256/224 ImageNet, AIMv2's CLIP 224."""
+def foreign_preprocessing(layout: str, arch: Arch) -> Preprocessing:
+    """What the original releases prescribe: DINOv2's 256/224 ImageNet, AIMv2's CLIP at the
+    size of its fixed position embeddings."""
     if layout == "dinov2-hub":
         return Preprocessing(224, 224 / 256, *IMAGENET)
-    return Preprocessing(224, 1.0, *OPENAI_CLIP)
+    return Preprocessing(arch.image_size, 1.0, *OPENAI_CLIP)
 
 
 def loaded_arch(encoder: Encoder) -> Arch:

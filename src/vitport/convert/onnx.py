@@ -40,6 +40,28 @@ def _bicubic_antialiased(g, x, output_size, align_corners, scale_h=None, scale_w
                 )  # fmt: skip
 
 
+def _rms_norm(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm (timm's AIMv2) for opsets before ONNX's RMSNormalization (23):
+    x / sqrt(mean(x^2 over the normalised axes) + eps) * weight."""
+    from torch.onnx import symbolic_helper
+
+    dims = len(symbolic_helper._get_const(normalized_shape, "is", "normalized_shape"))
+    eps = symbolic_helper._maybe_get_const(eps, "f")
+    if eps is None or not isinstance(eps, float):
+        eps = torch.finfo(torch.float32).eps
+    axes = g.op("Constant", value_t=torch.tensor(list(range(-dims, 0))))
+    mean = g.op("ReduceMean", g.op("Mul", x, x), axes, keepdims_i=1)
+    scale = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps))))
+    out = g.op("Div", x, scale)
+    return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
+
+
+def register_symbolics(opset: int) -> None:
+    """Ops the TorchScript exporter lacks that vitport's families use."""
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 18)
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_antialiased, 18)
+
+
 class EncoderGraph(nn.Module):
     """The encoder as one graph: pixels in, the Features groups out, in the contract's order."""
 
@@ -84,10 +106,8 @@ def export_onnx(
     progress(f"exporting {', '.join(groups)} at {size[0]}x{size[1]} (opset {opset})")
     example = torch.zeros(batch_size if static else 1, 3, *size)
     dynamic = None if static else {name: {0: "batch"} for name in (INPUT, *groups)}
-    if opset >= 18:  # ONNX Resize has antialiasing from opset 18
-        torch.onnx.register_custom_op_symbolic(
-            "aten::_upsample_bicubic2d_aa", _bicubic_antialiased, 18
-        )
+    if opset >= 18:  # ONNX Resize antialiases and ReduceMean takes axes as input from 18
+        register_symbolics(opset)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -118,7 +138,7 @@ def export_onnx(
         onnx_feats = Features(grid=reference.grid, **tensors)
         checks.append(
             compare_functions(
-                f"onnxruntime, batch {batch}", reference, onnx_feats, batch_size=batch
+                f"onnx b={batch}", reference, onnx_feats, batch_size=batch
             )  # fmt: skip
         )
     notes = (
