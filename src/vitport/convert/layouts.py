@@ -308,15 +308,18 @@ def loaded_state(encoder: Encoder) -> dict[str, torch.Tensor]:
     """A loaded model's tensors under the names of its layout's files."""
     module = encoder.module
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    if encoder.family == "timm":
-        return state
+    return state if encoder.family == "timm" else file_names(module, state)
+
+
+def file_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers model's tensors under its files' names, without a head model's prefix."""
     try:  # transformers 5 renames tensors on load; its files keep the published names
         from transformers.core_model_loading import revert_weight_conversion
 
-        state = revert_weight_conversion(module, state)
+        state = revert_weight_conversion(model, state)
     except ImportError:
         pass
-    prefix = f"{module.base_model_prefix}." if hasattr(module, "classifier") else ""
+    prefix = f"{model.base_model_prefix}." if hasattr(model, "classifier") else ""
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
@@ -431,15 +434,7 @@ def expected_shapes(target: str, arch: Arch, timm_name: str | None) -> dict[str,
         model = timm_model(name, args)
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     model = hf_model(hf_config(arch))
-    state = model.state_dict()
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-
-        state = revert_weight_conversion(model, state)
-    except ImportError:
-        pass
-    prefix = f"{model.base_model_prefix}." if hasattr(model, "classifier") else ""
-    return {k.removeprefix(prefix): tuple(v.shape) for k, v in state.items()}
+    return {k: tuple(v.shape) for k, v in file_names(model, model.state_dict()).items()}
 
 
 def write_checkpoint(
