@@ -158,7 +158,9 @@ def test_slow_preprocess_is_named_as_the_bottleneck(encoder, paths, monkeypatch)
 
 def spawn_workers(monkeypatch) -> None:
     """Make the DataLoader start its workers with spawn (pickling everything they need)."""
-    made = e2e._loader
+    from vitport import stream
+
+    made = stream.make_loader
 
     def spawning(dataset, batch_size, workers, pin):
         loader = made(dataset, batch_size, workers, pin)
@@ -166,7 +168,7 @@ def spawn_workers(monkeypatch) -> None:
             loader.multiprocessing_context = "spawn"
         return loader
 
-    monkeypatch.setattr(e2e, "_loader", spawning)
+    monkeypatch.setattr(stream, "make_loader", spawning)
 
 
 @pytest.mark.filterwarnings("ignore:Got pickle error")

@@ -8,6 +8,7 @@ reported as an :class:`ImageProblem` with a one-line reason; it never aborts a b
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -242,10 +243,15 @@ def _check_file(path: Path) -> None:
 def _read(path: Path) -> Image.Image:
     """Open, fully decode and convert one file; raise _Unreadable with a one-line reason."""
     _check_file(path)
+    return _decode(path)
+
+
+def _decode(source: Path | io.BytesIO) -> Image.Image:
+    """Open, fully decode and convert a file or in-memory bytes; _Unreadable when unusable."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            opened = Image.open(path)
+            opened = Image.open(source)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _Unreadable(_bomb_reason(error)) from error
         except UnidentifiedImageError as error:
@@ -276,6 +282,38 @@ def read_image(path: str | Path) -> Image.Image:
         return _read(Path(path))
     except _Unreadable as problem:
         raise ImageError(f"{path}: {problem.reason}") from problem.__cause__
+
+
+def read_image_bytes(data: bytes, name: str) -> Image.Image:
+    """Decode an image held in memory (a Parquet column, say); ImageError("<name>: <reason>")."""
+    try:
+        if not data:
+            raise _Unreadable("empty file")
+        return _decode(io.BytesIO(data))
+    except _Unreadable as problem:
+        raise ImageError(f"{name}: {problem.reason}") from problem.__cause__
+
+
+# A reason's short category, for tables of failures: (start of the reason, category).
+REASON_CATEGORIES = (
+    ("file not found", "missing"),
+    ("empty file", "empty"),
+    ("not an image", "not-an-image"),
+    ("decompression bomb", "too-large"),
+    ("out of memory", "too-large"),
+    ("truncated", "truncated"),
+    ("cannot decode", "corrupt"),
+    ("cannot open", "corrupt"),
+    ("preprocessing failed", "preprocess"),
+)
+
+
+def reason_category(reason: str) -> str:
+    """empty, truncated, not-an-image, too-large, corrupt, missing, preprocess or unreadable."""
+    for start, category in REASON_CATEGORIES:
+        if reason.startswith(start):
+            return category
+    return "unreadable"
 
 
 def _as_list(inputs: Iterable[str | Path]) -> list[str | Path]:

@@ -14,25 +14,19 @@ the closure cannot be pickled; when workers fail to start the run falls back to
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from vitport import stream
 from vitport.encoder import Encoder
 from vitport.errors import ImageError, VitportError
-from vitport.images import read_image
+from vitport.stream import PINNED_DEVICE_TYPES, Batch, ImageInputs, WorkersFailed, timed_batches
 
 __all__ = ["E2EResult", "StageTimes", "run_e2e"]
-
-PINNED_DEVICE_TYPES = frozenset({"cuda", "npu"})
-"""Device types whose host-to-device copies come from pinned memory."""
-
-WORKER_TIMEOUT_S = 300.0
-"""Seconds to wait for one batch from workers before giving up (a hung worker, not a slow one)."""
 
 STAGES = ("decode", "preprocess", "data_wait", "host_to_device", "model")
 
@@ -152,103 +146,6 @@ class E2EResult:
         )
 
 
-# ------------------------------------------------------------------------------- data pipeline
-
-
-class _Item(NamedTuple):
-    """One image after the worker is done with it; ``pixels`` is None when it failed."""
-
-    pixels: torch.Tensor | None
-    name: str
-    decode_s: float
-    preprocess_s: float
-    error: str | None
-
-
-class _Batch(NamedTuple):
-    """A collated batch; a NamedTuple so the DataLoader can pin its tensor."""
-
-    pixels: torch.Tensor  # [B, 3, H, W], or empty when every item failed
-    names: list[str]
-    decode_s: float
-    preprocess_s: float
-    skipped: list[tuple[str, str]]
-
-
-class _ImageFiles(Dataset):
-    """Image files decoded and preprocessed one at a time; failures become marked items."""
-
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        preprocess: Callable[[list[Any]], torch.Tensor],
-        dtype: torch.dtype,
-    ) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.preprocess = preprocess
-        self.dtype = dtype
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> _Item:
-        path = self.paths[index]
-        name = str(path)
-        t0 = time.perf_counter()
-        try:
-            image = read_image(path)
-        except ImageError as exc:
-            return _Item(None, name, time.perf_counter() - t0, 0.0, _reason(exc, name))
-        except Exception as exc:  # read_image should not raise these; never crash a benchmark
-            reason = f"could not read: {_one_line(exc)}"
-            return _Item(None, name, time.perf_counter() - t0, 0.0, reason)
-        t1 = time.perf_counter()
-        try:
-            pixels = self.preprocess([image])[0].to(self.dtype)
-        except Exception as exc:  # one odd image must not stop a benchmark
-            reason = f"preprocessing failed: {_one_line(exc)}"
-            return _Item(None, name, t1 - t0, time.perf_counter() - t1, reason)
-        return _Item(pixels, name, t1 - t0, time.perf_counter() - t1, None)
-
-
-def _reason(exc: ImageError, name: str) -> str:
-    """read_image's message without the leading ``<path>: ``."""
-    text = str(exc)
-    prefix = f"{name}: "
-    return text[len(prefix) :] if text.startswith(prefix) else text
-
-
-def _collate(items: list[_Item]) -> _Batch:
-    """Stack the good items; failed ones are reported, an all-failed batch is empty."""
-    good = [it for it in items if it.pixels is not None]
-    pixels = torch.stack([it.pixels for it in good]) if good else torch.empty(0)
-    return _Batch(
-        pixels=pixels,
-        names=[it.name for it in good],
-        decode_s=sum(it.decode_s for it in items),
-        preprocess_s=sum(it.preprocess_s for it in items),
-        skipped=[(it.name, it.error or "unknown error") for it in items if it.pixels is None],
-    )
-
-
-def _loader(dataset: _ImageFiles, batch_size: int, workers: int, pin: bool) -> DataLoader:
-    """The DataLoader; a module-level function so tests can change how workers start."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=pin,
-        persistent_workers=False,
-        timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
-    )
-
-
-class _WorkersFailed(Exception):
-    """Internal: DataLoader workers could not start; carries the one-line reason."""
-
-
 # ------------------------------------------------------------------------------- the run
 
 
@@ -259,41 +156,9 @@ class _Tally:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _timed_batches(loader: DataLoader, state: dict[str, bool]) -> Iterator[tuple[_Batch, float]]:
-    """(batch, seconds waited for it); start-up failures of workers become _WorkersFailed."""
-
-    def failed() -> bool:
-        return loader.num_workers > 0 and not state.get("workers_ok", False)
-
-    try:
-        iterator = iter(loader)
-    except Exception as exc:
-        if failed():
-            raise _WorkersFailed(_one_line(exc)) from exc
-        raise
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Exception as exc:
-            if failed():
-                raise _WorkersFailed(_one_line(exc)) from exc
-            raise
-        waited = time.perf_counter() - t0
-        state["workers_ok"] = True
-        yield batch, waited
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _run(
     encoder: Encoder,
-    dataset: _ImageFiles,
+    dataset: ImageInputs,
     batch_size: int,
     workers: int,
     repeats: int,
@@ -302,12 +167,12 @@ def _run(
     """Warm up, then time ``repeats`` passes; returns the tally, wall seconds and checksum."""
     device = encoder.device
     pin = device.type in PINNED_DEVICE_TYPES
-    loader = _loader(dataset, batch_size, workers, pin)
+    loader = stream.make_loader(dataset, batch_size, workers, pin)
     target = device.torch_device
     state: dict[str, bool] = {}
     checksum = torch.zeros((), dtype=torch.float64, device=target)
 
-    def step(batch: _Batch) -> tuple[float, float]:
+    def step(batch: Batch) -> tuple[float, float]:
         nonlocal checksum
         with device.timer() as copy:
             pixels = batch.pixels.to(target, non_blocking=pin).to(encoder.dtype)
@@ -320,7 +185,7 @@ def _run(
     with torch.inference_mode():
         if warmup_batches > 0:
             done = 0
-            for batch, _ in _timed_batches(loader, state):
+            for batch, _ in timed_batches(loader, state):
                 if batch.pixels.numel() == 0:
                     continue
                 step(batch)
@@ -331,13 +196,13 @@ def _run(
         tally = _Tally()
         start = time.perf_counter()
         for _ in range(repeats):
-            for batch, waited in _timed_batches(loader, state):
-                for name, reason in batch.skipped:
-                    tally.skipped.setdefault(name, reason)
+            for batch, waited in timed_batches(loader, state):
+                for failure in batch.failures:
+                    tally.skipped.setdefault(failure.path, failure.message)
                 copy_s = model_s = 0.0
                 if batch.pixels.numel():
                     copy_s, model_s = step(batch)
-                    tally.images += len(batch.names)
+                    tally.images += len(batch.indices)
                 tally.stages = tally.stages + StageTimes(
                     batch.decode_s, batch.preprocess_s, waited, copy_s, model_s
                 )
@@ -373,12 +238,12 @@ def run_e2e(
         raise VitportError(f"--warmup must be 0 or more, not {warmup_batches}")
     if not paths:
         raise ImageError("no images to benchmark; pass image files or a directory")
-    dataset = _ImageFiles(paths, encoder.preprocess, encoder.dtype)
+    dataset = ImageInputs(stream.file_inputs(paths), encoder.preprocess, encoder.dtype)
     notes: list[str] = []
     used = workers
     try:
         tally, wall, checksum = _run(encoder, dataset, batch_size, used, repeats, warmup_batches)
-    except _WorkersFailed as exc:
+    except WorkersFailed as exc:
         notes.append(f"{workers} DataLoader workers could not start ({exc}); ran with 0 workers")
         used = 0
         tally, wall, checksum = _run(encoder, dataset, batch_size, used, repeats, warmup_batches)

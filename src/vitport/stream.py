@@ -1,0 +1,221 @@
+"""The one streaming path from image inputs to pixel batches: DataLoader workers decode and
+preprocess, the main process gets batches it can copy to the device. `bench --e2e` and `embed`
+both read through it.
+
+Workers use the platform's default start method. On Linux before Python 3.14 that is ``fork``,
+so the encoder's preprocess callable needs no pickling; where workers cannot start, callers fall
+back to ``workers=0`` (see :class:`WorkersFailed`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vitport.errors import ImageError
+from vitport.images import read_image, read_image_bytes, reason_category
+
+PINNED_DEVICE_TYPES = frozenset({"cuda", "npu"})
+"""Device types whose host-to-device copies come from pinned memory."""
+
+WORKER_TIMEOUT_S = 300.0
+"""Seconds to wait for one batch from workers before giving up (a hung worker, not a slow one)."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """One image to read: a file, or (``row`` >= 0) the bytes in row ``row`` of ``column`` of
+    the Parquet file ``path``."""
+
+    id: str
+    path: str
+    row: int = -1
+    column: str = ""
+
+
+class Failure(NamedTuple):
+    index: int
+    id: str
+    path: str
+    reason: str  # a short category: empty, truncated, not-an-image, too-large, ...
+    message: str
+
+
+class Item(NamedTuple):
+    """One input after the worker is done with it; ``pixels`` is None when it failed."""
+
+    index: int
+    pixels: torch.Tensor | None
+    size: tuple[int, int]  # width, height after EXIF orientation
+    decode_s: float
+    preprocess_s: float
+    failure: Failure | None
+
+
+class Batch(NamedTuple):
+    """A collated batch; a NamedTuple so the DataLoader can pin its tensor."""
+
+    pixels: torch.Tensor  # [B, 3, H, W] of the good items, or empty when every item failed
+    indices: list[int]  # input indices of the good items, in order
+    sizes: list[tuple[int, int]]
+    decode_s: float
+    preprocess_s: float
+    failures: list[Failure]
+
+
+class _ParquetRows:
+    """Reads image bytes from Parquet row by row, keeping the last row group (inputs come in
+    order, so a worker decompresses each row group once)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, str, int] | None = None
+        self.values: list[Any] = []
+        self.offsets: dict[str, list[int]] = {}
+
+    def get(self, path: str, column: str, row: int) -> bytes:
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata if path not in self.offsets else None
+        if meta is not None:
+            starts, total = [], 0
+            for g in range(meta.num_row_groups):
+                starts.append(total)
+                total += meta.row_group(g).num_rows
+            self.offsets[path] = starts
+        starts = self.offsets[path]
+        group = max(g for g, start in enumerate(starts) if start <= row)
+        if self.key != (path, column, group):
+            table = pq.ParquetFile(path).read_row_group(group, columns=[column])
+            self.values = table.column(0).to_pylist()
+            self.key = (path, column, group)
+        value = self.values[row - starts[group]]
+        return value.get("bytes") if isinstance(value, dict) else value
+
+
+class ImageInputs(Dataset):
+    """Inputs decoded and preprocessed one at a time; failures become marked items."""
+
+    def __init__(
+        self,
+        inputs: Sequence[Input],
+        preprocess: Callable[[list[Any]], torch.Tensor],
+        dtype: torch.dtype | None = None,  # cast in the worker: a 16-bit dtype halves the copy
+    ) -> None:
+        self.inputs = list(inputs)
+        self.preprocess = preprocess
+        self.dtype = dtype
+        self._rows = _ParquetRows()
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def read(self, item: Input):
+        if item.row < 0:
+            return read_image(item.path)
+        return read_image_bytes(self._rows.get(item.path, item.column, item.row) or b"", item.id)
+
+    def __getitem__(self, index: int) -> Item:
+        item = self.inputs[index]
+        t0 = time.perf_counter()
+        try:
+            image = self.read(item)
+        except ImageError as exc:
+            message = _strip_name(str(exc), item.id if item.row >= 0 else item.path)
+            return self._failed(index, item, t0, message)
+        except Exception as exc:  # read_image should not raise these; never crash a long run
+            return self._failed(index, item, t0, f"could not read: {_one_line(exc)}")
+        t1 = time.perf_counter()
+        try:
+            pixels = self.preprocess([image])[0]
+            pixels = pixels if self.dtype is None else pixels.to(self.dtype)
+        except Exception as exc:  # one odd image must not stop the run
+            failure = Failure(index, item.id, item.path, "preprocess",
+                              f"preprocessing failed: {_one_line(exc)}")  # fmt: skip
+            return Item(index, None, image.size, t1 - t0, time.perf_counter() - t1, failure)
+        return Item(index, pixels, image.size, t1 - t0, time.perf_counter() - t1, None)
+
+    @staticmethod
+    def _failed(index: int, item: Input, t0: float, message: str) -> Item:
+        failure = Failure(index, item.id, item.path, reason_category(message), message)
+        return Item(index, None, (0, 0), time.perf_counter() - t0, 0.0, failure)
+
+
+def _strip_name(text: str, name: str) -> str:
+    """read_image's message without the leading ``<name>: ``."""
+    prefix = f"{name}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def collate(items: list[Item]) -> Batch:
+    """Stack the good items; failed ones are reported, an all-failed batch is empty."""
+    good = [it for it in items if it.pixels is not None]
+    return Batch(
+        pixels=torch.stack([it.pixels for it in good]) if good else torch.empty(0),
+        indices=[it.index for it in good],
+        sizes=[it.size for it in good],
+        decode_s=sum(it.decode_s for it in items),
+        preprocess_s=sum(it.preprocess_s for it in items),
+        failures=[it.failure for it in items if it.failure is not None],
+    )
+
+
+def make_loader(dataset: ImageInputs, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    """The DataLoader; a module-level function so tests can change how workers start."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        persistent_workers=False,
+        timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+class WorkersFailed(Exception):
+    """DataLoader workers could not start; carries the one-line reason."""
+
+
+def timed_batches(loader: DataLoader, state: dict[str, bool]) -> Iterator[tuple[Batch, float]]:
+    """(batch, seconds waited for it); start-up failures of workers become WorkersFailed."""
+
+    def failed() -> bool:
+        return loader.num_workers > 0 and not state.get("workers_ok", False)
+
+    try:
+        iterator = iter(loader)
+    except Exception as exc:
+        if failed():
+            raise WorkersFailed(_one_line(exc)) from exc
+        raise
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            if failed():
+                raise WorkersFailed(_one_line(exc)) from exc
+            raise
+        waited = time.perf_counter() - t0
+        state["workers_ok"] = True
+        yield batch, waited
+
+
+def file_inputs(paths: Sequence[Path | str]) -> list[Input]:
+    """Files as inputs, each named by its path as given."""
+    return [Input(id=str(p), path=str(p)) for p in paths]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
