@@ -807,3 +807,4 @@ def main() -> None:
 
 
 from vitport.cli import convert as _convert  # noqa: E402,F401  (registers the command)
+from vitport.cli import embed as _embed  # noqa: E402,F401  (registers embed and dedup)

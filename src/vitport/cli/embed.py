@@ -1,0 +1,152 @@
+"""`vitport embed` and `vitport dedup`: wiring of vitport.embed to the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitport.cli import DeviceOpt, DtypeOpt, FixOpt, ImageSizeOpt, ModelOpt, app, console, errors
+
+
+@app.command()
+def embed(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, directories (recursive), @list.txt (one path per line) or "
+            ".parquet files with a path or image-bytes column."
+        ),
+    ],
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images per forward pass; default: the fastest that fits."),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="DataLoader workers that decode and preprocess.")
+    ] = 2,
+    image_size: ImageSizeOpt = None,
+    fix: FixOpt = None,
+    outputs: Annotated[
+        str | None,
+        typer.Option(
+            help="cls, pooled, registers, patches (comma-separated); default cls,pooled "
+            "(pooled where the model has no CLS)."
+        ),
+    ] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Rows per part file.")] = 10_000,
+    column: Annotated[
+        str | None,
+        typer.Option(help="Parquet column with paths or image bytes; default: path, else bytes."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over in an existing --out.")
+    ] = False,
+    engine: Annotated[
+        str, typer.Option(help="local, or ray (Ray Data; pip install 'vitport[ray]').")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this running Ray cluster; default: a local one.")
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="I/N: this process writes every N-th shard from I (SLURM arrays)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Embed whole image collections: one row per image, resumable, losing nothing.
+
+    Writes DIR/part-NNNNN.parquet (id, path, width, height and one float32 vector column per output), DIR/patches-NNNNN.safetensors with --outputs patches, DIR/errors.parquet (id, path, reason, message: one row per input that could not be embedded) and DIR/manifest.json (model, weights hash, dtype, preprocessing, counts, complete).
+
+    Shards are written atomically: a run killed at any moment resumes with the same command and recomputes nothing already written. Another model, dtype, preprocessing or outputs in an existing DIR is refused (--overwrite starts over). Exit code 0 when every input is embedded or explained in errors.parquet.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from vitport.embed import embed as run_embed
+    from vitport.fixes import parse_fixes
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[speed]}"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=errors, disable=quiet, transient=True) as bar:
+        task = bar.add_task("loading", total=None, speed="")
+        started: dict[str, float] = {}
+
+        def on_batch(done: int, total: int) -> None:
+            import time
+
+            now = time.perf_counter()
+            first = started.setdefault("t", now)
+            speed = f"{done / (now - first):.1f} img/s" if now > first else ""
+            bar.update(task, description="embedding", completed=done, total=total, speed=speed)
+
+        summary = run_embed(
+            sources, model, out, device=device, dtype=dtype, batch_size=batch_size,
+            workers=workers, image_size=image_size, fixes=parse_fixes(fix), outputs=outputs,
+            shard_size=shard_size, column=column, overwrite=overwrite, engine=engine,
+            ray_address=ray_address, shard=shard,
+            progress=lambda m: bar.update(task, description=m),
+            on_batch=on_batch,
+        )  # fmt: skip
+    dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in summary.outputs.items())
+    console.print(
+        f"{summary.embedded} embedded, {summary.errors} in errors.parquet, of {summary.inputs} "
+        f"inputs ({dims}) in [bold]{summary.out}[/bold]"
+        + ("" if summary.complete else " [yellow](incomplete: other shards pending)[/yellow]")
+    )
+    if summary.written_now:
+        console.print(
+            f"[dim]this run: {summary.written_now} inputs in {summary.seconds:.1f} s, "
+            f"{summary.images_per_second:.1f} img/s at batch {summary.batch_size}, "
+            f"{summary.workers} {'workers' if summary.engine == 'local' else 'actors'}; "
+            f"{summary.bottleneck()}[/dim]"
+        )
+    if summary.skipped_done:
+        console.print(f"[dim]resumed: {summary.skipped_done} inputs were already written[/dim]")
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+@app.command()
+def dedup(
+    directory: Annotated[Path, typer.Argument(help="A directory written by vitport embed.")],
+    threshold: Annotated[
+        float,
+        typer.Option(
+            min=-1.0,
+            max=1.0,
+            help="Cosine similarity at or above which two images are near-duplicates.",
+        ),
+    ] = 0.95,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the pairs here (.parquet).")
+    ] = None,
+    column: Annotated[str, typer.Option(help="Which output to compare.")] = "pooled",
+    show: Annotated[int, typer.Option(min=0, help="Pairs to print.")] = 20,
+) -> None:
+    """Near-duplicate pairs by cosine similarity of the embeddings (FAISS when installed, else
+    blocked matrix products; never the full N x N matrix in memory)."""
+    from rich.table import Table
+
+    from vitport.embed.dedup import near_duplicates, write_pairs
+
+    pairs = near_duplicates(directory, threshold, column)
+    table = Table(title=f"{len(pairs)} pairs with cosine >= {threshold:g} ({pairs.method})")
+    for name in ("id a", "id b", "cosine"):
+        table.add_column(name, justify="right" if name == "cosine" else "left")
+    for a, b, sim in pairs.top(show):
+        table.add_row(a, b, f"{sim:.4f}")
+    console.print(table)
+    if out is not None:
+        write_pairs(pairs, out)
+        console.print(f"all {len(pairs)} pairs written to [bold]{out}[/bold]")

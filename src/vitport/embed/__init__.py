@@ -1,0 +1,358 @@
+"""`embed`: features for whole image collections, resumable, losing nothing.
+
+    summary = vitport.embed.embed(["photos/"], "demo:dinov2-small", "features/")
+    table = vitport.embed.read("features/")              # a pyarrow Table, one row per image
+    ids, pooled = vitport.embed.read("features/", arrays=True)["id"], ...["pooled"]
+
+Every input ends as a row in ``part-NNNNN.parquet`` or in ``errors.parquet``; a killed run
+started again with the same command resumes where it stopped (see `vitport.embed.store`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitport.embed.sources import collect, fingerprint
+from vitport.embed.store import ShardRows, Store
+from vitport.encoder import Encoder
+from vitport.errors import VitportError
+from vitport.stream import Input
+
+OUTPUT_NAMES = ("cls", "pooled", "registers", "patches")
+DEFAULT_SHARD_SIZE = 10_000
+
+
+@dataclass
+class EmbedSummary:
+    """What one `embed` call did."""
+
+    out: str
+    inputs: int
+    embedded: int  # rows in the directory now
+    errors: int
+    complete: bool
+    written_now: int  # inputs processed by this call (embedded or failed)
+    skipped_done: int  # inputs already written by an earlier run
+    batch_size: int
+    workers: int
+    seconds: float
+    model_seconds: float
+    wait_seconds: float
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    engine: str = "local"
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written_now / self.seconds if self.seconds > 0 else 0.0
+
+    def bottleneck(self) -> str:
+        if self.seconds <= 0 or not self.written_now:
+            return "nothing to do: every input was already written"
+        if self.engine != "local":
+            return "stages are timed by the local engine only"
+        model, wait = self.model_seconds / self.seconds, self.wait_seconds / self.seconds
+        if wait > model:
+            return (
+                f"data loading: the model waited {100 * wait:.0f}% of the time for images "
+                f"(model {100 * model:.0f}%); add --workers (now {self.workers})"
+            )
+        return f"model-bound: {100 * model:.0f}% of the time in the model"
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {**asdict(self), "images_per_second": self.images_per_second,
+                "bottleneck": self.bottleneck()}  # fmt: skip
+
+
+def default_outputs(encoder: Encoder) -> list[str]:
+    return ["cls", "pooled"] if encoder.layout.num_cls else ["pooled"]
+
+
+def parse_outputs(text: str | Sequence[str] | None, encoder: Encoder) -> list[str]:
+    if text is None:
+        return default_outputs(encoder)
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    unknown = [n for n in names if n not in OUTPUT_NAMES]
+    if unknown or not names:
+        raise VitportError(f"--outputs {','.join(names)}: choose from {', '.join(OUTPUT_NAMES)}")
+    if "cls" in names and not encoder.layout.num_cls:
+        raise VitportError(f"{encoder.spec} has no CLS token; use --outputs pooled")
+    if "registers" in names and not encoder.layout.num_registers:
+        raise VitportError(f"{encoder.spec} has no register tokens; drop registers from --outputs")
+    return list(dict.fromkeys(names))
+
+
+def output_dims(encoder: Encoder, outputs: Sequence[str]) -> dict[str, list[int]]:
+    """The shape of each output per image, from one forward pass on a blank image."""
+    h, w = encoder.image_size
+    probe = encoder.encode(torch.zeros(1, 3, h, w)).groups()
+    return {name: list(probe[name].shape[1:]) for name in outputs}
+
+
+def settings_of(encoder: Encoder, outputs: dict[str, list[int]], inputs: Sequence[Input],
+                shard_size: int) -> dict[str, Any]:  # fmt: skip
+    meta = encoder.meta()
+    return {
+        "model": encoder.spec,
+        "weights_sha256": encoder.weights_sha256,
+        "family": encoder.family,
+        "device": str(encoder.device),
+        "dtype": meta["dtype"],
+        "fixes": list(encoder.fixes),
+        "preprocessing": meta["preprocess"],
+        "outputs": outputs,
+        "shard_size": shard_size,
+        "inputs": len(inputs),
+        "inputs_sha256": fingerprint(inputs),
+    }
+
+
+def auto_batch_size(encoder: Encoder, progress: Callable[[str], None] = lambda _: None) -> int:
+    """The batch size bench's auto search finds fastest (doubling until out of memory or no
+    gain), with a short measuring window."""
+    from vitport.bench.run import Window, sweep
+
+    runs, _ = sweep(encoder, None, Window(1, 0.2, 3, 0.5), progress=progress)
+    return max(runs, key=lambda r: r.measurement.images_per_second).batch_size
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(p) for p in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if count < 1 or not 0 <= index < count:
+        raise VitportError(f"--shard {text}: give I/N with 0 <= I < N, e.g. 0/4")
+    return index, count
+
+
+def embed(
+    sources: Sequence[str],
+    model: str | Encoder,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "fp32",
+    batch_size: int | None = None,
+    workers: int = 2,
+    image_size: int | None = None,
+    fixes: Sequence[str] = (),
+    outputs: str | Sequence[str] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    column: str | None = None,
+    overwrite: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    shard: str | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+    on_batch: Callable[[int, int], None] = lambda done, total: None,
+) -> EmbedSummary:
+    """Embed every image of `sources` with `model` into `out` (see the module docstring)."""
+    import vitport
+    from vitport.fixes import apply_fixes
+
+    if shard_size < 1:
+        raise VitportError(f"--shard-size must be at least 1, not {shard_size}")
+    if engine not in ("local", "ray"):
+        raise VitportError(f"--engine {engine}: use local or ray")
+    worker, of = parse_shard(shard)
+    inputs = collect(sources, column)
+    out = Path(out).expanduser()
+    _check_writable(out)
+    if isinstance(model, Encoder):
+        encoder = model
+    else:
+        progress(f"loading {model}")
+        encoder = vitport.load(model, device, dtype, image_size=image_size)
+        apply_fixes(encoder, list(fixes))
+    names = parse_outputs(outputs, encoder)
+    dims = output_dims(encoder, names)
+    store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))
+    store.open(overwrite)
+    todo = store.todo(worker, of)
+    if todo and batch_size is None:
+        progress("finding a batch size that fits")
+        batch_size = auto_batch_size(encoder, progress)
+    batch_size = batch_size or 1
+    start = time.perf_counter()
+    if engine == "ray":
+        from vitport.embed.ray_engine import run_ray
+
+        timing = run_ray(encoder, inputs, store, todo, dims, batch_size, ray_address, on_batch)
+    else:
+        timing = run_local(encoder, inputs, store, todo, dims, batch_size, workers, on_batch)
+    seconds = time.perf_counter() - start
+    manifest = store.write_manifest()
+    total_todo = sum(len(store.shard_range(k)) for k in todo)
+    mine = sum(len(store.shard_range(k)) for k in range(store.num_shards) if k % of == worker)
+    return EmbedSummary(
+        out=str(out),
+        inputs=len(inputs),
+        embedded=manifest["counts"]["embedded"],
+        errors=manifest["counts"]["errors"],
+        complete=manifest["complete"],
+        written_now=total_todo,
+        skipped_done=mine - total_todo,
+        batch_size=batch_size,
+        workers=timing.workers,
+        seconds=seconds,
+        model_seconds=timing.model_seconds,
+        wait_seconds=timing.wait_seconds,
+        outputs=dims,
+        notes=timing.notes,
+        engine=engine,
+    )
+
+
+def _check_writable(out: Path) -> None:
+    import os
+
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise VitportError(f"cannot write to {out}; choose another --out")
+
+
+@dataclass
+class Timing:
+    workers: int
+    model_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class ShardCollector:
+    """Rows arrive batch by batch, in input order; a shard is written once all its inputs are in."""
+
+    def __init__(self, store: Store, inputs: Sequence[Input], dims: dict[str, list[int]]):
+        self.store, self.inputs, self.dims = store, inputs, dims
+        self.open: dict[int, ShardRows] = {}
+
+    def _rows(self, index: int) -> ShardRows:
+        shard = index // self.store.shard_size
+        return self.open.setdefault(shard, ShardRows(shard, outputs={n: [] for n in self.dims}))
+
+    def add(self, index: int, size: tuple[int, int], values: dict[str, np.ndarray]) -> None:
+        rows, item = self._rows(index), self.inputs[index]
+        rows.ids.append(item.id)
+        rows.paths.append(item.path)
+        rows.sizes.append(size)
+        for name, value in values.items():
+            if name == "patches":
+                rows.patches[item.id] = value
+            else:
+                rows.outputs[name].append(value)
+        self._flush(rows.shard)
+
+    def fail(self, index: int, failure) -> None:
+        rows = self._rows(index)
+        rows.failures.append(failure._replace(index=index))
+        self._flush(rows.shard)
+
+    def _flush(self, shard: int) -> None:
+        rows = self.open[shard]
+        if rows.count == len(self.store.shard_range(shard)):
+            self.store.write_shard(rows, self.dims)
+            del self.open[shard]
+
+
+def features_of(encoder: Encoder, pixels: torch.Tensor, names: Sequence[str]) -> list[dict]:
+    """Per image, the asked-for outputs as float32 arrays."""
+    groups = encoder.encode(pixels).groups()
+    arrays = {n: groups[n].to("cpu", torch.float32).numpy() for n in names}
+    return [{n: a[i] for n, a in arrays.items()} for i in range(pixels.shape[0])]
+
+
+def run_local(
+    encoder: Encoder, inputs: Sequence[Input], store: Store, todo: Sequence[int],
+    dims: dict[str, list[int]], batch_size: int, workers: int,
+    on_batch: Callable[[int, int], None],
+) -> Timing:  # fmt: skip
+    """DataLoader workers decode and preprocess; the main process runs the model and writes."""
+    from vitport import stream
+
+    order = [i for k in todo for i in store.shard_range(k)]
+    timing = Timing(workers)
+    if not order:
+        return timing
+    device = encoder.device
+    pin = device.type in stream.PINNED_DEVICE_TYPES
+    dataset = stream.ImageInputs([inputs[i] for i in order], encoder.preprocess, encoder.dtype)
+    collector = ShardCollector(store, inputs, dims)
+    done = 0
+    try:
+        loader = stream.make_loader(dataset, batch_size, workers, pin)
+        batches = stream.timed_batches(loader, {})
+        first = next(batches, None)
+    except stream.WorkersFailed as exc:
+        timing.notes.append(f"{workers} DataLoader workers could not start ({exc}); used none")
+        timing.workers = 0
+        batches = stream.timed_batches(stream.make_loader(dataset, batch_size, 0, False), {})
+        first = next(batches, None)
+    pending = [first] if first is not None else []
+    for batch, waited in _chain(pending, batches):
+        timing.wait_seconds += waited
+        for failure in batch.failures:
+            collector.fail(order[failure.index], failure)
+        if batch.indices:
+            t0 = time.perf_counter()
+            pixels = batch.pixels.to(device.torch_device, non_blocking=pin).to(encoder.dtype)
+            rows = features_of(encoder, pixels, list(dims))
+            timing.model_seconds += time.perf_counter() - t0
+            for local, size, values in zip(batch.indices, batch.sizes, rows, strict=True):
+                collector.add(order[local], size, values)
+        done += len(batch.indices) + len(batch.failures)
+        on_batch(done, len(order))
+    return timing
+
+
+def _chain(first: list, rest):
+    yield from first
+    yield from rest
+
+
+def read(directory: str | Path, arrays: bool = False, columns: Sequence[str] | None = None):
+    """The embedded rows of DIR as one pyarrow Table (in input order), or with `arrays=True`
+    a dict of numpy arrays: ``id``/``path`` as lists, each output as ``[rows, *shape]``."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    parts = sorted(directory.glob("part-*.parquet"))
+    if not (directory / "manifest.json").is_file():
+        raise VitportError(f"{directory} is not a vitport embed directory (no manifest.json)")
+    tables = [pq.read_table(p, columns=list(columns) if columns else None) for p in parts]
+    if not tables:
+        settings = json.loads((directory / "manifest.json").read_text())["settings"]
+        raise VitportError(f"{directory} has no rows yet ({settings['inputs']} inputs to embed)")
+    table = pa.concat_tables(tables)
+    if not arrays:
+        return table
+    result: dict[str, Any] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        kind = column.type
+        if pa.types.is_fixed_size_list(kind):
+            shape = json.loads(table.schema.field(name).metadata[b"shape"])
+            flat = column.combine_chunks().flatten().to_numpy()
+            result[name] = flat.reshape(len(table), *shape)
+        else:
+            result[name] = column.to_pylist()
+    return result
+
+
+__all__ = ["EmbedSummary", "embed", "read"]

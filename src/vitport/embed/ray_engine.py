@@ -1,0 +1,172 @@
+"""`embed --engine ray`: the same pipeline on Ray Data. Reading tasks decode and preprocess,
+actors that hold the model encode (GPUs through `num_gpus`, Ascend NPUs through Ray's `NPU`
+resource), and the driver writes the same shards through the same store, so the output
+contract, the errors table and resuming are those of the local engine."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from vitport.embed import ShardCollector, Timing, features_of
+from vitport.embed.store import Store
+from vitport.encoder import Encoder
+from vitport.errors import VitportError
+from vitport.stream import Failure, ImageInputs, Input
+
+
+class Decode:
+    """A reading task: inputs to pixels, a failed input to a zero image and its reason."""
+
+    def __init__(self, preprocess: Any, image_size: tuple[int, int]) -> None:
+        self.preprocess = preprocess
+        self.shape = (3, *image_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = [Input(str(i), str(p), int(r), str(c))
+                  for i, p, r, c in zip(batch["id"], batch["path"], batch["row"], batch["column"],
+                                        strict=True)]  # fmt: skip
+        reader = ImageInputs(inputs, self.preprocess)
+        items = [reader[k] for k in range(len(inputs))]
+        zero = np.zeros(self.shape, np.float32)
+        return {
+            "index": batch["index"],
+            "pixels": np.stack([zero if it.pixels is None else it.pixels.numpy() for it in items]),
+            "width": np.array([it.size[0] for it in items]),
+            "height": np.array([it.size[1] for it in items]),
+            "reason": np.array([it.failure.reason if it.failure else "" for it in items]),
+            "message": np.array([it.failure.message if it.failure else "" for it in items]),
+        }
+
+
+class Encode:
+    """An actor holding the model, loaded once through vitport.load on its own worker."""
+
+    def __init__(self, spec: str, device: str, dtype: str, image_size: int, fixes: list[str],
+                 outputs: list[str]) -> None:  # fmt: skip
+        import vitport
+        from vitport.fixes import apply_fixes
+
+        self.encoder = vitport.load(spec, device, dtype, image_size=image_size)
+        apply_fixes(self.encoder, fixes)
+        self.outputs = outputs
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        ok = batch["reason"] == ""
+        result = {k: batch[k] for k in ("index", "width", "height", "reason", "message")}
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+        rows = features_of(self.encoder, pixels, self.outputs) if ok.any() else []
+        for name in self.outputs:
+            shape = rows[0][name].shape if rows else (0,)
+            column = np.zeros((len(ok), *shape), np.float32)
+            if rows:
+                column[ok] = np.stack([r[name] for r in rows])
+            result[name] = column
+        return result
+
+
+def _resources(encoder: Encoder) -> dict[str, Any]:
+    kind = encoder.device.type
+    if kind == "cuda":
+        return {"num_gpus": 1}
+    if kind == "npu":
+        return {"resources": {"NPU": 1}}
+    return {"num_cpus": 1}
+
+
+def _actors(encoder: Encoder) -> int:
+    import ray
+
+    total = ray.cluster_resources()
+    kind = encoder.device.type
+    if kind == "cuda":
+        return max(1, int(total.get("GPU", 1)))
+    if kind == "npu":
+        return max(1, int(total.get("NPU", 1)))
+    return 1
+
+
+def _quiet_ray() -> None:
+    """Ray's own logs to errors only: the progress bar and the summary say what happened."""
+    import logging
+    import os
+
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    for name in ("ray", "ray.data", "ray._private", "ray.data._internal.execution"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]],
+              batch_size: int, actors: int):  # fmt: skip
+    """Reading tasks that decode and preprocess, feeding actors that hold the model."""
+    return (
+        ray.data.from_items(rows)
+        .map_batches(Decode(encoder.preprocess, encoder.image_size), batch_size=batch_size)
+        .map_batches(
+            Encode, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            fn_constructor_kwargs={
+                "spec": encoder.spec, "device": encoder.device.type,
+                "dtype": encoder.meta()["dtype"], "image_size": encoder.image_size[0],
+                "fixes": list(encoder.fixes), "outputs": list(dims),
+            },
+            max_restarts=0,  # a lost actor fails the run; running it again resumes
+            **_resources(encoder),
+        )
+    )  # fmt: skip
+
+
+def run_ray(
+    encoder: Encoder, inputs: Sequence[Input], store: Store, todo: Sequence[int],
+    dims: dict[str, list[int]], batch_size: int, address: str | None,
+    on_batch: Callable[[int, int], None],
+) -> Timing:  # fmt: skip
+    _quiet_ray()
+    try:
+        import ray
+    except ImportError as exc:
+        raise VitportError("--engine ray needs Ray Data: pip install 'vitport[ray]'") from exc
+    order = [i for k in todo for i in store.shard_range(k)]
+    if not order:
+        return Timing(workers=0)
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)  # fmt: skip
+        except Exception as exc:  # ConnectionError, RuntimeError, ...: all mean "no cluster"
+            raise VitportError(f"cannot start or join Ray at {address or 'local'}: {exc}") from exc
+    try:
+        _quiet_ray()  # Ray sets its loggers up again in init
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # shards complete in order
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        rows = [{"index": i, "id": inputs[i].id, "path": inputs[i].path, "row": inputs[i].row,
+                 "column": inputs[i].column} for i in order]  # fmt: skip
+        actors = _actors(encoder)
+        with warnings.catch_warnings():  # max_restarts has no named parameter in Ray Data yet
+            warnings.simplefilter("ignore")
+            dataset = _pipeline(ray, rows, encoder, dims, batch_size, actors)
+        collector = ShardCollector(store, inputs, dims)
+        done = 0
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for k, index in enumerate(batch["index"].tolist()):
+                item = inputs[index]
+                if batch["reason"][k]:
+                    collector.fail(index, Failure(index, item.id, item.path,
+                                                  str(batch["reason"][k]),
+                                                  str(batch["message"][k])))  # fmt: skip
+                else:
+                    size = (int(batch["width"][k]), int(batch["height"][k]))
+                    collector.add(index, size, {n: batch[n][k] for n in dims})
+                done += 1
+            on_batch(done, len(order))
+        return Timing(workers=actors, notes=[f"Ray Data: {actors} model actor(s)"])
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,109 @@
+"""What `embed` reads: files, directories (recursive), `@list.txt` files of paths, or Parquet
+files with a path or image-bytes column. Every input gets a stable, unique id."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from vitport.errors import ImageError, VitportError
+from vitport.images import find_images
+from vitport.stream import Input
+
+
+def _parquet_inputs(path: Path, column: str | None) -> list[Input]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise VitportError(f"{path} is not a readable Parquet file ({exc})") from exc
+    if column is None:
+        binary = [f.name for f in schema if _holds_bytes(f.type, pa)]
+        column = "path" if "path" in schema.names else (binary[0] if binary else None)
+        if column is None:
+            raise VitportError(
+                f"{path} has no 'path' column and no image-bytes column; name one with --column "
+                f"(columns: {', '.join(schema.names)})"
+            )
+    if column not in schema.names:
+        raise VitportError(f"{path} has no column '{column}' (columns: {', '.join(schema.names)})")
+    rows = pq.ParquetFile(path).metadata.num_rows
+    if _holds_bytes(schema.field(column).type, pa):
+        return [Input(f"{path.name}:{row}", str(path), row, column) for row in range(rows)]
+    values = pq.read_table(path, columns=[column]).column(0).to_pylist()
+    root = path.parent
+    return [
+        Input(f"{path.name}:{row}", str(root / value) if value else "")
+        for row, value in enumerate(values)
+    ]
+
+
+def _holds_bytes(kind, pa) -> bool:
+    """A binary column, or a struct with a `bytes` field (how Hugging Face datasets store images)."""
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    return pa.types.is_struct(kind) and any(kind.field(i).name == "bytes"
+                                            for i in range(kind.num_fields))  # fmt: skip
+
+
+def _list_inputs(path: Path) -> list[Input]:
+    """One path per line, relative to the list's own directory; blank lines and # comments
+    skipped; the id is the line as written."""
+    if not path.is_file():
+        raise VitportError(f"list file {path} not found")
+    inputs = []
+    for line in path.read_text().splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            inputs.append(Input(entry, str(path.parent / entry)))
+    return inputs
+
+
+def _tree_inputs(root: Path) -> list[Input]:
+    if root.is_dir():
+        return [Input(p.relative_to(root).as_posix(), str(p)) for p in find_images([root])]
+    return [Input(root.name, str(root))]
+
+
+def collect(sources: Sequence[str], column: str | None = None) -> list[Input]:
+    """Every input, in a stable order, each with an id unique in the run.
+
+    A file's id is its name, a directory's files are named relative to it, a list's entries as
+    written, a Parquet row as ``FILE:ROW``. Two inputs with one id are refused, naming both."""
+    if not sources:
+        raise ImageError("no SOURCE given: pass image files, directories, @list.txt or .parquet")
+    inputs: list[Input] = []
+    for source in sources:
+        if source.startswith("@"):
+            inputs.extend(_list_inputs(Path(source[1:]).expanduser()))
+            continue
+        path = Path(source).expanduser()
+        if path.suffix == ".parquet" and path.is_file():
+            inputs.extend(_parquet_inputs(path, column))
+        elif path.exists():
+            inputs.extend(_tree_inputs(path))
+        else:
+            raise ImageError(f"SOURCE {source} not found")
+    seen: dict[str, str] = {}
+    for item in inputs:
+        if item.id in seen:
+            raise VitportError(
+                f"two inputs have the id '{item.id}' ({seen[item.id]} and {item.path}); "
+                "pass their common parent directory instead, or embed them in separate runs"
+            )
+        seen[item.id] = item.path
+    if not inputs:
+        raise ImageError(f"no images found in {', '.join(sources)}")
+    return inputs
+
+
+def fingerprint(inputs: Sequence[Input]) -> str:
+    """A hash of the ordered ids: a resumed run must see exactly the same inputs."""
+    digest = hashlib.sha256()
+    for item in inputs:
+        digest.update(item.id.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()

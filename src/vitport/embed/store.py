@@ -1,0 +1,250 @@
+"""The output contract of `embed`, and resuming it.
+
+    DIR/part-NNNNN.parquet        one row per embedded image (id, path, width, height, outputs)
+    DIR/patches-NNNNN.safetensors patch tokens keyed by id, when asked for
+    DIR/errors.parquet            one row per input that could not be embedded
+    DIR/manifest.json             settings, counts, and `complete`
+
+Shard NNNNN holds inputs [N * shard_size, (N + 1) * shard_size). Its files are written under a
+temporary name and renamed; the part file comes last, so its existence records the shard as done.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitport.errors import VitportError
+from vitport.stream import Failure
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.parquet"
+STATE = ".vitport"  # per-shard error tables, before they are gathered into errors.parquet
+IDENTITY = ("weights_sha256", "family", "dtype", "fixes", "preprocessing", "outputs",
+            "shard_size", "inputs_sha256", "inputs")  # fmt: skip
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def patches_name(shard: int) -> str:
+    return f"patches-{shard:05d}.safetensors"
+
+
+@dataclass
+class ShardRows:
+    """What one shard produced, in input order."""
+
+    shard: int
+    ids: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # name -> per-row arrays
+    patches: dict[str, np.ndarray] = field(default_factory=dict)  # id -> [N, D]
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids) + len(self.failures)
+
+
+class Store:
+    """One embed output directory."""
+
+    def __init__(self, directory: Path, settings: dict[str, Any], num_inputs: int) -> None:
+        self.dir = Path(directory)
+        self.settings = settings
+        self.num_inputs = num_inputs
+        self.shard_size = int(settings["shard_size"])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_inputs // self.shard_size)
+
+    def shard_range(self, shard: int) -> range:
+        start = shard * self.shard_size
+        return range(start, min(start + self.shard_size, self.num_inputs))
+
+    # --- opening ---------------------------------------------------------------------------
+
+    def open(self, overwrite: bool) -> None:
+        """Create DIR, or resume it when it holds the same run; refuse anything else."""
+        manifest = self.dir / MANIFEST
+        if self.dir.exists() and not self.dir.is_dir():
+            raise VitportError(f"--out {self.dir} is a file; give a directory")
+        if manifest.is_file():
+            if overwrite:
+                self._clear()
+            else:
+                self._check_same(json.loads(manifest.read_text()))
+        elif self.dir.is_dir() and any(self.dir.iterdir()):
+            raise VitportError(
+                f"--out {self.dir} holds files vitport did not write (no {MANIFEST}); "
+                "choose a new or empty directory"
+            )
+        try:
+            (self.dir / STATE).mkdir(parents=True, exist_ok=True)
+            probe = self.dir / STATE / f"probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise VitportError(
+                f"cannot write to {self.dir} ({exc.strerror or exc}); choose another --out"
+            ) from exc
+        if not manifest.is_file():
+            self.write_manifest()
+
+    def _check_same(self, before: Mapping[str, Any]) -> None:
+        theirs = before.get("settings", {})
+        for key in IDENTITY:
+            if theirs.get(key) != self.settings.get(key):
+                raise VitportError(
+                    f"{self.dir} was written with another {key.replace('_', ' ')} "
+                    f"({_short(theirs.get(key))} there, {_short(self.settings.get(key))} here); "
+                    "pass --overwrite to start over, or choose another --out"
+                )
+
+    def _clear(self) -> None:
+        for path in self.dir.iterdir():
+            if path.name in (MANIFEST, ERRORS, STATE) or path.name.startswith(
+                ("part-", "patches-", ".part-", ".patches-")
+            ):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    # --- shards ----------------------------------------------------------------------------
+
+    def done(self, shard: int) -> bool:
+        return (self.dir / part_name(shard)).is_file()
+
+    def todo(self, worker: int = 0, workers: int = 1) -> list[int]:
+        """Shards not yet written, of those this worker (`--shard I/N`) owns."""
+        return [k for k in range(self.num_shards) if k % workers == worker and not self.done(k)]
+
+    def write_shard(self, rows: ShardRows, dims: Mapping[str, list[int]]) -> None:
+        """Errors, patches, then the part file, each atomically; the part marks it done."""
+        try:
+            self._atomic(self.dir / STATE / f"errors-{rows.shard:05d}.parquet",
+                         lambda p: _write_errors(rows.failures, p))  # fmt: skip
+            if rows.patches:
+                from safetensors.numpy import save_file
+
+                self._atomic(self.dir / patches_name(rows.shard),
+                             lambda p: save_file(rows.patches, str(p)))  # fmt: skip
+            self._atomic(self.dir / part_name(rows.shard), lambda p: _write_part(rows, dims, p))
+            self.gather_errors()
+            self.write_manifest()
+        except OSError as exc:
+            full = exc.errno == errno.ENOSPC
+            raise VitportError(
+                f"{'disk full' if full else 'cannot write'} while writing shard {rows.shard} in "
+                f"{self.dir} ({exc.strerror or exc}); the shards already written stay valid: "
+                f"{'free space' if full else 'fix the directory'} and run the same command again"
+            ) from exc
+
+    def _atomic(self, path: Path, write) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def gather_errors(self) -> None:
+        """errors.parquet: the error rows of every shard written so far."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = sorted((self.dir / STATE).glob("errors-*.parquet"))
+        tables = [pq.read_table(p) for p in parts]
+        table = pa.concat_tables(tables) if tables else _errors_table([])
+        self._atomic(self.dir / ERRORS, lambda p: pq.write_table(table, p))
+
+    # --- the manifest ----------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        import pyarrow.parquet as pq
+
+        embedded = errors = 0
+        shards = 0
+        for k in range(self.num_shards):
+            if self.done(k):
+                shards += 1
+                embedded += pq.ParquetFile(self.dir / part_name(k)).metadata.num_rows
+                error_file = self.dir / STATE / f"errors-{k:05d}.parquet"
+                errors += pq.ParquetFile(error_file).metadata.num_rows
+        return {"inputs": self.num_inputs, "embedded": embedded, "errors": errors,
+                "shards": self.num_shards, "shards_done": shards}  # fmt: skip
+
+    def write_manifest(self) -> dict[str, Any]:
+        from vitport import __version__
+
+        counts = self.counts()
+        manifest = {
+            "vitport_version": __version__,
+            "settings": self.settings,
+            "counts": {k: counts[k] for k in ("inputs", "embedded", "errors")},
+            "shards": {"total": counts["shards"], "done": counts["shards_done"]},
+            "complete": counts["embedded"] + counts["errors"] == self.num_inputs,
+        }
+        self._atomic(self.dir / MANIFEST,
+                     lambda p: p.write_text(json.dumps(manifest, indent=2)))  # fmt: skip
+        return manifest
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _errors_table(failures: Sequence[Failure]):
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": pa.array([f.id for f in failures], pa.string()),
+            "path": pa.array([f.path for f in failures], pa.string()),
+            "reason": pa.array([f.reason for f in failures], pa.string()),
+            "message": pa.array([f.message for f in failures], pa.string()),
+        }
+    )
+
+
+def _write_errors(failures: Sequence[Failure], path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(_errors_table(failures), path)
+
+
+def _write_part(rows: ShardRows, dims: Mapping[str, list[int]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = [pa.field("id", pa.string()), pa.field("path", pa.string()),
+              pa.field("width", pa.int32()), pa.field("height", pa.int32())]  # fmt: skip
+    columns: list[Any] = [rows.ids, rows.paths, [w for w, _ in rows.sizes],
+                          [h for _, h in rows.sizes]]  # fmt: skip
+    for name, shape in dims.items():
+        if name == "patches":
+            continue
+        width = int(np.prod(shape))
+        kind = pa.list_(pa.float32(), width)
+        fields.append(pa.field(name, kind, metadata={"shape": json.dumps(shape)}))
+        values = np.asarray(rows.outputs.get(name, []), dtype=np.float32).reshape(-1)
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), width))
+    schema = pa.schema(fields)
+    table = pa.Table.from_arrays(
+        [c if isinstance(c, pa.Array) else pa.array(c, f.type) for c, f in zip(columns, fields,
+                                                                              strict=True)],
+        schema=schema,
+    )  # fmt: skip
+    pq.write_table(table, path)
