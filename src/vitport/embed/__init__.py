@@ -349,7 +349,7 @@ def read(directory: str | Path, arrays: bool = False, columns: Sequence[str] | N
         if pa.types.is_fixed_size_list(kind):
             shape = json.loads(table.schema.field(name).metadata[b"shape"])
             flat = column.combine_chunks().flatten().to_numpy()
-            result[name] = flat.reshape(len(table), *shape)
+            result[name] = np.require(flat.reshape(len(table), *shape), requirements="W")
         else:
             result[name] = column.to_pylist()
     return result

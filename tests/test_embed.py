@@ -1,0 +1,296 @@
+"""vitport embed: one row or one error per input, resumable after SIGKILL, the same rows from
+every engine and every split of the work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import vitport
+from vitport.embed import embed, read
+from vitport.errors import VitportError
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "motorcycle")
+
+
+def save_photos(directory: Path, names=PHOTOS, copies: int = 1) -> list[Path]:
+    from vitport.images import sample_images
+
+    directory.mkdir(parents=True, exist_ok=True)
+    images = {im.name.removeprefix("skimage:"): im.image for im in sample_images(8)}
+    paths = []
+    for copy in range(copies):
+        for i, name in enumerate(names):
+            sub = directory / ("sub" if i % 2 else "") / (f"c{copy}" if copies > 1 else "")
+            sub.mkdir(parents=True, exist_ok=True)
+            path = sub / f"{name}.jpg"
+            images[name].save(path, quality=90)
+            paths.append(path)
+    return paths
+
+
+def bad_inputs(directory: Path) -> dict[str, str]:
+    """Every kind of bad input, with the reason category embed must give it."""
+    (directory / "empty.jpg").write_bytes(b"")
+    (directory / "notes.png").write_text("not an image at all")
+    good = (directory / "astronaut.jpg").read_bytes()
+    (directory / "cut.jpg").write_bytes(good[: len(good) // 3])
+    Image.new("RGB", (1500, 1500)).save(directory / "huge.png")  # a bomb under the test limit
+    corrupt = bytearray(good)
+    corrupt[200:2000] = b"\x00" * 1800
+    (directory / "garbled.jpg").write_bytes(bytes(corrupt[:400]))
+    return {"empty.jpg": "empty", "notes.png": "not-an-image", "cut.jpg": "truncated",
+            "huge.png": "too-large", "garbled.jpg": "corrupt"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import TINY
+
+    path = tmp_path_factory.mktemp("tiny-reg")
+    TINY["dinov2_with_registers"].build(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    save_photos(root)
+    return root
+
+
+def test_good_rows_and_an_error_row_with_its_reason_for_each_bad_input(
+    model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    source = tmp_path / "mixed"
+    save_photos(source)
+    expected = bad_inputs(source)
+    summary = embed([str(source)], str(model_dir), tmp_path / "out", device="cpu",
+                    batch_size=3, workers=0, shard_size=4)  # fmt: skip
+    assert summary.embedded == len(PHOTOS) and summary.errors == len(expected)
+    assert summary.embedded + summary.errors == summary.inputs and summary.complete
+    errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
+    assert {e["id"]: e["reason"] for e in errors} == expected
+    assert all(e["message"] and e["path"].endswith(e["id"]) for e in errors)
+    table = read(tmp_path / "out")
+    assert table.column_names == ["id", "path", "width", "height", "cls", "pooled"]
+    assert len(set(table.column("id").to_pylist())) == len(PHOTOS)
+    assert "sub/chelsea.jpg" in table.column("id").to_pylist()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": 11, "embedded": 6, "errors": 5}
+    assert manifest["complete"] is True
+    settings = manifest["settings"]
+    for key in ("model", "weights_sha256", "family", "device", "dtype", "fixes", "preprocessing"):
+        assert key in settings
+    assert settings["outputs"] == {"cls": [32], "pooled": [32]}
+
+
+def test_features_equal_infer_on_the_same_images(model_dir, photos, tmp_path):
+    from vitport.images import read_images
+    from vitport.infer import infer
+
+    embed([str(photos)], str(model_dir), tmp_path / "out", device="cpu", batch_size=2,
+          workers=2, outputs="cls,pooled,registers,patches")  # fmt: skip
+    data = read(tmp_path / "out", arrays=True)
+    encoder = vitport.load(str(model_dir))
+    images, _ = read_images([photos / Path(i) for i in data["id"]])
+    feats = infer(encoder, images, batch_size=2).features
+    torch.testing.assert_close(torch.from_numpy(data["cls"]), feats.cls, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(data["registers"]), feats.registers,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert data["registers"].shape == (len(PHOTOS), 4, 32)  # the shape from the metadata
+    from safetensors.numpy import load_file
+
+    patches = load_file(str(tmp_path / "out" / "patches-00000.safetensors"))
+    torch.testing.assert_close(torch.from_numpy(patches[data["id"][0]]), feats.patches[0],
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    w, h = images[0].image.size
+    assert (data["width"][0], data["height"][0]) == (w, h)
+
+
+def test_parquet_and_list_sources(model_dir, photos, tmp_path):
+    files = sorted(photos.rglob("*.jpg"))
+    table = pa.table({
+        "path": [str(p.relative_to(photos)) for p in files],
+        "image": [p.read_bytes() for p in files[:-1]] + [b""],
+    })  # fmt: skip
+    pq.write_table(table, photos / "index.parquet")
+    try:
+        by_path = embed([str(photos / "index.parquet")], str(model_dir), tmp_path / "a",
+                        device="cpu", batch_size=4, workers=0)  # fmt: skip
+        by_bytes = embed([str(photos / "index.parquet")], str(model_dir), tmp_path / "b",
+                         device="cpu", batch_size=4, workers=2, column="image")  # fmt: skip
+    finally:
+        (photos / "index.parquet").unlink()
+    assert by_path.embedded == len(files) and by_bytes.embedded == len(files) - 1
+    a, b = read(tmp_path / "a", arrays=True), read(tmp_path / "b", arrays=True)
+    assert a["id"][:2] == ["index.parquet:0", "index.parquet:1"]
+    np.testing.assert_allclose(a["pooled"][: len(b["id"])], b["pooled"], atol=1e-6)
+    errors = pq.read_table(tmp_path / "b" / "errors.parquet").to_pylist()
+    assert [(e["id"], e["reason"]) for e in errors] == [
+        (f"index.parquet:{len(files) - 1}", "empty")
+    ]
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("# photos\n" + "\n".join(str(p) for p in files[:3]) + "\n\n")
+    listed = embed([f"@{listing}"], str(model_dir), tmp_path / "c", device="cpu", batch_size=4)
+    assert listed.embedded == 3
+
+
+def test_another_model_or_setting_is_refused_naming_the_difference(model_dir, photos, tmp_path,
+                                                                    tiny_dir):  # fmt: skip
+    out = tmp_path / "out"
+    embed([str(photos)], str(model_dir), out, device="cpu", batch_size=4)
+    with pytest.raises(VitportError, match="another weights sha256"):
+        embed([str(photos)], str(tiny_dir("dinov2")), out, device="cpu", batch_size=4)
+    with pytest.raises(VitportError, match="another dtype"):
+        embed([str(photos)], str(model_dir), out, device="cpu", dtype="bf16", batch_size=4)
+    with pytest.raises(VitportError, match="another outputs"):
+        embed([str(photos)], str(model_dir), out, device="cpu", outputs="pooled", batch_size=4)
+    again = embed([str(photos)], str(tiny_dir("dinov2")), out, device="cpu", batch_size=4,
+                  overwrite=True)  # fmt: skip
+    assert again.complete and again.skipped_done == 0
+
+
+def test_a_directory_vitport_did_not_write_is_never_touched(model_dir, photos, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(VitportError, match="did not write"):
+        embed([str(photos)], str(model_dir), out, device="cpu", batch_size=4, overwrite=True)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_two_shard_halves_equal_one_whole_run(model_dir, photos, tmp_path):
+    whole = embed([str(photos)], str(model_dir), tmp_path / "whole", device="cpu",
+                  batch_size=2, shard_size=2)  # fmt: skip
+    first = embed([str(photos)], str(model_dir), tmp_path / "split", device="cpu",
+                  batch_size=2, shard_size=2, shard="0/2")  # fmt: skip
+    assert not first.complete and first.embedded == 4
+    second = embed([str(photos)], str(model_dir), tmp_path / "split", device="cpu",
+                   batch_size=2, shard_size=2, shard="1/2")  # fmt: skip
+    assert second.complete and whole.complete
+    assert read(tmp_path / "split").equals(read(tmp_path / "whole"))
+
+
+def test_disk_full_keeps_written_shards_and_resumes(model_dir, photos, tmp_path, monkeypatch):
+    import errno
+
+    from vitport.embed import store
+
+    real = store._write_part
+    calls = {"n": 0}
+
+    def flaky(rows, dims, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(rows, dims, path)
+
+    monkeypatch.setattr(store, "_write_part", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(VitportError, match="disk full while writing shard 1.*stay valid"):
+        embed([str(photos)], str(model_dir), out, device="cpu", batch_size=2, shard_size=2)
+    assert len(read(out)) == 2  # shard 0 is whole and readable
+    assert not list(out.glob(".*.tmp-*"))
+    monkeypatch.setattr(store, "_write_part", real)
+    resumed = embed([str(photos)], str(model_dir), out, device="cpu", batch_size=2, shard_size=2)
+    assert resumed.complete and resumed.skipped_done == 2 and len(read(out)) == len(PHOTOS)
+
+
+def test_ray_engine_writes_the_same_rows(model_dir, photos, tmp_path):
+    pytest.importorskip("ray")
+    local = tmp_path / "local"
+    embed([str(photos)], str(model_dir), local, device="cpu", batch_size=2, shard_size=4,
+          outputs="cls,pooled,registers")  # fmt: skip
+    summary = embed([str(photos)], str(model_dir), tmp_path / "ray", device="cpu",
+                    batch_size=2, shard_size=4, engine="ray", outputs="cls,pooled,registers")  # fmt: skip
+    assert summary.complete and summary.engine == "ray"
+    a, b = read(local, arrays=True), read(tmp_path / "ray", arrays=True)
+    assert a["id"] == b["id"] and a["width"] == b["width"]
+    for name in ("cls", "pooled", "registers"):
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5)
+
+
+def test_dedup_finds_the_copy_and_blocks_agree_with_brute_force(model_dir, photos, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    from vitport.embed import dedup
+
+    source = tmp_path / "dups"
+    save_photos(source)
+    (source / "again.jpg").write_bytes((source / "astronaut.jpg").read_bytes())
+    embed([str(source)], str(model_dir), tmp_path / "out", device="cpu", batch_size=4)
+    pairs = dedup.near_duplicates(tmp_path / "out", 0.999, method="torch")
+    assert ("again.jpg", "astronaut.jpg") in [(a, b) for a, b, _ in pairs.top(10)]
+
+    vectors = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    monkeypatch.setattr(dedup, "BLOCK", 7)  # many tiles, ragged edges
+    rows, cols, sims = dedup._pairs_torch(vectors, 0.3)
+    full = vectors @ vectors.T
+    want = {(i, j) for i in range(50) for j in range(i + 1, 50) if full[i, j] >= 0.3}
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == want
+    np.testing.assert_allclose(sims, full[rows, cols], atol=1e-6)
+
+
+def test_cli_embed_and_dedup(model_dir, photos, tmp_path, monkeypatch, capsys):
+    from test_cli import run
+
+    out = tmp_path / "out"
+    code, stdout, _ = run(monkeypatch, capsys, "embed", str(photos), "--model", str(model_dir),
+                          "--out", str(out), "--device", "cpu", "--batch-size", "2", "--quiet")  # fmt: skip
+    assert code == 0 and f"{len(PHOTOS)} embedded, 0 in errors.parquet" in stdout
+    code, stdout, _ = run(monkeypatch, capsys, "dedup", str(out), "--threshold", "0.0",
+                          "--out", str(tmp_path / "pairs.parquet"))  # fmt: skip
+    assert code == 0 and "pairs with cosine" in stdout
+    assert pq.read_table(tmp_path / "pairs.parquet").column_names == ["id_a", "id_b", "cosine"]
+    code, _, err = run(monkeypatch, capsys, "embed", str(photos), "--model", str(model_dir),
+                       "--out", str(out), "--dtype", "bf16", "--batch-size", "2")  # fmt: skip
+    assert code == 2 and "another dtype" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A real SIGKILL of the process while it writes; the same command again finishes the job."""
+    source = tmp_path / "many"
+    save_photos(source, copies=6)  # 36 photos, 18 shards of 2
+    command = [sys.executable, "-m", "vitport", "embed", str(source), "--model",
+               "demo:dinov2-small", "--device", "cpu", "--batch-size", "1", "--workers", "1",
+               "--shard-size", "2", "--quiet", "--out"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1])}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, str(killed)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("part-0000[2-9].parquet")):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(list(killed.glob("part-*.parquet")))
+    assert 3 <= written < 18
+    assert json.loads((killed / "manifest.json").read_text())["complete"] is False
+    subprocess.run([*command, str(killed)], env=env, check=True, capture_output=True)
+    whole = tmp_path / "whole"
+    subprocess.run([*command, str(whole)], env=env, check=True, capture_output=True)
+    resumed, uninterrupted = read(killed), read(whole)
+    ids = resumed.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 36
+    assert resumed.equals(uninterrupted)
+    assert json.loads((killed / "manifest.json").read_text())["complete"] is True
