@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-from pathlib import Path
+
+from docs_section import write_section
 
 import vitport
 from vitport.bench.optimize import optimize
@@ -17,7 +18,6 @@ from vitport.bench.run import Window
 from vitport.devices import resolve_device
 from vitport.images import default_inputs
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 MARK = "<!-- cpu_demo -->"
 
 
@@ -71,21 +71,7 @@ def main() -> None:
             f"{trial.speed(batch):.1f} img/s, {speedup:.2f}x the baseline** "
             f"(target 2x: {verdict})."
         )
-    lines.append(MARK)
-    section = "\n".join(lines) + "\n"
-    text = (
-        DOC.read_text()
-        if DOC.exists()
-        else "# Benchmarks\n\nMeasured results, newest run of each script.\n\n"
-    )
-    if MARK in text:
-        start, end = text.index(MARK), text.rindex(MARK) + len(MARK) + 1
-        text = text[:start] + section + text[end:]
-    else:
-        text += "\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-    print(section)
+    print(write_section(MARK, lines[1:]))
 
 
 if __name__ == "__main__":

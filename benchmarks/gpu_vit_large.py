@@ -13,10 +13,10 @@ import argparse
 import datetime
 import tempfile
 import time
-from pathlib import Path
 
 import timm
 import torch
+from docs_section import write_section
 from timm.models._hub import save_for_hf
 
 import vitport
@@ -24,7 +24,6 @@ from vitport.bench.configure import configure
 from vitport.bench.run import Window, bench
 from vitport.devices import resolve_device
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 MARK = "<!-- gpu_vit_large -->"
 
 
@@ -75,16 +74,9 @@ def main() -> None:
         vendor = f"{100 * row['vendor_mfu']:.1f}%" if row["vendor_mfu"] is not None else "n/a"
         lines.append(f"| {run.batch_size} | {row['images_per_second']:.1f} | {theirs:.1f} | "
                      f"{mfu} | {vendor} |")  # fmt: skip
-    lines.append(MARK)
-    section = "\n".join(lines) + "\n"
+    section = "\n".join(lines[1:]) + "\n"
     if not opts.smoke:
-        text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-        if MARK in text:
-            start, end = text.index(MARK), text.rindex(MARK) + len(MARK) + 1
-            text = text[:start] + section + text[end:]
-        else:
-            text += "\n" + section
-        DOC.write_text(text)
+        section = write_section(MARK, lines[1:])
     print(section)
 
 

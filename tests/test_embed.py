@@ -239,6 +239,13 @@ def test_dedup_finds_the_copy_and_blocks_agree_with_brute_force(model_dir, photo
     pairs = dedup.near_duplicates(tmp_path / "out", 0.999, method="torch")
     assert ("again.jpg", "astronaut.jpg") in [(a, b) for a, b, _ in pairs.top(10)]
 
+    faiss_pairs = (
+        dedup.near_duplicates(tmp_path / "out", 0.5, method="faiss") if _has_faiss() else None
+    )
+    if faiss_pairs is not None:  # FAISS (a dev dependency) and the tiles agree pair for pair
+        torch_pairs = dedup.near_duplicates(tmp_path / "out", 0.5, method="torch")
+        assert (faiss_pairs.a, faiss_pairs.b) == (torch_pairs.a, torch_pairs.b)
+
     vectors = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     monkeypatch.setattr(dedup, "BLOCK", 7)  # many tiles, ragged edges
@@ -247,6 +254,14 @@ def test_dedup_finds_the_copy_and_blocks_agree_with_brute_force(model_dir, photo
     want = {(i, j) for i in range(50) for j in range(i + 1, 50) if full[i, j] >= 0.3}
     assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == want
     np.testing.assert_allclose(sims, full[rows, cols], atol=1e-6)
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_cli_embed_and_dedup(model_dir, photos, tmp_path, monkeypatch, capsys):

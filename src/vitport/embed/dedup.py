@@ -64,7 +64,7 @@ def _pairs_faiss(vectors: np.ndarray, threshold: float):
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     lims, sims, found = index.range_search(vectors, threshold)
-    rows = np.repeat(np.arange(len(vectors)), np.diff(lims))
+    rows = np.repeat(np.arange(len(vectors)), np.diff(lims).astype(np.int64))
     keep = rows < found
     return rows[keep], found[keep], sims[keep]
 
