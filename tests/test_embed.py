@@ -299,6 +299,9 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     written = len(list(killed.glob("part-*.parquet")))
+    (
+        killed / ".part-00017.parquet.tmp-{}-999999999".format(__import__("socket").gethostname())
+    ).write_bytes(b"half")
     assert 3 <= written < 18
     assert json.loads((killed / "manifest.json").read_text())["complete"] is False
     subprocess.run([*command, str(killed)], env=env, check=True, capture_output=True)
@@ -309,3 +312,11 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(ids) == len(set(ids)) == 36
     assert resumed.equals(uninterrupted)
     assert json.loads((killed / "manifest.json").read_text())["complete"] is True
+    assert not list(killed.glob(".*.tmp-*"))  # a killed run's half-written file is cleared
+
+
+def test_out_that_cannot_be_written_is_one_clear_error(model_dir, photos, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(VitportError, match="cannot write to"):
+        embed([str(photos)], str(model_dir), blocker / "out", device="cpu", batch_size=4)

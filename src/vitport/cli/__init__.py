@@ -25,7 +25,9 @@ app = typer.Typer(
         "A port, step by step: [bold]vitport infer[/bold] (does it run?), [bold]vitport compare "
         "--localize --try-fixes[/bold] (is it faithful, and if not, where and what cures it?), "
         "[bold]vitport bench --optimize[/bold] (how fast, and the fastest faithful setting), "
-        "[bold]vitport report[/bold] (all of it, written up). Errors are one line and exit 2; "
+        "[bold]vitport report[/bold] (all of it, written up). [bold]vitport convert[/bold] moves "
+        "checkpoints between layouts and to ONNX, proven unchanged; [bold]vitport embed[/bold] "
+        "turns image collections into features. Errors are one line and exit 2; "
         "put --debug before the command for a traceback."
     ),
     no_args_is_help=True,

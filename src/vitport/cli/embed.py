@@ -134,8 +134,10 @@ def dedup(
     column: Annotated[str, typer.Option(help="Which output to compare.")] = "pooled",
     show: Annotated[int, typer.Option(min=0, help="Pairs to print.")] = 20,
 ) -> None:
-    """Near-duplicate pairs by cosine similarity of the embeddings (FAISS when installed, else
-    blocked matrix products; never the full N x N matrix in memory)."""
+    """Near-duplicate pairs by cosine similarity of the embeddings.
+
+    FAISS when installed, else blocked matrix products: never the full N x N matrix in memory.
+    """
     from rich.table import Table
 
     from vitport.embed.dedup import near_duplicates, write_pairs

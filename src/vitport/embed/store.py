@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,16 @@ class Store:
             ) from exc
         if not manifest.is_file():
             self.write_manifest()
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of killed runs on this host (other hosts' may still be writing)."""
+        host = socket.gethostname()
+        for folder in (self.dir, self.dir / STATE):
+            for tmp in folder.glob(f".*.tmp-{host}-*"):
+                pid = tmp.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not _alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
 
     def _check_same(self, before: Mapping[str, Any]) -> None:
         theirs = before.get("settings", {})
@@ -151,7 +162,7 @@ class Store:
             ) from exc
 
     def _atomic(self, path: Path, write) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         try:
             write(tmp)
             os.replace(tmp, path)
@@ -199,6 +210,16 @@ class Store:
         self._atomic(self.dir / MANIFEST,
                      lambda p: p.write_text(json.dumps(manifest, indent=2)))  # fmt: skip
         return manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _short(value: Any) -> str:
