@@ -77,6 +77,14 @@ def default_outputs(encoder: Encoder) -> list[str]:
     return ["cls", "pooled"] if encoder.layout.num_cls else ["pooled"]
 
 
+def check_output_names(text: str | Sequence[str]) -> list[str]:
+    """The asked-for outputs, refused before any work when one is not an output at all."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if not names or any(n not in OUTPUT_NAMES for n in names):
+        raise VitportError(f"--outputs {','.join(names)}: choose from {', '.join(OUTPUT_NAMES)}")
+    return names
+
+
 def parse_outputs(text: str | Sequence[str] | None, encoder: Encoder) -> list[str]:
     if text is None:
         return default_outputs(encoder)
@@ -167,6 +175,8 @@ def embed(
     if engine not in ("local", "ray"):
         raise VitportError(f"--engine {engine}: use local or ray")
     worker, of = parse_shard(shard)
+    if outputs is not None:
+        check_output_names(outputs)
     inputs = collect(sources, column)
     out = Path(out).expanduser()
     _check_writable(out)
