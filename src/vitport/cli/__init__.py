@@ -764,9 +764,14 @@ def models() -> None:
 @app.command()
 def devices() -> None:
     """Show the devices this machine offers and describe the default one."""
-    from vitport.devices import available_devices, resolve_device
+    from vitport.devices import available_devices, npu_problem, resolve_device
 
     console.print(f"available: {', '.join(available_devices())}")
+    problem = npu_problem()
+    if problem:
+        from rich.markup import escape
+
+        console.print(f"[yellow]npu:[/yellow] {escape(problem)}", soft_wrap=True)
     table = Table(title="auto device")
     table.add_column("field")
     table.add_column("value")
