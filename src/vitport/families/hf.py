@@ -126,7 +126,16 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFM
                 trust_remote_code=trust_remote_code,
                 dtype=torch.float32,
             )
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # transformers wraps loading errors in several types
+            from vitport.families.timm import is_unsafe_pickle, unsafe_pickle_error
+
+            cause = exc
+            while cause is not None and not is_unsafe_pickle(cause):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise unsafe_pickle_error(_weights_file(path)) from exc
+            if not isinstance(exc, (OSError, ValueError)):
+                raise
             raise WeightsError(f"could not load {path}: {first_line(exc)}") from exc
     model.eval()
     if kind is None:
@@ -138,6 +147,10 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFM
         and not any(k.startswith("classifier") for k in info["missing_keys"])
     )
     return wrap(model, kind, path, image_size, notes, logits)
+
+
+def _weights_file(path: Path) -> Path:
+    return next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
 
 
 def first_line(exc: BaseException) -> str:

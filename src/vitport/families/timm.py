@@ -36,6 +36,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling and safetensors raise many types
+        if is_unsafe_pickle(exc):
+            raise unsafe_pickle_error(path) from exc
         raise WeightsError(
             f"could not read weights {path} ({type(exc).__name__}); only safetensors or "
             "weights-only PyTorch files are accepted"
@@ -44,6 +46,21 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     return state
+
+
+def is_unsafe_pickle(exc: BaseException) -> bool:
+    """torch's weights-only unpickler refused the file: it holds more than tensors."""
+    import pickle
+
+    text = str(exc)
+    return isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text
+
+
+def unsafe_pickle_error(path: Path | str) -> WeightsError:
+    return WeightsError(
+        f"{path} holds objects that are not tensors, and unpickling them may run code; vitport "
+        "does not load it: use the safetensors weights from a trusted source"
+    )
 
 
 def create(name: str, weights: Path | None, image_size: int | None) -> tuple[nn.Module, str]:
