@@ -57,9 +57,9 @@ class FakeNpu(types.ModuleType):
             def synchronize(self) -> None:
                 calls.append(("event.synchronize", None))
 
-            def elapsed_time(self, end: Event) -> float:
-                assert self.enable_timing and self.t is not None and end.t is not None
-                return (end.t - self.t) * 1000.0
+            def elapsed_time(self, end_event: Event) -> float:
+                assert self.enable_timing and self.t is not None and end_event.t is not None
+                return (end_event.t - self.t) * 1000.0
 
         self.Event = Event
 
@@ -72,8 +72,8 @@ class FakeNpu(types.ModuleType):
     def current_device(self) -> int:
         return 0
 
-    def set_device(self, index: int) -> None:
-        self.calls.append(("set_device", index))
+    def set_device(self, device: int) -> None:
+        self.calls.append(("set_device", device))
 
     def synchronize(self, device: object = None) -> None:
         self.calls.append(("synchronize", device))
@@ -93,10 +93,10 @@ class FakeNpu(types.ModuleType):
     def empty_cache(self) -> None:
         self.calls.append(("empty_cache", None))
 
-    def get_device_name(self, device: object = None) -> str:
+    def get_device_name(self, device_name: object = None) -> str:  # torch_npu's parameter name
         return FAKE_NAME
 
-    def get_device_properties(self, device: object = None) -> types.SimpleNamespace:
+    def get_device_properties(self, device_name: object = None) -> types.SimpleNamespace:
         return types.SimpleNamespace(name=FAKE_NAME, total_memory=64 * GIB)
 
     def is_bf16_supported(self) -> bool:

@@ -338,6 +338,13 @@ class Device:
         return _device_module(self.type)
 
     @property
+    def flash_selectable(self) -> bool:
+        """Whether torch's flash-only SDPA selection means anything here. torch_npu registers
+        its own scaled_dot_product_attention and kernel choice (checked against its operator
+        schemas), so on the NPU it does not."""
+        return self.type != "npu"
+
+    @property
     def is_async(self) -> bool:
         """Whether work is queued asynchronously (everything but cpu)."""
         return self.type != "cpu"

@@ -31,6 +31,11 @@ def set_attention(encoder: Encoder, kind: str) -> None:
     kernel only (fails where the device or dtype has none); default: as the model was loaded."""
     if kind not in ATTENTION:
         raise VitportError(f"--attn {kind} is unknown; choose one of {', '.join(ATTENTION)}")
+    if kind == "flash" and not encoder.device.flash_selectable:
+        raise VitportError(
+            "--attn flash: on the NPU torch_npu picks its fused attention kernel itself "
+            "(its own _fused_sdp_choice); use --attn sdpa"
+        )
     if kind == "default":
         return
     impl = "eager" if kind == "eager" else "sdpa"

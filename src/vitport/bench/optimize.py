@@ -120,7 +120,8 @@ def search_space(
     configs = [BASELINE]
     for dtype, attention, compiled in itertools.product(dtypes, attentions, compile_options):
         config = Config(dtype_name(parse_dtype(dtype)), attention, compiled)
-        if config not in configs and device.supports(parse_dtype(dtype)):
+        usable = attention != "flash" or device.flash_selectable
+        if config not in configs and usable and device.supports(parse_dtype(dtype)):
             configs.append(config)
     return configs
 
