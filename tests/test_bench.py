@@ -163,3 +163,14 @@ def test_unknown_attention_is_refused(tiny_dir):
 
     with pytest.raises(VitportError, match="choose one of default, eager, sdpa, flash"):
         configure(vitport.load(str(tiny_dir("vit"))), "xformers")
+
+
+def test_flash_attention_is_refused_where_the_backend_picks_its_own_kernel():
+    from types import SimpleNamespace
+
+    from vitport.bench.configure import set_attention
+    from vitport.errors import VitportError
+
+    npu_like = SimpleNamespace(device=SimpleNamespace(flash_selectable=False), spec="x")
+    with pytest.raises(VitportError, match="--attn sdpa"):
+        set_attention(npu_like, "flash")

@@ -171,8 +171,10 @@ def torch_npu_mismatch() -> str | None:
     installed = torch.__version__.split("+")[0]
     for line in requires:
         requirement = Requirement(line)
-        if requirement.name == "torch" and requirement.specifier and not (
-            requirement.specifier.contains(installed, prereleases=True)
+        if (
+            requirement.name == "torch"
+            and requirement.specifier
+            and not (requirement.specifier.contains(installed, prereleases=True))
         ):
             return (
                 f"torch-npu {_dist_version('torch_npu')} is built for torch{requirement.specifier} "

