@@ -117,6 +117,30 @@ def test_optimize_keeps_only_faithful_configurations(tiny_dir, photos):
     json.dumps(result.to_dict())
 
 
+def test_optimize_runs_likely_winners_first_and_stops_at_the_budget(tiny_dir, photos):
+    from vitport.bench.optimize import BASELINE, OptimizeResult, optimize
+    from vitport.devices import resolve_device
+
+    base = vitport.load(str(tiny_dir("dinov2")))
+    seen: list[str] = []
+    result = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
+                      attentions=("eager", "default"), compile_options=(False,), budget=1e-3,
+                      progress=seen.append)  # fmt: skip
+    assert [t.config for t in result.trials] == [BASELINE]  # the baseline always runs
+    assert result.skipped[0] == "bf16 default" and len(result.skipped) == 3
+    assert OptimizeResult.from_dict(result.to_dict()).skipped == result.skipped
+    whole = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
+                     attentions=("eager", "default"), compile_options=(False,),
+                     progress=seen.append)  # fmt: skip
+    assert [t.config.label() for t in whole.trials] == [
+        "fp32 default",
+        "bf16 default",
+        "bf16 eager",
+        "fp32 eager",
+    ]
+    assert any(m.startswith("[2/4, about ") and " left] " in m for m in seen)
+
+
 def test_cli_bench(monkeypatch, capsys, tiny_dir, tmp_path):
     from vitport.cli import main
 

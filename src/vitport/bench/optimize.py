@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -74,6 +75,7 @@ class Trial:
 class OptimizeResult:
     trials: list[Trial]
     batch_sizes: list[int]
+    skipped: list[str] = field(default_factory=list)  # configurations the budget left out
 
     @property
     def baseline(self) -> Trial:
@@ -103,11 +105,27 @@ class OptimizeResult:
             "best": {"config": asdict(best[0].config), "batch_size": best[1]} if best else None,
             "speedup_over_baseline": self.speedup(),
             "baseline": asdict(BASELINE),
+            "skipped": self.skipped,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimizeResult:
-        return cls([Trial.from_dict(t) for t in data["trials"]], data["batch_sizes"])
+        return cls([Trial.from_dict(t) for t in data["trials"]], data["batch_sizes"],
+                   data.get("skipped", []))  # fmt: skip
+
+
+DTYPE_ODDS = {"bf16": 0, "fp16": 1, "fp32": 2}  # 16-bit won on every device measured so far
+ATTENTION_ODDS = {"default": 0, "sdpa": 1, "flash": 2, "eager": 3}
+
+
+def likely_winners_first(configs: Sequence[Config]) -> list[Config]:
+    """The baseline (every speed-up is measured against it), then the configurations most likely
+    to be fastest: 16-bit before fp32, fused attention before eager, uncompiled before compiled
+    (compilation costs the most time to try)."""
+    rest = [c for c in configs if c != BASELINE]
+    rest.sort(key=lambda c: (c.compiled, DTYPE_ODDS.get(c.dtype, 9),
+                             ATTENTION_ODDS.get(c.attention, 9)))  # fmt: skip
+    return [BASELINE, *rest] if BASELINE in configs else rest
 
 
 def search_space(
@@ -136,44 +154,80 @@ def optimize(
     dtypes: Sequence[str] = ("fp32", "bf16", "fp16"),
     attentions: Sequence[str] = ("default", "eager", "sdpa"),
     compile_options: Sequence[bool] = (False, True),
+    budget: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> OptimizeResult:
     """Try each configuration: keep it only if it passes compare against CPU fp32, then time it.
 
-    `base` is the model on the CPU in fp32; it is never modified.
+    `base` is the model on the CPU in fp32; it is never modified. Configurations run likeliest
+    winners first; with a `budget` in seconds, the search stops before a configuration that
+    would not fit, and the result lists what it skipped.
     """
+    start = time.perf_counter()
     progress("reference: CPU fp32")
     reference: Features = infer(base, images, batch_size=4).features
-    trials = []
-    for config in search_space(device, dtypes, attentions, compile_options):
-        progress(f"{config.label()}: checking it is faithful")
-        trial = Trial(config, faithful=None, worst_rel_error=None)
-        trials.append(trial)
-        if config.compiled:
-            torch._dynamo.reset()  # each configuration compiles afresh, within dynamo's limits
+    trials: list[Trial] = []
+    configs = likely_winners_first(search_space(device, dtypes, attentions, compile_options))
+    spent: dict[bool, list[float]] = {False: [], True: []}  # seconds per config, by compiled
+    skipped: list[str] = []
+    for number, config in enumerate(configs, 1):
+        elapsed = time.perf_counter() - start
+        cost = _expected_seconds(spent, config.compiled)
+        if budget is not None and trials and elapsed + cost > budget:
+            skipped = [c.label() for c in configs[number - 1 :]]
+            break
+        left = sum(_expected_seconds(spent, c.compiled) for c in configs[number - 1 :])
+        if budget is not None:
+            left = min(left, max(0.0, budget - elapsed))
+        eta = f", about {_duration(left)} left" if spent[False] or spent[True] else ""
+        progress(f"[{number}/{len(configs)}{eta}] {config.label()}: checking it is faithful")
+        began = time.perf_counter()
+        trials.append(_trial(base, device, images, reference, config, batch_sizes, window,
+                             lambda m, label=config.label(): progress(f"{label}: {m}")))  # fmt: skip
+        spent[config.compiled].append(time.perf_counter() - began)
+    return OptimizeResult(trials, list(batch_sizes), skipped)
+
+
+def _trial(
+    base: Encoder, device: Device, images: Sequence[LoadedImage], reference: Features,
+    config: Config, batch_sizes: Sequence[int], window: Window,
+    progress: Callable[[str], None],
+) -> Trial:  # fmt: skip
+    """One configuration: faithful against the reference? Then (if so) its speed by batch."""
+    trial = Trial(config, faithful=None, worst_rel_error=None)
+    if config.compiled:
+        torch._dynamo.reset()  # each configuration compiles afresh, within dynamo's limits
+    try:
+        candidate = configure(
+            base.to(device, parse_dtype(config.dtype)), config.attention, config.compiled
+        )
+        output = infer(candidate, images, batch_size=4).features
+    except (VitportError, RuntimeError, torch.OutOfMemoryError) as exc:
+        trial.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return trial
+    judged = judge_features(reference.groups(), output.groups(), thresholds_for(config.dtype))
+    trial.faithful = bool(judged)
+    trial.worst_rel_error = judged.worst_rel_error
+    trial.failed_checks = [f"{c.group}.{c.metric}={c.value:.3g}" for c in judged.verdict.failures]
+    if not trial.faithful and config != BASELINE:
+        return trial  # unfaithful speed is not worth measuring
+    for batch in batch_sizes:
+        progress(f"batch {batch}")
         try:
-            candidate = configure(
-                base.to(device, parse_dtype(config.dtype)), config.attention, config.compiled
-            )
-            output = infer(candidate, images, batch_size=4).features
-        except (VitportError, RuntimeError, torch.OutOfMemoryError) as exc:
-            trial.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            continue
-        judged = judge_features(reference.groups(), output.groups(), thresholds_for(config.dtype))
-        trial.faithful = bool(judged)
-        trial.worst_rel_error = judged.worst_rel_error
-        trial.failed_checks = [
-            f"{c.group}.{c.metric}={c.value:.3g}" for c in judged.verdict.failures
-        ]
-        if not trial.faithful and config != BASELINE:
-            continue  # unfaithful speed is not worth measuring
-        for batch in batch_sizes:
-            progress(f"{config.label()}: batch {batch}")
-            try:
-                run = bench_batch(candidate, batch, window, config.attention, config.compiled)
-            except VitportError as exc:
-                trial.error = str(exc)
-                break
-            trial.measurements[batch] = run.measurement
-        del candidate
-    return OptimizeResult(trials, list(batch_sizes))
+            run = bench_batch(candidate, batch, window, config.attention, config.compiled)
+        except VitportError as exc:
+            trial.error = str(exc)
+            break
+        trial.measurements[batch] = run.measurement
+    return trial
+
+
+def _expected_seconds(spent: dict[bool, list[float]], compiled: bool) -> float:
+    """The mean time of the configurations of this kind tried so far (compiled ones take
+    longer); before any, the other kind's, else 0."""
+    same = spent[compiled] or spent[not compiled]
+    return sum(same) / len(same) if same else 0.0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

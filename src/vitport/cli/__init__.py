@@ -421,6 +421,14 @@ def bench(
             "fastest configuration that still passes compare.",
         ),
     ] = False,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="--optimize: stop after about this many seconds; the likeliest winners run "
+            "first and what was skipped is listed.",
+        ),
+    ] = None,
     min_seconds: Annotated[
         float, typer.Option(min=0.0, help="Measured window per batch size.")
     ] = 2.0,
@@ -475,6 +483,8 @@ def bench(
                 "(model, dtype, attention, compiled); compare like with like"
             )
     window = Window(warmup_seconds=warmup_seconds, min_seconds=min_seconds)
+    if budget is not None and not optimize:
+        raise VitportError("--budget applies to --optimize; add --optimize or drop --budget")
     if optimize:
         clashing = [flag for flag, given in (
             ("--dtype", dtype != "fp32"), ("--attn", attn != "default"), ("--compile", compile),
@@ -487,7 +497,7 @@ def bench(
                 f"drop {', '.join(clashing)}"
             )
         return bench_optimize(model, images, device, sizes or [1, 8], window, image_size,
-                              weights, trust_remote_code, cuda_shim, json_out)  # fmt: skip
+                              weights, trust_remote_code, cuda_shim, json_out, budget)  # fmt: skip
     encoder = load_model(model, device, dtype, image_size, weights, trust_remote_code, cuda_shim,
                          fixes)  # fmt: skip
     configure(encoder, attn, compile)
@@ -584,7 +594,7 @@ def bench_e2e(encoder, images, workers, batch_size, out) -> None:
 
 
 def bench_optimize(model, images, device, sizes, window, image_size, weights, trust_remote_code,
-                   cuda_shim, json_out) -> None:  # fmt: skip
+                   cuda_shim, json_out, budget=None) -> None:  # fmt: skip
     import json
 
     from vitport import cli_tables
@@ -595,9 +605,15 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
     loaded, _ = read_inputs(images, image_size or 224)
     base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
     with console.status("optimising ...") as status:
-        result = run_optimize(base, target, loaded, sizes, window,
+        result = run_optimize(base, target, loaded, sizes, window, budget=budget,
                               progress=lambda m: status.update(m + " ..."))  # fmt: skip
     console.print(cli_tables.optimize_table(result))
+    if result.skipped:
+        console.print(
+            f"[yellow]budget reached:[/yellow] {len(result.skipped)} configurations not tried "
+            f"({', '.join(result.skipped)})",
+            highlight=False,
+        )
     best = result.best()
     if best is None:
         console.print("[red]no configuration was faithful[/red]")
@@ -641,6 +657,14 @@ def report(
     batch_sizes: Annotated[
         str, typer.Option(help="Batch sizes to benchmark, or auto.")
     ] = "1,2,4,8",
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="--optimize: stop after about this many seconds; the likeliest winners run "
+            "first and what was skipped is listed.",
+        ),
+    ] = None,
     min_seconds: Annotated[
         float, typer.Option(min=0.0, help="Measured window per batch size.")
     ] = 2.0,
