@@ -222,11 +222,19 @@ def _trial(
     return trial
 
 
+COMPILE_PRIOR = 20.0  # a first torch.compile costs about 20x an uncompiled try (demo, 2-core CPU)
+
+
 def _expected_seconds(spent: dict[bool, list[float]], compiled: bool) -> float:
-    """The mean time of the configurations of this kind tried so far (compiled ones take
-    longer); before any, the other kind's, else 0."""
-    same = spent[compiled] or spent[not compiled]
-    return sum(same) / len(same) if same else 0.0
+    """The mean time of the configurations of this kind tried so far; before a compiled one has
+    run, COMPILE_PRIOR times an uncompiled one (compilation dominates); else 0."""
+    if spent[compiled]:
+        return sum(spent[compiled]) / len(spent[compiled])
+    other = spent[not compiled]
+    if not other:
+        return 0.0
+    mean = sum(other) / len(other)
+    return mean * COMPILE_PRIOR if compiled else mean / COMPILE_PRIOR
 
 
 def _duration(seconds: float) -> str:
