@@ -118,7 +118,7 @@ def verdict_text(result: CompareResult) -> Text:
 def localization_table(result: CompareResult) -> Table:
     loc = result.localization
     table = Table(
-        title=f"error by block (local = teacher-forced on the {result.localization_reference} input)"
+        title=f"error by block; local = teacher-forced against {result.localization_reference}"
     )
     kinds = []
     for point in loc.points:

@@ -90,18 +90,26 @@ class Features:
         names = [n for p in parts for n in p.names]
         return replace(first, names=names, **joined)
 
-    def save(self, path: str | Path) -> Path:
-        """Write a golden file: tensors as safetensors, everything else as JSON metadata."""
+    def save(
+        self,
+        path: str | Path,
+        extra: dict[str, torch.Tensor] | None = None,
+        extra_header: dict[str, str] | None = None,
+    ) -> Path:
+        """Write a golden file: tensors as safetensors, everything else as JSON metadata.
+        `extra` tensors (block states, named ``blocks/...``) go in the same file."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.groups().items()}
+        tensors.update({k: v.contiguous() for k, v in (extra or {}).items()})
         header = {
             "vitport_features": "1",
             "grid": json.dumps(list(self.grid)),
             "names": json.dumps(self.names),
             "meta": json.dumps(self.meta, sort_keys=True),
+            **(extra_header or {}),
         }
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata=header)
@@ -120,7 +128,8 @@ class Features:
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                groups = [k for k in f.keys() if k in OUTPUT_GROUPS]  # noqa: SIM118
+                tensors = {k: f.get_tensor(k) for k in groups}  # block states stay on disk
         except Exception as exc:  # safetensors raises several unrelated types
             raise VitportError(f"{path} is not a safetensors features file ({exc})") from exc
         if header.get("vitport_features") != "1" or "patches" not in tensors:

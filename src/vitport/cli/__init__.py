@@ -125,6 +125,23 @@ def infer(
         Path | None, typer.Option(help="Save the Features (safetensors + metadata) to this file.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    with_blocks: Annotated[
+        bool,
+        typer.Option(
+            "--with-blocks",
+            help="--out also stores every block's hidden states, so that compare --localize "
+            "can find the block where another machine departs from this one.",
+        ),
+    ] = False,
+    block_images: Annotated[
+        int | None, typer.Option(min=1, help="With --with-blocks: images that carry block states.")
+    ] = None,
+    blocks_fp32: Annotated[
+        bool, typer.Option("--blocks-fp32", help="Store block states in fp32, not the run's dtype.")
+    ] = False,
+    max_bytes: Annotated[
+        float, typer.Option(min=1, help="Refuse a --with-blocks file larger than this.")
+    ] = 2e9,
     fix: FixOpt = None,
     image_size: ImageSizeOpt = None,
     weights: WeightsOpt = None,
@@ -145,6 +162,8 @@ def infer(
         raise VitportError(
             f"--out {out} is a directory; give a file name such as {out}/features.safetensors"
         )
+    if with_blocks and out is None:
+        raise VitportError("--with-blocks stores block states in the --out file; add --out FILE")
     loaded, problems = read_inputs(images, image_size or 224)
     encoder = load_model(
         model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes
@@ -182,10 +201,19 @@ def infer(
         f"{encoder.load_seconds:.1f} s.[/dim]"
     )
     if out is not None:
+        from vitport.compare.localize import golden_file_parts
+
         feats.meta["skipped"] = [[p.name, p.reason] for p in problems]
         feats.meta["device_description"] = encoder.device.describe()
-        path = feats.save(out)
-        console.print(f"features saved to [bold]{path}[/bold]")
+        extra, header = {}, {}
+        if with_blocks:
+            with console.status("recording block states ..."):
+                extra, header = golden_file_parts(encoder, loaded[: block_images or len(loaded)],
+                                                  batch_size, blocks_fp32, int(max_bytes))  # fmt: skip
+        path = feats.save(out, extra, header)
+        size = path.stat().st_size
+        blocks = f", with block states at {len(extra)} points" if extra else ""
+        console.print(f"features saved to [bold]{path}[/bold] ({size / 1e6:.1f} MB{blocks})")
 
 
 def read_inputs(images: list[Path] | None, size: int):
@@ -219,6 +247,13 @@ def compare(
     reference_dtype: Annotated[
         str, typer.Option(help="dtype of an in-process reference.")
     ] = "fp32",
+    part_reference: Annotated[
+        str,
+        typer.Option(
+            help="With a golden file's block states: the device (fp32) in this process that the "
+            "parts of the culprit block are compared with."
+        ),
+    ] = "cpu",
     fix: FixOpt = None,
     localize: Annotated[
         bool, typer.Option("--localize", help="Find the first block whose own error stands out.")
@@ -281,8 +316,15 @@ def compare(
         parse_fault(inject_fault)
     golden = None
     if Path(reference).is_file():
+        from vitport.compare.localize import GoldenBlocks
+
         golden = Features.load(reference)
         golden.meta["path"] = reference
+        if localize and GoldenBlocks.open(reference) is None:
+            raise VitportError(
+                f"{reference} holds final outputs only; to localise against it, write it with "
+                "vitport infer --out FILE --with-blocks (or localise with --reference cpu)"
+            )
     elif "/" in reference or reference.endswith(".safetensors"):
         raise VitportError(f"golden file {reference} not found; write one with vitport infer --out")
     else:
@@ -307,12 +349,16 @@ def compare(
     else:
         ref = golden
     trials = [(name,) for name in fix_names()] if try_fixes else []
+    parts = None
+    if golden is not None and localize:
+        part_device = resolve_device(part_reference)
+        parts = base if part_device == resolve_device("cpu") else base.to(part_device)
     with console.status("comparing ...") as status:
         result = run_compare(
             base, candidate, ref, loaded, thresholds_for(cand_dtype, overrides),
             localize_points=localize, trial_fixes=trials, make_candidate=make_candidate,
             batch_size=batch_size, fixes=fixes, progress=lambda m: status.update(m + " ..."),
-            notes=notes,
+            notes=notes, part_reference=parts,
         )  # fmt: skip
     render_compare(result, per_input)
     if json_out is not None:

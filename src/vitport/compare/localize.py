@@ -8,8 +8,9 @@ accumulated error at the same points. Only running sums are kept, never dumps.
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -264,3 +265,237 @@ def judge_points(points: list[PointError]) -> Localization:
     if worst is not None and medians[worst] > ABSOLUTE_FLOOR:
         reason += f" (largest typical local error: {worst}, {medians[worst]:.3g})"
     return Localization(points, culprit=None, reason=reason, kind_medians=medians)
+
+
+# --- against a golden file from another machine --------------------------------------------------
+
+BLOCKS = "blocks/"  # the prefix of block states inside a golden file
+EMBEDDINGS = "embeddings"
+
+
+def block_points(encoder: Encoder) -> list[str]:
+    """The hook points a golden file stores: the embeddings' output, then every block's."""
+    names = {id(m): n for n, m in encoder.module.named_modules()}
+    return [EMBEDDINGS, *(names[id(b)] for b in encoder.blocks)]
+
+
+def _hooked_forward(encoder: Encoder, pixels: torch.Tensor, on_input, on_output) -> None:
+    """One forward with `on_input(index, args, kwargs)` before and `on_output(index, output)`
+    after every block."""
+    handles = []
+    for index, block in enumerate(encoder.blocks):
+        handles.append(
+            block.register_forward_pre_hook(
+                lambda _m, args, kwargs, i=index: on_input(i, args, kwargs), with_kwargs=True
+            )
+        )
+        handles.append(block.register_forward_hook(
+            lambda _m, _args, output, i=index: on_output(i, output)))  # fmt: skip
+    try:
+        with torch.inference_mode():
+            encoder.forward_fn(
+                encoder.module, pixels.to(encoder.device.torch_device, encoder.dtype)
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def record_block_states(
+    encoder: Encoder, pixel_batches: Iterable[torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Every point's hidden states for every image, on the CPU: what `infer --with-blocks`
+    stores, in the run's dtype unless `dtype` says otherwise."""
+    points = block_points(encoder)
+    kept: dict[str, list[torch.Tensor]] = {p: [] for p in points}
+    keep_dtype = dtype or encoder.dtype
+
+    def on_input(index: int, args: tuple, kwargs: dict) -> None:
+        if index == 0:
+            kept[EMBEDDINGS].append(first_tensor((args, kwargs)).detach().to("cpu", keep_dtype))
+
+    def on_output(index: int, output: Any) -> None:
+        kept[points[index + 1]].append(first_tensor(output).detach().to("cpu", keep_dtype))
+
+    for pixels in pixel_batches:
+        _hooked_forward(encoder, pixels, on_input, on_output)
+    return {BLOCKS + p: torch.cat(v) for p, v in kept.items()}
+
+
+@dataclass(frozen=True)
+class GoldenBlocks:
+    """The block states inside a golden file, read a slice at a time, never all at once."""
+
+    path: str
+    points: list[str]
+    images: list[str]
+    dtype: str
+
+    @classmethod
+    def open(cls, path: str | Any) -> GoldenBlocks | None:
+        """None when the file holds no block states."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if "block_points" not in header:
+            return None
+        return cls(str(path), json.loads(header["block_points"]),
+                   json.loads(header["block_images"]), header.get("block_dtype", ""))  # fmt: skip
+
+    def read(self, point: str, start: int, stop: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_slice(BLOCKS + point)[start:stop]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same call with its hidden-states tensor (the first tensor argument) replaced."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (hidden, *args[1:]), kwargs
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return args, {**kwargs, key: hidden}
+    return (hidden, *args), kwargs
+
+
+def localize_golden(
+    candidate: Encoder,
+    golden: GoldenBlocks,
+    pixel_batches: Iterable[torch.Tensor],
+    part_reference: Encoder | None = None,
+) -> Localization:
+    """Accumulated error: the candidate's own run against the golden states. Local error of
+    block i: the candidate's block i run on block i-1's golden output, against block i's golden
+    output (teacher forcing across machines). Cost: one forward, plus each block once. Then the
+    parts of the culprit block are teacher-forced against `part_reference` in this process."""
+    points = block_points(candidate)
+    accumulated = {p: ErrorSum() for p in points}
+    local = {p: ErrorSum() for p in points}
+    device, dtype = candidate.device.torch_device, candidate.dtype
+    calls: dict[int, tuple[tuple, dict]] = {}  # each block's call in the last batch
+    start, last = 0, (0, 0)
+    for pixels in pixel_batches:
+        stop = start + len(pixels)
+
+        def on_input(index: int, args: tuple, kwargs: dict, start=start, stop=stop) -> None:
+            calls[index] = (args, kwargs)
+            if index == 0:
+                hidden = first_tensor((args, kwargs))
+                golden_in = golden.read(EMBEDDINGS, start, stop)
+                accumulated[EMBEDDINGS].add(golden_in, hidden)
+                local[EMBEDDINGS].add(golden_in, hidden)  # same pixels: local = accumulated
+
+        def on_output(index: int, output: Any, start=start, stop=stop) -> None:
+            point = points[index + 1]
+            accumulated[point].add(golden.read(point, start, stop), first_tensor(output))
+
+        _hooked_forward(candidate, pixels, on_input, on_output)
+        with torch.inference_mode():
+            for index, block in enumerate(candidate.blocks):
+                given = golden.read(points[index], start, stop).to(device, dtype)
+                args, kwargs = _with_hidden(*calls[index], given)
+                forced = first_tensor(block(*args, **kwargs))
+                local[points[index + 1]].add(golden.read(points[index + 1], start, stop), forced)
+        last, start = (start, stop), stop
+    errors = [
+        PointError(
+            name=name,
+            block=None if name == EMBEDDINGS else index - 1,
+            kind="embeddings" if name == EMBEDDINGS else "block",
+            accumulated=accumulated[name].rel_error,
+            local=local[name].rel_error,
+            accumulated_max_abs=accumulated[name].max_abs,
+            local_max_abs=local[name].max_abs,
+        )
+        for index, name in enumerate(points)
+    ]
+    found = judge_points(errors)
+    culprit = next((p for p in errors if p.name == found.culprit and p.block is not None), None)
+    if culprit is None or part_reference is None:
+        return found
+    from vitport.devices import dtype_name
+
+    parts = _parts_of(candidate, part_reference, golden, culprit.block, calls, points, last)
+    worst = max(parts, key=lambda p: p.local, default=None)
+    if worst is None or worst.local <= ABSOLUTE_FLOOR:
+        return Localization(found.points + parts, found.culprit, found.reason, found.kind_medians)
+    listing = ", ".join(f"{p.kind} {p.local:.3g}" for p in parts)
+    reason = (
+        f"{found.reason}; inside block {culprit.block}, against {part_reference.device} "
+        f"{dtype_name(part_reference.dtype)} in this process, its {worst.kind} differs most "
+        f"({listing})"
+    )
+    return Localization(found.points + parts, worst.name, reason, found.kind_medians)
+
+
+def _parts_of(
+    candidate: Encoder, reference: Encoder, golden: GoldenBlocks, block: int,
+    calls: dict[int, tuple[tuple, dict]], points: list[str], rows: tuple[int, int],
+) -> list[PointError]:  # fmt: skip
+    """The culprit block's parts on the last batch: the reference block runs on the golden
+    input, and each of the candidate's parts runs on what the reference's twin part received."""
+    names = {id(m): n for n, m in reference.module.named_modules()}
+    twins = dict(candidate.module.named_modules())
+    sums = {
+        name: ErrorSum() for name in (names[id(m)] for m in reference.block_parts(block).values())
+    }
+    kinds = {names[id(m)]: kind for kind, m in reference.block_parts(block).items()}
+    device, dtype = candidate.device.torch_device, candidate.dtype
+    ref_device, ref_dtype = reference.device.torch_device, reference.dtype
+
+    def hook(name: str):
+        def run(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            forced = twins[name](*move(args, device, dtype), **move(kwargs, device, dtype))
+            sums[name].add(first_tensor(output), first_tensor(forced))
+
+        return run
+
+    modules = dict(reference.module.named_modules())
+    handles = [modules[n].register_forward_hook(hook(n), with_kwargs=True) for n in sums]
+    try:
+        with torch.inference_mode():
+            given = golden.read(points[block], *rows).to(ref_device, ref_dtype)
+            args, kwargs = _with_hidden(*move(calls[block], ref_device, ref_dtype), given)
+            reference.blocks[block](*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [PointError(name, block, kinds[name], 0.0, s.rel_error, 0.0, s.max_abs)
+            for name, s in sums.items()]  # fmt: skip
+
+
+def block_states_bytes(encoder: Encoder, images: int, dtype: torch.dtype) -> int:
+    """The size of the block states of `images` images at the encoder's input size."""
+    h, w = encoder.image_size
+    gh, gw = encoder.layout.grid(h, w)
+    tokens = encoder.layout.num_prefix + gh * gw
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return len(block_points(encoder)) * images * tokens * encoder.arch.hidden_size * itemsize
+
+
+def golden_file_parts(
+    encoder: Encoder, images: Sequence[Any], batch_size: int, fp32: bool, max_bytes: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The block states of `images` (LoadedImages) and the header naming them, for a golden file;
+    refused, with the estimate, beyond `max_bytes`."""
+    from vitport.devices import dtype_name
+    from vitport.errors import VitportError
+
+    dtype = torch.float32 if fp32 else encoder.dtype
+    size = block_states_bytes(encoder, len(images), dtype)
+    if size > max_bytes:
+        raise VitportError(
+            f"block states for {len(images)} images would take {size / 1e9:.2f} GB, over "
+            f"--max-bytes {max_bytes / 1e9:.2f} GB; lower --block-images or raise --max-bytes"
+        )
+    batches = (encoder.preprocess([im.image for im in images[i : i + batch_size]])
+               for i in range(0, len(images), batch_size))  # fmt: skip
+    states = record_block_states(encoder, batches, dtype)
+    header = {
+        "block_points": json.dumps(block_points(encoder)),
+        "block_images": json.dumps([im.name for im in images]),
+        "block_dtype": dtype_name(dtype),
+    }
+    return states, header

@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from vitport.compare.localize import Localization, localize
+from vitport.compare.localize import (
+    GoldenBlocks,
+    Localization,
+    block_points,
+    localize,
+    localize_golden,
+)
 from vitport.compare.metrics import GroupResult, compare_groups, floor_ratios
 from vitport.compare.verdict import Threshold, Verdict, judge_features
 from vitport.devices import Device, dtype_name, resolve_device
@@ -179,6 +185,24 @@ def check_golden(golden: Features, base: Encoder, names: Sequence[str]) -> None:
         )
 
 
+def golden_blocks(reference: Encoder | Features, candidate: Encoder) -> GoldenBlocks | None:
+    """The block states of a golden reference, checked against the candidate's hook points."""
+    path = reference.meta.get("path") if isinstance(reference, Features) else None
+    blocks = GoldenBlocks.open(path) if path else None
+    if blocks is None:
+        return None
+    mine = block_points(candidate)
+    if blocks.points != mine:
+        theirs_only = [p for p in blocks.points if p not in mine]
+        mine_only = [p for p in mine if p not in blocks.points]
+        raise GoldenMismatchError(
+            f"the golden file's block states are at other hook points ({len(blocks.points)} there, "
+            f"{len(mine)} here; only there: {theirs_only[:2]}, only here: {mine_only[:2]}); "
+            "write it with the same model"
+        )
+    return blocks
+
+
 def features_of(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int) -> Features:
     return infer(encoder, images, batch_size).features
 
@@ -202,6 +226,7 @@ def compare(
     fixes: Sequence[str] = (),
     progress: Callable[[str], None] = lambda _: None,
     notes: Sequence[str] = (),
+    part_reference: Encoder | None = None,
 ) -> CompareResult:
     """Compare `candidate` with `reference` on `images`, with the fp32-vs-fp64 noise floor.
 
@@ -256,15 +281,28 @@ def compare(
         notes=notes,
         patch_error_map=patch_error_map(ref_feats, out_feats),
     )
-    if localize_points:
+    blocks = golden_blocks(reference, candidate) if localize_points else None
+    if blocks is not None:
+        progress("localising against the golden file's block states")
+        parts = part_reference or base
+        chosen = [im for im in images if im.name in set(blocks.images)]
+        result.localization = localize_golden(candidate, blocks, pixel_batches(base, chosen, 2),
+                                              part_reference=parts)  # fmt: skip
+        result.localization_reference = (
+            f"the golden file's block states ({blocks.dtype}, {len(chosen)} images), the culprit "
+            f"block's parts against {parts.device} {dtype_name(parts.dtype)} here"
+        )
+    elif localize_points:
         progress("localising: teacher-forced error at every block")
         in_process = reference if isinstance(reference, Encoder) else base
         result.localization = localize(candidate, in_process, pixel_batches(base, images, 2))
-        result.localization_reference = f"{in_process.device} {dtype_name(in_process.dtype)}"
+        result.localization_reference = (
+            f"the {in_process.device} {dtype_name(in_process.dtype)} model's inputs"
+        )
         if isinstance(reference, Features):
             notes.append(
-                "localisation ran against the CPU fp32 model in this process: a golden file "
-                "holds final outputs only"
+                "localisation ran against the CPU fp32 model in this process: the golden file "
+                "holds final outputs only (write it with vitport infer --out FILE --with-blocks)"
             )
     if trial_fixes and make_candidate is None:
         raise VitportError("trying fixes needs a way to build a fresh candidate")
