@@ -148,10 +148,12 @@ def test_cli_golden_from_another_machine(monkeypatch, capsys, tiny_dir, tmp_path
     code, _, err = cli(monkeypatch, capsys, "infer", "--model", model, "--out", str(golden))
     assert code == 0, err
     code, out, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                         "--reference", str(golden), "--localize")  # fmt: skip
+                         "--reference", str(golden))  # fmt: skip
     assert code == 0, err
     assert "golden file" in out and "10 inputs" in out
-    assert "a golden file holds final outputs only" in out
+    code, out, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
+                         "--reference", str(golden), "--localize")  # fmt: skip
+    assert code == 2 and "holds final outputs only" in err and "--with-blocks" in err
 
 
 def test_identical_candidate_is_said_to_agree_exactly(tiny_dir, photos):
