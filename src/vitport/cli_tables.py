@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -41,7 +42,8 @@ def accuracy_table(result: CompareResult) -> Table:
     """Per output group: the seeds' metrics (mean and worst input) and the noise floor."""
     table = Table(
         title=(
-            f"{result.spec}: {describe_side(result.candidate)} vs {describe_side(result.reference)}"
+            f"{escape(result.spec)}: {escape(describe_side(result.candidate))} vs "
+            f"{escape(describe_side(result.reference))}"
             f", {len(result.inputs)} inputs"
         )
     )
@@ -78,7 +80,7 @@ def per_input_table(result: CompareResult) -> Table:
         for group in result.groups.values():
             metrics = group.per_input[i]
             cells.append(f"{num(metrics['rel_error'], True)} ({metrics['cos_worst']:.5f})")
-        table.add_row(image, *cells)
+        table.add_row(escape(image), *cells)
     return table
 
 
@@ -192,7 +194,7 @@ def bench_table(result) -> Table:
     """The seeds' performance table: per batch size latency percentiles, img/s, roofline."""
     table = Table(
         title=(
-            f"{result.spec} on {result.device} ({result.dtype}, attention {result.attention}"
+            f"{escape(result.spec)} on {result.device} ({result.dtype}, attention {result.attention}"
             f"{', compiled' if result.compiled else ''}), "
             f"{result.image_size[0]}x{result.image_size[1]}"
         )

@@ -12,6 +12,14 @@ from rich.table import Table
 
 from vitport.errors import VitportError
 
+
+def esc(text: object) -> str:
+    """User text (paths, specs, image names, messages) printed as written, never as markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 app = typer.Typer(
     name="vitport",
     help=(
@@ -96,19 +104,21 @@ def load_model(spec: str, device: str, dtype: str, image_size: int | None, weigh
 
     if cuda_shim:
         errors.print(f"[dim]{enable_cuda_shim()}[/dim]")
-    with console.status(f"loading {spec} ..."):
+    with console.status(f"loading {esc(spec)} ..."):
         encoder = vitport.load(
             spec, device, dtype, image_size=image_size, weights=weights,
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
     for report in apply_fixes(encoder, fixes):
-        errors.print(f"[dim]fix {report.name}: {report.detail}[/dim]", soft_wrap=True)
+        errors.print(f"[dim]fix {report.name}: {esc(report.detail)}[/dim]", soft_wrap=True)
     return encoder
 
 
 def report_problems(problems) -> None:
     for problem in problems:
-        errors.print(f"[yellow]skipped[/yellow] {problem.name}: {problem.reason}", soft_wrap=True)
+        errors.print(
+            f"[yellow]skipped[/yellow] {esc(problem.name)}: {esc(problem.reason)}", soft_wrap=True
+        )
 
 
 def fmt_values(values, count: int = 4) -> str:
@@ -172,7 +182,9 @@ def infer(
     feats = result.features
     h, w = encoder.image_size
 
-    summary = Table(title=f"{model} on {encoder.device} ({feats.meta['dtype']}), {h}x{w} input")
+    summary = Table(
+        title=f"{esc(model)} on {encoder.device} ({feats.meta['dtype']}), {h}x{w} input"
+    )
     summary.add_column("output")
     summary.add_column("shape")
     for name, shape in feats.shapes().items():
@@ -183,7 +195,7 @@ def infer(
         f"{encoder.layout.describe(h, w)}; source: {encoder.source}[/dim]"
     )
     for note in encoder.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")
 
     per_image = Table(title="per image")
     for column in ("image", "size", "latency ms", "pooled[:4]"):
@@ -192,7 +204,7 @@ def infer(
     for i, name in enumerate(feats.names):
         ow, oh = result.original_sizes[i]
         per_image.add_row(
-            name, f"{ow}x{oh}", f"{result.per_image_ms[i]:.1f}", fmt_values(pooled[i])
+            esc(name), f"{ow}x{oh}", f"{result.per_image_ms[i]:.1f}", fmt_values(pooled[i])
         )
     console.print(per_image)
     console.print(
@@ -213,7 +225,7 @@ def infer(
         path = feats.save(out, extra, header)
         size = path.stat().st_size
         blocks = f", with block states at {len(extra)} points" if extra else ""
-        console.print(f"features saved to [bold]{path}[/bold] ({size / 1e6:.1f} MB{blocks})")
+        console.print(f"features saved to [bold]{esc(path)}[/bold] ({size / 1e6:.1f} MB{blocks})")
 
 
 def read_inputs(images: list[Path] | None, size: int):
@@ -357,14 +369,14 @@ def compare(
         result = run_compare(
             base, candidate, ref, loaded, thresholds_for(cand_dtype, overrides),
             localize_points=localize, trial_fixes=trials, make_candidate=make_candidate,
-            batch_size=batch_size, fixes=fixes, progress=lambda m: status.update(m + " ..."),
+            batch_size=batch_size, fixes=fixes, progress=lambda m: status.update(esc(m) + " ..."),
             notes=notes, part_reference=parts,
         )  # fmt: skip
     render_compare(result, per_input)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.to_dict(), indent=2))
-        console.print(f"every number written to [bold]{json_out}[/bold]")
+        console.print(f"every number written to [bold]{esc(json_out)}[/bold]")
     if not result.passed:
         raise typer.Exit(1)
 
@@ -382,14 +394,16 @@ def render_compare(result, per_input: bool = False) -> None:
         "the arithmetic noise of fp32 this error is.[/dim]"
     )
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")
     if result.localization is not None:
         console.print(cli_tables.localization_table(result))
         loc = result.localization
         if loc.culprit:
-            console.print(f"[bold]first diverging point:[/bold] {loc.culprit}: {loc.reason}")
+            console.print(
+                f"[bold]first diverging point:[/bold] {esc(loc.culprit)}: {esc(loc.reason)}"
+            )
         else:
-            console.print(f"[bold]no single culprit:[/bold] {loc.reason}")
+            console.print(f"[bold]no single culprit:[/bold] {esc(loc.reason)}")
     if result.trials:
         console.print(cli_tables.trials_table(result))
         best = result.best_trial()
@@ -549,7 +563,7 @@ def bench(
     configure(encoder, attn, compile)
     with console.status("benchmarking ...") as status:
         result = run_bench(encoder, sizes, window, attention=attn, compiled=compile,
-                           progress=lambda m: status.update(m + " ..."))  # fmt: skip
+                           progress=lambda m: status.update(esc(m) + " ..."))  # fmt: skip
     from vitport import cli_tables
 
     console.print(cli_tables.bench_table(result))
@@ -568,7 +582,7 @@ def bench(
             f"batch {best.batch_size}"
         )
     for note in result.notes + encoder.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+        console.print(f"[yellow]note:[/yellow] {esc(note)}", soft_wrap=True)
     if e2e:
         bench_e2e(encoder, images, workers, sizes[0] if sizes else 8, console)
     data = result.to_dict()
@@ -613,7 +627,7 @@ def write_outputs(data, json_out, csv_text, csv_out, md_text, md_out) -> None:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) if text is None else text)
-        console.print(f"written: [bold]{path}[/bold]")
+        console.print(f"written: [bold]{esc(path)}[/bold]")
 
 
 def bench_e2e(encoder, images, workers, batch_size, out) -> None:
@@ -634,9 +648,9 @@ def bench_e2e(encoder, images, workers, batch_size, out) -> None:
     out.print(table)
     out.print(result.bottleneck())
     for note in result.notes:
-        out.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+        out.print(f"[yellow]note:[/yellow] {esc(note)}", soft_wrap=True)
     for name, reason in result.skipped:
-        errors.print(f"[yellow]skipped[/yellow] {name}: {reason}", soft_wrap=True)
+        errors.print(f"[yellow]skipped[/yellow] {esc(name)}: {esc(reason)}", soft_wrap=True)
 
 
 def bench_optimize(model, images, device, sizes, window, image_size, weights, trust_remote_code,
@@ -652,7 +666,7 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
     base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
     with console.status("optimising ...") as status:
         result = run_optimize(base, target, loaded, sizes, window, budget=budget,
-                              progress=lambda m: status.update(m + " ..."))  # fmt: skip
+                              progress=lambda m: status.update(esc(m) + " ..."))  # fmt: skip
     console.print(cli_tables.optimize_table(result))
     if result.skipped:
         console.print(
@@ -679,7 +693,7 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.to_dict(), indent=2))
-        console.print(f"written: [bold]{json_out}[/bold]")
+        console.print(f"written: [bold]{esc(json_out)}[/bold]")
 
 
 @app.command()
@@ -756,7 +770,7 @@ def report(
         raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
     if from_json is not None:
         path = write_report(read_report(from_json), out, lang)
-        console.print(f"report re-rendered: [bold]{path}[/bold]")
+        console.print(f"report re-rendered: [bold]{esc(path)}[/bold]")
         return
     if model is None:
         raise VitportError("vitport report needs --model SPEC (or --from DIR/report.json)")
@@ -777,7 +791,7 @@ def report(
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:  # fmt: skip
         task = progress.add_task(f"report on {model}")
-        log = RunLog(echo=lambda m: progress.update(task, description=m))
+        log = RunLog(echo=lambda m: progress.update(task, description=esc(m)))
         from vitport.bench.run import Window
 
         options = ReportOptions(
@@ -793,7 +807,7 @@ def report(
 
     for line in headline(data, STRINGS[lang]):
         console.print(line.replace("**", ""))
-    console.print(f"report written: [bold]{path}[/bold]")
+    console.print(f"report written: [bold]{esc(path)}[/bold]")
 
 
 @app.command()
@@ -846,7 +860,7 @@ def devices() -> None:
     table.add_column("field")
     table.add_column("value")
     for key, value in resolve_device("auto").describe().items():
-        table.add_row(key, value)
+        table.add_row(key, esc(value))
     console.print(table)
 
 
@@ -860,7 +874,7 @@ def main() -> None:
     except VitportError as exc:
         if debug:
             raise
-        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {esc(exc)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         errors.print("[red]interrupted[/red]")

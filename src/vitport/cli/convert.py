@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vitport.cli import RemoteCodeOpt, app, console
+from vitport.cli import RemoteCodeOpt, app, console, esc
 
 
 @app.command()
@@ -81,7 +81,7 @@ def convert(
                 source, to, out, from_layout=from_layout, arch=arch, image_size=image_size,
                 overwrite=overwrite, opset=opset, static=static, batch_size=batch_size,
                 trust_remote_code=trust_remote_code,
-                progress=lambda m: status.update(m + " ..."),
+                progress=lambda m: status.update(esc(m) + " ..."),
             )  # fmt: skip
         except VerificationFailed as exc:
             console.print(cli_tables.conversion_table(exc.result))
@@ -94,16 +94,16 @@ def convert(
         f"{len(result.dropped)} tensors dropped, {len(result.filled)} filled[/dim]"
     )
     for name, why in sorted(result.dropped.items()):
-        console.print(f"[dim]dropped {name}: {why}[/dim]", soft_wrap=True)
+        console.print(f"[dim]dropped {esc(name)}: {esc(why)}[/dim]", soft_wrap=True)
     for name, why in sorted(result.filled.items()):
-        console.print(f"[dim]filled {name} with zeros: {why}[/dim]", soft_wrap=True)
+        console.print(f"[dim]filled {esc(name)} with zeros: {esc(why)}[/dim]", soft_wrap=True)
     skipped = {g: why for c in result.checks for g, why in c.skipped.items()}
     for group, why in skipped.items():
-        console.print(f"[dim]{group} not compared: {why}[/dim]", soft_wrap=True)
+        console.print(f"[dim]{group} not compared: {esc(why)}[/dim]", soft_wrap=True)
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")
     console.print(
-        f"[green]same function[/green]: written to [bold]{result.out}[/bold] "
+        f"[green]same function[/green]: written to [bold]{esc(result.out)}[/bold] "
         f"({', '.join(result.files)})"
     )
     if json_out is not None:

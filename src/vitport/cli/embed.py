@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from vitport.cli import DeviceOpt, DtypeOpt, FixOpt, ImageSizeOpt, ModelOpt, app, console, errors
+from vitport.cli import (
+    DeviceOpt,
+    DtypeOpt,
+    FixOpt,
+    ImageSizeOpt,
+    ModelOpt,
+    app,
+    console,
+    errors,
+    esc,
+)
 
 
 @app.command()
@@ -95,13 +105,13 @@ def embed(
             workers=workers, image_size=image_size, fixes=parse_fixes(fix), outputs=outputs,
             shard_size=shard_size, column=column, overwrite=overwrite, engine=engine,
             ray_address=ray_address, shard=shard,
-            progress=lambda m: bar.update(task, description=m),
+            progress=lambda m: bar.update(task, description=esc(m)),
             on_batch=on_batch,
         )  # fmt: skip
     dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in summary.outputs.items())
     console.print(
         f"{summary.embedded} embedded, {summary.errors} in errors.parquet, of {summary.inputs} "
-        f"inputs ({dims}) in [bold]{summary.out}[/bold]"
+        f"inputs ({dims}) in [bold]{esc(summary.out)}[/bold]"
         + ("" if summary.complete else " [yellow](incomplete: other shards pending)[/yellow]")
     )
     if summary.written_now:
@@ -114,7 +124,7 @@ def embed(
     if summary.skipped_done:
         console.print(f"[dim]resumed: {summary.skipped_done} inputs were already written[/dim]")
     for note in summary.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")
 
 
 @app.command()
@@ -147,8 +157,8 @@ def dedup(
     for name in ("id a", "id b", "cosine"):
         table.add_column(name, justify="right" if name == "cosine" else "left")
     for a, b, sim in pairs.top(show):
-        table.add_row(a, b, f"{sim:.4f}")
+        table.add_row(esc(a), esc(b), f"{sim:.4f}")
     console.print(table)
     if out is not None:
         write_pairs(pairs, out)
-        console.print(f"all {len(pairs)} pairs written to [bold]{out}[/bold]")
+        console.print(f"all {len(pairs)} pairs written to [bold]{esc(out)}[/bold]")
