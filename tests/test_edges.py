@@ -30,3 +30,53 @@ def test_modelscope_hint_keeps_its_brackets(monkeypatch, capsys):
         return  # the hint only shows where modelscope is missing
     code, _, err = run(monkeypatch, capsys, "infer", "--model", "ms:org/name")
     assert code == 2 and "pip install 'vitport[modelscope]'" in err
+
+
+def test_infer_out_never_replaces_a_file_vitport_did_not_write(monkeypatch, capsys, tiny_dir,
+                                                               tmp_path):  # fmt: skip
+    model = str(tiny_dir("dinov2"))
+    theirs = tmp_path / "model.safetensors"
+    theirs.write_bytes(b"someone's weights")
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(theirs))
+    assert code == 2 and "was not written by vitport" in err and "--overwrite" in err
+    assert theirs.read_bytes() == b"someone's weights"
+    ours = tmp_path / "golden.safetensors"
+    for _ in range(2):  # vitport's own file is simply replaced
+        code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(ours))
+        assert code == 0, err
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(theirs),
+                       "--overwrite")  # fmt: skip
+    assert code == 0, err
+
+
+def test_report_out_never_replaces_a_users_readme(monkeypatch, capsys, tiny_dir, tmp_path):
+    (tmp_path / "README.md").write_text("my project")
+    code, _, err = run(monkeypatch, capsys, "report", "--model", str(tiny_dir("vit")), "--out",
+                       str(tmp_path))  # fmt: skip
+    assert code == 2 and "did not write" in err
+    assert (tmp_path / "README.md").read_text() == "my project"
+
+
+def test_outputs_are_checked_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for args in (["compare", "--json", str(blocker / "c.json")],
+                 ["bench", "--csv", str(blocker / "b.csv")],
+                 ["bench", "--markdown", str(blocker / "b.md")],
+                 ["infer", "--out", str(blocker / "g.safetensors")]):  # fmt: skip
+        # the model does not exist: a check after loading would say so instead
+        code, out, err = run(monkeypatch, capsys, args[0], "--model", "./no-such-model", *args[1:])
+        assert code == 2 and "cannot write" in err and "PASS" not in out, (args, err)
+
+
+def test_a_damaged_demo_cache_is_rebuilt_not_loaded(demo_encoder):
+    from vitport.families import resolve
+
+    weights = resolve("demo:dinov2-small")[1] / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # cut short, as a full disk or an --out would
+    import vitport
+
+    again = vitport.load("demo:dinov2-small")
+    assert again.weights_sha256 == demo_encoder.weights_sha256
+    assert weights.stat().st_size == len(data)

@@ -112,8 +112,12 @@ class Features:
             **(extra_header or {}),
         }
         tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata=header)
-        tmp.replace(path)
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise VitportError(f"could not write {path}: {exc.strerror or exc}") from exc
         return path
 
     @classmethod

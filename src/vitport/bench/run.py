@@ -22,6 +22,20 @@ SCHEMA_VERSION = 1
 AUTO_MAX_BATCH = 1024
 AUTO_PATIENCE = 2  # doublings without a throughput gain before auto stops
 AUTO_MIN_GAIN = 0.03
+CSV_COLUMNS = [
+    "model",
+    "infer_img_size",
+    "infer_samples_per_sec",
+    "infer_step_time",
+    "infer_batch_size",
+    "param_count",
+    "infer_gmacs",
+    "infer_device",
+    "infer_dtype",
+]  # fmt: skip  (timm benchmark.py's names)
+MARKDOWN_HEAD = (
+    "| batch | p50 ms | p90 ms | p99 ms | mean ± std ms | ms/img | img/s | TFLOP/s | MFU |"
+)
 
 
 @dataclass(frozen=True)
@@ -170,10 +184,7 @@ class BenchResult:
     def to_csv(self) -> str:
         """One row per batch size with timm benchmark.py's column names."""
         out = io.StringIO()
-        columns = ["model", "infer_img_size", "infer_samples_per_sec", "infer_step_time",
-                   "infer_batch_size", "param_count", "infer_gmacs", "infer_device",
-                   "infer_dtype"]  # fmt: skip
-        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for run in self.runs:
             m = run.measurement
@@ -194,8 +205,7 @@ class BenchResult:
 
     def to_markdown(self) -> str:
         head = (
-            "| batch | p50 ms | p90 ms | p99 ms | mean ± std ms | ms/img | img/s | TFLOP/s | MFU |\n"
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+            MARKDOWN_HEAD + "\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
         )
         lines = []
         for row in self.rows():

@@ -77,6 +77,10 @@ CudaShimOpt = Annotated[
         "--cuda-shim", help="Forward torch.cuda calls to the NPU, for code written for CUDA."
     ),
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace output files that vitport did not write."),
+]
 FixOpt = Annotated[
     str | None,
     typer.Option("--fix", help="Precision fixes to apply, comma-separated (see vitport fixes)."),
@@ -157,6 +161,7 @@ def infer(
     weights: WeightsOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     cuda_shim: CudaShimOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run a model on images: output shapes, first pooled values, per-image latency.
 
@@ -166,12 +171,10 @@ def infer(
     """
     from vitport.fixes import parse_fixes
     from vitport.infer import infer as run_infer
+    from vitport.outputs import check_file, is_features_file
 
     fixes = parse_fixes(fix)
-    if out is not None and out.is_dir():
-        raise VitportError(
-            f"--out {out} is a directory; give a file name such as {out}/features.safetensors"
-        )
+    check_file(out, "--out", overwrite, is_features_file)
     if with_blocks and out is None:
         raise VitportError("--with-blocks stores block states in the --out file; add --out FILE")
     loaded, problems = read_inputs(images, image_size or 224)
@@ -294,6 +297,7 @@ def compare(
     per_input: Annotated[
         bool, typer.Option("--per-input", help="Also show the error of each input.")
     ] = False,
+    overwrite: OverwriteOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
     image_size: ImageSizeOpt = None,
     weights: WeightsOpt = None,
@@ -318,11 +322,13 @@ def compare(
     from vitport.faults import parse_fault
     from vitport.fixes import fix_names, parse_fixes
     from vitport.images import images_by_name
+    from vitport.outputs import check_file, is_vitport_json, write_text
 
     try:
         overrides = parse_threshold_overrides(threshold or [])
     except ValueError as exc:
         raise VitportError(str(exc)) from exc
+    check_file(json_out, "--json", overwrite, is_vitport_json)
     fixes = parse_fixes(fix)
     if inject_fault:
         parse_fault(inject_fault)
@@ -374,8 +380,7 @@ def compare(
         )  # fmt: skip
     render_compare(result, per_input)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        write_text(json_out, json.dumps(result.to_dict(), indent=2))
         console.print(f"every number written to [bold]{esc(json_out)}[/bold]")
     if not result.passed:
         raise typer.Exit(1)
@@ -506,6 +511,7 @@ def bench(
     baseline: Annotated[
         Path | None, typer.Option(help="An earlier --json: flag regressions beyond the noise.")
     ] = None,
+    overwrite: OverwriteOpt = False,
     image_size: ImageSizeOpt = None,
     weights: WeightsOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
@@ -521,12 +527,16 @@ def bench(
     """
 
     from vitport.bench.configure import ATTENTION, configure
-    from vitport.bench.run import Window, regressions
+    from vitport.bench.run import CSV_COLUMNS, MARKDOWN_HEAD, Window, regressions
     from vitport.bench.run import bench as run_bench
     from vitport.fixes import parse_fixes
+    from vitport.outputs import check_file, first_line_is, is_vitport_json
 
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
+    check_file(json_out, "--json", overwrite, is_vitport_json)
+    check_file(csv_out, "--csv", overwrite, first_line_is(",".join(CSV_COLUMNS)))
+    check_file(markdown, "--markdown", overwrite, first_line_is(MARKDOWN_HEAD))
     if e2e and not images:
         raise VitportError("--e2e needs image files or a directory to read")
     if attn not in ATTENTION:
@@ -622,11 +632,12 @@ def read_baseline(path: Path):
 def write_outputs(data, json_out, csv_text, csv_out, md_text, md_out) -> None:
     import json
 
+    from vitport.outputs import write_text
+
     for path, text in ((json_out, None), (csv_out, csv_text), (md_out, md_text)):
         if path is None:
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) if text is None else text)
+        write_text(path, json.dumps(data, indent=2) if text is None else text)
         console.print(f"written: [bold]{esc(path)}[/bold]")
 
 
@@ -691,8 +702,9 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
             )  # fmt: skip
         )
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        from vitport.outputs import write_text
+
+        write_text(json_out, json.dumps(result.to_dict(), indent=2))
         console.print(f"written: [bold]{esc(json_out)}[/bold]")
 
 
@@ -745,6 +757,7 @@ def report(
     weights: WeightsOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     cuda_shim: CudaShimOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """The whole proof of a port in one command, in the form of the hand-written reports.
 
@@ -757,6 +770,7 @@ def report(
     from vitport.devices import enable_cuda_shim
     from vitport.fixes import parse_fixes
     from vitport.images import images_by_name
+    from vitport.outputs import check_dir, is_report_dir
     from vitport.report import (
         LANGS,
         ReportOptions,
@@ -768,12 +782,15 @@ def report(
 
     if lang not in LANGS:
         raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
+    check_dir(out, "--out", overwrite, is_report_dir)
     if from_json is not None:
         path = write_report(read_report(from_json), out, lang)
         console.print(f"report re-rendered: [bold]{esc(path)}[/bold]")
         return
     if model is None:
         raise VitportError("vitport report needs --model SPEC (or --from DIR/report.json)")
+    if budget is not None and not optimize:
+        raise VitportError("--budget applies to --optimize; add --optimize or drop --budget")
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
     gold = Features.load(golden) if golden is not None else None
@@ -799,7 +816,7 @@ def report(
             reference_dtype=reference_dtype, batch_sizes=tuple(sizes) if sizes else None,
             window=Window(min_seconds=min_seconds), fixes=tuple(fixes), image_size=image_size,
             weights=str(weights) if weights else None, trust_remote_code=trust_remote_code,
-            optimize=optimize,
+            optimize=optimize, budget=budget,
         )  # fmt: skip
         data = build_report(options, loaded, gold, log)
     path = write_report(data, out, lang)

@@ -165,14 +165,22 @@ def _cache_root(cache_dir: Path | None) -> Path:
 
 
 def _is_complete(directory: Path) -> bool:
-    """Whether ``directory`` holds a finished build."""
-    return (directory / COMPLETE_MARKER).is_file()
+    """Whether ``directory`` holds a finished build whose weights are still those it wrote (a
+    damaged or overwritten cache is rebuilt, never loaded)."""
+    marker = directory / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    lines = marker.read_text().split()
+    weights = directory / "model.safetensors"
+    if len(lines) < 2 or not weights.is_file():
+        return False
+    return hashlib.sha256(weights.read_bytes()).hexdigest() == lines[1]
 
 
 def _install(staging: Path, target: Path) -> None:
     """Move a finished build into place atomically; a concurrent finished build wins."""
     if target.exists() and not _is_complete(target):
-        shutil.rmtree(target)  # left by hand or by an older vitport; never by a build of ours
+        shutil.rmtree(target)  # damaged, or left by hand or an older vitport: rebuilt
     try:
         staging.rename(target)
     except OSError:
@@ -494,7 +502,8 @@ def _build(demo: DemoModel, directory: Path) -> None:
     (directory / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
     (directory / "PROVENANCE.md").write_text(_provenance(demo, record))
     _make_readable(directory)
-    (directory / COMPLETE_MARKER).write_text(f"{demo.onnx_sha256}\n")
+    weights = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+    (directory / COMPLETE_MARKER).write_text(f"{demo.onnx_sha256}\n{weights}\n")
     log.info(
         "built %s in %.1f s (max abs diff %.2e)",
         demo.name,

@@ -69,6 +69,7 @@ class ReportOptions:
     weights: str | None = None
     trust_remote_code: bool = False
     optimize: bool = False  # also search dtype x attention x batch for the fastest faithful
+    budget: float | None = None  # seconds the search may take (None: all configurations)
 
 
 def build_report(
@@ -130,7 +131,7 @@ def measure_all(
         log("searching for the fastest faithful configuration")
         sizes = list(o.batch_sizes or [1, 8])
         search = optimize(base, target, images, sizes, o.window, compile_options=(False,),
-                          progress=log).to_dict()  # fmt: skip
+                          budget=o.budget, progress=log).to_dict()  # fmt: skip
     log("done")
     height, width = candidate.image_size
     return {
