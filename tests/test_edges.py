@@ -80,3 +80,30 @@ def test_a_damaged_demo_cache_is_rebuilt_not_loaded(demo_encoder):
     again = vitport.load("demo:dinov2-small")
     assert again.weights_sha256 == demo_encoder.weights_sha256
     assert weights.stat().st_size == len(data)
+
+
+def test_golden_files_match_images_by_content(monkeypatch, capsys, tiny_dir, tmp_path):
+    from vitport.images import sample_images
+
+    model = str(tiny_dir("dinov2"))
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    photos = sample_images(3)
+    for i, im in enumerate(photos):
+        im.image.save(first / f"{i}.png")
+        im.image.save(second / f"copy-{2 - i}.png")  # other names, other order
+    golden = tmp_path / "g.safetensors"
+    monkeypatch.chdir(first)
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(golden),
+                       "0.png", "1.png", "2.png")  # fmt: skip
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
+                         "--reference", str(golden), str(second))  # fmt: skip
+    assert code == 0 and "PASS" in out, err
+    photos[0].image.transpose(0).save(first / "0.png")  # same name, other pixels
+    monkeypatch.chdir(first)
+    code, out, err = run(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
+                         "--reference", str(golden), "0.png", "1.png", "2.png")  # fmt: skip
+    assert code == 2 and "image 0.png is not the one" in err

@@ -284,6 +284,16 @@ def read_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{path}: {problem.reason}") from problem.__cause__
 
 
+def content_sha256(image: Image.Image) -> str:
+    """A hash of an image's decoded pixels (after EXIF orientation and RGB conversion): the same
+    picture gives the same hash from any file name or directory."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
 def read_image_bytes(data: bytes, name: str) -> Image.Image:
     """Decode an image held in memory (a Parquet column, say); ImageError("<name>: <reason>")."""
     try:

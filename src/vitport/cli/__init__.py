@@ -217,8 +217,10 @@ def infer(
     )
     if out is not None:
         from vitport.compare.localize import golden_file_parts
+        from vitport.images import content_sha256
 
         feats.meta["skipped"] = [[p.name, p.reason] for p in problems]
+        feats.meta["image_sha256"] = [content_sha256(im.image) for im in loaded]
         feats.meta["device_description"] = encoder.device.describe()
         extra, header = {}, {}
         if with_blocks:

@@ -158,7 +158,9 @@ def worst_rel_error(groups: dict[str, GroupResult] | None) -> float:
     return max(g.worst.get("rel_error", 0.0) for g in groups.values())
 
 
-def check_golden(golden: Features, base: Encoder, names: Sequence[str]) -> None:
+def check_golden(
+    golden: Features, base: Encoder, images: Sequence[LoadedImage]
+) -> list[LoadedImage]:
     """Refuse a golden file from another model, other preprocessing or other images."""
     meta, mine = golden.meta, base.meta()
     if meta.get("weights_sha256") != mine["weights_sha256"]:
@@ -175,7 +177,11 @@ def check_golden(golden: Features, base: Encoder, names: Sequence[str]) -> None:
             f"{', '.join(f'{k}={theirs.get(k)!r} vs {ours.get(k)!r}' for k in diff[:2])}); "
             "use the same --image-size and processor"
         )
-    if list(golden.names) != list(names):
+    hashes = golden.meta.get("image_sha256")
+    if hashes:
+        return match_by_content(golden, hashes, images)
+    names = [im.name for im in images]
+    if list(golden.names) != names:
         missing = [n for n in golden.names if n not in names]
         extra = [n for n in names if n not in golden.names]
         detail = f"missing {missing[:3]}" if missing else f"not in it {extra[:3]}"
@@ -183,6 +189,33 @@ def check_golden(golden: Features, base: Encoder, names: Sequence[str]) -> None:
             f"the golden file holds other images ({len(golden.names)} there, {len(names)} here; "
             f"{detail}); pass the images it was written with, in the same order"
         )
+    return list(images)
+
+
+def match_by_content(
+    golden: Features, hashes: Sequence[str], images: Sequence[LoadedImage]
+) -> list[LoadedImage]:
+    """The given images in the golden file's order, matched by the hash of their pixels: any
+    directory, working directory or order will do; the same name with other pixels will not."""
+    from vitport.images import content_sha256
+
+    by_hash = {content_sha256(im.image): im for im in images}
+    by_name = {im.name: im for im in images}
+    ordered = []
+    for name, digest in zip(golden.names, hashes, strict=True):
+        if digest in by_hash:
+            ordered.append(by_hash[digest])
+            continue
+        if name in by_name:
+            raise GoldenMismatchError(
+                f"image {name} is not the one the golden file was written with (other pixels "
+                "under the same name); pass the original images"
+            )
+        raise GoldenMismatchError(
+            f"the golden file's image {name} is not among the {len(images)} given here (matched "
+            "by content, in any directory or order); pass the images it was written with"
+        )
+    return ordered
 
 
 def golden_blocks(reference: Encoder | Features, candidate: Encoder) -> GoldenBlocks | None:
@@ -237,7 +270,8 @@ def compare(
     names = [im.name for im in images]
     notes = list(notes)
     if isinstance(reference, Features):
-        check_golden(reference, base, names)
+        images = check_golden(reference, base, images)
+        names = [im.name for im in images]
         ref_feats = reference
         ref_side = Side(
             kind="golden",
@@ -285,7 +319,7 @@ def compare(
     if blocks is not None:
         progress("localising against the golden file's block states")
         parts = part_reference or base
-        chosen = [im for im in images if im.name in set(blocks.images)]
+        chosen = list(images[: len(blocks.images)])  # the file's first images, in its order
         result.localization = localize_golden(candidate, blocks, pixel_batches(base, chosen, 2),
                                               part_reference=parts)  # fmt: skip
         result.localization_reference = (

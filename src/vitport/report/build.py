@@ -105,7 +105,7 @@ def measure_all(
         log(f"fixes: {fix_detail}")
 
     if golden is not None:  # refuse a wrong reference before the long runs
-        check_golden(golden, base, [im.name for im in images])
+        images = check_golden(golden, base, images)
         ref: Any = golden
     elif o.reference == "cpu" and parse_dtype(o.reference_dtype) == torch.float32:
         ref = base
