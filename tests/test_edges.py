@@ -107,3 +107,21 @@ def test_golden_files_match_images_by_content(monkeypatch, capsys, tiny_dir, tmp
     code, out, err = run(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
                          "--reference", str(golden), "0.png", "1.png", "2.png")  # fmt: skip
     assert code == 2 and "image 0.png is not the one" in err
+
+
+def test_weights_cut_short_are_one_line_naming_the_file(monkeypatch, capsys, tiny_dir, tmp_path):
+    import shutil
+
+    for name in ("dinov2", "timm_vit_reg4"):
+        model = tmp_path / name
+        shutil.copytree(tiny_dir(name), model)
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        code, _, err = run(monkeypatch, capsys, "infer", "--model", str(model))
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1, err
+        assert (
+            str(weights) in errors[0]
+            and "damaged" in errors[0]
+            and "download it again" in errors[0]
+        )

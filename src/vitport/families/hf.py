@@ -134,6 +134,8 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFM
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:
                 raise unsafe_pickle_error(_weights_file(path)) from exc
+            if type(exc).__name__ == "SafetensorError":
+                raise damaged_weights_error(_weights_file(path), exc) from exc
             if not isinstance(exc, (OSError, ValueError)):
                 raise
             raise WeightsError(f"could not load {path}: {first_line(exc)}") from exc
@@ -147,6 +149,16 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFM
         and not any(k.startswith("classifier") for k in info["missing_keys"])
     )
     return wrap(model, kind, path, image_size, notes, logits)
+
+
+def damaged_weights_error(path: Path, exc: BaseException) -> WeightsError:
+    """One line for a weights file that is cut short or corrupt, with the cure."""
+    cure = "download it again"
+    if "demo" in path.parts:
+        cure = "run again: vitport rebuilds its demo cache when its weights hash does not match"
+    return WeightsError(
+        f"{path} is damaged (cut short or corrupt: {first_line(exc)}); {cure}"
+    )
 
 
 def _weights_file(path: Path) -> Path:

@@ -38,6 +38,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # unpickling and safetensors raise many types
         if is_unsafe_pickle(exc):
             raise unsafe_pickle_error(path) from exc
+        if type(exc).__name__ == "SafetensorError":
+            from vitport.families.hf import damaged_weights_error
+
+            raise damaged_weights_error(path, exc) from exc
         raise WeightsError(
             f"could not read weights {path} ({type(exc).__name__}); only safetensors or "
             "weights-only PyTorch files are accepted"
@@ -89,7 +93,14 @@ def create(name: str, weights: Path | None, image_size: int | None) -> tuple[nn.
                 f"weights do not fit timm '{name}': {state_dict_problem(text)}"
             ) from exc
         raise
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError" and name.startswith("local-dir:"):
+            from vitport.families.hf import damaged_weights_error
+
+            directory = Path(name.removeprefix("local-dir:"))
+            raise damaged_weights_error(directory / "model.safetensors", exc) from exc
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         if weights is None and "local-dir:" not in name:
             raise HubUnreachableError(
                 f"could not fetch timm weights for '{name}' ({type(exc).__name__}); "
