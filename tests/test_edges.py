@@ -112,9 +112,13 @@ def test_golden_files_match_images_by_content(monkeypatch, capsys, tiny_dir, tmp
 def test_weights_cut_short_are_one_line_naming_the_file(monkeypatch, capsys, tiny_dir, tmp_path):
     import shutil
 
-    for name in ("dinov2", "timm_vit_reg4"):
+    from test_convert import timm_dir
+
+    timm_model = timm_dir(tmp_path / "timm-source", "vit_base_patch16_224", embed_dim=32, depth=1,
+                          num_heads=2, img_size=32, patch_size=16)  # fmt: skip
+    for name, source in (("hf", tiny_dir("dinov2")), ("timm", timm_model)):
         model = tmp_path / name
-        shutil.copytree(tiny_dir(name), model)
+        shutil.copytree(source, model)
         weights = model / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
         code, _, err = run(monkeypatch, capsys, "infer", "--model", str(model))
