@@ -3,6 +3,9 @@ files by content, errors before the work, tables that fit, memory flat)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from test_cli import run
 
 
@@ -129,3 +132,62 @@ def test_weights_cut_short_are_one_line_naming_the_file(monkeypatch, capsys, tin
             and "damaged" in errors[0]
             and "download it again" in errors[0]
         )
+
+
+def peak_rss_mb(args: list[str]) -> float:
+    """Peak resident memory of one `vitport` process, in MB."""
+    import os
+    import subprocess
+    import sys
+
+    import vitport
+
+    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+               "capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "vitport", *args],
+                         env=env, capture_output=True, text=True, check=True, timeout=600)  # fmt: skip
+    return int(out.stdout.strip()) / 1024
+
+
+def test_infer_memory_is_flat_in_the_number_of_images(tiny_dir, tmp_path):
+    import os
+
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.effect_noise((1000, 1000), 60).convert("RGB").save(photo, quality=90)  # 3 MB decoded
+    for count in (30, 300):
+        folder = tmp_path / f"n{count}"
+        folder.mkdir()
+        for i in range(count):
+            os.link(photo, folder / f"{i:03d}.jpg")
+    args = ["infer", "--model", str(tiny_dir("dinov2")), "--device", "cpu", "--workers", "0",
+            "--batch-size", "8"]  # fmt: skip
+    few = peak_rss_mb([*args, str(tmp_path / "n30")])
+    many = peak_rss_mb([*args, str(tmp_path / "n300")])
+    # decoding all 300 first would hold 900 MB of pixels; streaming holds one batch
+    assert many < few + 150, (few, many)
+
+
+def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, tiny_dir,
+                                                          tmp_path):  # fmt: skip
+    from vitport import __version__
+    from vitport.images import sample_images
+
+    code, out, _ = run(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"vitport {__version__}"
+    from vitport.errors import SpecError
+
+    with pytest.raises(SpecError):  # --debug after the command: the error is raised, not a line
+        run(monkeypatch, capsys, "infer", "--model", "./nope", "--debug")
+    photo = tmp_path / "ok.jpg"
+    sample_images(1)[0].image.save(photo)
+    model = str(tiny_dir("dinov2"))
+    code, out, err = run(monkeypatch, capsys, "--quiet", "infer", "--model", model, str(photo),
+                         str(tmp_path / "typo.jpg"))  # fmt: skip
+    assert code == 0 and "1 images encoded, 1 could not be read" in out
+    assert "img/s" not in err  # no progress bar
+    code, _, _ = run(monkeypatch, capsys, "infer", "--model", model, "--strict", str(photo),
+                     str(tmp_path / "typo.jpg"))  # fmt: skip
+    assert code == 1

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from vitport.encoder import Encoder, Features
 from vitport.errors import ImageError
 from vitport.images import ImageProblem, LoadedImage
+from vitport.stream import Input
 
 
 @dataclass
@@ -19,6 +21,7 @@ class InferResult:
     batch_sizes: list[int]
     problems: list[ImageProblem] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    content_sha256: list[str] = field(default_factory=list)  # of each encoded image, in order
 
     @property
     def per_image_ms(self) -> list[float]:
@@ -52,10 +55,64 @@ def infer(
         sizes.append(len(chunk))
     if not parts:
         raise ImageError("no images to encode")
+    from vitport.images import content_sha256
+
     return InferResult(
         features=Features.concat(parts),
         batch_seconds=seconds,
         batch_sizes=sizes,
         problems=list(problems),
         original_sizes=[im.image.size for im in images],
+        content_sha256=[content_sha256(im.image) for im in images],
     )
+
+
+def infer_inputs(
+    encoder: Encoder,
+    inputs: Sequence[Input],
+    batch_size: int = 1,
+    workers: int = 2,
+    on_batch: Callable[[int, int], None] = lambda done, total: None,
+) -> InferResult:
+    """Encode image files streamed through DataLoader workers: decoded images never pile up, so
+    memory stays flat in the number of images. Unreadable ones become problems."""
+    from vitport import stream
+
+    device = encoder.device
+    pin = device.type in stream.PINNED_DEVICE_TYPES
+    dataset = stream.ImageInputs(inputs, encoder.preprocess, encoder.dtype, digests=True)
+    parts, seconds, sizes, originals, problems, digests = [], [], [], [], [], []
+    done = 0
+    try:
+        batches = list_batches(stream.make_loader(dataset, batch_size, workers, pin))
+        first = next(batches, None)
+    except stream.WorkersFailed:
+        batches = list_batches(stream.make_loader(dataset, batch_size, 0, False))
+        first = next(batches, None)
+    for batch in itertools.chain([first] if first is not None else [], batches):
+        problems.extend(ImageProblem(f.path, f.message) for f in batch.failures)
+        if batch.indices:
+            pixels = batch.pixels.to(device.torch_device, non_blocking=pin)
+            with device.timer() as timer:
+                feats = encoder.encode(pixels, [inputs[i].id for i in batch.indices])
+            parts.append(feats.to("cpu", torch.float32))
+            seconds.append(timer.seconds)
+            sizes.append(len(batch.indices))
+            originals.extend(batch.sizes)
+            digests.extend(batch.digests)
+        done += len(batch.indices) + len(batch.failures)
+        on_batch(done, len(inputs))
+    if not parts:
+        first_problem = f"; first: {problems[0].name}: {problems[0].reason}" if problems else ""
+        raise ImageError(
+            f"none of the given images could be read ({len(inputs)} given{first_problem})"
+        )
+    return InferResult(Features.concat(parts), seconds, sizes, problems, originals, digests)
+
+
+def list_batches(loader):
+    """The loader's batches; a failure to start its workers surfaces on the first one."""
+    from vitport import stream
+
+    for batch, _ in stream.timed_batches(loader, {}):
+        yield batch

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitport.errors import ImageError
-from vitport.images import read_image, read_image_bytes, reason_category
+from vitport.images import content_sha256, read_image, read_image_bytes, reason_category
 
 PINNED_DEVICE_TYPES = frozenset({"cuda", "npu"})
 """Device types whose host-to-device copies come from pinned memory."""
@@ -56,6 +56,7 @@ class Item(NamedTuple):
     decode_s: float
     preprocess_s: float
     failure: Failure | None
+    digest: str = ""  # content_sha256 of the decoded image, when asked for
 
 
 class Batch(NamedTuple):
@@ -67,6 +68,7 @@ class Batch(NamedTuple):
     decode_s: float
     preprocess_s: float
     failures: list[Failure]
+    digests: list[str]  # of the good items, when asked for
 
 
 class _ParquetRows:
@@ -106,10 +108,12 @@ class ImageInputs(Dataset):
         inputs: Sequence[Input],
         preprocess: Callable[[list[Any]], torch.Tensor],
         dtype: torch.dtype | None = None,  # cast in the worker: a 16-bit dtype halves the copy
+        digests: bool = False,  # hash each decoded image (golden files match images by content)
     ) -> None:
         self.inputs = list(inputs)
         self.preprocess = preprocess
         self.dtype = dtype
+        self.digests = digests
         self._rows = _ParquetRows()
 
     def __len__(self) -> int:
@@ -138,7 +142,8 @@ class ImageInputs(Dataset):
             failure = Failure(index, item.id, item.path, "preprocess",
                               f"preprocessing failed: {_one_line(exc)}")  # fmt: skip
             return Item(index, None, image.size, t1 - t0, time.perf_counter() - t1, failure)
-        return Item(index, pixels, image.size, t1 - t0, time.perf_counter() - t1, None)
+        digest = content_sha256(image) if self.digests else ""
+        return Item(index, pixels, image.size, t1 - t0, time.perf_counter() - t1, None, digest)
 
     @staticmethod
     def _failed(index: int, item: Input, t0: float, message: str) -> Item:
@@ -162,6 +167,7 @@ def collate(items: list[Item]) -> Batch:
         decode_s=sum(it.decode_s for it in items),
         preprocess_s=sum(it.preprocess_s for it in items),
         failures=[it.failure for it in items if it.failure is not None],
+        digests=[it.digest for it in good],
     )
 
 

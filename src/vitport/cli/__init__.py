@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -45,7 +47,7 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
-STATE = {"debug": False}
+STATE = {"debug": False, "quiet": False}
 
 ModelOpt = Annotated[
     str,
@@ -92,11 +94,30 @@ ImagesArg = Annotated[
 ]
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from vitport import __version__
+
+        console.print(f"vitport {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show full tracebacks on errors (also after the command)."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or spinners; results only.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=show_version, is_eager=True, help="Print the version."),
+    ] = False,
 ) -> None:
-    STATE["debug"] = debug
+    STATE["debug"] = debug or STATE["debug"]
+    STATE["quiet"] = quiet
 
 
 def load_model(spec: str, device: str, dtype: str, image_size: int | None, weights: Path | None,
@@ -108,7 +129,7 @@ def load_model(spec: str, device: str, dtype: str, image_size: int | None, weigh
 
     if cuda_shim:
         errors.print(f"[dim]{enable_cuda_shim()}[/dim]")
-    with console.status(f"loading {esc(spec)} ..."):
+    with spinner(f"loading {esc(spec)} ..."):
         encoder = vitport.load(
             spec, device, dtype, image_size=image_size, weights=weights,
             trust_remote_code=trust_remote_code,
@@ -139,6 +160,10 @@ def infer(
         Path | None, typer.Option(help="Save the Features (safetensors + metadata) to this file.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader workers that decode images.")] = 2,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 when any given image could not be read.")
+    ] = False,
     with_blocks: Annotated[
         bool,
         typer.Option(
@@ -170,18 +195,28 @@ def infer(
     features as a golden file that `vitport compare --reference FILE` accepts on another machine.
     """
     from vitport.fixes import parse_fixes
+    from vitport.images import default_inputs, read_images
     from vitport.infer import infer as run_infer
+    from vitport.infer import infer_inputs
     from vitport.outputs import check_file, is_features_file
+    from vitport.stream import file_inputs
 
     fixes = parse_fixes(fix)
     check_file(out, "--out", overwrite, is_features_file)
     if with_blocks and out is None:
         raise VitportError("--with-blocks stores block states in the --out file; add --out FILE")
-    loaded, problems = read_inputs(images, image_size or 224)
+    paths = find_inputs(images)
     encoder = load_model(
         model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes
     )
-    result = run_infer(encoder, loaded, batch_size, problems)
+    if paths is None:
+        loaded = default_inputs(encoder.image_size[0])
+        result = run_infer(encoder, loaded, batch_size)
+    else:
+        with progress_bar("encoding") as tick:
+            result = infer_inputs(encoder, file_inputs(paths), batch_size, workers, tick)
+        report_problems(result.problems)
+    problems = result.problems
     feats = result.features
     h, w = encoder.image_size
 
@@ -217,20 +252,86 @@ def infer(
     )
     if out is not None:
         from vitport.compare.localize import golden_file_parts
-        from vitport.images import content_sha256
 
         feats.meta["skipped"] = [[p.name, p.reason] for p in problems]
-        feats.meta["image_sha256"] = [content_sha256(im.image) for im in loaded]
+        feats.meta["image_sha256"] = result.content_sha256
         feats.meta["device_description"] = encoder.device.describe()
         extra, header = {}, {}
         if with_blocks:
-            with console.status("recording block states ..."):
-                extra, header = golden_file_parts(encoder, loaded[: block_images or len(loaded)],
-                                                  batch_size, blocks_fp32, int(max_bytes))  # fmt: skip
+            with spinner("recording block states ..."):
+                count = block_images or len(feats.names)
+                chosen = loaded[:count] if paths is None else read_images(feats.names[:count])[0]
+                extra, header = golden_file_parts(encoder, chosen, batch_size, blocks_fp32,
+                                                  int(max_bytes))  # fmt: skip
         path = feats.save(out, extra, header)
         size = path.stat().st_size
         blocks = f", with block states at {len(extra)} points" if extra else ""
         console.print(f"features saved to [bold]{esc(path)}[/bold] ({size / 1e6:.1f} MB{blocks})")
+    import torch
+
+    broken = [name for name, t in feats.groups().items() if not torch.isfinite(t).all()]
+    if broken:
+        console.print(
+            f"[yellow]warning:[/yellow] the {', '.join(broken)} output holds NaN or inf; "
+            "check the dtype (fp16 overflows above 65504) or compare it: vitport compare"
+        )
+    if problems:
+        console.print(
+            f"{len(feats.names)} images encoded, [yellow]{len(problems)} could not be read[/yellow] "
+            "(listed above)"
+        )
+        if strict:
+            raise typer.Exit(1)
+
+
+class _Silent:
+    def update(self, *_args, **_kwargs) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def spinner(text: str):
+    """A status spinner on the console, or nothing with --quiet; yields an object with update()."""
+    if STATE["quiet"]:
+        yield _Silent()
+        return
+    with console.status(text) as status:
+        yield status
+
+
+def find_inputs(images: list[Path] | None) -> list[Path] | None:
+    """The image files given (directories expanded), None for the default inputs."""
+    from vitport.images import find_images
+
+    if not images:
+        return None
+    paths = find_images(images)
+    if not paths:
+        raise VitportError(f"no images found in {', '.join(map(str, images))}")
+    return paths
+
+
+@contextlib.contextmanager
+def progress_bar(what: str):
+    """A transient bar with images/s on stderr (none with --quiet); yields on_batch(done, total)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    columns = (
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+    )
+    with Progress(*columns, console=errors, transient=True, disable=STATE["quiet"]) as bar:
+        task = bar.add_task(what, total=None, speed="")
+        start = time.perf_counter()
+
+        def tick(done: int, total: int) -> None:
+            spent = time.perf_counter() - start
+            speed = f"{done / spent:.1f} img/s" if spent > 0 else ""
+            bar.update(task, completed=done, total=total, speed=speed)
+
+        yield tick
 
 
 def read_inputs(images: list[Path] | None, size: int):
@@ -373,7 +474,7 @@ def compare(
     if golden is not None and localize:
         part_device = resolve_device(part_reference)
         parts = base if part_device == resolve_device("cpu") else base.to(part_device)
-    with console.status("comparing ...") as status:
+    with spinner("comparing ...") as status:
         result = run_compare(
             base, candidate, ref, loaded, thresholds_for(cand_dtype, overrides),
             localize_points=localize, trial_fixes=trials, make_candidate=make_candidate,
@@ -573,7 +674,7 @@ def bench(
     encoder = load_model(model, device, dtype, image_size, weights, trust_remote_code, cuda_shim,
                          fixes)  # fmt: skip
     configure(encoder, attn, compile)
-    with console.status("benchmarking ...") as status:
+    with spinner("benchmarking ...") as status:
         result = run_bench(encoder, sizes, window, attention=attn, compiled=compile,
                            progress=lambda m: status.update(esc(m) + " ..."))  # fmt: skip
     from vitport import cli_tables
@@ -677,7 +778,7 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
     target = resolve_device(device)
     loaded, _ = read_inputs(images, image_size or 224)
     base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
-    with console.status("optimising ...") as status:
+    with spinner("optimising ...") as status:
         result = run_optimize(base, target, loaded, sizes, window, budget=budget,
                               progress=lambda m: status.update(esc(m) + " ..."))  # fmt: skip
     console.print(cli_tables.optimize_table(result))
@@ -808,8 +909,8 @@ def report(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:  # fmt: skip
-        task = progress.add_task(f"report on {model}")
+                  console=console, transient=True, disable=STATE["quiet"]) as progress:  # fmt: skip
+        task = progress.add_task(f"report on {esc(model)}")
         log = RunLog(echo=lambda m: progress.update(task, description=esc(m)))
         from vitport.bench.run import Window
 
@@ -886,6 +987,8 @@ def devices() -> None:
 def main() -> None:
     """Entry point: run the app, turning known errors into one line and an exit code."""
     debug = "--debug" in sys.argv
+    if debug:  # accepted before or after the command
+        sys.argv = [sys.argv[0], "--debug", *(a for a in sys.argv[1:] if a != "--debug")]
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:

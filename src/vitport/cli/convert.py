@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vitport.cli import RemoteCodeOpt, app, console, esc
+from vitport.cli import RemoteCodeOpt, app, console, esc, spinner
 
 
 @app.command()
@@ -75,7 +75,7 @@ def convert(
     from vitport.convert import VerificationFailed
     from vitport.convert import convert as run_convert
 
-    with console.status("converting ...") as status:
+    with spinner("converting ...") as status:
         try:
             result = run_convert(
                 source, to, out, from_layout=from_layout, arch=arch, image_size=image_size,

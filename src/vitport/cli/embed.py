@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from vitport.cli import (
+    STATE,
     DeviceOpt,
     DtypeOpt,
     FixOpt,
@@ -88,7 +89,7 @@ def embed(
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[speed]}"), TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=errors, disable=quiet, transient=True) as bar:
+    with Progress(*columns, console=errors, disable=quiet or STATE["quiet"], transient=True) as bar:
         task = bar.add_task("loading", total=None, speed="")
         started: dict[str, float] = {}
 

@@ -156,9 +156,7 @@ def damaged_weights_error(path: Path, exc: BaseException) -> WeightsError:
     cure = "download it again"
     if "demo" in path.parts:
         cure = "run again: vitport rebuilds its demo cache when its weights hash does not match"
-    return WeightsError(
-        f"{path} is damaged (cut short or corrupt: {first_line(exc)}); {cure}"
-    )
+    return WeightsError(f"{path} is damaged (cut short or corrupt: {first_line(exc)}); {cure}")
 
 
 def _weights_file(path: Path) -> Path:
