@@ -191,3 +191,30 @@ def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, t
     code, _, _ = run(monkeypatch, capsys, "infer", "--model", model, "--strict", str(photo),
                      str(tmp_path / "typo.jpg"))  # fmt: skip
     assert code == 1
+
+
+def test_tables_fit_80_columns_without_cutting_a_number(monkeypatch, capsys, tiny_dir):
+    import contextlib
+    import sys
+
+    from vitport.cli import main
+
+    def narrow(*args: str) -> str:
+        monkeypatch.setattr(sys, "argv", ["vitport", *args])
+        monkeypatch.setenv("COLUMNS", "80")
+        with contextlib.suppress(SystemExit):
+            main()
+        return capsys.readouterr().out
+
+    model = str(tiny_dir("dinov2"))
+    bench = narrow("bench", "--model", model, "--device", "cpu", "--batch-sizes", "1,2",
+                   "--min-seconds", "0.1", "--warmup-seconds", "0.05")  # fmt: skip
+    compare = narrow("compare", "--model", model, "--device", "cpu", "--dtype", "bf16")
+    for text in (bench, compare):
+        assert "…" not in text
+        table_lines = [line for line in text.splitlines() if set(line) & set("│┃┏┗└┡")]
+        assert table_lines and max(len(line) for line in table_lines) <= 80
+    assert "not shown at this width" in bench and "img/s" in bench and "p50" in bench
+    wide = narrow("--wide", "bench", "--model", model, "--device", "cpu", "--batch-sizes", "1",
+                  "--min-seconds", "0.1", "--warmup-seconds", "0.05")  # fmt: skip
+    assert "not shown" not in wide and "vendor" in wide

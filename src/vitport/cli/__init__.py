@@ -47,7 +47,7 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
-STATE = {"debug": False, "quiet": False}
+STATE = {"debug": False, "quiet": False, "wide": False}
 
 ModelOpt = Annotated[
     str,
@@ -111,6 +111,9 @@ def main_options(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars or spinners; results only.")
     ] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every table column, whatever the terminal's width.")
+    ] = False,
     version: Annotated[
         bool,
         typer.Option("--version", callback=show_version, is_eager=True, help="Print the version."),
@@ -118,6 +121,24 @@ def main_options(
 ) -> None:
     STATE["debug"] = debug or STATE["debug"]
     STATE["quiet"] = quiet
+    STATE["wide"] = wide
+
+
+BENCH_DROP = ("samples", "MFU vendor", "p95 ms", "p90 ms", "mean ± std ms", "peak mem",
+              "TFLOP/s", "ms/img")  # fmt: skip
+ACCURACY_DROP = ("mse", "vec rel", "cos mean", "floor rel err", "max abs", "rel err mean")
+
+
+def show(table, drop_order: tuple[str, ...] = ()) -> None:
+    """Print a table whole: columns fold rather than cut, and at a narrow terminal the least
+    needed ones (drop_order) go first; --wide keeps them all."""
+    from vitport.cli_tables import fit, natural_width
+
+    if STATE["wide"]:  # the whole table, as wide as it needs, past the terminal's edge
+        table = fit(table, None)
+        Console(width=max(console.width, natural_width(table))).print(table)
+    else:
+        console.print(fit(table, console.width, drop_order))
 
 
 def load_model(spec: str, device: str, dtype: str, image_size: int | None, weights: Path | None,
@@ -227,7 +248,7 @@ def infer(
     summary.add_column("shape")
     for name, shape in feats.shapes().items():
         summary.add_row(name, " x ".join(map(str, shape)))
-    console.print(summary)
+    show(summary)
     console.print(
         f"[dim]{encoder.family}, {encoder.num_params / 1e6:.1f}M parameters, tokens: "
         f"{encoder.layout.describe(h, w)}; source: {encoder.source}[/dim]"
@@ -244,7 +265,7 @@ def infer(
         per_image.add_row(
             esc(name), f"{ow}x{oh}", f"{result.per_image_ms[i]:.1f}", fmt_values(pooled[i])
         )
-    console.print(per_image)
+    show(per_image, ("pooled[:4]", "size"))
     console.print(
         f"[dim]latency is device time (synchronised); the first call ({result.first_call_ms:.1f} ms) "
         "includes warm-up and kernel selection. Load took "
@@ -492,9 +513,9 @@ def compare(
 def render_compare(result, per_input: bool = False) -> None:
     from vitport import cli_tables
 
-    console.print(cli_tables.accuracy_table(result))
+    show(cli_tables.accuracy_table(result), ACCURACY_DROP)
     if per_input:
-        console.print(cli_tables.per_input_table(result))
+        show(cli_tables.per_input_table(result))
     for line in cli_tables.task_lines(result):
         console.print(line)
     console.print(
@@ -504,7 +525,7 @@ def render_compare(result, per_input: bool = False) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
     if result.localization is not None:
-        console.print(cli_tables.localization_table(result))
+        show(cli_tables.localization_table(result), ("accumulated",))
         loc = result.localization
         if loc.culprit:
             console.print(
@@ -513,7 +534,7 @@ def render_compare(result, per_input: bool = False) -> None:
         else:
             console.print(f"[bold]no single culprit:[/bold] {esc(loc.reason)}")
     if result.trials:
-        console.print(cli_tables.trials_table(result))
+        show(cli_tables.trials_table(result))
         best = result.best_trial()
         if best is not None:
             from vitport.compare.run import worst_rel_error
@@ -540,7 +561,7 @@ def fixes() -> None:
     table.add_column("what it does")
     for fix in FIXES.values():
         table.add_row(fix.name, fix.help)
-    console.print(table)
+    show(table)
 
 
 def parse_batch_sizes(text: str) -> list[int] | None:
@@ -679,7 +700,7 @@ def bench(
                            progress=lambda m: status.update(esc(m) + " ..."))  # fmt: skip
     from vitport import cli_tables
 
-    console.print(cli_tables.bench_table(result))
+    show(cli_tables.bench_table(result), BENCH_DROP)
     best = result.best()
     peak = result.peak
     console.print(
@@ -781,7 +802,7 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
     with spinner("optimising ...") as status:
         result = run_optimize(base, target, loaded, sizes, window, budget=budget,
                               progress=lambda m: status.update(esc(m) + " ..."))  # fmt: skip
-    console.print(cli_tables.optimize_table(result))
+    show(cli_tables.optimize_table(result))
     if result.skipped:
         console.print(
             f"[yellow]budget reached:[/yellow] {len(result.skipped)} configurations not tried "
@@ -943,7 +964,7 @@ def thresholds() -> None:
         for t in limits:
             sign = ">" if t.higher_is_better else "<"
             table.add_row(t.group or "every group", t.metric, f"{sign} {t.limit:g}")
-        console.print(table)
+        show(table)
         console.print(THRESHOLD_REASONS[dtype], soft_wrap=False)
     console.print("override any of them with --threshold METRIC=VALUE or GROUP.METRIC=VALUE")
 
@@ -959,7 +980,7 @@ def models() -> None:
     table.add_column("meaning")
     for source in SOURCES:
         table.add_row(source.example, source.help)
-    console.print(table)
+    show(table)
     console.print(f"transformers model types: {supported_types()}")
     console.print("timm: Vision Transformers (timm.models.vision_transformer and kin)")
     console.print(f"demo models: {', '.join('demo:' + n for n in demo_names())}")
@@ -981,7 +1002,7 @@ def devices() -> None:
     table.add_column("value")
     for key, value in resolve_device("auto").describe().items():
         table.add_row(key, esc(value))
-    console.print(table)
+    show(table)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vitport.cli import RemoteCodeOpt, app, console, esc, spinner
+from vitport.cli import RemoteCodeOpt, app, console, esc, show, spinner
 
 
 @app.command()
@@ -84,11 +84,11 @@ def convert(
                 progress=lambda m: status.update(esc(m) + " ..."),
             )  # fmt: skip
         except VerificationFailed as exc:
-            console.print(cli_tables.conversion_table(exc.result))
+            show(cli_tables.conversion_table(exc.result), ("max abs",))
             if json_out is not None:
                 write_json(json_out, exc.result.to_dict())
             raise
-    console.print(cli_tables.conversion_table(result))
+    show(cli_tables.conversion_table(result), ("max abs",))
     console.print(
         f"[dim]{result.source_layout} -> {result.target} with {result.table or 'torch.onnx'}; "
         f"{len(result.dropped)} tensors dropped, {len(result.filled)} filled[/dim]"

@@ -159,7 +159,7 @@ def dedup(
         table.add_column(name, justify="right" if name == "cosine" else "left")
     for a, b, sim in pairs.top(show):
         table.add_row(esc(a), esc(b), f"{sim:.4f}")
-    console.print(table)
+    show(table)
     if out is not None:
         write_pairs(pairs, out)
         console.print(f"all {len(pairs)} pairs written to [bold]{esc(out)}[/bold]")
