@@ -18,6 +18,7 @@ from vitport.cli import (
     console,
     errors,
     esc,
+    show,
 )
 
 
@@ -143,7 +144,7 @@ def dedup(
         Path | None, typer.Option("--out", "-o", help="Write the pairs here (.parquet).")
     ] = None,
     column: Annotated[str, typer.Option(help="Which output to compare.")] = "pooled",
-    show: Annotated[int, typer.Option(min=0, help="Pairs to print.")] = 20,
+    top: Annotated[int, typer.Option("--show", min=0, help="Pairs to print.")] = 20,
 ) -> None:
     """Near-duplicate pairs by cosine similarity of the embeddings.
 
@@ -157,7 +158,7 @@ def dedup(
     table = Table(title=f"{len(pairs)} pairs with cosine >= {threshold:g} ({pairs.method})")
     for name in ("id a", "id b", "cosine"):
         table.add_column(name, justify="right" if name == "cosine" else "left")
-    for a, b, sim in pairs.top(show):
+    for a, b, sim in pairs.top(top):
         table.add_row(esc(a), esc(b), f"{sim:.4f}")
     show(table)
     if out is not None:
