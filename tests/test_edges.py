@@ -218,3 +218,50 @@ def test_tables_fit_80_columns_without_cutting_a_number(monkeypatch, capsys, tin
     wide = narrow("--wide", "bench", "--model", model, "--device", "cpu", "--batch-sizes", "1",
                   "--min-seconds", "0.1", "--warmup-seconds", "0.05")  # fmt: skip
     assert "not shown" not in wide and "vendor" in wide
+
+
+def test_small_ones(monkeypatch, capsys, tiny_dir, tmp_path):
+    import os
+
+    model = str(tiny_dir("dinov2"))  # patch 14
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--image-size", "7")
+    assert code == 2 and "try 14" in err and "try 0" not in err
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", str(tmp_path / "weights" / "x"))
+    assert code == 2 and "not found" in err and "hub" not in err.split("(")[0]
+    (tmp_path / "weights").mkdir()
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", str(tmp_path / "weights" / "x"))
+    assert code == 2 and "directory" in err and "not found" in err
+    for limit in ("rel_error=-1", "cos_worst=2", "logits.top1=1"):
+        code, _, err = run(monkeypatch, capsys, "compare", "--model", model, "-t", limit)
+        assert code == 2 and "can never pass" in err, (limit, err)
+    code, _, err = run(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
+                       "-t", "logits.rel_error=0.5")  # fmt: skip
+    assert code == 0 and "has no logits output" in err
+    golden = tmp_path / "g.safetensors"
+    assert run(monkeypatch, capsys, "infer", "--model", model, "--out", str(golden))[0] == 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert golden.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_nan_in_the_features_is_warned_about(monkeypatch, capsys, tiny_dir):
+    import torch
+
+    from vitport.encoder import Encoder
+
+    real = Encoder.encode
+
+    def poisoned(self, pixels, names=()):
+        feats = real(self, pixels, names)
+        feats.pooled = torch.full_like(feats.pooled, float("nan"))
+        return feats
+
+    monkeypatch.setattr(Encoder, "encode", poisoned)
+    code, out, _ = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("dinov2")))
+    assert code == 0 and "pooled output holds NaN or inf" in out
+
+
+def test_help_reflows(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(monkeypatch, capsys, "compare", "--help")
+    assert "relative error mean|d|/mean|ref| (seed 000), vector relative error" in out

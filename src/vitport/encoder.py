@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
@@ -114,6 +115,7 @@ class Features:
         tmp = path.with_name(path.name + ".partial")
         try:
             save_file(tensors, str(tmp), metadata=header)
+            os.chmod(tmp, 0o666 & ~_umask())  # as any file the user writes, not 0600
             tmp.replace(path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -146,6 +148,12 @@ class Features:
             meta=json.loads(header["meta"]),
             **tensors,
         )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @dataclass(frozen=True)

@@ -502,6 +502,13 @@ def compare(
             batch_size=batch_size, fixes=fixes, progress=lambda m: status.update(esc(m) + " ..."),
             notes=notes, part_reference=parts,
         )  # fmt: skip
+    for t in overrides:
+        if t.group and t.group not in result.groups:
+            errors.print(
+                f"[yellow]warning:[/yellow] -t {esc(t.spec())}: {esc(model)} has no {t.group} "
+                f"output, so this limit judges nothing (outputs: {', '.join(result.groups)})",
+                soft_wrap=True,
+            )
     render_compare(result, per_input)
     if json_out is not None:
         write_text(json_out, json.dumps(result.to_dict(), indent=2))
@@ -1042,3 +1049,16 @@ def main() -> None:
 
 from vitport.cli import convert as _convert  # noqa: E402,F401  (registers the command)
 from vitport.cli import embed as _embed  # noqa: E402,F401  (registers embed and dedup)
+
+
+def _reflow_help() -> None:
+    """Command help reflows to the terminal: a docstring's hard line breaks join within each
+    paragraph (paragraphs stay apart)."""
+    import inspect
+
+    for info in app.registered_commands:
+        doc = inspect.getdoc(info.callback) or ""
+        info.help = "\n\n".join(" ".join(part.split()) for part in doc.split("\n\n")) or None
+
+
+_reflow_help()

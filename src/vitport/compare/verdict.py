@@ -165,6 +165,16 @@ def parse_threshold_overrides(items: Sequence[str]) -> list[Threshold]:
             ) from None
         if math.isnan(limit):
             raise ValueError(f"limit in threshold {item!r} is NaN; give a number")
+        if metric in HIGHER_IS_BETTER and limit >= 1:
+            raise ValueError(
+                f"threshold {item!r} can never pass: {metric} is at most 1 and must be above "
+                "the limit; give a limit below 1 (e.g. 0.999)"
+            )
+        if metric not in HIGHER_IS_BETTER and limit <= 0:
+            raise ValueError(
+                f"threshold {item!r} can never pass: {metric} is never below {limit:g}; give a "
+                "positive limit (e.g. 0.02)"
+            )
         thresholds.append(Threshold(metric, limit, group))
     return thresholds
 

@@ -174,6 +174,11 @@ def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
         raise SpecError(
             f"{spec} is a file; pass the checkpoint's directory, or timm:NAME --weights {spec}"
         )
+    if spec.startswith((".", "/", "~")) or (len(path.parts) > 1 and path.parent.is_dir()):
+        raise SpecError(
+            f"directory {spec} not found; check the path (hub models: hf:ORG/NAME, see "
+            "vitport models)"
+        )
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return "hf", hub_snapshot(spec)
     raise SpecError(

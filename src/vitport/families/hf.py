@@ -276,6 +276,12 @@ def make_forward(kind: HFType, with_logits: bool) -> Callable[[nn.Module, torch.
     return forward_with_head
 
 
+def valid_sizes(target: int, patch: int) -> str:
+    """The nearest input sizes that are multiples of the patch size (never 0)."""
+    below, above = target // patch * patch, (target // patch + 1) * patch
+    return f"{below} or {above}" if below >= patch else str(above)
+
+
 def hf_preprocess(
     path: Path, patch: int, image_size: int | None, kind: HFType, config: Any
 ) -> Preprocess:
@@ -304,7 +310,7 @@ def hf_preprocess(
     if target % patch:
         raise VitportError(
             f"--image-size {target} is not a multiple of the patch size {patch}; "
-            f"try {target // patch * patch} or {(target // patch + 1) * patch}"
+            f"try {valid_sizes(target, patch)}"
         )
     if target != int(config.image_size) and not kind.resizable:
         raise VitportError(

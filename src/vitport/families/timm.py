@@ -137,7 +137,12 @@ def load(name: str, weights: Path | None, image_size: int | None) -> TimmModel:
     patch = int(module.patch_embed.patch_size[0])
     height, width = (int(s) for s in module.patch_embed.img_size)
     if image_size and image_size % patch:
-        raise VitportError(f"--image-size {image_size} is not a multiple of the patch size {patch}")
+        from vitport.families.hf import valid_sizes
+
+        raise VitportError(
+            f"--image-size {image_size} is not a multiple of the patch size {patch}; "
+            f"try {valid_sizes(image_size, patch)}"
+        )
     layout = TokenLayout(
         num_cls=int(getattr(module, "cls_token", None) is not None),
         num_registers=int(getattr(module, "num_reg_tokens", 0)),
