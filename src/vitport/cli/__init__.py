@@ -79,6 +79,15 @@ CudaShimOpt = Annotated[
         "--cuda-shim", help="Forward torch.cuda calls to the NPU, for code written for CUDA."
     ),
 ]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=1.0,
+        help="--optimize: stop after about this many seconds; the likeliest winners run "
+        "first and what was skipped is listed.",
+    ),
+]
+MinSecondsOpt = Annotated[float, typer.Option(min=0.0, help="Measured window per batch size.")]
 OverwriteOpt = Annotated[
     bool,
     typer.Option("--overwrite", help="Replace output files that vitport did not write."),
@@ -617,17 +626,8 @@ def bench(
             "fastest configuration that still passes compare.",
         ),
     ] = False,
-    budget: Annotated[
-        float | None,
-        typer.Option(
-            min=1.0,
-            help="--optimize: stop after about this many seconds; the likeliest winners run "
-            "first and what was skipped is listed.",
-        ),
-    ] = None,
-    min_seconds: Annotated[
-        float, typer.Option(min=0.0, help="Measured window per batch size.")
-    ] = 2.0,
+    budget: BudgetOpt = None,
+    min_seconds: MinSecondsOpt = 2.0,
     warmup_seconds: Annotated[float, typer.Option(min=0.0, help="Warm-up per batch size.")] = 1.0,
     fix: FixOpt = None,
     json_out: Annotated[
@@ -860,17 +860,8 @@ def report(
     batch_sizes: Annotated[
         str, typer.Option(help="Batch sizes to benchmark, or auto.")
     ] = "1,2,4,8",
-    budget: Annotated[
-        float | None,
-        typer.Option(
-            min=1.0,
-            help="--optimize: stop after about this many seconds; the likeliest winners run "
-            "first and what was skipped is listed.",
-        ),
-    ] = None,
-    min_seconds: Annotated[
-        float, typer.Option(min=0.0, help="Measured window per batch size.")
-    ] = 2.0,
+    budget: BudgetOpt = None,
+    min_seconds: MinSecondsOpt = 2.0,
     optimize: Annotated[
         bool,
         typer.Option(
