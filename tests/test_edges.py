@@ -26,6 +26,11 @@ def test_markup_in_a_spec_is_one_error_line(monkeypatch, capsys):
     assert "./nope[/x]" in err
 
 
+def test_models_list_keeps_brackets(monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, capsys, "models")
+    assert code == 0 and "pip install 'vitport[modelscope]'" in out
+
+
 def test_modelscope_hint_keeps_its_brackets(monkeypatch, capsys):
     import importlib.util
 

@@ -576,7 +576,7 @@ def fixes() -> None:
     table.add_column("name")
     table.add_column("what it does")
     for fix in FIXES.values():
-        table.add_row(fix.name, fix.help)
+        table.add_row(fix.name, esc(fix.help))
     show(table)
 
 
@@ -977,7 +977,7 @@ def models() -> None:
     table.add_column("spec")
     table.add_column("meaning")
     for source in SOURCES:
-        table.add_row(source.example, source.help)
+        table.add_row(esc(source.example), esc(source.help))
     show(table)
     console.print(f"transformers model types: {supported_types()}")
     console.print("timm: Vision Transformers (timm.models.vision_transformer and kin)")
