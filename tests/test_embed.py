@@ -85,6 +85,8 @@ def test_good_rows_and_an_error_row_with_its_reason_for_each_bad_input(
                     batch_size=3, workers=0, shard_size=4)  # fmt: skip
     assert summary.embedded == len(PHOTOS) and summary.errors == len(expected)
     assert summary.embedded + summary.errors == summary.inputs and summary.complete
+    assert summary.error_reasons == {"corrupt": 1, "empty": 1, "not-an-image": 1, "too-large": 1,
+                                     "truncated": 1}  # fmt: skip
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
     assert {e["id"]: e["reason"] for e in errors} == expected
     assert all(e["message"] and e["path"].endswith(e["id"]) for e in errors)

@@ -111,8 +111,10 @@ def embed(
             on_batch=on_batch,
         )  # fmt: skip
     dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in summary.outputs.items())
+    reasons = ", ".join(f"{reason} {count}" for reason, count in summary.error_reasons.items())
     console.print(
-        f"{summary.embedded} embedded, {summary.errors} in errors.parquet, of {summary.inputs} "
+        f"{summary.embedded} embedded, {summary.errors} in errors.parquet"
+        f"{f' ({reasons})' if reasons else ''}, of {summary.inputs} "
         f"inputs ({dims}) in [bold]{esc(summary.out)}[/bold]"
         + ("" if summary.complete else " [yellow](incomplete: other shards pending)[/yellow]")
     )

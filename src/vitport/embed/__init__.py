@@ -48,6 +48,7 @@ class EmbedSummary:
     outputs: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     engine: str = "local"
+    error_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count, all runs
 
     @property
     def images_per_second(self) -> float:
@@ -222,6 +223,7 @@ def embed(
         outputs=dims,
         notes=timing.notes,
         engine=engine,
+        error_reasons=store.error_reasons(),
     )
 
 

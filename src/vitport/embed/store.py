@@ -180,6 +180,16 @@ class Store:
         table = pa.concat_tables(tables) if tables else _errors_table([])
         self._atomic(self.dir / ERRORS, lambda p: pq.write_table(table, p))
 
+    def error_reasons(self) -> dict[str, int]:
+        """How many inputs errors.parquet holds, by reason."""
+        import pyarrow.parquet as pq
+
+        path = self.dir / ERRORS
+        if not path.is_file():
+            return {}
+        reasons = pq.read_table(path, columns=["reason"]).column(0).to_pylist()
+        return {r: reasons.count(r) for r in sorted(set(reasons))}
+
     # --- the manifest ----------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
