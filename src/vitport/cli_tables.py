@@ -298,7 +298,7 @@ def _length(cell) -> int:
 def fit(table: Table, width: int | None, drop_order: tuple[str, ...] = ()) -> Table:
     """The table with every cell whole: at `width` (None: any width) the columns of
     `drop_order` are dropped, first first, until the rest fits with headers wrapped; cells are
-    never cut to '…'. The caption says what was dropped; --wide or --json show everything."""
+    never cut to '…'. The caption says what was dropped; --wide shows everything."""
     columns = list(table.columns)
 
     def total(cols, size) -> int:
@@ -315,7 +315,7 @@ def fit(table: Table, width: int | None, drop_order: tuple[str, ...] = ()) -> Ta
     fitted = Table(title=table.title)
     if dropped:
         fitted.caption = (
-            f"not shown at this width: {', '.join(dropped)} (--wide, or --json for every number)"
+            f"not shown at this width: {', '.join(dropped)} (vitport --wide shows them)"
         )
     for column in columns:
         fitted.add_column(column.header, justify=column.justify, overflow="fold",
