@@ -21,6 +21,7 @@ class StubHub:
         self.repos: dict[str, Path] = {}
         self.modes: dict[str, str] = {}
         self.requests: list[str] = []
+        self.tokens: list[str] = []  # the Authorization header of each request ("" = none)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +58,7 @@ class StubHub:
     def answer(self, request: BaseHTTPRequestHandler, body: bool) -> None:
         path = request.path.split("?")[0]
         self.requests.append(f"{request.command} {path}")
+        self.tokens.append(request.headers.get("Authorization", ""))
         info = re.fullmatch(r"/api/models/(.+?)/revision/([^/]+)", path)
         tree = re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)(/.*)?", path)
         resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)

@@ -371,13 +371,11 @@ def test_shape_preserving_mistake_caught_only_by_the_output(sources, tmp_path, c
 
 def test_existing_output_refused_without_overwrite(sources, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    first = convert(str(sources["apple"]), "hf", out)
     with pytest.raises(Exception, match="already exists"):
         convert(str(sources["apple"]), "hf", out)
-    assert (out / "keep.txt").read_text() == "mine"
-    convert(str(sources["apple"]), "hf", out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    again = convert(str(sources["apple"]), "hf", out, overwrite=True)
+    assert again.passed and (out / "model.safetensors").is_file() and first.table == again.table
 
 
 def test_same_layout_and_unknown_layout_refused(sources, tmp_path):
@@ -461,3 +459,30 @@ def test_cli_existing_out_is_refused(sources, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(monkeypatch, capsys, "convert", str(sources["apple"]), "--to", "hf",
                            "--out", str(out))  # fmt: skip
     assert code == 2 and "--overwrite" in err
+
+
+def test_overwrite_only_replaces_a_conversion(sources, tmp_path, monkeypatch):
+    from vitport.errors import VitportError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(VitportError, match="did not write"):
+        convert(str(sources["apple"]), "hf", mine, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    monkeypatch.chdir(mine)
+    with pytest.raises(VitportError, match="working directory"):
+        convert(str(sources["apple"]), "hf", ".", overwrite=True)
+    assert (mine / "thesis.tex").is_file()
+
+
+def test_static_batch_larger_than_the_proof_is_refused_before_export(sources, tmp_path):
+    from vitport.errors import VitportError
+
+    with pytest.raises(VitportError, match="at most"):
+        convert(str(sources["hf-dinov2"]), "onnx", tmp_path / "o", static=True, batch_size=16)
+
+
+def test_wrong_from_names_the_missing_tensor(sources, tmp_path):
+    with pytest.raises(ConversionError, match="lacks tensor 'preprocessor.patchifier.proj.weight'"):
+        convert(str(sources["hub"]), "hf", tmp_path / "o", from_layout="aimv2-apple")

@@ -320,5 +320,25 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_out_that_cannot_be_written_is_one_clear_error(model_dir, photos, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(VitportError, match="cannot write to"):
+    with pytest.raises(VitportError, match="cannot write"):
         embed([str(photos)], str(model_dir), blocker / "out", device="cpu", batch_size=4)
+
+
+def test_review_edges(model_dir, photos, tmp_path):
+    from vitport.embed import dedup
+
+    out = tmp_path / "out"
+    embed([str(photos)], str(model_dir), out, device="cpu", batch_size=4, outputs="pooled")
+    with pytest.raises(VitportError, match="has no 'cls' column"):
+        dedup.near_duplicates(out, 0.9, column="cls")
+    moved = tmp_path / "other"
+    save_photos(moved)  # the same names in another folder: another set of inputs
+    with pytest.raises(VitportError, match="another inputs sha256"):
+        embed([str(moved)], str(model_dir), out, device="cpu", batch_size=4, outputs="pooled")
+    with pytest.raises(VitportError, match="--overwrite with --shard"):
+        embed([str(photos)], str(model_dir), out, device="cpu", overwrite=True, shard="0/2")
+    empty = tmp_path / "bad"
+    empty.mkdir()
+    (empty / "a.jpg").write_bytes(b"")
+    embed([str(empty)], str(model_dir), tmp_path / "none", device="cpu", batch_size=4)
+    assert len(dedup.near_duplicates(tmp_path / "none", 0.9)) == 0  # every input failed

@@ -2,9 +2,10 @@
 
 Importing vitport before torch turns off torch's device-backend autoload
 (``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` unless already set): a half-installed torch_npu (CANN not
-sourced, or built for another torch) would otherwise make ``import torch`` itself fail. vitport
-imports torch_npu explicitly, from its Device layer, when an NPU is asked for or listed, and
-turns a failure into one line with the cure; the CPU keeps working.
+sourced, or built for another torch) would otherwise make ``import torch`` itself fail. Instead
+vitport's Device layer imports an installed torch_npu itself, once, at ``import vitport`` (as
+torch's autoload would), and when that fails it hides torch_npu from other libraries and keeps
+the reason: the CPU keeps working, and asking for the NPU gives one line with the cure.
 """
 
 import os

@@ -103,10 +103,11 @@ def check_dir(path: Path, option: str, overwrite: bool, ours: Callable[[Path], b
 
 def write_text(path: Path, text: str) -> None:
     """Write after the work: one line, exit code 2, when it fails anyway (disk full, ...)."""
+    tmp = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
         tmp.write_text(text)
         tmp.replace(path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc

@@ -74,6 +74,9 @@ def convert(
     from vitport import cli_tables
     from vitport.convert import VerificationFailed
     from vitport.convert import convert as run_convert
+    from vitport.outputs import check_file, is_vitport_json
+
+    check_file(json_out, "--json", overwrite, is_vitport_json)
 
     with spinner("converting ...") as status:
         try:
@@ -113,5 +116,6 @@ def convert(
 def write_json(path: Path, data: dict) -> None:
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    from vitport.outputs import write_text
+
+    write_text(path, json.dumps(data, indent=2))

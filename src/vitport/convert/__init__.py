@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vitport.compare.run import pixel_batches
 from vitport.convert.engine import ConversionError, Converted, apply
 from vitport.convert.layouts import (
     LAYOUTS,
@@ -37,7 +38,7 @@ from vitport.convert.layouts import (
     write_foreign_as_timm,
 )
 from vitport.convert.tables import DROPPED_GROUPS, table_for
-from vitport.convert.verify import Check, compare_functions, culprit, pixel_batches, run_features
+from vitport.convert.verify import Check, compare_functions, culprit, run_features
 from vitport.encoder import Encoder
 from vitport.errors import SpecError, VitportError
 
@@ -66,6 +67,7 @@ class Source:
     sha256: str
     preprocessing: Preprocessing
     processor_file: Path | None = None
+    trust_remote_code: bool = False
     _function: Encoder | None = None
 
     @property
@@ -129,9 +131,9 @@ class ConversionResult:
 
 def open_source(
     source: str,
+    workdir: Path,
     from_layout: str | None = None,
     arch: str | None = None,
-    workdir: Path | None = None,
     trust_remote_code: bool = False,
 ) -> Source:
     """Read SOURCE (a spec, a directory or a checkpoint file) and load its own function."""
@@ -162,7 +164,7 @@ def open_source(
             )
         desc = foreign_arch(layout, state, config, arch)
         pre = foreign_preprocessing(layout, desc)
-        where = Path(workdir or tempfile.mkdtemp()) / "source-as-timm"
+        where = Path(workdir) / "source-as-timm"
 
         def load_function() -> Encoder:
             write_foreign_as_timm(where, desc, state, pre)
@@ -198,6 +200,7 @@ def open_source(
         load_function=lambda: encoder,
         sha256=file_sha256(weights) if weights else f"weights:{encoder.weights_sha256}",
         preprocessing=loaded_preprocessing(encoder),
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -247,7 +250,7 @@ def convert(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=_parent(out)))
     try:
         progress(f"reading {source}")
-        src = open_source(source, from_layout, arch, staging / "work", trust_remote_code)
+        src = open_source(source, staging / "work", from_layout, arch, trust_remote_code)
         if to == "onnx":
             from vitport.convert.onnx import export_onnx
 
@@ -263,8 +266,10 @@ def convert(
         (staging / "result" / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
         result.files = sorted(p.name for p in (staging / "result").iterdir())
         (staging / "result" / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        old = None
+        if out.exists():  # moved aside, removed only once the new one is in place
+            old = staging / "replaced"
+            os.replace(out, old)
         os.replace(staging / "result", out)
         return result
     finally:
@@ -277,15 +282,20 @@ def _parent(out: Path) -> Path:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless told to replace it; check it can be written at all."""
+    """Refuse an existing output unless told to replace it and it is vitport's own (a conversion
+    directory or file); never the working directory or one of its parents."""
+    from vitport.outputs import OutputError, check_dir
+
     if out.exists() and not overwrite:
-        raise VitportError(f"{out} already exists; choose another --out or pass --overwrite")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise VitportError(f"cannot write to {parent}; choose another --out")
+        raise OutputError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise OutputError(f"--out {out} holds the working directory; choose another --out")
+    if out.is_dir():
+        check_dir(out, "--out", overwrite=False, ours=lambda p: (p / "conversion.json").is_file())
+    elif out.exists():
+        raise OutputError(f"--out {out} is a file; give a directory")
+    else:
+        check_dir(out, "--out", overwrite, ours=lambda _p: False)
 
 
 def _failure_line(result: ConversionResult) -> str:
@@ -365,4 +375,4 @@ def _convert_layout(
     return result
 
 
-__all__ = ["ConversionError", "ConversionResult", "VerificationFailed", "convert", "open_source"]
+__all__ = ["ConversionError", "ConversionResult", "VerificationFailed", "convert"]

@@ -180,7 +180,22 @@ def _heads(hidden: int, family: str) -> int:
 def foreign_arch(
     layout: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], arch: str | None
 ) -> Arch:
-    """The architecture of a dinov2-hub or aimv2-apple checkpoint, from its config or tensors."""
+    """The architecture of a dinov2-hub or aimv2-apple checkpoint, from its config or tensors;
+    a tensor the layout must have and the file lacks is named."""
+    from vitport.convert.engine import ConversionError
+
+    try:
+        return _foreign_arch(layout, state, config, arch)
+    except KeyError as exc:
+        raise ConversionError(
+            f"the source lacks tensor '{exc.args[0]}', which every {layout} checkpoint has; "
+            "is it complete, and is --from right?"
+        ) from exc
+
+
+def _foreign_arch(
+    layout: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], arch: str | None
+) -> Arch:
     if layout == "dinov2-hub":
         hidden = state["cls_token"].shape[-1]
         registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from vitport.convert.verify import compare_functions, pixel_batches, run_features
+from vitport.compare.run import pixel_batches
+from vitport.convert.verify import compare_functions, run_features
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 
@@ -56,7 +57,7 @@ def _rms_norm(g, x, normalized_shape, weight, eps):
     return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
 
 
-def register_symbolics(opset: int) -> None:
+def register_symbolics() -> None:
     """Ops the TorchScript exporter lacks that vitport's families use."""
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 18)
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_antialiased, 18)
@@ -91,12 +92,20 @@ def export_onnx(
 
     import vitport
     from vitport.convert import ConversionResult
-    from vitport.images import default_inputs
+    from vitport.images import DEFAULT_PHOTOS, DEFAULT_RANDOM, default_inputs
 
+    inputs = DEFAULT_PHOTOS + DEFAULT_RANDOM
+    if static and batch_size > inputs:
+        raise VitportError(
+            f"--static --batch-size {batch_size}: the proof runs on the {inputs} default inputs, "
+            "so a static batch can be at most that; export a smaller batch"
+        )
     encoder = src.function
     if image_size is not None and image_size != encoder.image_size[0]:
-        encoder = vitport.load(src.function.spec, image_size=image_size) if _reloadable(src) else (
-            _refuse_size(image_size, encoder))  # fmt: skip
+        if not _reloadable(src):
+            _refuse_size(image_size, encoder)
+        encoder = vitport.load(src.function.spec, image_size=image_size,
+                               trust_remote_code=src.trust_remote_code)  # fmt: skip
     size = encoder.image_size
     images = default_inputs(size[0])
     probe = encoder.encode(encoder.preprocess([images[0].image]))
@@ -107,7 +116,7 @@ def export_onnx(
     example = torch.zeros(batch_size if static else 1, 3, *size)
     dynamic = None if static else {name: {0: "batch"} for name in (INPUT, *groups)}
     if opset >= 18:  # ONNX Resize antialiases and ReduceMean takes axes as input from 18
-        register_symbolics(opset)
+        register_symbolics()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

@@ -18,7 +18,6 @@ from torch import nn
 from vitport.compare.localize import ErrorSum, first_tensor
 from vitport.compare.verdict import Judgement, judge_features, thresholds_for
 from vitport.encoder import Encoder, Features
-from vitport.images import LoadedImage
 
 LOCAL_LIMIT = 1e-4  # teacher-forced relative error of one block or part that fp32 never reaches
 
@@ -45,11 +44,6 @@ class Check:
             "verdict": self.judgement.verdict.to_dict(),
             "skipped": self.skipped,
         }
-
-
-def pixel_batches(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int):
-    for start in range(0, len(images), batch_size):
-        yield encoder.preprocess([im.image for im in images[start : start + batch_size]])
 
 
 def run_features(encoder: Encoder, pixels: list[torch.Tensor]) -> Features:
@@ -81,7 +75,7 @@ def _role(name: str, norms_seen: int) -> str:
     lowered = name.lower()
     if "attn" in lowered or "attention" in lowered:
         return "attention"
-    if any(k in lowered for k in ("mlp", "ffn", "feed_forward", "intermediate")):
+    if any(k in lowered for k in ("mlp", "ffn", "feed_forward")):
         return "mlp"
     return f"norm{norms_seen + 1}"
 

@@ -176,11 +176,18 @@ def embed(
     if engine not in ("local", "ray"):
         raise VitportError(f"--engine {engine}: use local or ray")
     worker, of = parse_shard(shard)
+    if overwrite and of > 1:
+        raise VitportError(
+            "--overwrite with --shard would let each task delete the others' finished shards; "
+            "clear the directory once before starting the tasks"
+        )
     if outputs is not None:
         check_output_names(outputs)
     inputs = collect(sources, column)
     out = Path(out).expanduser()
-    _check_writable(out)
+    from vitport.outputs import check_dir
+
+    check_dir(out, "--out", overwrite=True, ours=lambda _p: True)  # writable; Store decides more
     if isinstance(model, Encoder):
         encoder = model
     else:
@@ -204,6 +211,7 @@ def embed(
     else:
         timing = run_local(encoder, inputs, store, todo, dims, batch_size, workers, on_batch)
     seconds = time.perf_counter() - start
+    store.gather_errors()  # also after a run with nothing left to do, or another task's finish
     manifest = store.write_manifest()
     total_todo = sum(len(store.shard_range(k)) for k in todo)
     mine = sum(len(store.shard_range(k)) for k in range(store.num_shards) if k % of == worker)
@@ -225,16 +233,6 @@ def embed(
         engine=engine,
         error_reasons=store.error_reasons(),
     )
-
-
-def _check_writable(out: Path) -> None:
-    import os
-
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise VitportError(f"cannot write to {out}; choose another --out")
 
 
 @dataclass

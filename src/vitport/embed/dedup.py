@@ -29,11 +29,20 @@ class Pairs:
 
 
 def _normalised(directory: Path, column: str) -> tuple[list[str], np.ndarray]:
+    import json
+
     from vitport.embed import read
 
+    manifest = directory / "manifest.json"
+    outputs = json.loads(manifest.read_text())["settings"]["outputs"] if manifest.is_file() else {}
+    if manifest.is_file() and column not in outputs:
+        raise VitportError(
+            f"{directory} has no '{column}' column (it holds {', '.join(outputs)}); "
+            f"compare another with --column, or embed with --outputs {column}"
+        )
     data = read(directory, arrays=True, columns=["id", column])
-    if column not in data:
-        raise VitportError(f"{directory} has no '{column}' column; embed with --outputs {column}")
+    if not data["id"]:
+        return [], np.zeros((0, 1), np.float32)
     vectors = data[column].reshape(len(data["id"]), -1).astype(np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return data["id"], vectors / np.maximum(norms, 1e-12)
@@ -63,9 +72,10 @@ def _pairs_faiss(vectors: np.ndarray, threshold: float):
 
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
-    lims, sims, found = index.range_search(vectors, threshold)
+    # range_search keeps similarities above the radius; the tiles keep those at or above it
+    lims, sims, found = index.range_search(vectors, np.nextafter(threshold, -np.inf))
     rows = np.repeat(np.arange(len(vectors)), np.diff(lims).astype(np.int64))
-    keep = rows < found
+    keep = (rows < found) & (sims >= threshold)
     return rows[keep], found[keep], sims[keep]
 
 
@@ -82,6 +92,8 @@ def near_duplicates(
         except ImportError:
             method = "torch"
     find = _pairs_faiss if method == "faiss" else _pairs_torch
+    if len(ids) < 2:
+        return Pairs([], [], np.zeros(0, np.float32), method)
     rows, cols, sims = find(vectors, threshold)
     order = np.lexsort((cols, rows))
     return Pairs([ids[i] for i in rows[order]], [ids[j] for j in cols[order]],
@@ -92,7 +104,13 @@ def write_pairs(pairs: Pairs, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    table = pa.table({"id_a": pa.array(pairs.a, pa.string()), "id_b": pa.array(pairs.b, pa.string()),
+                      "cosine": pa.array(pairs.cosine, pa.float32())})  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({"id_a": pairs.a, "id_b": pairs.b, "cosine": pa.array(pairs.cosine)}), path
-    )
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise VitportError(f"could not write {path}: {exc.strerror or exc}") from exc

@@ -101,9 +101,10 @@ def collect(sources: Sequence[str], column: str | None = None) -> list[Input]:
 
 
 def fingerprint(inputs: Sequence[Input]) -> str:
-    """A hash of the ordered ids: a resumed run must see exactly the same inputs."""
+    """A hash of the ordered ids and where each is read from: a resumed run must see exactly
+    the same inputs (another folder with the same file names is another set)."""
     digest = hashlib.sha256()
     for item in inputs:
-        digest.update(item.id.encode())
-        digest.update(b"\0")
+        where = str(Path(item.path).resolve()) if item.path else ""
+        digest.update(f"{item.id}\0{where}\0{item.row}\0{item.column}\0".encode())
     return digest.hexdigest()

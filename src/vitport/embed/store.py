@@ -87,13 +87,16 @@ class Store:
                 self._clear()
             else:
                 self._check_same(json.loads(manifest.read_text()))
-        elif self.dir.is_dir() and any(self.dir.iterdir()):
+        elif self.dir.is_dir() and any(not _starting(p) for p in self.dir.iterdir()):
             raise VitportError(
                 f"--out {self.dir} holds files vitport did not write (no {MANIFEST}); "
                 "choose a new or empty directory"
             )
         try:
-            (self.dir / STATE).mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not manifest.is_file():
+                self.write_manifest()  # first: a --shard task starting beside this one sees it
+            (self.dir / STATE).mkdir(exist_ok=True)
             probe = self.dir / STATE / f"probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -101,8 +104,6 @@ class Store:
             raise VitportError(
                 f"cannot write to {self.dir} ({exc.strerror or exc}); choose another --out"
             ) from exc
-        if not manifest.is_file():
-            self.write_manifest()
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
@@ -171,11 +172,12 @@ class Store:
                 tmp.unlink()
 
     def gather_errors(self) -> None:
-        """errors.parquet: the error rows of every shard written so far."""
+        """errors.parquet: the error rows of every finished shard (its part file written)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        parts = sorted((self.dir / STATE).glob("errors-*.parquet"))
+        parts = [self.dir / STATE / f"errors-{k:05d}.parquet"
+                 for k in range(self.num_shards) if self.done(k)]  # fmt: skip
         tables = [pq.read_table(p) for p in parts]
         table = pa.concat_tables(tables) if tables else _errors_table([])
         self._atomic(self.dir / ERRORS, lambda p: pq.write_table(table, p))
@@ -220,6 +222,12 @@ class Store:
         self._atomic(self.dir / MANIFEST,
                      lambda p: p.write_text(json.dumps(manifest, indent=2)))  # fmt: skip
         return manifest
+
+
+def _starting(path: Path) -> bool:
+    """What another task writes first into a directory it is starting: the manifest's temporary
+    file and the state folder."""
+    return path.name == STATE or path.name.startswith(f".{MANIFEST}.tmp-")
 
 
 def _alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,14 +63,26 @@ class Hub:
     prefix: str
     endpoint_env: str  # the variable that overrides its address, read at each download
     default_endpoint: str | None = None  # None: huggingface_hub's own default
+    token_env: str = ""  # its own token variable; "" = huggingface_hub's login (HF only)
 
     @property
     def endpoint(self) -> str | None:
         return os.environ.get(self.endpoint_env) or self.default_endpoint
 
+    def download_options(self) -> dict[str, Any]:
+        """Another hub never gets the Hugging Face token, and keeps its own cache, so an
+        org/name there is never mistaken for the same name on huggingface.co."""
+        if not self.token_env:
+            return {}
+        from huggingface_hub import constants
+
+        cache = Path(constants.HF_HUB_CACHE) / self.prefix.rstrip(":")
+        return {"token": os.environ.get(self.token_env) or False, "cache_dir": str(cache)}
+
 
 HF_HUB = Hub("the Hugging Face hub", "hf:", "HF_ENDPOINT")
-ATOMGIT = Hub("AtomGit", "atomgit:", "VITPORT_ATOMGIT_ENDPOINT", ATOMGIT_ENDPOINT)
+ATOMGIT = Hub("AtomGit", "atomgit:", "VITPORT_ATOMGIT_ENDPOINT", ATOMGIT_ENDPOINT,
+              "VITPORT_ATOMGIT_TOKEN")  # fmt: skip
 
 
 def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
@@ -83,7 +96,8 @@ def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
         level = hub_logging.get_verbosity()
         hub_logging.set_verbosity_error()  # its retry chatter; failures come back as one line
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, endpoint=hub.endpoint))
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, endpoint=hub.endpoint,
+                                          **hub.download_options()))  # fmt: skip
         finally:
             hub_logging.set_verbosity(level)
 
@@ -92,7 +106,8 @@ def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
         if not any((path / name).is_file() for name in hf.WEIGHT_FILES):
             path = fetch(["*.json", "*.bin"])
     except GatedRepoError as exc:
-        login = "run `hf auth login`" if hub is HF_HUB else "set HF_TOKEN to a token of that hub"
+        login = f"set {hub.token_env} to a token of that hub" if hub.token_env else (
+            "run `hf auth login`")  # fmt: skip
         raise WeightsError(
             f"{repo_id} on {hub.name} is gated: accept its licence there and {login}"
         ) from exc
@@ -174,7 +189,7 @@ def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
         raise SpecError(
             f"{spec} is a file; pass the checkpoint's directory, or timm:NAME --weights {spec}"
         )
-    if spec.startswith((".", "/", "~")) or (len(path.parts) > 1 and path.parent.is_dir()):
+    if spec.startswith((".", "/", "~")) or (path.parent.is_dir() and not HUB_ID.match(spec)):
         raise SpecError(
             f"directory {spec} not found; check the path (hub models: hf:ORG/NAME, see "
             "vitport models)"
