@@ -270,3 +270,14 @@ def test_help_reflows(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run(monkeypatch, capsys, "compare", "--help")
     assert "relative error mean|d|/mean|ref| (seed 000), vector relative error" in out
+
+
+def test_a_hub_id_is_not_taken_for_a_local_path_beside_its_org_folder(monkeypatch, tmp_path):
+    from vitport.families import resolve
+
+    (tmp_path / "facebook").mkdir()  # e.g. left by an earlier download to a local dir
+    monkeypatch.chdir(tmp_path)
+    called = []
+    monkeypatch.setattr("vitport.families.hub_snapshot", lambda repo, hub=None: called.append(repo))
+    resolve("facebook/dinov2-base")
+    assert called == ["facebook/dinov2-base"]

@@ -189,7 +189,8 @@ def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
         raise SpecError(
             f"{spec} is a file; pass the checkpoint's directory, or timm:NAME --weights {spec}"
         )
-    if spec.startswith((".", "/", "~")) or (path.parent.is_dir() and not HUB_ID.match(spec)):
+    looks_local = len(path.parts) > 1 and path.parent.is_dir() and not HUB_ID.match(spec)
+    if spec.startswith((".", "/", "~")) or looks_local:
         raise SpecError(
             f"directory {spec} not found; check the path (hub models: hf:ORG/NAME, see "
             "vitport models)"
