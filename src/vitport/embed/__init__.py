@@ -89,10 +89,7 @@ def check_output_names(text: str | Sequence[str]) -> list[str]:
 def parse_outputs(text: str | Sequence[str] | None, encoder: Encoder) -> list[str]:
     if text is None:
         return default_outputs(encoder)
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    unknown = [n for n in names if n not in OUTPUT_NAMES]
-    if unknown or not names:
-        raise VitportError(f"--outputs {','.join(names)}: choose from {', '.join(OUTPUT_NAMES)}")
+    names = check_output_names(text)
     if "cls" in names and not encoder.layout.num_cls:
         raise VitportError(f"{encoder.spec} has no CLS token; use --outputs pooled")
     if "registers" in names and not encoder.layout.num_registers:
