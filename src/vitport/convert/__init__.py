@@ -266,10 +266,8 @@ def convert(
         (staging / "result" / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
         result.files = sorted(p.name for p in (staging / "result").iterdir())
         (staging / "result" / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
-        old = None
-        if out.exists():  # moved aside, removed only once the new one is in place
-            old = staging / "replaced"
-            os.replace(out, old)
+        if out.exists():  # moved aside into staging, removed with it once the new one is in place
+            os.replace(out, staging / "replaced")
         os.replace(staging / "result", out)
         return result
     finally:
