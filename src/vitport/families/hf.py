@@ -14,9 +14,15 @@ from torch import nn
 
 from vitport.encoder import Architecture, Preprocess, RawOutput, TokenLayout
 from vitport.errors import UnsupportedModelError, VitportError, WeightsError
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")  # fmt: skip
+from vitport.families.loaded import LoadedModel, check_image_size
+from vitport.families.weights import (
+    WEIGHT_FILES,
+    damaged_weights_error,
+    first_line,
+    is_unsafe_pickle,
+    unsafe_pickle_error,
+    weights_file,
+)
 
 
 @dataclass(frozen=True)
@@ -84,20 +90,7 @@ def supported_types() -> str:
     return ", ".join(sorted(HF_TYPES))
 
 
-@dataclass
-class HFModel:
-    """A transformers model and what vitport needs from it."""
-
-    module: nn.Module
-    forward: Callable[[nn.Module, torch.Tensor], RawOutput]
-    layout: TokenLayout
-    arch: Architecture
-    preprocess: Preprocess
-    notes: list[str]
-    final_norm: nn.Module | None
-
-
-def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFModel:
+def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> LoadedModel:
     """Load a transformers checkpoint directory on the CPU in fp32, checking the weights fit."""
     raw_config = read_config(path)
     model_type = raw_config.get("model_type")
@@ -127,15 +120,13 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFM
                 dtype=torch.float32,
             )
         except Exception as exc:  # transformers wraps loading errors in several types
-            from vitport.families.timm import is_unsafe_pickle, unsafe_pickle_error
-
             cause = exc
             while cause is not None and not is_unsafe_pickle(cause):
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:
-                raise unsafe_pickle_error(_weights_file(path)) from exc
+                raise unsafe_pickle_error(weights_file(path)) from exc
             if type(exc).__name__ == "SafetensorError":
-                raise damaged_weights_error(_weights_file(path), exc) from exc
+                raise damaged_weights_error(weights_file(path), exc) from exc
             if not isinstance(exc, (OSError, ValueError)):
                 raise
             raise WeightsError(f"could not load {path}: {first_line(exc)}") from exc
@@ -149,23 +140,6 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> HFM
         and not any(k.startswith("classifier") for k in info["missing_keys"])
     )
     return wrap(model, kind, path, image_size, notes, logits)
-
-
-def damaged_weights_error(path: Path, exc: BaseException) -> WeightsError:
-    """One line for a weights file that is cut short or corrupt, with the cure."""
-    cure = "download it again"
-    if "demo" in path.parts:
-        cure = "run again: vitport rebuilds its demo cache when its weights hash does not match"
-    return WeightsError(f"{path} is damaged (cut short or corrupt: {first_line(exc)}); {cure}")
-
-
-def _weights_file(path: Path) -> Path:
-    return next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def check_loading(info: dict[str, Any], path: Path, with_head: bool) -> list[str]:
@@ -194,7 +168,7 @@ def check_loading(info: dict[str, Any], path: Path, with_head: bool) -> list[str
 def wrap(
     model: nn.Module, kind: HFType, path: Path, image_size: int | None, notes: list[str],
     logits: bool,
-) -> HFModel:  # fmt: skip
+) -> LoadedModel:  # fmt: skip
     """Fill the Encoder fields for a loaded transformers model."""
     if kind.vision_attr:
         backbone = getattr(model, kind.vision_attr)
@@ -207,14 +181,16 @@ def wrap(
     patch = int(config.patch_size)
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
     top = dict(backbone.named_children())
-    return HFModel(
+    return LoadedModel(
         module=module,
+        family=f"transformers/{module.config.model_type}",
+        source=str(path),
         forward=make_forward(kind, logits),
         layout=TokenLayout(num_cls=int(kind.has_cls), num_registers=registers, patch_size=patch),
         arch=architecture(config),
         preprocess=hf_preprocess(path, patch, image_size, kind, config),
-        notes=notes,
         final_norm=next((m for n, m in top.items() if "norm" in n), None),
+        notes=notes,
     )
 
 
@@ -276,12 +252,6 @@ def make_forward(kind: HFType, with_logits: bool) -> Callable[[nn.Module, torch.
     return forward_with_head
 
 
-def valid_sizes(target: int, patch: int) -> str:
-    """The nearest input sizes that are multiples of the patch size (never 0)."""
-    below, above = target // patch * patch, (target // patch + 1) * patch
-    return f"{below} or {above}" if below >= patch else str(above)
-
-
 def hf_preprocess(
     path: Path, patch: int, image_size: int | None, kind: HFType, config: Any
 ) -> Preprocess:
@@ -307,11 +277,7 @@ def hf_preprocess(
     native = crop or size
     default = int(native.get("height") or native.get("shortest_edge") or config.image_size)
     target = image_size or default
-    if target % patch:
-        raise VitportError(
-            f"--image-size {target} is not a multiple of the patch size {patch}; "
-            f"try {valid_sizes(target, patch)}"
-        )
+    check_image_size(target, patch)
     if target != int(config.image_size) and not kind.resizable:
         raise VitportError(
             f"{kind.model_type} has fixed position embeddings for {config.image_size}px; "

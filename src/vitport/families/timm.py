@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +11,8 @@ from torch import nn
 
 from vitport.encoder import Architecture, Preprocess, RawOutput, TokenLayout
 from vitport.errors import HubUnreachableError, SpecError, VitportError, WeightsError
-
-
-@dataclass
-class TimmModel:
-    module: nn.Module
-    layout: TokenLayout
-    arch: Architecture
-    preprocess: Preprocess
-    final_norm: nn.Module | None
-    source: str
-    notes: list[str]
+from vitport.families.loaded import LoadedModel, check_image_size
+from vitport.families.weights import damaged_weights_error, is_unsafe_pickle, unsafe_pickle_error
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -39,8 +29,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         if is_unsafe_pickle(exc):
             raise unsafe_pickle_error(path) from exc
         if type(exc).__name__ == "SafetensorError":
-            from vitport.families.hf import damaged_weights_error
-
             raise damaged_weights_error(path, exc) from exc
         raise WeightsError(
             f"could not read weights {path} ({type(exc).__name__}); only safetensors or "
@@ -50,21 +38,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     return state
-
-
-def is_unsafe_pickle(exc: BaseException) -> bool:
-    """torch's weights-only unpickler refused the file: it holds more than tensors."""
-    import pickle
-
-    text = str(exc)
-    return isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text
-
-
-def unsafe_pickle_error(path: Path | str) -> WeightsError:
-    return WeightsError(
-        f"{path} holds objects that are not tensors, and unpickling them may run code; vitport "
-        "does not load it: use the safetensors weights from a trusted source"
-    )
 
 
 def create(name: str, weights: Path | None, image_size: int | None) -> tuple[nn.Module, str]:
@@ -95,8 +68,6 @@ def create(name: str, weights: Path | None, image_size: int | None) -> tuple[nn.
         raise
     except Exception as exc:
         if type(exc).__name__ == "SafetensorError" and name.startswith("local-dir:"):
-            from vitport.families.hf import damaged_weights_error
-
             directory = Path(name.removeprefix("local-dir:"))
             raise damaged_weights_error(directory / "model.safetensors", exc) from exc
         if not isinstance(exc, (OSError, ValueError)):
@@ -125,7 +96,7 @@ def state_dict_problem(text: str) -> str:
     return text.strip().splitlines()[0][:300]
 
 
-def load(name: str, weights: Path | None, image_size: int | None) -> TimmModel:
+def load(name: str, weights: Path | None, image_size: int | None) -> LoadedModel:
     import timm
 
     module, source = create(name, weights, image_size)
@@ -136,13 +107,8 @@ def load(name: str, weights: Path | None, image_size: int | None) -> TimmModel:
         )
     patch = int(module.patch_embed.patch_size[0])
     height, width = (int(s) for s in module.patch_embed.img_size)
-    if image_size and image_size % patch:
-        from vitport.families.hf import valid_sizes
-
-        raise VitportError(
-            f"--image-size {image_size} is not a multiple of the patch size {patch}; "
-            f"try {valid_sizes(image_size, patch)}"
-        )
+    if image_size:
+        check_image_size(image_size, patch)
     layout = TokenLayout(
         num_cls=int(getattr(module, "cls_token", None) is not None),
         num_registers=int(getattr(module, "num_reg_tokens", 0)),
@@ -158,15 +124,17 @@ def load(name: str, weights: Path | None, image_size: int | None) -> TimmModel:
     notes = []
     if module.num_classes and weights is None and name.startswith("local-dir:"):
         notes.append("classification head loaded from the directory")
-    return TimmModel(
+    return LoadedModel(
         module=module,
+        family="timm",
+        source=source,
+        forward=forward,
         layout=layout,
         arch=architecture(module),
         preprocess=Preprocess(
             TransformPixels(transform), (height, width), {"processor": "timm", **settings}
         ),
         final_norm=module.norm if not isinstance(module.norm, nn.Identity) else None,
-        source=source,
         notes=notes,
     )
 

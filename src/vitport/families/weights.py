@@ -1,0 +1,41 @@
+"""Weight files and the one-line errors every family gives for weights it cannot read."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+from vitport.errors import WeightsError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # fmt: skip
+
+
+def weights_file(path: Path) -> Path:
+    """The transformers weights file in directory `path` (the directory itself when none)."""
+    return next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def is_unsafe_pickle(exc: BaseException) -> bool:
+    """torch's weights-only unpickler refused the file: it holds more than tensors."""
+    return isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc)
+
+
+def unsafe_pickle_error(path: Path | str) -> WeightsError:
+    return WeightsError(
+        f"{path} holds objects that are not tensors, and unpickling them may run code; vitport "
+        "does not load it: use the safetensors weights from a trusted source"
+    )
+
+
+def damaged_weights_error(path: Path, exc: BaseException) -> WeightsError:
+    """One line for a weights file that is cut short or corrupt, with the cure."""
+    cure = "download it again"
+    if "demo" in path.parts:
+        cure = "run again: vitport rebuilds its demo cache when its weights hash does not match"
+    return WeightsError(f"{path} is damaged (cut short or corrupt: {first_line(exc)}); {cure}")
