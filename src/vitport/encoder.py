@@ -43,7 +43,10 @@ class TokenLayout:
 
 @dataclass(frozen=True)
 class Architecture:
-    """The numbers that fix a ViT's cost, read from its config (used for FLOPs and reports)."""
+    """The numbers that fix a ViT's cost and shape, independent of any checkpoint layout.
+
+    Loading fills the first seven (FLOPs and reports need them); conversion fills the rest.
+    """
 
     hidden_size: int
     depth: int
@@ -52,6 +55,34 @@ class Architecture:
     gated_mlp: bool
     patch_size: int
     in_chans: int = 3
+    family: str = ""  # for conversion: dinov2, dinov2-registers, vit, aimv2
+    grid: int = 0  # side of the position-embedding grid
+    registers: int = 0
+    num_classes: int = 0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+
+    @property
+    def image_size(self) -> int:
+        """The input side the position embeddings were trained for."""
+        return self.grid * self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The form conversion.json records (its own, shorter key names)."""
+        return {
+            "family": self.family,
+            "hidden": self.hidden_size,
+            "depth": self.depth,
+            "heads": self.num_heads,
+            "mlp_hidden": self.mlp_hidden,
+            "patch": self.patch_size,
+            "grid": self.grid,
+            "registers": self.registers,
+            "num_classes": self.num_classes,
+            "norm_eps": self.norm_eps,
+            "qkv_bias": self.qkv_bias,
+            "gated": self.gated_mlp,
+        }
 
 
 @dataclass

@@ -22,7 +22,6 @@ from vitport.convert.engine import ConversionError, Converted, apply
 from vitport.convert.layouts import (
     LAYOUTS,
     TARGETS,
-    Arch,
     Preprocessing,
     detect_layout,
     expected_shapes,
@@ -39,7 +38,7 @@ from vitport.convert.layouts import (
 )
 from vitport.convert.tables import DROPPED_GROUPS, table_for
 from vitport.convert.verify import Check, compare_functions, culprit, run_features
-from vitport.encoder import Encoder
+from vitport.encoder import Architecture, Encoder
 from vitport.errors import SpecError, VitportError
 
 SCHEMA_VERSION = 1
@@ -61,7 +60,7 @@ class Source:
 
     spec: str
     layout: str
-    arch: Arch | None  # None: a model vitport loads but does not convert between layouts
+    arch: Architecture | None  # None: a model vitport loads but does not convert between layouts
     state: dict[str, torch.Tensor]
     load_function: Callable[[], Encoder]  # the source's own function, independent of the tables
     sha256: str
@@ -214,12 +213,12 @@ def _weights_of(spec: str) -> Path | None:
     return weights_file(path) if path.is_dir() else None
 
 
-def _with_heads(arch: Arch, name: str) -> Arch:
+def _with_heads(arch: Architecture, name: str) -> Architecture:
     from dataclasses import replace
 
     from vitport.convert.layouts import timm_heads
 
-    return replace(arch, heads=timm_heads(name))
+    return replace(arch, num_heads=timm_heads(name))
 
 
 def convert(

@@ -12,14 +12,14 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitport.encoder import Encoder
+from vitport.encoder import Architecture, Encoder
 from vitport.errors import SpecError, WeightsError
 
 LAYOUTS = ("hf", "timm", "dinov2-hub", "aimv2-apple")
@@ -46,31 +46,6 @@ HUB_ARCHS = {
     for r in ("", "_reg")
 }
 TIMM_SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What fixes a converted model's shape, independent of any layout."""
-
-    family: str  # dinov2, dinov2-registers, vit, aimv2
-    hidden: int
-    depth: int
-    heads: int
-    mlp_hidden: int
-    patch: int
-    grid: int  # side of the position-embedding grid
-    registers: int = 0
-    num_classes: int = 0
-    norm_eps: float = 1e-6
-    qkv_bias: bool = True
-    gated: bool = False
-
-    @property
-    def image_size(self) -> int:
-        return self.grid * self.patch
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -179,7 +154,7 @@ def _heads(hidden: int, family: str) -> int:
 
 def foreign_arch(
     layout: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], arch: str | None
-) -> Arch:
+) -> Architecture:
     """The architecture of a dinov2-hub or aimv2-apple checkpoint, from its config or tensors;
     a tensor the layout must have and the file lacks is named."""
     from vitport.convert.engine import ConversionError
@@ -195,44 +170,44 @@ def foreign_arch(
 
 def _foreign_arch(
     layout: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], arch: str | None
-) -> Arch:
+) -> Architecture:
     if layout == "dinov2-hub":
         hidden = state["cls_token"].shape[-1]
         registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
         family = "dinov2-registers" if registers else "dinov2"
         gated = "blocks.0.mlp.w12.weight" in state
         fc1 = state["blocks.0.mlp.w12.weight" if gated else "blocks.0.mlp.fc1.weight"]
-        return Arch(
+        return Architecture(
             family=family,
-            hidden=hidden,
+            hidden_size=hidden,
             depth=_count_blocks(state, "blocks."),
-            heads=timm_heads(arch) if arch else _heads(hidden, family),
+            num_heads=timm_heads(arch) if arch else _heads(hidden, family),
             mlp_hidden=fc1.shape[0] // (2 if gated else 1),
-            patch=state["patch_embed.proj.weight"].shape[-1],
+            patch_size=state["patch_embed.proj.weight"].shape[-1],
             grid=_grid(state["pos_embed"].shape[1] - 1, "pos_embed"),
             registers=registers,
             qkv_bias="blocks.0.attn.qkv.bias" in state,
-            gated=gated,
+            gated_mlp=gated,
         )
     hidden = state["preprocessor.patchifier.proj.weight"].shape[0]
     heads = config.get("num_attention_heads") or (
         timm_heads(arch) if arch else _heads(hidden, "aimv2")
     )
-    return Arch(
+    return Architecture(
         family="aimv2",
-        hidden=hidden,
+        hidden_size=hidden,
         depth=_count_blocks(state, "trunk.blocks."),
-        heads=int(heads),
+        num_heads=int(heads),
         mlp_hidden=state["trunk.blocks.0.mlp.fc1.weight"].shape[0],
-        patch=state["preprocessor.patchifier.proj.weight"].shape[-1],
+        patch_size=state["preprocessor.patchifier.proj.weight"].shape[-1],
         grid=_grid(state["preprocessor.pos_embed"].shape[-2], "preprocessor.pos_embed"),
         norm_eps=float(config.get("rms_norm_eps", 1e-5)),
         qkv_bias="trunk.blocks.0.attn.qkv.bias" in state,
-        gated=True,
+        gated_mlp=True,
     )
 
 
-def foreign_preprocessing(layout: str, arch: Arch) -> Preprocessing:
+def foreign_preprocessing(layout: str, arch: Architecture) -> Preprocessing:
     """What the original releases prescribe: DINOv2's 256/224 ImageNet, AIMv2's CLIP at the
     size of its fixed position embeddings."""
     if layout == "dinov2-hub":
@@ -240,7 +215,7 @@ def foreign_preprocessing(layout: str, arch: Arch) -> Preprocessing:
     return Preprocessing(arch.image_size, 1.0, *OPENAI_CLIP)
 
 
-def loaded_arch(encoder: Encoder) -> Arch:
+def loaded_arch(encoder: Encoder) -> Architecture:
     """The architecture of a model vitport loaded (transformers or timm)."""
     module, a = encoder.module, encoder.arch
     registers = encoder.layout.num_registers
@@ -253,19 +228,14 @@ def loaded_arch(encoder: Encoder) -> Arch:
             family = "dinov2-registers" if registers else "dinov2"
         else:
             family = "vit"
-        return Arch(
+        return replace(
+            a,
             family=family,
-            hidden=a.hidden_size,
-            depth=a.depth,
-            heads=a.num_heads,
-            mlp_hidden=a.mlp_hidden,
-            patch=a.patch_size,
             grid=int(module.patch_embed.grid_size[0]),
             registers=registers,
             num_classes=int(module.num_classes),
             norm_eps=float(getattr(module.norm, "eps", 1e-6)),
             qkv_bias=block.attn.qkv.bias is not None,
-            gated=a.gated_mlp,
         )
     config = module.config
     model_type = config.model_type
@@ -279,19 +249,14 @@ def loaded_arch(encoder: Encoder) -> Arch:
         )
     logits = hasattr(module, "classifier")
     eps = getattr(config, "layer_norm_eps", None) or getattr(config, "rms_norm_eps", 1e-6)
-    return Arch(
+    return replace(
+        a,
         family=families[model_type],
-        hidden=a.hidden_size,
-        depth=a.depth,
-        heads=a.num_heads,
-        mlp_hidden=a.mlp_hidden,
-        patch=a.patch_size,
         grid=int(config.image_size) // a.patch_size,
         registers=registers,
         num_classes=int(config.num_labels) if logits else 0,
         norm_eps=float(eps),
         qkv_bias=bool(getattr(config, "qkv_bias", True)),
-        gated=a.gated_mlp,
     )
 
 
@@ -341,9 +306,9 @@ def file_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
 # --- building targets -------------------------------------------------------------------------
 
 
-def timm_recipe(arch: Arch, name: str | None = None) -> tuple[str, dict[str, Any]]:
+def timm_recipe(arch: Architecture, name: str | None = None) -> tuple[str, dict[str, Any]]:
     """A timm architecture and the arguments that give it exactly `arch`."""
-    size = "giant" if arch.gated else TIMM_SIZES.get(arch.hidden, "small")  # ViT-g: SwiGLU
+    size = "giant" if arch.gated_mlp else TIMM_SIZES.get(arch.hidden_size, "small")  # ViT-g: SwiGLU
     if name is None:
         name = {
             "dinov2": f"vit_{size}_patch14_dinov2",
@@ -352,17 +317,17 @@ def timm_recipe(arch: Arch, name: str | None = None) -> tuple[str, dict[str, Any
             "aimv2": "aimv2_large_patch14_224",
         }[arch.family]
     name = HUB_ARCHS.get(name, name)
-    packed = arch.gated and arch.family.startswith("dinov2")  # timm's SwiGLUPacked: fc1 is 2x
+    packed = arch.gated_mlp and arch.family.startswith("dinov2")  # timm's SwiGLUPacked: fc1 is 2x
     mlp = arch.mlp_hidden * (2 if packed else 1)
-    ratio = mlp / arch.hidden
-    if int(arch.hidden * ratio) != mlp:
-        ratio = (mlp + 0.5) / arch.hidden
+    ratio = mlp / arch.hidden_size
+    if int(arch.hidden_size * ratio) != mlp:
+        ratio = (mlp + 0.5) / arch.hidden_size
     args: dict[str, Any] = {
-        "embed_dim": arch.hidden,
+        "embed_dim": arch.hidden_size,
         "depth": arch.depth,
-        "num_heads": arch.heads,
+        "num_heads": arch.num_heads,
         "mlp_ratio": ratio,
-        "patch_size": arch.patch,
+        "patch_size": arch.patch_size,
         "img_size": arch.image_size,
         "num_classes": arch.num_classes,
         "qkv_bias": arch.qkv_bias,
@@ -383,28 +348,28 @@ def timm_model(name: str, args: Mapping[str, Any], meta: bool = True) -> nn.Modu
     return timm.create_model(name, pretrained=False, **args)
 
 
-def hf_config(arch: Arch) -> Any:
+def hf_config(arch: Architecture) -> Any:
     """The transformers config (with its architecture class) that gives exactly `arch`."""
     import transformers
 
     common = {
-        "hidden_size": arch.hidden,
+        "hidden_size": arch.hidden_size,
         "num_hidden_layers": arch.depth,
-        "num_attention_heads": arch.heads,
+        "num_attention_heads": arch.num_heads,
         "image_size": arch.image_size,
-        "patch_size": arch.patch,
+        "patch_size": arch.patch_size,
         "qkv_bias": arch.qkv_bias,
     }
     if arch.family.startswith("dinov2"):
-        ratio = 4 if arch.gated else arch.mlp_hidden / arch.hidden
+        ratio = 4 if arch.gated_mlp else arch.mlp_hidden / arch.hidden_size
         if ratio != int(ratio):
             raise SpecError(
                 f"transformers' DINOv2 needs an MLP width that is a whole multiple of the "
-                f"hidden size; this model has {arch.mlp_hidden} for {arch.hidden}"
+                f"hidden size; this model has {arch.mlp_hidden} for {arch.hidden_size}"
             )
         ratio = int(ratio)
         kwargs = {**common, "mlp_ratio": ratio, "layer_norm_eps": arch.norm_eps,
-                  "use_swiglu_ffn": arch.gated}  # fmt: skip
+                  "use_swiglu_ffn": arch.gated_mlp}  # fmt: skip
         if arch.family == "dinov2":
             config, cls = transformers.Dinov2Config(**kwargs), "Dinov2Model"
         else:
@@ -442,7 +407,9 @@ def hf_model(config: Any, meta: bool = True) -> nn.Module:
         return cls(config)
 
 
-def expected_shapes(target: str, arch: Arch, timm_name: str | None) -> dict[str, tuple[int, ...]]:
+def expected_shapes(
+    target: str, arch: Architecture, timm_name: str | None
+) -> dict[str, tuple[int, ...]]:
     """Every tensor the target checkpoint must hold, with its shape, as its files name them."""
     if target == "timm":
         name, args = timm_recipe(arch, timm_name)
@@ -455,7 +422,7 @@ def expected_shapes(target: str, arch: Arch, timm_name: str | None) -> dict[str,
 def write_checkpoint(
     directory: Path,
     target: str,
-    arch: Arch,
+    arch: Architecture,
     tensors: Mapping[str, torch.Tensor],
     preprocessing: Preprocessing,
     timm_name: str | None = None,
@@ -491,7 +458,7 @@ def write_checkpoint(
 
 
 def write_foreign_as_timm(
-    directory: Path, arch: Arch, state: Mapping[str, torch.Tensor], pre: Preprocessing
+    directory: Path, arch: Architecture, state: Mapping[str, torch.Tensor], pre: Preprocessing
 ) -> None:
     """A timm directory holding a foreign checkpoint as it is: timm's checkpoint filter reads it,
     so loading it gives the source's own function, independent of vitport's tables."""
