@@ -22,7 +22,7 @@ from vitport.fixes import (
     FP32LayerNorm,
     FP32Norm,
     FP32RMSNorm,
-    MathSDPAForward,
+    SDPAForward,
     apply_fixes,
     fix_names,
     parse_fixes,
@@ -344,7 +344,7 @@ def test_math_sdpa_runs_the_forward_in_the_math_backend(tiny_dir, pixels):
 
     assert report.changed == 1
     assert report.detail.startswith("forward runs with SDPA math backend")
-    assert isinstance(encoder.forward_fn, MathSDPAForward)
+    assert isinstance(encoder.forward_fn, SDPAForward)
     torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
     assert seen == [(True, False)]
     assert torch.backends.cuda.flash_sdp_enabled()  # restored after the forward

@@ -37,7 +37,7 @@ __all__ = [
     "FP32RMSNorm",
     "Fix",
     "FixReport",
-    "MathSDPAForward",
+    "SDPAForward",
     "apply_fixes",
     "fix_names",
     "parse_fixes",
@@ -196,20 +196,23 @@ class FP32Norm(RunInFP32):
     """A norm of a type vitport has no formula for, run in float32 with its own forward."""
 
 
-class MathSDPAForward:
-    """An encoder forward that runs inside ``sdpa_kernel([SDPBackend.MATH])``."""
+class SDPAForward:
+    """An encoder forward that runs inside ``sdpa_kernel``, limited to one SDPA backend
+    (named as in ``torch.nn.attention.SDPBackend``: "MATH", "FLASH_ATTENTION", ...)."""
 
-    def __init__(self, inner: Callable[[nn.Module, torch.Tensor], RawOutput]) -> None:
+    def __init__(self, inner: Callable[[nn.Module, torch.Tensor], RawOutput], backend: str) -> None:
         self.inner = inner
+        self.backend = backend
 
     def __call__(self, module: nn.Module, pixels: torch.Tensor) -> RawOutput:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([getattr(SDPBackend, self.backend)]):
             return self.inner(module, pixels)
 
     def __repr__(self) -> str:
-        return f"MathSDPAForward({getattr(self.inner, '__qualname__', repr(self.inner))})"
+        inner = getattr(self.inner, "__qualname__", repr(self.inner))
+        return f"SDPAForward({inner}, {self.backend})"
 
 
 # --------------------------------------------------------------------------- finding targets
@@ -262,6 +265,27 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _replace_modules(
+    encoder: Encoder,
+    name: str,
+    found: Sequence[tuple[str, nn.Module]],
+    done: type | tuple[type, ...],
+    build: Callable[[nn.Module], nn.Module],
+    already: str,
+    did: Callable[[int, str, str], str],
+) -> FixReport:
+    """The skeleton of every fix that swaps modules: skip the `found` modules already of a
+    `done` type, swap the rest for `build(module)`, report what changed. `already` is the
+    detail when nothing is left to do; `did(count, old kinds, new kinds)` the detail otherwise."""
+    fresh = [(n, m) for n, m in found if not isinstance(m, done)]
+    if not fresh:
+        return FixReport(name, 0, (), already)
+    swaps = {id(m): build(m) for _, m in fresh}
+    _swap(encoder, swaps)
+    detail = did(len(fresh), _kinds([m for _, m in fresh]), _kinds(list(swaps.values())))
+    return FixReport(name, len(fresh), tuple(n for n, _ in fresh), detail)
+
+
 # --------------------------------------------------------------------------- erf-gelu
 
 
@@ -288,17 +312,13 @@ def _erf_gelu(encoder: Encoder) -> FixReport:
     for _, module in found:
         if isinstance(module, ExactGELU):
             module.npu = npu
-    fresh = [(n, m) for n, m in found if not isinstance(m, ExactGELU)]
     kernel = "torch_npu.npu_gelu" if npu else "torch.nn.functional.gelu"
-    if not fresh:
-        detail = f"all {_plural(len(found), 'GELU module')} already exact erf GELU ({kernel})"
-        return FixReport("erf-gelu", 0, (), detail)
-    _swap(encoder, {id(m): ExactGELU(npu) for _, m in fresh})
-    detail = (
-        f"replaced {_plural(len(fresh), 'GELU module')} ({_kinds([m for _, m in fresh])}) "
-        f"with exact erf GELU ({kernel} approximate='none')"
-    )
-    return FixReport("erf-gelu", len(fresh), tuple(n for n, _ in fresh), detail)
+    return _replace_modules(
+        encoder, "erf-gelu", found, ExactGELU, lambda _: ExactGELU(npu),
+        already=f"all {_plural(len(found), 'GELU module')} already exact erf GELU ({kernel})",
+        did=lambda n, old, _: f"replaced {_plural(n, 'GELU module')} ({old}) "
+        f"with exact erf GELU ({kernel} approximate='none')",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- layernorm-fp32
@@ -378,18 +398,12 @@ def _layernorm_fp32(encoder: Encoder) -> FixReport:
     found = _targets(encoder, _is_norm, final_norm=True)
     if not found:
         raise _nothing("layernorm-fp32", "no norm module found in the blocks or the final norm")
-    fresh = [(n, m) for n, m in found if not isinstance(m, FP32_NORMS)]
-    if not fresh:
-        detail = f"all {_plural(len(found), 'norm')} already compute in float32"
-        return FixReport("layernorm-fp32", 0, (), detail)
-    swaps = {id(m): _fp32_norm(m) for _, m in fresh}
-    _swap(encoder, swaps)
-    made = _kinds(list(swaps.values()))
-    detail = (
-        f"replaced {_plural(len(fresh), 'norm module')} ({_kinds([m for _, m in fresh])}) "
-        f"with float32 norms ({made})"
-    )
-    return FixReport("layernorm-fp32", len(fresh), tuple(n for n, _ in fresh), detail)
+    return _replace_modules(
+        encoder, "layernorm-fp32", found, FP32_NORMS, _fp32_norm,
+        already=f"all {_plural(len(found), 'norm')} already compute in float32",
+        did=lambda n, old, new: f"replaced {_plural(n, 'norm module')} ({old}) "
+        f"with float32 norms ({new})",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- attention-fp32
@@ -406,16 +420,12 @@ def _attention_fp32(encoder: Encoder) -> FixReport:
     found = _targets(encoder, _is_attention)
     if not found:
         raise _nothing("attention-fp32", "no attention module found in the blocks")
-    fresh = [(n, m) for n, m in found if not isinstance(m, FP32Attention)]
-    if not fresh:
-        detail = f"all {_plural(len(found), 'attention module')} already run in float32"
-        return FixReport("attention-fp32", 0, (), detail)
-    _swap(encoder, {id(m): FP32Attention(m) for _, m in fresh})
-    detail = (
-        f"wrapped {_plural(len(fresh), 'attention module')} ({_kinds([m for _, m in fresh])}) "
-        "to run in float32 (inputs and weights upcast, output cast back)"
-    )
-    return FixReport("attention-fp32", len(fresh), tuple(n for n, _ in fresh), detail)
+    return _replace_modules(
+        encoder, "attention-fp32", found, FP32Attention, FP32Attention,
+        already=f"all {_plural(len(found), 'attention module')} already run in float32",
+        did=lambda n, old, _: f"wrapped {_plural(n, 'attention module')} ({old}) "
+        "to run in float32 (inputs and weights upcast, output cast back)",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- math-sdpa
@@ -435,9 +445,10 @@ def _sdpa_note(encoder: Encoder) -> str:
 
 def _math_sdpa(encoder: Encoder) -> FixReport:
     target = ("forward_fn",)
-    if isinstance(encoder.forward_fn, MathSDPAForward):
+    forward = encoder.forward_fn
+    if isinstance(forward, SDPAForward) and forward.backend == "MATH":
         return FixReport("math-sdpa", 0, (), "forward already runs with the SDPA math backend")
-    encoder.forward_fn = MathSDPAForward(encoder.forward_fn)
+    encoder.forward_fn = SDPAForward(encoder.forward_fn, "MATH")
     detail = "forward runs with SDPA math backend" + _sdpa_note(encoder)
     return FixReport("math-sdpa", 1, target, detail)
 

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-from torch import nn
-
-from vitport.encoder import Encoder, RawOutput
+from vitport.encoder import Encoder
 from vitport.errors import VitportError
+from vitport.fixes import SDPAForward
 
 ATTENTION = ("default", "eager", "sdpa", "flash")
-
-
-class FlashForward:
-    """Run the family forward with scaled_dot_product_attention limited to its flash kernel."""
-
-    def __init__(self, forward: Callable[[nn.Module, torch.Tensor], RawOutput]) -> None:
-        self.forward = forward
-
-    def __call__(self, module: nn.Module, pixels: torch.Tensor) -> RawOutput:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return self.forward(module, pixels)
 
 
 def set_attention(encoder: Encoder, kind: str) -> None:
@@ -48,7 +31,7 @@ def set_attention(encoder: Encoder, kind: str) -> None:
         for module in found:
             module.fused_attn = impl == "sdpa"
     if kind == "flash":
-        encoder.forward_fn = FlashForward(encoder.forward_fn)
+        encoder.forward_fn = SDPAForward(encoder.forward_fn, "FLASH_ATTENTION")
 
 
 def compile_encoder(encoder: Encoder, mode: str | None = None) -> None:
