@@ -90,6 +90,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+def dtype_key(dtype: str | torch.dtype) -> str | None:
+    """The short name lookup tables use: a dtype's (``"bf16"``), or ``"tf32"`` (a matmul mode,
+    not a dtype); None for anything else."""
+    if isinstance(dtype, str) and dtype.strip().lower() == "tf32":
+        return "tf32"
+    try:
+        return dtype_name(parse_dtype(dtype))
+    except DeviceError:
+        return None
+
+
 # --------------------------------------------------------------------------- backends
 
 DEVICE_TYPES: tuple[str, ...] = ("npu", "cuda", "xpu", "mps", "cpu")

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from vitport.bench.timing import TaskSpec, measure
-from vitport.devices import Device, dtype_name, parse_dtype
-from vitport.errors import DeviceError
+from vitport.devices import Device, dtype_key, dtype_name
 
 __all__ = [
     "VENDOR_PEAKS",
@@ -62,15 +61,6 @@ def _normalise(name: str) -> str:
     return " ".join(name.lower().replace("-", " ").replace("_", " ").split())
 
 
-def _dtype_key(dtype: str | torch.dtype) -> str:
-    if isinstance(dtype, str) and dtype.strip().lower() == "tf32":
-        return "tf32"
-    try:
-        return dtype_name(parse_dtype(dtype))
-    except DeviceError:
-        return str(dtype).strip().lower()
-
-
 def vendor_peak(device_name: str, dtype: str | torch.dtype) -> float | None:
     """The vendor's dense peak TFLOP/s for ``dtype`` ("bf16", "fp16", "fp32", "tf32" or a
     torch dtype) on the device named ``device_name``; None when unknown."""
@@ -79,7 +69,8 @@ def vendor_peak(device_name: str, dtype: str | torch.dtype) -> float | None:
     if not matches:
         return None
     best = max(matches, key=len)
-    return VENDOR_PEAKS[best].get(_dtype_key(dtype))
+    key = dtype_key(dtype)
+    return VENDOR_PEAKS[best].get(key) if key else None
 
 
 def peak_dtype_key(dtype: torch.dtype) -> str:

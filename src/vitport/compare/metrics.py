@@ -44,7 +44,7 @@ METRIC_GROUPS: dict[str, tuple[str, ...]] = {
 NONFINITE = "nonfinite"
 
 
-def _clean(value: Any) -> float:
+def plain_float(value: Any) -> float:
     """A plain float, with every NaN the same object (so results holding NaN compare equal)."""
     value = float(value)
     return math.nan if math.isnan(value) else value
@@ -64,7 +64,7 @@ def decode_float(value: float | str) -> float:
     """Inverse of :func:`encode_float`."""
     if isinstance(value, str) and value not in ("inf", "-inf", "nan"):
         raise ValueError(f"{value!r} is not a number; expected a float or 'inf', '-inf', 'nan'")
-    return _clean(value)
+    return plain_float(value)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ def tensor_metrics(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
         "cos_worst": float(cos.min()),
         NONFINITE: nonfinite,
     }
-    return {k: _clean(v) for k, v in result.items()}
+    return {k: plain_float(v) for k, v in result.items()}
 
 
 def logits_metrics(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
@@ -151,7 +151,7 @@ def logits_metrics(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
         len(set(a) & set(b)) / k if ok else 0.0
         for a, b, ok in zip(ref_top, out_top, finite.tolist(), strict=True)
     ]
-    return {"top1": _clean(top1.double().mean()), "top5": _clean(sum(overlaps) / batch)}
+    return {"top1": plain_float(top1.double().mean()), "top5": plain_float(sum(overlaps) / batch)}
 
 
 def _rank(values: np.ndarray) -> np.ndarray:
@@ -207,12 +207,12 @@ def knn_metrics(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     best_ref = masked_ref.max(dim=1).values
     nn_out = masked_out.argmax(dim=1)
     agree = masked_ref.gather(1, nn_out[:, None])[:, 0] >= best_ref
-    result = {"knn_top1": _clean(agree.double().mean())}
+    result = {"knn_top1": plain_float(agree.double().mean())}
     if batch >= 3:
         off = ~eye.numpy()
         a, b = sim_ref.numpy(), sim_out.numpy()
         rhos = [_spearman(a[i][off[i]], b[i][off[i]]) for i in range(batch)]
-        result["knn_spearman"] = _clean(sum(rhos) / batch)
+        result["knn_spearman"] = plain_float(sum(rhos) / batch)
     return result
 
 
@@ -251,8 +251,8 @@ class GroupResult:
             for metric in TENSOR_METRICS:
                 values = [p[metric] for p in per_input if metric in p]
                 if len(values) == len(per_input):
-                    mean[metric] = _clean(sum(values) / len(values))
-                    worst[metric] = _clean(_worst(metric, values))
+                    mean[metric] = plain_float(sum(values) / len(values))
+                    worst[metric] = plain_float(_worst(metric, values))
         return cls(group, per_input, mean, worst, batch)
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,7 +306,7 @@ def compare_groups(
             batch.update(logits_metrics(r, o))
         if name == "pooled" and r.ndim == 2:
             batch.update(knn_metrics(r, o))
-        batch[NONFINITE] = _clean(sum(p[NONFINITE] for p in per_input))
+        batch[NONFINITE] = plain_float(sum(p[NONFINITE] for p in per_input))
         results[name] = GroupResult.from_inputs(name, per_input, batch)
     return results
 
@@ -345,6 +345,6 @@ def floor_ratios(
                 m, f = _shortfall(value), _shortfall(base[metric])
             else:
                 m, f = value, base[metric]
-            row[metric] = _clean(_floor_ratio(m, f))
+            row[metric] = plain_float(_floor_ratio(m, f))
         ratios[group] = row
     return ratios

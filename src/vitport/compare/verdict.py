@@ -25,6 +25,7 @@ from vitport.compare.metrics import (
     compare_groups,
     decode_float,
     encode_float,
+    plain_float,
 )
 
 
@@ -114,20 +115,17 @@ THRESHOLD_REASONS: dict[str, str] = {
 }
 
 
-def _dtype_key(dtype: str | torch.dtype) -> str:
-    from vitport.devices import dtype_name, parse_dtype
-    from vitport.errors import DeviceError
+def _thresholds_key(dtype: str | torch.dtype) -> str:
+    """The DEFAULT_THRESHOLDS key for ``dtype``: fp64 uses fp32's."""
+    from vitport.devices import dtype_key
 
-    if isinstance(dtype, str):
-        dtype = dtype.strip().lower().removeprefix("torch.")
-    try:
-        key = dtype_name(parse_dtype(dtype))
-    except DeviceError as exc:
+    key = dtype_key(dtype)
+    key = "fp32" if key == "fp64" else key
+    if key not in DEFAULT_THRESHOLDS:
         valid = ", ".join([*DEFAULT_THRESHOLDS, "fp64"])
-        raise ValueError(
-            f"no default thresholds for dtype {str(dtype)!r}; use one of {valid}"
-        ) from exc
-    return "fp32" if key == "fp64" else key
+        shown = dtype.strip().lower().removeprefix("torch.") if isinstance(dtype, str) else dtype
+        raise ValueError(f"no default thresholds for dtype {str(shown)!r}; use one of {valid}")
+    return key
 
 
 def parse_threshold_overrides(items: Sequence[str]) -> list[Threshold]:
@@ -187,7 +185,7 @@ def thresholds_for(
     A group-specific override replaces the default of the same (group, metric); an override
     for every group ("" group) replaces that metric's defaults in every group, so
     ``top1=0.5`` also overrides the ``logits.top1`` default."""
-    result = list(DEFAULT_THRESHOLDS[_dtype_key(dtype)])
+    result = list(DEFAULT_THRESHOLDS[_thresholds_key(dtype)])
     for override in overrides:
         replaced = [
             t.key() == override.key() if override.group else t.metric == override.metric
@@ -200,11 +198,6 @@ def thresholds_for(
         else:
             result.append(override)
     return result
-
-
-def _clean(value: float) -> float:
-    value = float(value)
-    return math.nan if math.isnan(value) else value
 
 
 @dataclass(frozen=True)
@@ -221,7 +214,7 @@ class Check:
 
     def __post_init__(self) -> None:
         for name in ("value", "limit", "needed"):  # one NaN object, so equal checks compare equal
-            object.__setattr__(self, name, _clean(getattr(self, name)))
+            object.__setattr__(self, name, plain_float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
