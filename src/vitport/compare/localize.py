@@ -69,12 +69,7 @@ class Localization:
         return [p for p in self.points if p.kind in ("embeddings", "block", "final_norm")]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "points": [asdict(p) for p in self.points],
-            "culprit": self.culprit,
-            "reason": self.reason,
-            "kind_medians": self.kind_medians,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Localization:
