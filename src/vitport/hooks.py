@@ -2,8 +2,8 @@
 
 `hooked` installs forward hooks for the length of a `with` block and removes them however it
 ends. `teacher_force` runs one module on the input another run gave it and adds its error
-against that run's output. Localisation, a golden file's block states and convert's proof use
-them; nothing else registers a hook.
+against that run's output. Localisation, a golden file's block states, convert's proof and the
+HF classifier forward use them; nothing else registers a hook.
 """
 
 from __future__ import annotations
