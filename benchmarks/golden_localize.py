@@ -17,8 +17,9 @@ import torch
 from docs_section import write_section
 
 import vitport
-from vitport.compare.localize import GoldenBlocks, golden_file_parts, localize, localize_golden
+from vitport.compare.localize import localize, localize_golden
 from vitport.faults import inject
+from vitport.golden import GoldenBlocks, golden_file_parts
 from vitport.images import default_inputs
 from vitport.infer import infer
 

@@ -14,9 +14,8 @@ from test_convert import hf_dir
 
 import vitport
 from vitport import Features
-from vitport.compare.localize import GoldenBlocks
-from vitport.compare.run import golden_blocks
 from vitport.errors import GoldenMismatchError
+from vitport.golden import GoldenBlocks, golden_blocks
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
@@ -13,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitport import golden
 from vitport.devices import Device, dtype_name, out_of_memory_error
 from vitport.errors import DeviceError, VitportError
 
@@ -128,63 +127,14 @@ class Features:
         extra: dict[str, torch.Tensor] | None = None,
         extra_header: dict[str, str] | None = None,
     ) -> Path:
-        """Write a golden file: tensors as safetensors, everything else as JSON metadata.
-        `extra` tensors (block states, named ``blocks/...``) go in the same file."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.groups().items()}
-        tensors.update({k: v.contiguous() for k, v in (extra or {}).items()})
-        header = {
-            "vitport_features": "1",
-            "grid": json.dumps(list(self.grid)),
-            "names": json.dumps(self.names),
-            "meta": json.dumps(self.meta, sort_keys=True),
-            **(extra_header or {}),
-        }
-        tmp = path.with_name(path.name + ".partial")
-        try:
-            save_file(tensors, str(tmp), metadata=header)
-            os.chmod(tmp, 0o666 & ~_umask())  # as any file the user writes, not 0600
-            tmp.replace(path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise VitportError(f"could not write {path}: {exc.strerror or exc}") from exc
-        return path
+        """Write a golden file (see vitport.golden); `extra` tensors (block states, named
+        ``blocks/...``) and `extra_header` entries go in the same file."""
+        return golden.write(path, self, extra, extra_header)
 
     @classmethod
     def load(cls, path: str | Path) -> Features:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise VitportError(
-                f"features file {path} not found; write one with vitport infer --out"
-            )
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                groups = [k for k in f.keys() if k in OUTPUT_GROUPS]  # noqa: SIM118
-                tensors = {k: f.get_tensor(k) for k in groups}  # block states stay on disk
-        except Exception as exc:  # safetensors raises several unrelated types
-            raise VitportError(f"{path} is not a safetensors features file ({exc})") from exc
-        if header.get("vitport_features") != "1" or "patches" not in tensors:
-            raise VitportError(
-                f"{path} is not a vitport features file; write one with vitport infer --out"
-            )
-        return cls(
-            grid=tuple(json.loads(header["grid"])),
-            names=json.loads(header["names"]),
-            meta=json.loads(header["meta"]),
-            **tensors,
-        )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        """Read a golden file's features; its block states stay on disk."""
+        return cls(**golden.read(path, OUTPUT_GROUPS))
 
 
 @dataclass(frozen=True)
@@ -332,26 +282,38 @@ class Encoder:
         )
 
 
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
+NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
+    """A normalisation layer: a torch norm, or a module whose type name says norm and that holds
+    a weight tensor (its learned scale), as the norms of HF and timm models do."""
+    if isinstance(module, NORM_TYPES):
+        return True
+    weight = getattr(module, "weight", None)
+    return "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor)
+
+
+def part_role(name: str, module: nn.Module) -> str | None:
+    """A block child's role, "attention", "mlp" or "norm": the first two by name, a norm by kind."""
+    lowered = name.lower()
+    if "attn" in lowered or "attention" in lowered:
+        return "attention"
+    if any(key in lowered for key in ("mlp", "ffn", "feed_forward")):
+        return "mlp"
+    return "norm" if is_norm(module) else None
+
+
+def block_roles(block: nn.Module) -> dict[str, str]:
+    """The role of each part of a transformer block, by child name, in the block's order."""
+    roles = {name: part_role(name, child) for name, child in block.named_children()}
+    return {name: role for name, role in roles.items() if role is not None}
 
 
 def block_parts(block: nn.Module) -> dict[str, nn.Module]:
-    """Attention, MLP and norm sub-modules of a transformer block, found by name and type."""
-    parts: dict[str, nn.Module] = {}
-    for name, child in block.named_children():
-        lowered = name.lower()
-        if (
-            is_norm(child)
-            or "attn" in lowered
-            or "attention" in lowered
-            or any(key in lowered for key in ("mlp", "ffn", "feed_forward"))
-        ):
-            parts[name] = child
-    return parts
+    """Attention, MLP and norm sub-modules of a transformer block (see block_roles)."""
+    children = dict(block.named_children())
+    return {name: children[name] for name in block_roles(block)}
 
 
 def find_blocks(module: nn.Module, depth: int) -> list[nn.Module]:
@@ -372,5 +334,6 @@ __all__ = [
     "RawOutput",
     "TokenLayout",
     "block_parts",
+    "block_roles",
     "find_blocks",
 ]

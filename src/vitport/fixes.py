@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from vitport.encoder import Encoder, RawOutput
+from vitport.encoder import Encoder, RawOutput, is_norm
 from vitport.errors import VitportError
 
 __all__ = [
@@ -327,10 +327,8 @@ FP32_NORMS = (FP32LayerNorm, FP32RMSNorm, FP32Norm)
 
 
 def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, *FP32_NORMS)):
-        return True
-    weight = getattr(module, "weight", None)
-    return "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor)
+    """A norm, or one this fix made already (an FP32Norm holds no weight of its own)."""
+    return isinstance(module, FP32_NORMS) or is_norm(module)
 
 
 def _eps(module: nn.Module) -> float:

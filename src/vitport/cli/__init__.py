@@ -281,11 +281,9 @@ def infer(
         f"{encoder.load_seconds:.1f} s.[/dim]"
     )
     if out is not None:
-        from vitport.compare.localize import golden_file_parts
+        from vitport.golden import golden_file_parts, record_run
 
-        feats.meta["skipped"] = [[p.name, p.reason] for p in problems]
-        feats.meta["image_sha256"] = result.content_sha256
-        feats.meta["device_description"] = encoder.device.describe()
+        record_run(feats, problems, result.content_sha256, encoder.device)
         extra, header = {}, {}
         if with_blocks:
             with spinner("recording block states ..."):
@@ -467,10 +465,9 @@ def compare(
         parse_fault(inject_fault)
     golden = None
     if Path(reference).is_file():
-        from vitport.compare.localize import GoldenBlocks
+        from vitport.golden import GoldenBlocks, as_reference
 
-        golden = Features.load(reference)
-        golden.meta["path"] = reference
+        golden = as_reference(Features.load(reference), reference)
         if localize and GoldenBlocks.open(reference) is None:
             raise VitportError(
                 f"{reference} holds final outputs only; to localise against it, write it with "
@@ -891,6 +888,7 @@ def report(
     from vitport import Features
     from vitport.devices import enable_cuda_shim
     from vitport.fixes import parse_fixes
+    from vitport.golden import as_reference
     from vitport.images import images_by_name
     from vitport.outputs import check_dir, is_report_dir
     from vitport.report import (
@@ -915,9 +913,7 @@ def report(
         raise VitportError("--budget applies to --optimize; add --optimize or drop --budget")
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
-    gold = Features.load(golden) if golden is not None else None
-    if gold is not None:
-        gold.meta["path"] = str(golden)
+    gold = as_reference(Features.load(golden), golden) if golden is not None else None
     if gold is not None and not images:
         loaded, problems = images_by_name(gold.names)
         report_problems(problems)

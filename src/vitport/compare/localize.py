@@ -8,9 +8,8 @@ accumulated error at the same points. Only running sums are kept, never dumps.
 
 from __future__ import annotations
 
-import json
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,31 +17,19 @@ import torch
 from torch import nn
 
 from vitport.encoder import Encoder
+from vitport.golden import EMBEDDINGS, GoldenBlocks, block_points
+from vitport.hooks import (
+    ErrorSum,
+    first_tensor,
+    hooked,
+    hooked_forward,
+    move,
+    teacher_force,
+    with_hidden,
+)
 
 STANDOUT_FACTOR = 10.0  # a local error this many times its kind's median stands out
 ABSOLUTE_FLOOR = 1e-6  # relative errors below this are arithmetic identity, never a culprit
-
-
-@dataclass
-class ErrorSum:
-    """Running sums for mean|Δ| / mean|ref| and the largest |Δ| over many batches."""
-
-    diff: float = 0.0
-    ref: float = 0.0
-    max_abs: float = 0.0
-
-    def add(self, ref: torch.Tensor, out: torch.Tensor) -> None:
-        ref64, out64 = ref.detach().double().cpu(), out.detach().double().cpu()
-        delta = (out64 - ref64).abs()
-        self.diff += float(delta.sum())
-        self.ref += float(ref64.abs().sum())
-        self.max_abs = max(self.max_abs, float(delta.max()) if delta.numel() else 0.0)
-
-    @property
-    def rel_error(self) -> float:
-        if self.ref == 0:
-            return 0.0 if self.diff == 0 else float("inf")
-        return self.diff / self.ref
 
 
 @dataclass(frozen=True)
@@ -79,32 +66,6 @@ class Localization:
             reason=data["reason"],
             kind_medians=data.get("kind_medians", {}),
         )
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-def move(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Tensors to the candidate's device; floating ones to its dtype; structure kept."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-    if isinstance(value, tuple):
-        return tuple(move(v, device, dtype) for v in value)
-    if isinstance(value, list):
-        return [move(v, device, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: move(v, device, dtype) for k, v in value.items()}
-    return value
 
 
 def hook_points(encoder: Encoder) -> list[tuple[str, int | None, str, nn.Module]]:
@@ -144,8 +105,8 @@ def localize(
                 if name not in order:
                     order.append(name)
                 cache[name] = out.detach()
-                forced = twins[name](*move(args, device, dtype), **move(kwargs, device, dtype))
-                local[name].add(out, first_tensor(forced))
+                teacher_force(twins[name], move(args, device, dtype), move(kwargs, device, dtype),
+                              out, local[name])  # fmt: skip
 
             return hook
 
@@ -155,7 +116,7 @@ def localize(
                 cache["embeddings"] = hidden.detach()
 
         def candidate_hook(name: str):
-            def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 out = first_tensor(output)
                 if out is not None and name in cache:
                     accumulated[name].add(cache[name], out)
@@ -171,30 +132,13 @@ def localize(
                     reference_hidden, hidden
                 )  # same pixels: local = accumulated
 
-        handles = [
-            module.register_forward_hook(reference_hook(name), with_kwargs=True)
-            for name, _, _, module in points
-        ]
-        handles.append(
-            reference.blocks[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True)
-        )
-        try:
-            with torch.inference_mode():
-                reference.forward_fn(reference.module, pixels.to(reference.device.torch_device,
-                                                                  reference.dtype))  # fmt: skip
-        finally:
-            for handle in handles:
-                handle.remove()
-        handles = [twins[name].register_forward_hook(candidate_hook(name)) for name, *_ in points]
-        handles.append(
-            candidate.blocks[0].register_forward_pre_hook(candidate_embeddings, with_kwargs=True)
-        )
-        try:
-            with torch.inference_mode():
-                candidate.forward_fn(candidate.module, pixels.to(device, dtype))
-        finally:
-            for handle in handles:
-                handle.remove()
+        hooks = [(module, reference_hook(name)) for name, _, _, module in points]
+        with hooked(hooks, [(reference.blocks[0], embeddings_hook)]), torch.inference_mode():
+            reference.forward_fn(reference.module, pixels.to(reference.device.torch_device,
+                                                              reference.dtype))  # fmt: skip
+        hooks = [(twins[name], candidate_hook(name)) for name, *_ in points]
+        with hooked(hooks, [(candidate.blocks[0], candidate_embeddings)]), torch.inference_mode():
+            candidate.forward_fn(candidate.module, pixels.to(device, dtype))
 
     meta = {name: (block, kind) for name, block, kind, _ in points}
     meta["embeddings"] = (None, "embeddings")
@@ -264,96 +208,6 @@ def judge_points(points: list[PointError]) -> Localization:
 
 # --- against a golden file from another machine --------------------------------------------------
 
-BLOCKS = "blocks/"  # the prefix of block states inside a golden file
-EMBEDDINGS = "embeddings"
-
-
-def block_points(encoder: Encoder) -> list[str]:
-    """The hook points a golden file stores: the embeddings' output, then every block's."""
-    names = {id(m): n for n, m in encoder.module.named_modules()}
-    return [EMBEDDINGS, *(names[id(b)] for b in encoder.blocks)]
-
-
-def _hooked_forward(encoder: Encoder, pixels: torch.Tensor, on_input, on_output) -> None:
-    """One forward with `on_input(index, args, kwargs)` before and `on_output(index, output)`
-    after every block."""
-    handles = []
-    for index, block in enumerate(encoder.blocks):
-        handles.append(
-            block.register_forward_pre_hook(
-                lambda _m, args, kwargs, i=index: on_input(i, args, kwargs), with_kwargs=True
-            )
-        )
-        handles.append(block.register_forward_hook(
-            lambda _m, _args, output, i=index: on_output(i, output)))  # fmt: skip
-    try:
-        with torch.inference_mode():
-            encoder.forward_fn(
-                encoder.module, pixels.to(encoder.device.torch_device, encoder.dtype)
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def record_block_states(
-    encoder: Encoder, pixel_batches: Iterable[torch.Tensor], dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """Every point's hidden states for every image, on the CPU: what `infer --with-blocks`
-    stores, in the run's dtype unless `dtype` says otherwise."""
-    points = block_points(encoder)
-    kept: dict[str, list[torch.Tensor]] = {p: [] for p in points}
-    keep_dtype = dtype or encoder.dtype
-
-    def on_input(index: int, args: tuple, kwargs: dict) -> None:
-        if index == 0:
-            kept[EMBEDDINGS].append(first_tensor((args, kwargs)).detach().to("cpu", keep_dtype))
-
-    def on_output(index: int, output: Any) -> None:
-        kept[points[index + 1]].append(first_tensor(output).detach().to("cpu", keep_dtype))
-
-    for pixels in pixel_batches:
-        _hooked_forward(encoder, pixels, on_input, on_output)
-    return {BLOCKS + p: torch.cat(v) for p, v in kept.items()}
-
-
-@dataclass(frozen=True)
-class GoldenBlocks:
-    """The block states inside a golden file, read a slice at a time, never all at once."""
-
-    path: str
-    points: list[str]
-    images: list[str]
-    dtype: str
-
-    @classmethod
-    def open(cls, path: str | Any) -> GoldenBlocks | None:
-        """None when the file holds no block states."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        if "block_points" not in header:
-            return None
-        return cls(str(path), json.loads(header["block_points"]),
-                   json.loads(header["block_images"]), header.get("block_dtype", ""))  # fmt: skip
-
-    def read(self, point: str, start: int, stop: int) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self.path, framework="pt") as f:
-            return f.get_slice(BLOCKS + point)[start:stop]
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """The same call with its hidden-states tensor (the first tensor argument) replaced."""
-    if args and isinstance(args[0], torch.Tensor):
-        return (hidden, *args[1:]), kwargs
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            return args, {**kwargs, key: hidden}
-    return (hidden, *args), kwargs
-
 
 def localize_golden(
     candidate: Encoder,
@@ -386,13 +240,13 @@ def localize_golden(
             point = points[index + 1]
             accumulated[point].add(golden.read(point, start, stop), first_tensor(output))
 
-        _hooked_forward(candidate, pixels, on_input, on_output)
+        hooked_forward(candidate, pixels, on_input, on_output)
         with torch.inference_mode():
             for index, block in enumerate(candidate.blocks):
                 given = golden.read(points[index], start, stop).to(device, dtype)
-                args, kwargs = _with_hidden(*calls[index], given)
-                forced = first_tensor(block(*args, **kwargs))
-                local[points[index + 1]].add(golden.read(points[index + 1], start, stop), forced)
+                args, kwargs = with_hidden(*calls[index], given)
+                expected = golden.read(points[index + 1], start, stop)
+                teacher_force(block, args, kwargs, expected, local[points[index + 1]])
         last, start = (start, stop), stop
     errors = [
         PointError(
@@ -442,55 +296,15 @@ def _parts_of(
 
     def hook(name: str):
         def run(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            forced = twins[name](*move(args, device, dtype), **move(kwargs, device, dtype))
-            sums[name].add(first_tensor(output), first_tensor(forced))
+            teacher_force(twins[name], move(args, device, dtype), move(kwargs, device, dtype),
+                          first_tensor(output), sums[name])  # fmt: skip
 
         return run
 
     modules = dict(reference.module.named_modules())
-    handles = [modules[n].register_forward_hook(hook(n), with_kwargs=True) for n in sums]
-    try:
-        with torch.inference_mode():
-            given = golden.read(points[block], *rows).to(ref_device, ref_dtype)
-            args, kwargs = _with_hidden(*move(calls[block], ref_device, ref_dtype), given)
-            reference.blocks[block](*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked([(modules[n], hook(n)) for n in sums]), torch.inference_mode():
+        given = golden.read(points[block], *rows).to(ref_device, ref_dtype)
+        args, kwargs = with_hidden(*move(calls[block], ref_device, ref_dtype), given)
+        reference.blocks[block](*args, **kwargs)
     return [PointError(name, block, kinds[name], 0.0, s.rel_error, 0.0, s.max_abs)
             for name, s in sums.items()]  # fmt: skip
-
-
-def block_states_bytes(encoder: Encoder, images: int, dtype: torch.dtype) -> int:
-    """The size of the block states of `images` images at the encoder's input size."""
-    h, w = encoder.image_size
-    gh, gw = encoder.layout.grid(h, w)
-    tokens = encoder.layout.num_prefix + gh * gw
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    return len(block_points(encoder)) * images * tokens * encoder.arch.hidden_size * itemsize
-
-
-def golden_file_parts(
-    encoder: Encoder, images: Sequence[Any], batch_size: int, fp32: bool, max_bytes: int
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The block states of `images` (LoadedImages) and the header naming them, for a golden file;
-    refused, with the estimate, beyond `max_bytes`."""
-    from vitport.devices import dtype_name
-    from vitport.errors import VitportError
-
-    dtype = torch.float32 if fp32 else encoder.dtype
-    size = block_states_bytes(encoder, len(images), dtype)
-    if size > max_bytes:
-        raise VitportError(
-            f"block states for {len(images)} images would take {size / 1e9:.2f} GB, over "
-            f"--max-bytes {max_bytes / 1e9:.2f} GB; lower --block-images or raise --max-bytes"
-        )
-    batches = (encoder.preprocess([im.image for im in images[i : i + batch_size]])
-               for i in range(0, len(images), batch_size))  # fmt: skip
-    states = record_block_states(encoder, batches, dtype)
-    header = {
-        "block_points": json.dumps(block_points(encoder)),
-        "block_images": json.dumps([im.name for im in images]),
-        "block_dtype": dtype_name(dtype),
-    }
-    return states, header

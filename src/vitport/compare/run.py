@@ -8,19 +8,14 @@ from typing import Any
 
 import torch
 
-from vitport.compare.localize import (
-    GoldenBlocks,
-    Localization,
-    block_points,
-    localize,
-    localize_golden,
-)
+from vitport.compare.localize import Localization, localize, localize_golden
 from vitport.compare.metrics import GroupResult, compare_groups, floor_ratios
 from vitport.compare.verdict import Threshold, Verdict, judge_features
 from vitport.devices import Device, dtype_name, resolve_device
 from vitport.encoder import Encoder, Features
-from vitport.errors import GoldenMismatchError, VitportError
+from vitport.errors import VitportError
 from vitport.fixes import process_settings_restored
+from vitport.golden import check_golden, golden_blocks, source_of
 from vitport.images import LoadedImage
 from vitport.infer import infer
 
@@ -158,84 +153,6 @@ def worst_rel_error(groups: dict[str, GroupResult] | None) -> float:
     return max(g.worst.get("rel_error", 0.0) for g in groups.values())
 
 
-def check_golden(
-    golden: Features, base: Encoder, images: Sequence[LoadedImage]
-) -> list[LoadedImage]:
-    """Refuse a golden file from another model, other preprocessing or other images."""
-    meta, mine = golden.meta, base.meta()
-    if meta.get("weights_sha256") != mine["weights_sha256"]:
-        raise GoldenMismatchError(
-            f"the golden file is from another model ({meta.get('spec')}, weights "
-            f"{str(meta.get('weights_sha256'))[:12]}) than {base.spec} (weights "
-            f"{mine['weights_sha256'][:12]}); write it with the same weights"
-        )
-    if meta.get("preprocess") != mine["preprocess"]:
-        theirs, ours = meta.get("preprocess") or {}, mine["preprocess"]
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        raise GoldenMismatchError(
-            f"the golden file used other preprocessing ({', '.join(diff)} differ: "
-            f"{', '.join(f'{k}={theirs.get(k)!r} vs {ours.get(k)!r}' for k in diff[:2])}); "
-            "use the same --image-size and processor"
-        )
-    hashes = golden.meta.get("image_sha256")
-    if hashes:
-        return match_by_content(golden, hashes, images)
-    names = [im.name for im in images]
-    if list(golden.names) != names:
-        missing = [n for n in golden.names if n not in names]
-        extra = [n for n in names if n not in golden.names]
-        detail = f"missing {missing[:3]}" if missing else f"not in it {extra[:3]}"
-        raise GoldenMismatchError(
-            f"the golden file holds other images ({len(golden.names)} there, {len(names)} here; "
-            f"{detail}); pass the images it was written with, in the same order"
-        )
-    return list(images)
-
-
-def match_by_content(
-    golden: Features, hashes: Sequence[str], images: Sequence[LoadedImage]
-) -> list[LoadedImage]:
-    """The given images in the golden file's order, matched by the hash of their pixels: any
-    directory, working directory or order will do; the same name with other pixels will not."""
-    from vitport.images import content_sha256
-
-    by_hash = {content_sha256(im.image): im for im in images}
-    by_name = {im.name: im for im in images}
-    ordered = []
-    for name, digest in zip(golden.names, hashes, strict=True):
-        if digest in by_hash:
-            ordered.append(by_hash[digest])
-            continue
-        if name in by_name:
-            raise GoldenMismatchError(
-                f"image {name} is not the one the golden file was written with (other pixels "
-                "under the same name); pass the original images"
-            )
-        raise GoldenMismatchError(
-            f"the golden file's image {name} is not among the {len(images)} given here (matched "
-            "by content, in any directory or order); pass the images it was written with"
-        )
-    return ordered
-
-
-def golden_blocks(reference: Encoder | Features, candidate: Encoder) -> GoldenBlocks | None:
-    """The block states of a golden reference, checked against the candidate's hook points."""
-    path = reference.meta.get("path") if isinstance(reference, Features) else None
-    blocks = GoldenBlocks.open(path) if path else None
-    if blocks is None:
-        return None
-    mine = block_points(candidate)
-    if blocks.points != mine:
-        theirs_only = [p for p in blocks.points if p not in mine]
-        mine_only = [p for p in mine if p not in blocks.points]
-        raise GoldenMismatchError(
-            f"the golden file's block states are at other hook points ({len(blocks.points)} there, "
-            f"{len(mine)} here; only there: {theirs_only[:2]}, only here: {mine_only[:2]}); "
-            "write it with the same model"
-        )
-    return blocks
-
-
 def features_of(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int) -> Features:
     return infer(encoder, images, batch_size).features
 
@@ -277,7 +194,7 @@ def compare(
             kind="golden",
             device=str(reference.meta.get("device")),
             dtype=str(reference.meta.get("dtype")),
-            path=str(reference.meta.get("path", "")),
+            path=source_of(reference),
             description=reference.meta.get("device_description", {}),
         )
     else:
@@ -315,7 +232,8 @@ def compare(
         notes=notes,
         patch_error_map=patch_error_map(ref_feats, out_feats),
     )
-    blocks = golden_blocks(reference, candidate) if localize_points else None
+    golden = localize_points and isinstance(reference, Features)
+    blocks = golden_blocks(reference, candidate) if golden else None
     if blocks is not None:
         progress("localising against the golden file's block states")
         parts = part_reference or base

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitport.compare.localize import ErrorSum, first_tensor
 from vitport.compare.verdict import Judgement, judge_features, thresholds_for
-from vitport.encoder import Encoder, Features
+from vitport.encoder import Encoder, Features, block_parts, block_roles
+from vitport.hooks import ErrorSum, first_tensor, hooked, teacher_force
 
 LOCAL_LIMIT = 1e-4  # teacher-forced relative error of one block or part that fp32 never reaches
 
@@ -71,24 +71,14 @@ def compare_functions(
 # --- naming the culprit ------------------------------------------------------------------------
 
 
-def _role(name: str, norms_seen: int) -> str:
-    lowered = name.lower()
-    if "attn" in lowered or "attention" in lowered:
-        return "attention"
-    if any(k in lowered for k in ("mlp", "ffn", "feed_forward")):
-        return "mlp"
-    return f"norm{norms_seen + 1}"
-
-
 def _roles(block: nn.Module) -> dict[str, nn.Module]:
-    from vitport.encoder import block_parts
-
-    roles: dict[str, nn.Module] = {}
-    norms = 0
-    for name, module in block_parts(block).items():
-        role = _role(name, norms)
-        norms += role.startswith("norm")
-        roles.setdefault(role, module)
+    """The block's first attention and MLP, and its norms numbered in order (norm1, norm2)."""
+    parts, roles, norms = block_parts(block), {}, 0
+    for name, role in block_roles(block).items():
+        if role == "norm":
+            norms += 1
+            role = f"norm{norms}"
+        roles.setdefault(role, parts[name])
     return roles
 
 
@@ -100,15 +90,11 @@ def _forced_error(ref_module: nn.Module, out_module: nn.Module, pixels, source: 
     def hook(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         captured["args"], captured["kwargs"], captured["out"] = args, kwargs, first_tensor(output)
 
-    handle = ref_module.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for batch in pixels:
-                source.forward_fn(source.module, batch)
-                hidden = first_tensor((captured["args"], captured["kwargs"]))
-                total.add(captured["out"], first_tensor(out_module(hidden)))
-    finally:
-        handle.remove()
+    with hooked([(ref_module, hook)]), torch.inference_mode():
+        for batch in pixels:
+            source.forward_fn(source.module, batch)
+            hidden = first_tensor((captured["args"], captured["kwargs"]))
+            teacher_force(out_module, (hidden,), {}, captured["out"], total)
     return total.rel_error
 
 

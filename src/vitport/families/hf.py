@@ -23,6 +23,7 @@ from vitport.families.weights import (
     unsafe_pickle_error,
     weights_file,
 )
+from vitport.hooks import hooked
 
 
 @dataclass(frozen=True)
@@ -238,13 +239,9 @@ def make_forward(kind: HFType, with_logits: bool) -> Callable[[nn.Module, torch.
 
     def forward_with_head(module: nn.Module, pixels: torch.Tensor) -> RawOutput:
         captured: dict[str, Any] = {}
-        handle = module.base_model.register_forward_hook(
-            lambda _m, _i, out: captured.setdefault("out", out)
-        )
-        try:
+        keep = [(module.base_model, lambda _m, _a, _k, out: captured.setdefault("out", out))]
+        with hooked(keep):
             logits = module(pixel_values=pixels, **kwargs).logits
-        finally:
-            handle.remove()
         out = captured["out"]
         tokens = out.last_hidden_state
         return RawOutput(tokens=tokens, pooled=pooled_of(out, tokens), logits=logits)

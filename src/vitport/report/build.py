@@ -15,11 +15,12 @@ import torch
 import vitport
 from vitport.bench.optimize import optimize
 from vitport.bench.run import Window, bench
-from vitport.compare.run import candidate_factory, check_golden, compare
+from vitport.compare.run import candidate_factory, compare
 from vitport.compare.verdict import thresholds_for
 from vitport.devices import dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
 from vitport.fixes import fix_names
+from vitport.golden import check_golden
 from vitport.images import LoadedImage
 from vitport.infer import infer
 
