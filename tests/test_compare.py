@@ -198,7 +198,7 @@ def test_fix_trials_leave_process_settings_as_they_were(tiny_dir, photos):
 def test_only_the_culprit_block_is_highlighted():
     from types import SimpleNamespace
 
-    from vitport.cli_tables import localization_table
+    from vitport.cli.tables import localization_table
     from vitport.compare.localize import Localization, PointError
 
     points = [

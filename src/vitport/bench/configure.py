@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from vitport.encoder import Encoder
 from vitport.errors import VitportError
 from vitport.fixes import SDPAForward
@@ -9,11 +11,46 @@ from vitport.fixes import SDPAForward
 ATTENTION = ("default", "eager", "sdpa", "flash")
 
 
+def check_attention(kind: str) -> None:
+    """The attention settings there are (see set_attention)."""
+    if kind not in ATTENTION:
+        raise VitportError(f"--attn {kind} is unknown; choose one of {', '.join(ATTENTION)}")
+
+
+def check_budget(budget: float | None, optimize: bool) -> None:
+    """A time budget bounds the --optimize search only."""
+    if budget is not None and not optimize:
+        raise VitportError("--budget applies to --optimize; add --optimize or drop --budget")
+
+
+def check_e2e(paths: Sequence[object] | None) -> None:
+    """End-to-end timing reads image files, so it needs some."""
+    if not paths:
+        raise VitportError("--e2e needs image files or a directory to read")
+
+
+def check_optimize_alone(
+    *, dtype: str, attention: str, compiled: bool, fixes: Sequence[str], e2e: bool,
+    csv: bool, markdown: bool, baseline: bool,
+) -> None:  # fmt: skip
+    """--optimize chooses dtype, attention and compile itself and writes JSON only: refuse the
+    settings it would override and the outputs it does not write."""
+    clashing = [flag for flag, given in (
+        ("--dtype", dtype != "fp32"), ("--attn", attention != "default"), ("--compile", compiled),
+        ("--fix", bool(fixes)), ("--e2e", e2e), ("--csv", csv), ("--markdown", markdown),
+        ("--baseline", baseline),
+    ) if given]  # fmt: skip
+    if clashing:
+        raise VitportError(
+            f"--optimize chooses dtype, attention and compile itself and writes --json only; "
+            f"drop {', '.join(clashing)}"
+        )
+
+
 def set_attention(encoder: Encoder, kind: str) -> None:
     """eager: plain matmul-softmax-matmul; sdpa: torch's fused attention; flash: sdpa's flash
     kernel only (fails where the device or dtype has none); default: as the model was loaded."""
-    if kind not in ATTENTION:
-        raise VitportError(f"--attn {kind} is unknown; choose one of {', '.join(ATTENTION)}")
+    check_attention(kind)
     if kind == "flash" and not encoder.device.flash_selectable:
         raise VitportError(
             "--attn flash: on the NPU torch_npu picks its fused attention kernel itself "

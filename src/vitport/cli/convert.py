@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from vitport.cli import RemoteCodeOpt, app, console, esc, show, spinner
+from vitport.cli.app import RemoteCodeOpt, console, esc
+from vitport.cli.display import progress, show, steps
 
 
-@app.command()
 def convert(
     source: Annotated[
         str,
@@ -71,27 +71,27 @@ def convert(
 
     --out gets a directory that transformers or timm loads without vitport, with conversion.json recording the source, its sha256, the mapping and the proof. Exit code 0 when written, 1 when the function changed, 2 for unusable input.
     """
-    from vitport import cli_tables
+    from vitport.cli.tables import conversion_table
     from vitport.convert import VerificationFailed
     from vitport.convert import convert as run_convert
     from vitport.outputs import check_file, is_vitport_json
 
     check_file(json_out, "--json", overwrite, is_vitport_json)
 
-    with spinner("converting ...") as status:
+    with progress("converting ...") as activity:
         try:
             result = run_convert(
                 source, to, out, from_layout=from_layout, arch=arch, image_size=image_size,
                 overwrite=overwrite, opset=opset, static=static, batch_size=batch_size,
                 trust_remote_code=trust_remote_code,
-                progress=lambda m: status.update(esc(m) + " ..."),
+                progress=steps(activity),
             )  # fmt: skip
         except VerificationFailed as exc:
-            show(cli_tables.conversion_table(exc.result), ("max abs",))
+            show(conversion_table(exc.result), ("max abs",))
             if json_out is not None:
                 write_json(json_out, exc.result.to_dict())
             raise
-    show(cli_tables.conversion_table(result), ("max abs",))
+    show(conversion_table(result), ("max abs",))
     console.print(
         f"[dim]{result.source_layout} -> {result.target} with {result.table or 'torch.onnx'}; "
         f"{len(result.dropped)} tensors dropped, {len(result.filled)} filled[/dim]"

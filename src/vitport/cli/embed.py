@@ -7,22 +7,10 @@ from typing import Annotated
 
 import typer
 
-from vitport.cli import (
-    STATE,
-    DeviceOpt,
-    DtypeOpt,
-    FixOpt,
-    ImageSizeOpt,
-    ModelOpt,
-    app,
-    console,
-    errors,
-    esc,
-    show,
-)
+from vitport.cli.app import DeviceOpt, DtypeOpt, FixOpt, ImageSizeOpt, ModelOpt, console, esc
+from vitport.cli.display import progress, show
 
 
-@app.command()
 def embed(
     sources: Annotated[
         list[str],
@@ -77,38 +65,18 @@ def embed(
 
     Shards are written atomically: a run killed at any moment resumes with the same command and recomputes nothing already written. Another model, dtype, preprocessing or outputs in an existing DIR is refused (--overwrite starts over). Exit code 0 when every input is embedded or explained in errors.parquet.
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     from vitport.embed import embed as run_embed
     from vitport.fixes import parse_fixes
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[speed]}"), TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=errors, disable=quiet or STATE["quiet"], transient=True) as bar:
-        task = bar.add_task("loading", total=None, speed="")
-        started: dict[str, float] = {}
-
-        def on_batch(done: int, total: int) -> None:
-            import time
-
-            now = time.perf_counter()
-            first = started.setdefault("t", now)
-            speed = f"{done / (now - first):.1f} img/s" if now > first else ""
-            bar.update(task, description="embedding", completed=done, total=total, speed=speed)
-
+    with progress("loading", bar=True, eta=True, stderr=True, speed_from_first_tick=True,
+                  quiet=quiet) as activity:  # fmt: skip
         summary = run_embed(
             sources, model, out, device=device, dtype=dtype, batch_size=batch_size,
             workers=workers, image_size=image_size, fixes=parse_fixes(fix), outputs=outputs,
             shard_size=shard_size, column=column, overwrite=overwrite, engine=engine,
             ray_address=ray_address, shard=shard,
-            progress=lambda m: bar.update(task, description=esc(m)),
-            on_batch=on_batch,
+            progress=lambda m: activity.update(esc(m)),
+            on_batch=lambda done, total: activity.tick(done, total, "embedding"),
         )  # fmt: skip
     dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in summary.outputs.items())
     reasons = ", ".join(f"{reason} {count}" for reason, count in summary.error_reasons.items())
@@ -131,7 +99,6 @@ def embed(
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
 
 
-@app.command()
 def dedup(
     directory: Annotated[Path, typer.Argument(help="A directory written by vitport embed.")],
     threshold: Annotated[
@@ -152,17 +119,11 @@ def dedup(
 
     FAISS when installed, else blocked matrix products: never the full N x N matrix in memory.
     """
-    from rich.table import Table
-
+    from vitport.cli.tables import pairs_table
     from vitport.embed.dedup import near_duplicates, write_pairs
 
     pairs = near_duplicates(directory, threshold, column)
-    table = Table(title=f"{len(pairs)} pairs with cosine >= {threshold:g} ({pairs.method})")
-    for name in ("id a", "id b", "cosine"):
-        table.add_column(name, justify="right" if name == "cosine" else "left")
-    for a, b, sim in pairs.top(top):
-        table.add_row(esc(a), esc(b), f"{sim:.4f}")
-    show(table)
+    show(pairs_table(pairs, threshold, top))
     if out is not None:
         write_pairs(pairs, out)
         console.print(f"all {len(pairs)} pairs written to [bold]{esc(out)}[/bold]")

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import vitport
 from vitport.bench.optimize import optimize
 from vitport.bench.run import Window, bench
+from vitport.compare.reference import reference_model
 from vitport.compare.run import candidate_factory, compare
 from vitport.compare.verdict import thresholds_for
 from vitport.devices import dtype_name, parse_dtype, resolve_device
@@ -108,10 +107,8 @@ def measure_all(
     if golden is not None:  # refuse a wrong reference before the long runs
         images = check_golden(golden, base, images)
         ref: Any = golden
-    elif o.reference == "cpu" and parse_dtype(o.reference_dtype) == torch.float32:
-        ref = base
     else:
-        ref = base.to(resolve_device(o.reference), parse_dtype(o.reference_dtype))
+        ref = reference_model(base, resolve_device(o.reference), parse_dtype(o.reference_dtype))
 
     log(f"inference sample on {target} ({o.dtype})")
     sample = infer(candidate, images[:1])

@@ -38,6 +38,14 @@ def ratio(value: float) -> str:
     return f"{value:,.0f}x" if value >= 10 else f"{value:.1f}x"
 
 
+def gib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def accuracy_table(result: CompareResult) -> Table:
     """Per output group: the seeds' metrics (mean and worst input) and the noise floor."""
     table = Table(
@@ -182,77 +190,6 @@ def trials_table(result: CompareResult) -> Table:
     return table
 
 
-def gib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
-
-
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def bench_table(result) -> Table:
-    """The seeds' performance table: per batch size latency percentiles, img/s, roofline."""
-    table = Table(
-        title=(
-            f"{escape(result.spec)} on {result.device} ({result.dtype}, attention {result.attention}"
-            f"{', compiled' if result.compiled else ''}), "
-            f"{result.image_size[0]}x{result.image_size[1]}"
-        )
-    )
-    for column in ("batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ± std ms", "ms/img",
-                   "img/s", "TFLOP/s", "MFU", "MFU vendor", "peak mem", "samples"):  # fmt: skip
-        table.add_column(column, justify="right")
-    best = result.best()
-    for row in result.rows():
-        style = "bold" if best is not None and row["batch_size"] == best.batch_size else None
-        table.add_row(
-            str(row["batch_size"]),
-            f"{row['p50_ms']:.2f}",
-            f"{row['p90_ms']:.2f}",
-            f"{row['p95_ms']:.2f}",
-            f"{row['p99_ms']:.2f}",
-            f"{row['mean_ms']:.2f} ± {row['std_ms']:.2f}",
-            f"{row['ms_per_image']:.2f}",
-            f"{row['images_per_second']:.1f}",
-            f"{row['achieved_tflops']:.3f}",
-            pct(row["mfu"]),
-            pct(row["vendor_mfu"]),
-            gib(row["peak_memory_bytes"]),
-            str(row["samples"]),
-            style=style,
-        )
-    return table
-
-
-def optimize_table(result) -> Table:
-    table = Table(title="configurations tried (faithful = passes compare against CPU fp32)")
-    table.add_column("configuration")
-    table.add_column("faithful")
-    table.add_column("worst rel err", justify="right")
-    for batch in result.batch_sizes:
-        table.add_column(f"img/s bs{batch}", justify="right")
-    best = result.best()
-    for trial in result.trials:
-        faithful = {True: "yes", False: "no", None: "error"}[trial.faithful]
-        if trial.faithful is False and trial.failed_checks:
-            faithful += f" ({trial.failed_checks[0]})"
-        if trial.error:
-            faithful = f"error: {trial.error[:60]}"
-        speeds = [
-            f"{trial.speed(b):.1f}" if trial.speed(b) is not None else "-"
-            for b in result.batch_sizes
-        ]
-        style = "bold green" if best is not None and trial is best[0] else None
-        table.add_row(
-            trial.config.label(),
-            faithful,
-            num(trial.worst_rel_error, True) if trial.worst_rel_error is not None else "-",
-            *speeds,
-            style=style,
-        )
-    return table
-
-
 def conversion_table(result) -> Table:
     """The proof of a conversion: per check and output group, the error against the source."""
     title = f"against the source: {len(result.inputs)} inputs at {result.image_size}px, fp32 limits"
@@ -275,52 +212,76 @@ def conversion_table(result) -> Table:
     return table
 
 
-def _needed(column) -> int:
-    """The narrowest a column can be without cutting a cell: its longest header word, its
-    longest cell (numbers do not wrap)."""
-    words = str(column.header).split() or [""]
-    return max([*map(len, words), *map(_length, column.cells)])
+def shapes_table(spec: str, encoder, features) -> Table:
+    """infer: the shape of each output."""
+    h, w = encoder.image_size
+    table = Table(
+        title=f"{escape(spec)} on {encoder.device} ({features.meta['dtype']}), {h}x{w} input"
+    )
+    table.add_column("output")
+    table.add_column("shape")
+    for name, shape in features.shapes().items():
+        table.add_row(name, " x ".join(map(str, shape)))
+    return table
 
 
-def _natural(column) -> int:
-    return max(len(str(column.header)), *map(_length, column.cells))
+def per_image_table(result) -> Table:
+    """infer: size, latency and the first pooled values of each image."""
+    feats = result.features
+    table = Table(title="per image")
+    for column in ("image", "size", "latency ms", "pooled[:4]"):
+        table.add_column(column, justify="right" if column == "latency ms" else "left")
+    pooled = feats.pooled if feats.pooled is not None else feats.patches.mean(1)
+    for i, name in enumerate(feats.names):
+        ow, oh = result.original_sizes[i]
+        values = " ".join(f"{v:+.3f}" for v in pooled[i][:4].tolist())
+        table.add_row(escape(name), f"{ow}x{oh}", f"{result.per_image_ms[i]:.1f}", values)
+    return table
 
 
-def natural_width(table: Table) -> int:
-    """The width at which no header or cell of `table` wraps."""
-    return sum(_natural(c) + 3 for c in table.columns) + 1
+def fixes_table(fixes) -> Table:
+    table = Table(title="precision fixes")
+    table.add_column("name")
+    table.add_column("what it does")
+    for fix in fixes:
+        table.add_row(fix.name, escape(fix.help))
+    return table
 
 
-def _length(cell) -> int:
-    return len(Text.from_markup(cell).plain) if isinstance(cell, str) else len(str(cell))
+def thresholds_table(dtype: str, limits) -> Table:
+    table = Table(title=f"{dtype} defaults")
+    table.add_column("group")
+    table.add_column("metric")
+    table.add_column("limit", justify="right")
+    for t in limits:
+        sign = ">" if t.higher_is_better else "<"
+        table.add_row(t.group or "every group", t.metric, f"{sign} {t.limit:g}")
+    return table
 
 
-def fit(table: Table, width: int | None, drop_order: tuple[str, ...] = ()) -> Table:
-    """The table with every cell whole: at `width` (None: any width) the columns of
-    `drop_order` are dropped, first first, until the rest fits with headers wrapped; cells are
-    never cut to '…'. The caption says what was dropped; --wide shows everything."""
-    columns = list(table.columns)
+def sources_table(sources) -> Table:
+    table = Table(title="model specs")
+    table.add_column("spec")
+    table.add_column("meaning")
+    for source in sources:
+        table.add_row(escape(source.example), escape(source.help))
+    return table
 
-    def total(cols, size) -> int:
-        return sum(size(c) + 3 for c in cols) + 1
 
-    dropped = []
-    for name in drop_order:
-        if width is None or total(columns, _needed) <= width:
-            break
-        keep = [c for c in columns if str(c.header) != name]
-        if len(keep) < len(columns):
-            columns, dropped = keep, [*dropped, name]
-    squeeze = width is not None and total(columns, _natural) > width
-    fitted = Table(title=table.title)
-    if dropped:
-        fitted.caption = (
-            f"not shown at this width: {', '.join(dropped)} (vitport --wide shows them)"
-        )
-    for column in columns:
-        fitted.add_column(column.header, justify=column.justify, overflow="fold",
-                          width=_needed(column) if squeeze else None)  # fmt: skip
-    cells = [list(c.cells) for c in columns]
-    for index, row in enumerate(table.rows):
-        fitted.add_row(*(c[index] for c in cells), style=row.style)
-    return fitted
+def device_table(description: dict[str, object]) -> Table:
+    table = Table(title="auto device")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in description.items():
+        table.add_row(key, escape(str(value)))
+    return table
+
+
+def pairs_table(pairs, threshold: float, top: int) -> Table:
+    """dedup: the most similar pairs."""
+    table = Table(title=f"{len(pairs)} pairs with cosine >= {threshold:g} ({pairs.method})")
+    for name in ("id a", "id b", "cosine"):
+        table.add_column(name, justify="right" if name == "cosine" else "left")
+    for a, b, sim in pairs.top(top):
+        table.add_row(escape(str(a)), escape(str(b)), f"{sim:.4f}")
+    return table

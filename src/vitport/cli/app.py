@@ -1,0 +1,177 @@
+"""The typer app every command registers on, its shared options, output and error handling."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from vitport.errors import VitportError
+
+try:  # typer 0.2x and later run on their own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # earlier typer runs on click itself
+    from click import ClickException
+
+
+def esc(text: object) -> str:
+    """User text (paths, specs, image names, messages) printed as written, never as markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+app = typer.Typer(
+    name="vitport",
+    help=(
+        "Bring vision-transformer encoders (DINOv2, DINOv3, ViT, AIMv2, timm ViTs) to new "
+        "hardware (Ascend NPU, CUDA, CPU, ...): load, run, and prove the port faithful and fast.\n\n"
+        "Model specs: demo:dinov2-small (a real trained model, no model hub needed), hf:ORG/NAME or ORG/NAME "
+        "(Hugging Face), ms:ORG/NAME (ModelScope), timm:NAME [--weights FILE], or a local "
+        "directory."
+    ),
+    epilog=(
+        "A port, step by step: [bold]vitport infer[/bold] (does it run?), [bold]vitport compare "
+        "--localize --try-fixes[/bold] (is it faithful, and if not, where and what cures it?), "
+        "[bold]vitport bench --optimize[/bold] (how fast, and the fastest faithful setting), "
+        "[bold]vitport report[/bold] (all of it, written up). [bold]vitport convert[/bold] moves "
+        "checkpoints between layouts and to ONNX, proven unchanged; [bold]vitport embed[/bold] "
+        "turns image collections into features. Errors are one line and exit 2; "
+        "put --debug before the command for a traceback."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+STATE = {"debug": False, "quiet": False, "wide": False}
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="Model spec: demo:NAME, hf:ORG/NAME, ms:ORG/NAME, timm:NAME, or a local directory.",
+    ),
+]  # fmt: skip
+DeviceOpt = Annotated[
+    str, typer.Option("--device", "-d", help="auto, cpu, cuda[:N], npu[:N], xpu or mps.")
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="Input side in pixels (a multiple of the patch size); default: the model's."
+    ),
+]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Local weights (.safetensors, or weights-only .pth) for timm:NAME."),
+]
+RemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code to run.")
+]
+CudaShimOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-shim", help="Forward torch.cuda calls to the NPU, for code written for CUDA."
+    ),
+]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=1.0,
+        help="--optimize: stop after about this many seconds; the likeliest winners run "
+        "first and what was skipped is listed.",
+    ),
+]
+MinSecondsOpt = Annotated[float, typer.Option(min=0.0, help="Measured window per batch size.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace output files that vitport did not write."),
+]
+FixOpt = Annotated[
+    str | None,
+    typer.Option("--fix", help="Precision fixes to apply, comma-separated (see vitport fixes)."),
+]
+ImagesArg = Annotated[
+    list[Path] | None, typer.Argument(help="Image files or directories (searched recursively).")
+]
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from vitport import __version__
+
+        console.print(f"vitport {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show full tracebacks on errors (also after the command)."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or spinners; results only.")
+    ] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every table column, whatever the terminal's width.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=show_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    STATE["debug"] = debug or STATE["debug"]
+    STATE["quiet"] = quiet
+    STATE["wide"] = wide
+
+
+def main() -> None:
+    """Entry point: run the app, turning known errors into one line and an exit code."""
+    args = sys.argv[1:]
+    debug = "--debug" in args
+    if debug:  # accepted before or after the command
+        args = ["--debug", *(a for a in args if a != "--debug")]
+    try:
+        code = app(args=args, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except VitportError as exc:
+        if debug:
+            raise
+        errors.print(f"[red]error:[/red] {esc(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        errors.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except ClickException as exc:  # usage errors: click's own message and exit code
+        exc.show()
+        sys.exit(exc.exit_code or 2)
+    except typer.Abort:  # click.exceptions.Abort where typer runs on click
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - anything else: one line, with the way to see more
+        if debug:
+            raise
+        errors.print(
+            f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+def reflow_help() -> None:
+    """Command help reflows to the terminal: a docstring's hard line breaks join within each
+    paragraph (paragraphs stay apart). Run once every command is registered."""
+    import inspect
+
+    for info in app.registered_commands:
+        doc = inspect.getdoc(info.callback) or ""
+        info.help = "\n\n".join(" ".join(part.split()) for part in doc.split("\n\n")) or None

@@ -1,0 +1,82 @@
+"""Rich tables of speed: bench by batch size, the --optimize search, end to end from files."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from vitport.cli.tables import gib, num, pct
+
+
+def bench_table(result) -> Table:
+    """The seeds' performance table: per batch size latency percentiles, img/s, roofline."""
+    table = Table(
+        title=(
+            f"{escape(result.spec)} on {result.device} ({result.dtype}, attention {result.attention}"
+            f"{', compiled' if result.compiled else ''}), "
+            f"{result.image_size[0]}x{result.image_size[1]}"
+        )
+    )
+    for column in ("batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ± std ms", "ms/img",
+                   "img/s", "TFLOP/s", "MFU", "MFU vendor", "peak mem", "samples"):  # fmt: skip
+        table.add_column(column, justify="right")
+    best = result.best()
+    for row in result.rows():
+        style = "bold" if best is not None and row["batch_size"] == best.batch_size else None
+        table.add_row(
+            str(row["batch_size"]),
+            f"{row['p50_ms']:.2f}",
+            f"{row['p90_ms']:.2f}",
+            f"{row['p95_ms']:.2f}",
+            f"{row['p99_ms']:.2f}",
+            f"{row['mean_ms']:.2f} ± {row['std_ms']:.2f}",
+            f"{row['ms_per_image']:.2f}",
+            f"{row['images_per_second']:.1f}",
+            f"{row['achieved_tflops']:.3f}",
+            pct(row["mfu"]),
+            pct(row["vendor_mfu"]),
+            gib(row["peak_memory_bytes"]),
+            str(row["samples"]),
+            style=style,
+        )
+    return table
+
+
+def optimize_table(result) -> Table:
+    table = Table(title="configurations tried (faithful = passes compare against CPU fp32)")
+    table.add_column("configuration")
+    table.add_column("faithful")
+    table.add_column("worst rel err", justify="right")
+    for batch in result.batch_sizes:
+        table.add_column(f"img/s bs{batch}", justify="right")
+    best = result.best()
+    for trial in result.trials:
+        faithful = {True: "yes", False: "no", None: "error"}[trial.faithful]
+        if trial.faithful is False and trial.failed_checks:
+            faithful += f" ({trial.failed_checks[0]})"
+        if trial.error:
+            faithful = f"error: {trial.error[:60]}"
+        speeds = [
+            f"{trial.speed(b):.1f}" if trial.speed(b) is not None else "-"
+            for b in result.batch_sizes
+        ]
+        style = "bold green" if best is not None and trial is best[0] else None
+        table.add_row(
+            trial.config.label(),
+            faithful,
+            num(trial.worst_rel_error, True) if trial.worst_rel_error is not None else "-",
+            *speeds,
+            style=style,
+        )
+    return table
+
+
+def e2e_table(result) -> Table:
+    """bench --e2e: milliseconds per image in each stage from file to features."""
+    table = Table(title=f"end to end: {result.images} images, batch {result.batch_size}, "
+                  f"{result.workers} workers, {result.images_per_second:.1f} img/s")  # fmt: skip
+    table.add_column("stage")
+    table.add_column("ms per image", justify="right")
+    for stage, value in result.breakdown().items():
+        table.add_row(stage, f"{value:.2f}")
+    return table

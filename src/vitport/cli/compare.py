@@ -1,0 +1,196 @@
+"""`vitport compare`: the device's output against a reference, with the noise floor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitport.cli.app import (
+    CudaShimOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FixOpt,
+    ImagesArg,
+    ImageSizeOpt,
+    ModelOpt,
+    OverwriteOpt,
+    RemoteCodeOpt,
+    WeightsOpt,
+    console,
+    errors,
+    esc,
+)
+from vitport.cli.display import progress, show, steps
+from vitport.cli.inputs import load_model, read_inputs
+from vitport.errors import VitportError
+
+ACCURACY_DROP = ("mse", "vec rel", "cos mean", "floor rel err", "max abs", "rel err mean")
+
+
+def compare(
+    model: ModelOpt,
+    images: ImagesArg = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference",
+            "-r",
+            help="A device to run the reference on in this process (cpu, cuda, ...), or a golden "
+            "features file written by `vitport infer --out` on another machine.",
+        ),
+    ] = "cpu",
+    reference_dtype: Annotated[
+        str, typer.Option(help="dtype of an in-process reference.")
+    ] = "fp32",
+    part_reference: Annotated[
+        str,
+        typer.Option(
+            help="With a golden file's block states: the device (fp32) in this process that the "
+            "parts of the culprit block are compared with."
+        ),
+    ] = "cpu",
+    fix: FixOpt = None,
+    localize: Annotated[
+        bool, typer.Option("--localize", help="Find the first block whose own error stands out.")
+    ] = False,
+    try_fixes: Annotated[
+        bool, typer.Option("--try-fixes", help="Compare again with each fix and with all together.")
+    ] = False,
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--threshold",
+            "-t",
+            help="Override a limit: METRIC=VALUE or GROUP.METRIC=VALUE (repeatable).",
+        ),
+    ] = None,
+    inject_fault: Annotated[
+        str | None,
+        typer.Option(
+            help="Plant a known fault KIND@BLOCK in the candidate (gelu-tanh@7, "
+            "layernorm-bf16@3) to check that localisation and fixes find it."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write every number here.")
+    ] = None,
+    per_input: Annotated[
+        bool, typer.Option("--per-input", help="Also show the error of each input.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
+    image_size: ImageSizeOpt = None,
+    weights: WeightsOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    cuda_shim: CudaShimOpt = False,
+) -> None:
+    """Is the port faithful? The device's output against a reference, with the noise floor.
+
+    Metrics per output group (CLS, registers, patches, pooled, logits): relative error
+    mean|d|/mean|ref| (seed 000), vector relative error, max/mean abs, MSE, cosine per token,
+    top-1/top-5 of logits, nearest-neighbour agreement of pooled features; beside each, the
+    same metric between fp32 and fp64 on the CPU (the arithmetic noise floor). Exit code 0 when
+    every threshold passes, 1 when one fails: it can gate CI.
+    """
+    import json
+
+    from vitport import Features
+    from vitport.compare.reference import open_reference, reference_model
+    from vitport.compare.run import candidate_factory
+    from vitport.compare.run import compare as run_compare
+    from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
+    from vitport.devices import parse_dtype, resolve_device
+    from vitport.faults import parse_fault
+    from vitport.fixes import fix_names, parse_fixes
+    from vitport.outputs import check_file, is_vitport_json, write_text
+
+    try:
+        overrides = parse_threshold_overrides(threshold or [])
+    except ValueError as exc:
+        raise VitportError(str(exc)) from exc
+    check_file(json_out, "--json", overwrite, is_vitport_json)
+    fixes = parse_fixes(fix)
+    if inject_fault:
+        parse_fault(inject_fault)
+    source = open_reference(reference, localize)
+    golden = source if isinstance(source, Features) else None
+    target = resolve_device(device)
+    cand_dtype = parse_dtype(dtype)
+    ref_dtype = parse_dtype(reference_dtype)
+
+    loaded, _ = read_inputs(images, image_size or 224, golden)
+    base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
+
+    make_candidate = candidate_factory(base, target, cand_dtype, inject_fault)
+    candidate, detail = make_candidate(fixes)
+    notes = [f"candidate: {detail}"] if detail else []
+    ref = golden if golden is not None else reference_model(base, source, ref_dtype)
+    trials = [(name,) for name in fix_names()] if try_fixes else []
+    parts = None
+    if golden is not None and localize:
+        parts = reference_model(base, resolve_device(part_reference))
+    with progress("comparing ...") as activity:
+        result = run_compare(
+            base, candidate, ref, loaded, thresholds_for(cand_dtype, overrides),
+            localize_points=localize, trial_fixes=trials, make_candidate=make_candidate,
+            batch_size=batch_size, fixes=fixes, progress=steps(activity),
+            notes=notes, part_reference=parts,
+        )  # fmt: skip
+    for t in overrides:
+        if t.group and t.group not in result.groups:
+            errors.print(
+                f"[yellow]warning:[/yellow] -t {esc(t.spec())}: {esc(model)} has no {t.group} "
+                f"output, so this limit judges nothing (outputs: {', '.join(result.groups)})",
+                soft_wrap=True,
+            )
+    render_compare(result, per_input)
+    if json_out is not None:
+        write_text(json_out, json.dumps(result.to_dict(), indent=2))
+        console.print(f"every number written to [bold]{esc(json_out)}[/bold]")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def render_compare(result, per_input: bool = False) -> None:
+    import vitport.cli.tables as tables
+
+    show(tables.accuracy_table(result), ACCURACY_DROP)
+    if per_input:
+        show(tables.per_input_table(result))
+    for line in tables.task_lines(result):
+        console.print(line)
+    console.print(
+        "[dim]floor = the same metric between fp32 and fp64 on the CPU; x floor = how many times "
+        "the arithmetic noise of fp32 this error is.[/dim]"
+    )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")
+    if result.localization is not None:
+        show(tables.localization_table(result), ("accumulated",))
+        loc = result.localization
+        if loc.culprit:
+            console.print(
+                f"[bold]first diverging point:[/bold] {esc(loc.culprit)}: {esc(loc.reason)}"
+            )
+        else:
+            console.print(f"[bold]no single culprit:[/bold] {esc(loc.reason)}")
+    if result.trials:
+        show(tables.trials_table(result))
+        best = result.best_trial()
+        if best is not None:
+            from vitport.compare.run import worst_rel_error
+
+            console.print(
+                f"[bold]best fix:[/bold] --fix {best.fixes[0]} (worst relative error "
+                f"{100 * worst_rel_error(result.groups):.4g}% -> "
+                f"{100 * worst_rel_error(best.groups):.4g}%)"
+            )
+        elif result.passed:
+            console.print("no fix needed: the port passes, and no fix halves its error")
+        else:
+            console.print("[bold]no single fix passes and halves the error[/bold]")
+    console.print(tables.verdict_text(result))

@@ -1,0 +1,57 @@
+"""Tables whole at any terminal width: columns fold rather than cut, the least needed go first."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+
+def _needed(column) -> int:
+    """The narrowest a column can be without cutting a cell: its longest header word, its
+    longest cell (numbers do not wrap)."""
+    words = str(column.header).split() or [""]
+    return max([*map(len, words), *map(_length, column.cells)])
+
+
+def _natural(column) -> int:
+    return max(len(str(column.header)), *map(_length, column.cells))
+
+
+def natural_width(table: Table) -> int:
+    """The width at which no header or cell of `table` wraps."""
+    return sum(_natural(c) + 3 for c in table.columns) + 1
+
+
+def _length(cell) -> int:
+    return len(Text.from_markup(cell).plain) if isinstance(cell, str) else len(str(cell))
+
+
+def fit(table: Table, width: int | None, drop_order: tuple[str, ...] = ()) -> Table:
+    """The table with every cell whole: at `width` (None: any width) the columns of
+    `drop_order` are dropped, first first, until the rest fits with headers wrapped; cells are
+    never cut to '…'. The caption says what was dropped; --wide shows everything."""
+    columns = list(table.columns)
+
+    def total(cols, size) -> int:
+        return sum(size(c) + 3 for c in cols) + 1
+
+    dropped = []
+    for name in drop_order:
+        if width is None or total(columns, _needed) <= width:
+            break
+        keep = [c for c in columns if str(c.header) != name]
+        if len(keep) < len(columns):
+            columns, dropped = keep, [*dropped, name]
+    squeeze = width is not None and total(columns, _natural) > width
+    fitted = Table(title=table.title)
+    if dropped:
+        fitted.caption = (
+            f"not shown at this width: {', '.join(dropped)} (vitport --wide shows them)"
+        )
+    for column in columns:
+        fitted.add_column(column.header, justify=column.justify, overflow="fold",
+                          width=_needed(column) if squeeze else None)  # fmt: skip
+    cells = [list(c.cells) for c in columns]
+    for index, row in enumerate(table.rows):
+        fitted.add_row(*(c[index] for c in cells), style=row.style)
+    return fitted

@@ -1,0 +1,141 @@
+"""`vitport infer`: run a model on images, show what came out, optionally save a golden file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitport.cli.app import (
+    CudaShimOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FixOpt,
+    ImagesArg,
+    ImageSizeOpt,
+    ModelOpt,
+    OverwriteOpt,
+    RemoteCodeOpt,
+    WeightsOpt,
+    console,
+    esc,
+)
+from vitport.cli.display import progress, show
+from vitport.cli.inputs import find_inputs, load_model, report_problems
+from vitport.errors import VitportError
+
+
+def infer(
+    model: ModelOpt,
+    images: ImagesArg = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    out: Annotated[
+        Path | None, typer.Option(help="Save the Features (safetensors + metadata) to this file.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader workers that decode images.")] = 2,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 when any given image could not be read.")
+    ] = False,
+    with_blocks: Annotated[
+        bool,
+        typer.Option(
+            "--with-blocks",
+            help="--out also stores every block's hidden states, so that compare --localize "
+            "can find the block where another machine departs from this one.",
+        ),
+    ] = False,
+    block_images: Annotated[
+        int | None, typer.Option(min=1, help="With --with-blocks: images that carry block states.")
+    ] = None,
+    blocks_fp32: Annotated[
+        bool, typer.Option("--blocks-fp32", help="Store block states in fp32, not the run's dtype.")
+    ] = False,
+    max_bytes: Annotated[
+        float, typer.Option(min=1, help="Refuse a --with-blocks file larger than this.")
+    ] = 2e9,
+    fix: FixOpt = None,
+    image_size: ImageSizeOpt = None,
+    weights: WeightsOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    cuda_shim: CudaShimOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run a model on images: output shapes, first pooled values, per-image latency.
+
+    With no images, 8 real photos shipped with scikit-image and 2 seeded random images are
+    used, the same set `vitport compare` uses. --out writes the
+    features as a golden file that `vitport compare --reference FILE` accepts on another machine.
+    """
+    from vitport.cli.tables import per_image_table, shapes_table
+    from vitport.fixes import parse_fixes
+    from vitport.images import default_inputs, read_images
+    from vitport.infer import infer as run_infer
+    from vitport.infer import infer_inputs
+    from vitport.outputs import check_file, is_features_file
+    from vitport.stream import file_inputs
+
+    fixes = parse_fixes(fix)
+    check_file(out, "--out", overwrite, is_features_file)
+    if with_blocks and out is None:
+        raise VitportError("--with-blocks stores block states in the --out file; add --out FILE")
+    paths = find_inputs(images)
+    encoder = load_model(
+        model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes
+    )
+    if paths is None:
+        loaded = default_inputs(encoder.image_size[0])
+        result = run_infer(encoder, loaded, batch_size)
+    else:
+        with progress("encoding", bar=True, stderr=True) as activity:
+            result = infer_inputs(encoder, file_inputs(paths), batch_size, workers, activity.tick)
+        report_problems(result.problems)
+    problems = result.problems
+    feats = result.features
+    h, w = encoder.image_size
+
+    show(shapes_table(model, encoder, feats))
+    console.print(
+        f"[dim]{encoder.family}, {encoder.num_params / 1e6:.1f}M parameters, tokens: "
+        f"{encoder.layout.describe(h, w)}; source: {encoder.source}[/dim]"
+    )
+    for note in encoder.notes:
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")
+    show(per_image_table(result), ("pooled[:4]", "size"))
+    console.print(
+        f"[dim]latency is device time (synchronised); the first call ({result.first_call_ms:.1f} ms) "
+        "includes warm-up and kernel selection. Load took "
+        f"{encoder.load_seconds:.1f} s.[/dim]"
+    )
+    if out is not None:
+        from vitport.golden import golden_file_parts, record_run
+
+        record_run(feats, problems, result.content_sha256, encoder.device)
+        extra, header = {}, {}
+        if with_blocks:
+            with progress("recording block states ..."):
+                count = block_images or len(feats.names)
+                chosen = loaded[:count] if paths is None else read_images(feats.names[:count])[0]
+                extra, header = golden_file_parts(encoder, chosen, batch_size, blocks_fp32,
+                                                  int(max_bytes))  # fmt: skip
+        path = feats.save(out, extra, header)
+        size = path.stat().st_size
+        blocks = f", with block states at {len(extra)} points" if extra else ""
+        console.print(f"features saved to [bold]{esc(path)}[/bold] ({size / 1e6:.1f} MB{blocks})")
+    import torch
+
+    broken = [name for name, t in feats.groups().items() if not torch.isfinite(t).all()]
+    if broken:
+        console.print(
+            f"[yellow]warning:[/yellow] the {', '.join(broken)} output holds NaN or inf; "
+            "check the dtype (fp16 overflows above 65504) or compare it: vitport compare"
+        )
+    if problems:
+        console.print(
+            f"{len(feats.names)} images encoded, [yellow]{len(problems)} could not be read[/yellow] "
+            "(listed above)"
+        )
+        if strict:
+            raise typer.Exit(1)

@@ -1,0 +1,71 @@
+"""What most commands read: the model (with --cuda-shim and --fix) and the images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vitport.cli.app import errors, esc
+from vitport.cli.display import progress
+from vitport.errors import VitportError
+
+
+def enable_cuda_shim(wanted: bool) -> None:
+    """--cuda-shim: forward torch.cuda to the NPU before anything loads, and say so."""
+    if wanted:
+        from vitport.devices import enable_cuda_shim as enable
+
+        errors.print(f"[dim]{enable()}[/dim]")
+
+
+def load_model(spec: str, device: str, dtype: str, image_size: int | None, weights: Path | None,
+               trust_remote_code: bool, cuda_shim: bool, fixes: list[str] = ()):  # fmt: skip
+    """Shared by every command: the shim first, then the one door, then the fixes."""
+    import vitport
+    from vitport.fixes import apply_fixes
+
+    enable_cuda_shim(cuda_shim)
+    with progress(f"loading {esc(spec)} ..."):
+        encoder = vitport.load(
+            spec, device, dtype, image_size=image_size, weights=weights,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    for report in apply_fixes(encoder, fixes):
+        errors.print(f"[dim]fix {report.name}: {esc(report.detail)}[/dim]", soft_wrap=True)
+    return encoder
+
+
+def report_problems(problems) -> None:
+    for problem in problems:
+        errors.print(
+            f"[yellow]skipped[/yellow] {esc(problem.name)}: {esc(problem.reason)}", soft_wrap=True
+        )
+
+
+def find_inputs(images: list[Path] | None) -> list[Path] | None:
+    """The image files given (directories expanded), None for the default inputs."""
+    from vitport.images import find_images
+
+    if not images:
+        return None
+    paths = find_images(images)
+    if not paths:
+        raise VitportError(f"no images found in {', '.join(map(str, images))}")
+    return paths
+
+
+def read_inputs(images: list[Path] | None, size: int, golden=None):
+    """The user's images; else a golden file's own images; else the default set (real photos
+    plus seeded random inputs)."""
+    from vitport.images import default_inputs, images_by_name, read_images
+
+    if golden is not None and not images:
+        loaded, problems = images_by_name(golden.names)
+        report_problems(problems)
+        return loaded, problems
+    if not images:
+        return default_inputs(size), []
+    loaded, problems = read_images(images)
+    report_problems(problems)
+    if not loaded:
+        raise VitportError("none of the given images could be read; see the reasons above")
+    return loaded, problems

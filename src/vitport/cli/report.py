@@ -1,0 +1,122 @@
+"""`vitport report`: the whole proof of a port, written up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitport.cli.app import (
+    BudgetOpt,
+    CudaShimOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FixOpt,
+    ImagesArg,
+    ImageSizeOpt,
+    MinSecondsOpt,
+    OverwriteOpt,
+    RemoteCodeOpt,
+    WeightsOpt,
+    console,
+    esc,
+)
+from vitport.cli.bench import parse_batch_sizes
+from vitport.cli.display import progress
+from vitport.cli.inputs import enable_cuda_shim, read_inputs
+from vitport.errors import VitportError
+
+
+def report(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model spec (see vitport models); not with --from."),
+    ] = None,
+    images: ImagesArg = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    reference: Annotated[
+        str, typer.Option("--reference", "-r", help="Device of the in-process reference.")
+    ] = "cpu",
+    reference_dtype: Annotated[str, typer.Option(help="dtype of the reference.")] = "fp32",
+    golden: Annotated[
+        Path | None, typer.Option(help="A golden features file from another machine.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory to write the report into.")] = Path("report"),
+    lang: Annotated[str, typer.Option(help="Language of README.md: en or zh.")] = "en",
+    batch_sizes: Annotated[
+        str, typer.Option(help="Batch sizes to benchmark, or auto.")
+    ] = "1,2,4,8",
+    budget: BudgetOpt = None,
+    min_seconds: MinSecondsOpt = 2.0,
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize",
+            help="Also search dtype x attention x batch for the "
+            "fastest configuration that stays faithful.",
+        ),
+    ] = False,
+    fix: FixOpt = None,
+    from_json: Annotated[
+        Path | None,
+        typer.Option("--from", help="Re-render an earlier report.json without recomputing."),
+    ] = None,
+    image_size: ImageSizeOpt = None,
+    weights: WeightsOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    cuda_shim: CudaShimOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """The whole proof of a port in one command, in the form of the hand-written reports.
+
+    Runs infer, bench and compare (with --localize and --try-fixes) and writes into --out:
+    README.md (verdict first, then environment, weights, dependencies, inference sample,
+    performance by batch size with MFU, accuracy with noise floor, fixes before/after, error by
+    block, notes), report.json (every number), PNG plots, the raw JSON of each step and a log.
+    """
+    from vitport.bench.configure import check_budget
+    from vitport.bench.run import Window
+    from vitport.compare.reference import load_golden
+    from vitport.fixes import parse_fixes
+    from vitport.outputs import check_dir, is_report_dir
+    from vitport.report import (
+        LANGS,
+        ReportOptions,
+        RunLog,
+        build_report,
+        read_report,
+        write_report,
+    )
+    from vitport.report.render import STRINGS, headline
+
+    if lang not in LANGS:
+        raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
+    check_dir(out, "--out", overwrite, is_report_dir)
+    if from_json is not None:
+        path = write_report(read_report(from_json), out, lang)
+        console.print(f"report re-rendered: [bold]{esc(path)}[/bold]")
+        return
+    if model is None:
+        raise VitportError("vitport report needs --model SPEC (or --from DIR/report.json)")
+    check_budget(budget, optimize)
+    sizes = parse_batch_sizes(batch_sizes)
+    fixes = parse_fixes(fix)
+    gold = load_golden(golden) if golden is not None else None
+    loaded, _ = read_inputs(images, image_size or 224, gold)
+    enable_cuda_shim(cuda_shim)
+    with progress(f"report on {esc(model)}", elapsed=True) as activity:
+        log = RunLog(echo=lambda m: activity.update(esc(m)))
+        options = ReportOptions(
+            spec=model, device=device, dtype=dtype, reference=reference,
+            reference_dtype=reference_dtype, batch_sizes=tuple(sizes) if sizes else None,
+            window=Window(min_seconds=min_seconds), fixes=tuple(fixes), image_size=image_size,
+            weights=str(weights) if weights else None, trust_remote_code=trust_remote_code,
+            optimize=optimize, budget=budget,
+        )  # fmt: skip
+        data = build_report(options, loaded, gold, log)
+    path = write_report(data, out, lang)
+    for line in headline(data, STRINGS[lang]):
+        console.print(line.replace("**", ""))
+    console.print(f"report written: [bold]{esc(path)}[/bold]")
