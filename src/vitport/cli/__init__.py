@@ -154,7 +154,7 @@ def load_model(spec: str, device: str, dtype: str, image_size: int | None, weigh
                trust_remote_code: bool, cuda_shim: bool, fixes: list[str] = ()):  # fmt: skip
     """Shared by every command: the shim first, then the one door, then the fixes."""
     import vitport
-    from vitport.devices import enable_cuda_shim
+    from vitport.device import enable_cuda_shim
     from vitport.fixes import apply_fixes
 
     if cuda_shim:
@@ -451,7 +451,7 @@ def compare(
     from vitport.compare.run import candidate_factory
     from vitport.compare.run import compare as run_compare
     from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
-    from vitport.devices import parse_dtype, resolve_device
+    from vitport.device import parse_dtype, resolve_device
     from vitport.faults import parse_fault
     from vitport.fixes import fix_names, parse_fixes
     from vitport.images import images_by_name
@@ -674,7 +674,7 @@ def bench(
         raise VitportError(f"--attn {attn} is unknown; choose one of {', '.join(ATTENTION)}")
     old = read_baseline(baseline) if baseline else None
     if old is not None:
-        from vitport.devices import dtype_name, parse_dtype
+        from vitport.device import dtype_name, parse_dtype
 
         theirs = (old.spec, old.dtype, old.attention, old.compiled)
         ours = (model, dtype_name(parse_dtype(dtype)), attn, compile)
@@ -801,7 +801,7 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
 
     from vitport import cli_tables
     from vitport.bench.optimize import optimize as run_optimize
-    from vitport.devices import resolve_device
+    from vitport.device import resolve_device
 
     target = resolve_device(device)
     loaded, _ = read_inputs(images, image_size or 224)
@@ -889,7 +889,7 @@ def report(
     block, notes), report.json (every number), PNG plots, the raw JSON of each step and a log.
     """
     from vitport import Features
-    from vitport.devices import enable_cuda_shim
+    from vitport.device import enable_cuda_shim
     from vitport.fixes import parse_fixes
     from vitport.images import images_by_name
     from vitport.outputs import check_dir, is_report_dir
@@ -987,7 +987,7 @@ def models() -> None:
 @app.command()
 def devices() -> None:
     """Show the devices this machine offers and describe the default one."""
-    from vitport.devices import available_devices, npu_problem, resolve_device
+    from vitport.device import available_devices, npu_problem, resolve_device
 
     console.print(f"available: {', '.join(available_devices())}")
     problem = npu_problem()

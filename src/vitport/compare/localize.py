@@ -415,7 +415,7 @@ def localize_golden(
     culprit = next((p for p in errors if p.name == found.culprit and p.block is not None), None)
     if culprit is None or part_reference is None:
         return found
-    from vitport.devices import dtype_name
+    from vitport.device import dtype_name
 
     parts = _parts_of(candidate, part_reference, golden, culprit.block, calls, points, last)
     worst = max(parts, key=lambda p: p.local, default=None)
@@ -480,7 +480,7 @@ def golden_file_parts(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The block states of `images` (LoadedImages) and the header naming them, for a golden file;
     refused, with the estimate, beyond `max_bytes`."""
-    from vitport.devices import dtype_name
+    from vitport.device import dtype_name
     from vitport.errors import VitportError
 
     dtype = torch.float32 if fp32 else encoder.dtype

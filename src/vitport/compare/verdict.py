@@ -115,7 +115,7 @@ THRESHOLD_REASONS: dict[str, str] = {
 
 
 def _dtype_key(dtype: str | torch.dtype) -> str:
-    from vitport.devices import dtype_name, parse_dtype
+    from vitport.device import dtype_name, parse_dtype
     from vitport.errors import DeviceError
 
     if isinstance(dtype, str):

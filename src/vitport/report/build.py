@@ -17,7 +17,7 @@ from vitport.bench.optimize import optimize
 from vitport.bench.run import Window, bench
 from vitport.compare.run import candidate_factory, check_golden, compare
 from vitport.compare.verdict import thresholds_for
-from vitport.devices import dtype_name, parse_dtype, resolve_device
+from vitport.device import dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
 from vitport.fixes import fix_names
 from vitport.images import LoadedImage
