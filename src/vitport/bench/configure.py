@@ -32,7 +32,10 @@ def set_attention(encoder: Encoder, kind: str) -> None:
     if kind not in ATTENTION:
         raise VitportError(f"--attn {kind} is unknown; choose one of {', '.join(ATTENTION)}")
     if kind == "flash" and not encoder.device.flash_selectable:
-        raise VitportError(f"--attn flash: {encoder.device.flash_refusal}; use --attn sdpa")
+        raise VitportError(
+            "--attn flash: on the NPU torch_npu picks its fused attention kernel itself "
+            "(its own _fused_sdp_choice); use --attn sdpa"
+        )
     if kind == "default":
         return
     impl = "eager" if kind == "eager" else "sdpa"

@@ -102,16 +102,11 @@ class Device:
         return device_module(self.type)
 
     @property
-    def flash_refusal(self) -> str | None:
-        """Why torch's flash-only SDPA selection means nothing here; None where it does.
-        torch_npu registers its own scaled_dot_product_attention and kernel choice (checked
-        against its operator schemas), so on the NPU it does not."""
-        return npu.NPU_SDPA_CHOICE if self.type == "npu" else None
-
-    @property
     def flash_selectable(self) -> bool:
-        """Whether torch's flash-only SDPA selection means anything here."""
-        return self.flash_refusal is None
+        """Whether torch's flash-only SDPA selection means anything here. torch_npu registers
+        its own scaled_dot_product_attention and kernel choice (checked against its operator
+        schemas), so on the NPU it does not."""
+        return self.type != "npu"
 
     @property
     def is_async(self) -> bool:

@@ -21,7 +21,6 @@ from vitport.errors import VitportError
 
 __all__ = [
     "NPU_GELU",
-    "NPU_SDPA_CHOICE",
     "TORCH_NPU_MISSING",
     "check_npu_gelu",
     "import_torch_npu",
@@ -39,11 +38,6 @@ TORCH_NPU_MISSING = (
 
 NPU_GELU = "torch_npu.npu_gelu"
 """The NPU's own exact-GELU kernel, by name."""
-
-NPU_SDPA_CHOICE = (
-    "on the NPU torch_npu picks its fused attention kernel itself (its own _fused_sdp_choice)"
-)
-"""Why torch's SDPA kernel selection means nothing on the NPU."""
 
 CANN_LIBRARIES = ("libhccl.so", "libascendcl.so", "libacl", "libge_runner.so", "libruntime.so")
 
