@@ -15,7 +15,7 @@ from docs_section import write_section
 import vitport
 from vitport.bench.optimize import optimize
 from vitport.bench.run import Window
-from vitport.devices import resolve_device
+from vitport.device import resolve_device
 from vitport.images import default_inputs
 
 MARK = "<!-- cpu_demo -->"

@@ -22,7 +22,7 @@ from timm.models._hub import save_for_hf
 import vitport
 from vitport.bench.configure import configure
 from vitport.bench.run import Window, bench
-from vitport.devices import resolve_device
+from vitport.device import resolve_device
 
 MARK = "<!-- gpu_vit_large -->"
 

@@ -101,7 +101,7 @@ def test_regressions_beyond_noise(sleepy):
 
 def test_optimize_keeps_only_faithful_configurations(tiny_dir, photos):
     from vitport.bench.optimize import BASELINE, optimize
-    from vitport.devices import resolve_device
+    from vitport.device import resolve_device
 
     base = vitport.load(str(tiny_dir("dinov2")))
     result = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
@@ -119,7 +119,7 @@ def test_optimize_keeps_only_faithful_configurations(tiny_dir, photos):
 
 def test_optimize_runs_likely_winners_first_and_stops_at_the_budget(tiny_dir, photos):
     from vitport.bench.optimize import BASELINE, OptimizeResult, optimize
-    from vitport.devices import resolve_device
+    from vitport.device import resolve_device
 
     base = vitport.load(str(tiny_dir("dinov2")))
     seen: list[str] = []

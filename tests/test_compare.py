@@ -10,7 +10,7 @@ import pytest
 import vitport
 from vitport.compare.run import CompareResult, candidate_factory, compare
 from vitport.compare.verdict import thresholds_for
-from vitport.devices import resolve_device
+from vitport.device import resolve_device
 from vitport.errors import GoldenMismatchError
 from vitport.fixes import fix_names
 from vitport.infer import infer

@@ -1,4 +1,4 @@
-"""Tests of vitport.devices. No NPU or GPU is needed: the NPU branches run against a stand-in
+"""Tests of vitport.device. No NPU or GPU is needed: the NPU branches run against a stand-in
 ``torch_npu`` module and a fake ``torch.npu`` device module built from plain Python."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitport import devices
-from vitport.devices import (
+from vitport.device import (
     DTYPES,
     Device,
     available_devices,
+    cuda_shim,
     disable_cuda_shim,
     dtype_name,
     enable_cuda_shim,
@@ -109,10 +109,10 @@ class FakeNpu(types.ModuleType):
 @pytest.fixture(autouse=True)
 def forget_hidden_torch_npu(monkeypatch: pytest.MonkeyPatch):
     """A torch_npu hidden by one test (as broken) must not stay hidden for the next."""
-    from vitport import devices
+    from vitport.device import npu
 
     hidden: dict[str, str] = {}
-    monkeypatch.setattr(devices, "_HIDDEN", hidden)
+    monkeypatch.setattr(npu, "_HIDDEN", hidden)
     yield
     if hidden and sys.modules.get("torch_npu", False) is None:
         del sys.modules["torch_npu"]
@@ -521,5 +521,5 @@ def test_cuda_shim_prefers_transfer_to_npu(
 
 def test_module_state_is_clean() -> None:
     # The shim state is process-global; every test above must have undone it.
-    assert devices._shim_saved == {}
-    assert devices._shim_state == {}
+    assert cuda_shim._shim_saved == {}
+    assert cuda_shim._shim_state == {}

@@ -13,7 +13,7 @@ from conftest import TINY
 from torch import nn
 
 import vitport
-from vitport.devices import Device
+from vitport.device import Device
 from vitport.errors import VitportError
 from vitport.fixes import (
     FIXES,

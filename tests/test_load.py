@@ -67,7 +67,7 @@ def test_dtype_moves_weights_and_stays_close(dtype, tiny_dir, photos):
     path = str(tiny_dir("dinov2"))
     ref = infer(vitport.load(path), photos[:2]).features
     low = vitport.load(path, dtype=dtype)
-    assert {p.dtype for p in low.module.parameters()} == {vitport.devices.parse_dtype(dtype)}
+    assert {p.dtype for p in low.module.parameters()} == {vitport.device.parse_dtype(dtype)}
     out = infer(low, photos[:2]).features
     assert out.meta["dtype"] == dtype
     assert not torch.equal(out.cls, ref.cls)

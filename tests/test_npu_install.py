@@ -73,7 +73,7 @@ def test_cpu_works_and_npu_is_one_line_exit_2(cann_missing, tiny_dir):
 
 
 def test_library_import_before_torch_survives(cann_missing):
-    script = "import vitport, torch; from vitport.devices import resolve_device; print(resolve_device('auto'))"
+    script = "import vitport, torch; from vitport.device import resolve_device; print(resolve_device('auto'))"
     got = run(cann_missing, "-c", script)
     assert got.returncode == 0 and got.stdout.strip() == "cpu", got.stderr
 

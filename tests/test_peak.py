@@ -16,7 +16,7 @@ from vitport.bench.peak import (
     peak_dtype_key,
     vendor_peak,
 )
-from vitport.devices import Device
+from vitport.device import Device
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from vitport.bench.timing import Measurement, TaskSpec, measure
-from vitport.devices import Device
+from vitport.device import Device
 
 SPEC = TaskSpec(model="test", device="cpu", dtype="fp32", batch_size=4, image_size=(224, 224))
 TICK = 1 / 128  # exact in binary, so sums of fake device times are exact too

@@ -14,7 +14,7 @@ import sys
 if "torch" not in sys.modules:
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
-from vitport.devices import settle_torch_npu  # noqa: E402
+from vitport.device import settle_torch_npu  # noqa: E402
 from vitport.encoder import Encoder, Features, TokenLayout  # noqa: E402
 from vitport.families import load  # noqa: E402
 

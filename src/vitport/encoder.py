@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vitport import golden
-from vitport.devices import Device, dtype_name, out_of_memory_error
+from vitport.device import Device, dtype_name, out_of_memory_error
 from vitport.errors import DeviceError, VitportError
 
 OUTPUT_GROUPS = ("cls", "registers", "patches", "pooled", "logits")

@@ -8,14 +8,12 @@ Fixes mutate ``encoder.module`` (and ``encoder.final_norm``/``encoder.forward_fn
 place; callers that need the original keep a copy first (``encoder.to(copy=True)``).
 ``no-tf32`` changes process-wide torch settings, not the encoder.
 
-Device-specific kernels (``torch_npu.npu_gelu``, ``torch.npu`` HF32 switches) live here and
-in :mod:`vitport.devices` only.
+Device-specific kernels and switches (the NPU's GELU, HF32) come from :mod:`vitport.device`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from vitport.device.npu import NPU_GELU, npu_gelu
+from vitport.device.precision import ABSENT, STRICT_SETTINGS
 from vitport.encoder import Encoder, RawOutput, is_norm
 from vitport.errors import VitportError
 
@@ -68,17 +68,8 @@ class Fix:
 # --------------------------------------------------------------------------- replacements
 
 
-def _torch_npu() -> Any:
-    try:
-        return importlib.import_module("torch_npu")
-    except ImportError as exc:
-        raise VitportError(
-            "the NPU GELU kernel needs torch_npu: pip install torch-npu matching your torch and CANN"
-        ) from exc
-
-
 class ExactGELU(nn.Module):
-    """GELU with the exact erf formula; on an NPU through ``torch_npu.npu_gelu``.
+    """GELU with the exact erf formula; on an NPU through the NPU's own kernel.
 
     The kernel is chosen when the fix is applied, from the encoder's device: apply the fix
     after moving the encoder (re-applying refreshes the choice).
@@ -90,7 +81,7 @@ class ExactGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.npu:
-            return _torch_npu().npu_gelu(x, approximate="none")
+            return npu_gelu(x)
         return F.gelu(x, approximate="none")
 
     def extra_repr(self) -> str:
@@ -306,13 +297,12 @@ def _erf_gelu(encoder: Encoder) -> FixReport:
             "erf-gelu",
             f"this model has no GELU module in its blocks ({uses}); the fix does not apply",
         )
-    npu = encoder.device.type == "npu"
-    if npu and not hasattr(_torch_npu(), "npu_gelu"):
-        raise VitportError("torch_npu has no npu_gelu; upgrade torch-npu to use fix 'erf-gelu'")
+    backend_kernel = encoder.device.exact_gelu_kernel()
+    npu = backend_kernel is not None
     for _, module in found:
         if isinstance(module, ExactGELU):
             module.npu = npu
-    kernel = "torch_npu.npu_gelu" if npu else "torch.nn.functional.gelu"
+    kernel = backend_kernel or "torch.nn.functional.gelu"
     return _replace_modules(
         encoder, "erf-gelu", found, ExactGELU, lambda _: ExactGELU(npu),
         already=f"all {_plural(len(found), 'GELU module')} already exact erf GELU ({kernel})",
@@ -453,53 +443,6 @@ def _math_sdpa(encoder: Encoder) -> FixReport:
 
 # --------------------------------------------------------------------------- no-tf32
 
-_ABSENT = object()
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One process-wide switch: how to read it, how to set it, and its strict value."""
-
-    name: str
-    get: Callable[[], Any]  # returns _ABSENT where the switch does not exist
-    put: Callable[[Any], None]
-    strict: Any
-
-
-def _attr(path: str, attr: str, strict: Any) -> Setting:
-    """A switch that is an attribute of an object reached from ``torch`` by `path`."""
-
-    def owner() -> Any:
-        obj: Any = torch
-        for part in path.split(".")[1:]:
-            obj = getattr(obj, part, None)
-            if obj is None:
-                return None
-        return obj
-
-    def get() -> Any:
-        obj = owner()
-        return _ABSENT if obj is None else getattr(obj, attr, _ABSENT)
-
-    return Setting(f"{path}.{attr}", get, lambda v: setattr(owner(), attr, v), strict)
-
-
-STRICT_SETTINGS: tuple[Setting, ...] = (
-    _attr("torch.backends.cuda.matmul", "allow_tf32", False),
-    _attr("torch.backends.cudnn", "allow_tf32", False),
-    _attr("torch.backends.cuda.matmul", "allow_fp16_reduced_precision_reduction", False),
-    _attr("torch.backends.cuda.matmul", "allow_bf16_reduced_precision_reduction", False),
-    Setting(
-        "torch.float32_matmul_precision",
-        torch.get_float32_matmul_precision,
-        torch.set_float32_matmul_precision,
-        "highest",
-    ),
-    _attr("torch.npu.matmul", "allow_hf32", False),  # Ascend's HF32 is its TF32
-    _attr("torch.npu.conv", "allow_hf32", False),
-)
-"""Switches that let float32 math run in reduced precision, in the order they are set."""
-
 
 @contextlib.contextmanager
 def process_settings_restored() -> Iterator[None]:
@@ -509,13 +452,13 @@ def process_settings_restored() -> Iterator[None]:
         yield
     finally:
         for setting, value in saved:
-            if value is not _ABSENT and setting.get() != value:
+            if value is not ABSENT and setting.get() != value:
                 setting.put(value)
 
 
 def _no_tf32(encoder: Encoder) -> FixReport:
     present = [(s, s.get()) for s in STRICT_SETTINGS]
-    present = [(s, before) for s, before in present if before is not _ABSENT]
+    present = [(s, before) for s, before in present if before is not ABSENT]
     for setting, before in present:
         if before != setting.strict:
             setting.put(setting.strict)
@@ -534,7 +477,7 @@ FIXES: dict[str, Fix] = {
     for fix in (
         Fix(
             "erf-gelu",
-            "replace every GELU in the blocks with exact erf GELU (torch_npu.npu_gelu on NPU)",
+            f"replace every GELU in the blocks with exact erf GELU ({NPU_GELU} on NPU)",
             _erf_gelu,
         ),
         Fix(

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vitport.devices import dtype_name
+from vitport.device import dtype_name
 from vitport.errors import GoldenMismatchError, VitportError
 from vitport.hooks import first_tensor, hooked_forward
 
 if TYPE_CHECKING:
-    from vitport.devices import Device
+    from vitport.device import Device
     from vitport.encoder import Encoder, Features
     from vitport.images import ImageProblem, LoadedImage
 

@@ -79,7 +79,7 @@ def infer_inputs(
     from vitport import stream
 
     device = encoder.device
-    pin = device.type in stream.PINNED_DEVICE_TYPES
+    pin = device.pin_memory
     dataset = stream.ImageInputs(inputs, encoder.preprocess, encoder.dtype, digests=True)
     parts, seconds, sizes, originals, problems, digests = [], [], [], [], [], []
     done = 0

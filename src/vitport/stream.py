@@ -21,9 +21,6 @@ from torch.utils.data import DataLoader, Dataset
 from vitport.errors import ImageError
 from vitport.images import content_sha256, read_image, read_image_bytes, reason_category
 
-PINNED_DEVICE_TYPES = frozenset({"cuda", "npu"})
-"""Device types whose host-to-device copies come from pinned memory."""
-
 WORKER_TIMEOUT_S = 300.0
 """Seconds to wait for one batch from workers before giving up (a hung worker, not a slow one)."""
 

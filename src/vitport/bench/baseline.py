@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from vitport.bench.run import BenchResult
-from vitport.devices import dtype_name, parse_dtype
+from vitport.device import dtype_name, parse_dtype
 from vitport.errors import VitportError
 
 

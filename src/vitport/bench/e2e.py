@@ -24,7 +24,7 @@ import torch
 from vitport import stream
 from vitport.encoder import Encoder
 from vitport.errors import ImageError, VitportError
-from vitport.stream import PINNED_DEVICE_TYPES, Batch, ImageInputs, WorkersFailed, timed_batches
+from vitport.stream import Batch, ImageInputs, WorkersFailed, timed_batches
 
 __all__ = ["E2EResult", "StageTimes", "run_e2e"]
 
@@ -166,7 +166,7 @@ def _run(
 ) -> tuple[_Tally, float, float]:
     """Warm up, then time ``repeats`` passes; returns the tally, wall seconds and checksum."""
     device = encoder.device
-    pin = device.type in PINNED_DEVICE_TYPES
+    pin = device.pin_memory
     loader = stream.make_loader(dataset, batch_size, workers, pin)
     target = device.torch_device
     state: dict[str, bool] = {}

@@ -14,7 +14,7 @@ from vitport.bench.configure import configure
 from vitport.bench.run import Window, bench_batch
 from vitport.bench.timing import Measurement
 from vitport.compare.verdict import judge_features, thresholds_for
-from vitport.devices import Device, dtype_name, parse_dtype
+from vitport.device import Device, dtype_name, parse_dtype
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 from vitport.images import LoadedImage

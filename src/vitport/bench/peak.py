@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from vitport.bench.timing import TaskSpec, measure
-from vitport.devices import Device, dtype_key, dtype_name
+from vitport.device import Device, dtype_key, dtype_name
 
 __all__ = [
     "VENDOR_PEAKS",
@@ -51,7 +51,7 @@ VENDOR_PEAKS: dict[str, dict[str, float]] = {
     # Cut-down variants with other clocks/SM counts: no figure rather than the wrong one.
     "RTX 4090 D": {},
     "RTX 4090 Laptop": {},
-    # Ascend 910B (torch_npu reports e.g. "Ascend910B2"): Huawei publishes no per-variant dense
+    # Ascend 910B (the NPU reports e.g. "Ascend910B2"): Huawei publishes no per-variant dense
     # fp16/bf16 figure we could confirm (circulating numbers, ~280-400 TFLOPS, are third-party),
     # so none is given; measure_peak gives the measured ceiling instead.
 }

@@ -14,7 +14,7 @@ import torch
 from vitport.bench.flops import FlopCount, flops_per_image
 from vitport.bench.peak import PeakResult, measure_peak, peak_dtype_key, vendor_peak
 from vitport.bench.timing import Measurement, TaskSpec, measure
-from vitport.devices import dtype_name
+from vitport.device import dtype_name
 from vitport.encoder import Encoder
 from vitport.errors import OutOfMemoryError
 

@@ -2,7 +2,7 @@
 
 Modelled on ``torch.utils.benchmark``'s ``TaskSpec`` and ``Measurement``, with one difference
 that matters on asynchronous devices (CUDA, Ascend NPU, ...): every call is timed with
-:meth:`vitport.devices.Device.timer`, which bounds the region with device events or
+:meth:`vitport.device.Device.timer`, which bounds the region with device events or
 synchronises the device at its edges, so queued-but-unfinished work is never missed.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vitport.devices import Device
+from vitport.device import Device
 
 __all__ = ["Measurement", "TaskSpec", "measure"]
 

@@ -217,7 +217,7 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
 
     from vitport.bench.optimize import optimize as run_optimize
     from vitport.cli.bench_tables import optimize_table
-    from vitport.devices import resolve_device
+    from vitport.device import resolve_device
 
     target = resolve_device(device)
     loaded, _ = read_inputs(images, image_size or 224)

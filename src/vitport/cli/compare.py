@@ -103,7 +103,7 @@ def compare(
     from vitport.compare.run import candidate_factory
     from vitport.compare.run import compare as run_compare
     from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
-    from vitport.devices import parse_dtype, resolve_device
+    from vitport.device import parse_dtype, resolve_device
     from vitport.faults import parse_fault
     from vitport.fixes import fix_names, parse_fixes
     from vitport.outputs import check_file, is_vitport_json, write_text

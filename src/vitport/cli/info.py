@@ -37,7 +37,7 @@ def models() -> None:
 
 def devices() -> None:
     """Show the devices this machine offers and describe the default one."""
-    from vitport.devices import available_devices, npu_problem, resolve_device
+    from vitport.device import available_devices, npu_problem, resolve_device
 
     console.print(f"available: {', '.join(available_devices())}")
     problem = npu_problem()

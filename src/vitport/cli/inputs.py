@@ -12,7 +12,7 @@ from vitport.errors import VitportError
 def enable_cuda_shim(wanted: bool) -> None:
     """--cuda-shim: forward torch.cuda to the NPU before anything loads, and say so."""
     if wanted:
-        from vitport.devices import enable_cuda_shim as enable
+        from vitport.device import enable_cuda_shim as enable
 
         errors.print(f"[dim]{enable()}[/dim]")
 

@@ -264,7 +264,7 @@ def localize_golden(
     culprit = next((p for p in errors if p.name == found.culprit and p.block is not None), None)
     if culprit is None or part_reference is None:
         return found
-    from vitport.devices import dtype_name
+    from vitport.device import dtype_name
 
     parts = _parts_of(candidate, part_reference, golden, culprit.block, calls, points, last)
     worst = max(parts, key=lambda p: p.local, default=None)

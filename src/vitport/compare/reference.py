@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vitport.devices import Device, resolve_device
+from vitport.device import Device, resolve_device
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 from vitport.golden import GoldenBlocks, as_reference

@@ -11,7 +11,7 @@ import torch
 from vitport.compare.localize import Localization, localize, localize_golden
 from vitport.compare.metrics import GroupResult, compare_groups, floor_ratios
 from vitport.compare.verdict import Threshold, Verdict, judge_features
-from vitport.devices import Device, dtype_name, resolve_device
+from vitport.device import Device, dtype_name, resolve_device
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 from vitport.fixes import process_settings_restored

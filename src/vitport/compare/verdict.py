@@ -117,7 +117,7 @@ THRESHOLD_REASONS: dict[str, str] = {
 
 def _thresholds_key(dtype: str | torch.dtype) -> str:
     """The DEFAULT_THRESHOLDS key for ``dtype``: fp64 uses fp32's."""
-    from vitport.devices import dtype_key
+    from vitport.device import dtype_key
 
     key = dtype_key(dtype)
     key = "fp32" if key == "fp64" else key

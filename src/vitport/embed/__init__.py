@@ -295,7 +295,7 @@ def run_local(
     if not order:
         return timing
     device = encoder.device
-    pin = device.type in stream.PINNED_DEVICE_TYPES
+    pin = device.pin_memory
     dataset = stream.ImageInputs([inputs[i] for i in order], encoder.preprocess, encoder.dtype)
     collector = ShardCollector(store, inputs, dims)
     done = 0

@@ -71,24 +71,22 @@ class Encode:
 
 
 def _resources(encoder: Encoder) -> dict[str, Any]:
-    kind = encoder.device.type
-    if kind == "cuda":
+    """One device per actor: Ray's own GPU count, or a custom resource (NPU)."""
+    resource = encoder.device.ray_resource
+    if resource is None:
+        return {"num_cpus": 1}
+    if resource == "GPU":
         return {"num_gpus": 1}
-    if kind == "npu":
-        return {"resources": {"NPU": 1}}
-    return {"num_cpus": 1}
+    return {"resources": {resource: 1}}
 
 
 def _actors(encoder: Encoder) -> int:
     import ray
 
-    total = ray.cluster_resources()
-    kind = encoder.device.type
-    if kind == "cuda":
-        return max(1, int(total.get("GPU", 1)))
-    if kind == "npu":
-        return max(1, int(total.get("NPU", 1)))
-    return 1
+    resource = encoder.device.ray_resource
+    if resource is None:
+        return 1
+    return max(1, int(ray.cluster_resources().get(resource, 1)))
 
 
 def _quiet_ray() -> None:

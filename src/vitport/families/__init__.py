@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitport.devices import Device, parse_dtype, resolve_device
+from vitport.device import Device, parse_dtype, resolve_device
 from vitport.encoder import Encoder, find_blocks
 from vitport.errors import HubUnreachableError, SpecError, WeightsError
 from vitport.families import hf

@@ -16,7 +16,7 @@ from vitport.bench.run import Window, bench
 from vitport.compare.reference import reference_model
 from vitport.compare.run import candidate_factory, compare
 from vitport.compare.verdict import thresholds_for
-from vitport.devices import dtype_name, parse_dtype, resolve_device
+from vitport.device import dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
 from vitport.fixes import fix_names
 from vitport.golden import check_golden
