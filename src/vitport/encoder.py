@@ -15,6 +15,7 @@ from torch import nn
 
 from vitport.devices import Device, dtype_name, out_of_memory_error
 from vitport.errors import DeviceError, VitportError
+from vitport.outputs import write_atomic
 
 OUTPUT_GROUPS = ("cls", "registers", "patches", "pooled", "logits")
 
@@ -102,7 +103,6 @@ class Features:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.groups().items()}
         tensors.update({k: v.contiguous() for k, v in (extra or {}).items()})
         header = {
@@ -112,13 +112,14 @@ class Features:
             "meta": json.dumps(self.meta, sort_keys=True),
             **(extra_header or {}),
         }
-        tmp = path.with_name(path.name + ".partial")
-        try:
+
+        def write(tmp: Path) -> None:
             save_file(tensors, str(tmp), metadata=header)
             os.chmod(tmp, 0o666 & ~_umask())  # as any file the user writes, not 0600
-            tmp.replace(path)
+
+        try:
+            write_atomic(path, write)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise VitportError(f"could not write {path}: {exc.strerror or exc}") from exc
         return path
 
