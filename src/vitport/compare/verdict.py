@@ -25,6 +25,7 @@ from vitport.compare.metrics import (
     compare_groups,
     decode_float,
     encode_float,
+    worst_rel_error,
 )
 
 
@@ -314,7 +315,7 @@ class Judgement:
 
     @property
     def worst_rel_error(self) -> float:
-        return max((g.worst.get("rel_error", 0.0) for g in self.groups.values()), default=math.inf)
+        return worst_rel_error(self.groups)
 
 
 def judge_features(
