@@ -164,7 +164,7 @@ def test_identical_candidate_is_said_to_agree_exactly(tiny_dir, photos):
 
 
 def test_improvement_wording():
-    from vitport.report.render import improvement
+    from vitport.format import improvement
 
     assert improvement(0.0, 0.0) == "-"
     assert improvement(0.01, 0.0) == "exact"

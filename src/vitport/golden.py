@@ -21,6 +21,7 @@ import torch
 from vitport.device import dtype_name
 from vitport.errors import GoldenMismatchError, VitportError
 from vitport.hooks import first_tensor, hooked_forward
+from vitport.outputs import write_atomic
 
 if TYPE_CHECKING:
     from vitport.device import Device
@@ -48,7 +49,6 @@ def write(
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in features.groups().items()}
     tensors.update({k: v.contiguous() for k, v in (extra or {}).items()})
     header = {
@@ -58,13 +58,14 @@ def write(
         "meta": json.dumps(features.meta, sort_keys=True),
         **(extra_header or {}),
     }
-    tmp = path.with_name(path.name + ".partial")
-    try:
+
+    def write_file(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata=header)
         os.chmod(tmp, 0o666 & ~_umask())  # as any file the user writes, not 0600
-        tmp.replace(path)
+
+    try:
+        write_atomic(path, write_file)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise VitportError(f"could not write {path}: {exc.strerror or exc}") from exc
     return path
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ class InferResult:
     problems: list[ImageProblem] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     content_sha256: list[str] = field(default_factory=list)  # of each encoded image, in order
+    notes: list[str] = field(default_factory=list)  # e.g. DataLoader workers that could not start
 
     @property
     def per_image_ms(self) -> list[float]:
@@ -81,15 +81,10 @@ def infer_inputs(
     device = encoder.device
     pin = device.pin_memory
     dataset = stream.ImageInputs(inputs, encoder.preprocess, encoder.dtype, digests=True)
+    pool = stream.Workers(workers)
     parts, seconds, sizes, originals, problems, digests = [], [], [], [], [], []
     done = 0
-    try:
-        batches = list_batches(stream.make_loader(dataset, batch_size, workers, pin))
-        first = next(batches, None)
-    except stream.WorkersFailed:
-        batches = list_batches(stream.make_loader(dataset, batch_size, 0, False))
-        first = next(batches, None)
-    for batch in itertools.chain([first] if first is not None else [], batches):
+    for batch, _ in stream.stream(dataset, batch_size, pool, pin):
         problems.extend(ImageProblem(f.path, f.message) for f in batch.failures)
         if batch.indices:
             pixels = batch.pixels.to(device.torch_device, non_blocking=pin)
@@ -107,12 +102,6 @@ def infer_inputs(
         raise ImageError(
             f"none of the given images could be read ({len(inputs)} given{first_problem})"
         )
-    return InferResult(Features.concat(parts), seconds, sizes, problems, originals, digests)
-
-
-def list_batches(loader):
-    """The loader's batches; a failure to start its workers surfaces on the first one."""
-    from vitport import stream
-
-    for batch, _ in stream.timed_batches(loader, {}):
-        yield batch
+    return InferResult(
+        Features.concat(parts), seconds, sizes, problems, originals, digests, pool.notes
+    )

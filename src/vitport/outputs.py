@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from vitport.errors import VitportError
+
+T = TypeVar("T")
 
 
 class OutputError(VitportError):
@@ -101,13 +106,44 @@ def check_dir(path: Path, option: str, overwrite: bool, ours: Callable[[Path], b
     _writable_parent(path)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write after the work: one line, exit code 2, when it fails anyway (disk full, ...)."""
-    tmp = path.with_name(f".{path.name}.partial")
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: beside it (same file system),
+    hidden, and named after this host and process, so concurrent writers never share one."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def write_atomic(path: Path, write: Callable[[Path], T], *, replace: bool = True) -> T:
+    """Write file or directory `path` all at once and return what `write` returns: `write`
+    fills a temporary path beside it, which is then renamed onto `path`, so a reader sees the
+    old one or the new one, never half of one. Whatever a new directory replaces is moved aside
+    first and removed once the new one is in place; with `replace=False` an existing non-empty
+    directory is kept (a concurrent writer finished first) and the rename raises OSError.
+    The temporary path never outlives the call; errors stay OSError, for each caller to word."""
+    tmp = temp_path(path)
+    aside = tmp.with_name(f"{tmp.name}-replaced")
+    _remove(tmp)  # left by a killed run whose process id this one now has
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        tmp.replace(path)
+        result = write(tmp)
+        if replace and tmp.is_dir() and path.exists():  # a directory is not renamed over one
+            os.replace(path, aside)
+        os.replace(tmp, path)
+        return result
+    finally:
+        _remove(tmp)
+        _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write after the work: one line, exit code 2, when it fails anyway (disk full, ...)."""
+    try:
+        write_atomic(path, lambda tmp: tmp.write_text(text))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc

@@ -1,17 +1,17 @@
 """The one streaming path from image inputs to pixel batches: DataLoader workers decode and
-preprocess, the main process gets batches it can copy to the device. `bench --e2e` and `embed`
-both read through it.
+preprocess, the main process gets batches it can copy to the device. `infer`, `embed` and
+`bench --e2e` all read through :func:`stream`.
 
 Workers use the platform's default start method. On Linux before Python 3.14 that is ``fork``,
-so the encoder's preprocess callable needs no pickling; where workers cannot start, callers fall
-back to ``workers=0`` (see :class:`WorkersFailed`).
+so the encoder's preprocess callable needs no pickling; where workers cannot start, the stream
+falls back to ``workers=0`` and notes it (see :class:`Workers`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -187,11 +187,50 @@ class WorkersFailed(Exception):
     """DataLoader workers could not start; carries the one-line reason."""
 
 
-def timed_batches(loader: DataLoader, state: dict[str, bool]) -> Iterator[tuple[Batch, float]]:
+@dataclass
+class Workers:
+    """The DataLoader workers a stream asks for and uses. ``used`` drops to 0, with a note,
+    when they cannot start; once a batch has come from them, a later failure is a real error."""
+
+    requested: int
+    used: int = field(init=False)  # ``requested`` until the workers fail to start
+    notes: list[str] = field(default_factory=list)
+    started: bool = False
+    lost_seconds: float = 0.0  # spent on workers that never started
+
+    def __post_init__(self) -> None:
+        self.used = self.requested
+
+
+def stream(
+    dataset: ImageInputs, batch_size: int, workers: Workers, pin: bool
+) -> Iterator[tuple[Batch, float]]:
+    """One pass over ``dataset``: each batch with the seconds spent waiting for it. Where the
+    workers cannot start, the pass goes on with none, unpinned, and ``workers`` notes why; give
+    the same ``workers`` to each pass over a dataset."""
+    t0 = time.perf_counter()
+    pin = pin and workers.used == workers.requested
+    batches = _timed_batches(make_loader(dataset, batch_size, workers.used, pin), workers)
+    try:
+        first = next(batches, None)
+    except WorkersFailed as exc:
+        workers.notes.append(
+            f"{workers.used} DataLoader workers could not start ({exc}); ran with 0 workers"
+        )
+        workers.used = 0
+        workers.lost_seconds += time.perf_counter() - t0
+        batches = _timed_batches(make_loader(dataset, batch_size, 0, False), workers)
+        first = next(batches, None)
+    if first is not None:
+        yield first
+        yield from batches
+
+
+def _timed_batches(loader: DataLoader, workers: Workers) -> Iterator[tuple[Batch, float]]:
     """(batch, seconds waited for it); start-up failures of workers become WorkersFailed."""
 
     def failed() -> bool:
-        return loader.num_workers > 0 and not state.get("workers_ok", False)
+        return loader.num_workers > 0 and not workers.started
 
     try:
         iterator = iter(loader)
@@ -210,7 +249,7 @@ def timed_batches(loader: DataLoader, state: dict[str, bool]) -> Iterator[tuple[
                 raise WorkersFailed(_one_line(exc)) from exc
             raise
         waited = time.perf_counter() - t0
-        state["workers_ok"] = True
+        workers.started = True
         yield batch, waited
 
 

@@ -24,7 +24,7 @@ import torch
 from vitport import stream
 from vitport.encoder import Encoder
 from vitport.errors import ImageError, VitportError
-from vitport.stream import Batch, ImageInputs, WorkersFailed, timed_batches
+from vitport.stream import Batch, ImageInputs, Workers
 
 __all__ = ["E2EResult", "StageTimes", "run_e2e"]
 
@@ -160,16 +160,14 @@ def _run(
     encoder: Encoder,
     dataset: ImageInputs,
     batch_size: int,
-    workers: int,
+    pool: Workers,
     repeats: int,
     warmup_batches: int,
 ) -> tuple[_Tally, float, float]:
     """Warm up, then time ``repeats`` passes; returns the tally, wall seconds and checksum."""
     device = encoder.device
     pin = device.pin_memory
-    loader = stream.make_loader(dataset, batch_size, workers, pin)
     target = device.torch_device
-    state: dict[str, bool] = {}
     checksum = torch.zeros((), dtype=torch.float64, device=target)
 
     def step(batch: Batch) -> tuple[float, float]:
@@ -185,7 +183,7 @@ def _run(
     with torch.inference_mode():
         if warmup_batches > 0:
             done = 0
-            for batch, _ in timed_batches(loader, state):
+            for batch, _ in stream.stream(dataset, batch_size, pool, pin):
                 if batch.pixels.numel() == 0:
                     continue
                 step(batch)
@@ -194,9 +192,10 @@ def _run(
                     break
         checksum = torch.zeros((), dtype=torch.float64, device=target)
         tally = _Tally()
+        lost_before = pool.lost_seconds
         start = time.perf_counter()
         for _ in range(repeats):
-            for batch, waited in timed_batches(loader, state):
+            for batch, waited in stream.stream(dataset, batch_size, pool, pin):
                 for failure in batch.failures:
                     tally.skipped.setdefault(failure.path, failure.message)
                 copy_s = model_s = 0.0
@@ -208,7 +207,8 @@ def _run(
                 )
         total = float(checksum.item())
         device.synchronize()
-        wall = time.perf_counter() - start
+        # workers that failed to start in the first timed pass cost no time of the run
+        wall = time.perf_counter() - start - (pool.lost_seconds - lost_before)
     return tally, wall, total
 
 
@@ -239,14 +239,8 @@ def run_e2e(
     if not paths:
         raise ImageError("no images to benchmark; pass image files or a directory")
     dataset = ImageInputs(stream.file_inputs(paths), encoder.preprocess, encoder.dtype)
-    notes: list[str] = []
-    used = workers
-    try:
-        tally, wall, checksum = _run(encoder, dataset, batch_size, used, repeats, warmup_batches)
-    except WorkersFailed as exc:
-        notes.append(f"{workers} DataLoader workers could not start ({exc}); ran with 0 workers")
-        used = 0
-        tally, wall, checksum = _run(encoder, dataset, batch_size, used, repeats, warmup_batches)
+    pool = Workers(workers)
+    tally, wall, checksum = _run(encoder, dataset, batch_size, pool, repeats, warmup_batches)
     if tally.images == 0:
         first = next(iter(tally.skipped.items()), None)
         why = f" (first: {first[0]}: {first[1]})" if first else ""
@@ -255,11 +249,11 @@ def run_e2e(
         images=tally.images,
         skipped=list(tally.skipped.items()),
         batch_size=batch_size,
-        workers=used,
+        workers=pool.used,
         wall_seconds=wall,
         stages=tally.stages,
         workers_requested=workers,
         device=str(encoder.device),
         checksum=checksum,
-        notes=notes,
+        notes=pool.notes,
     )

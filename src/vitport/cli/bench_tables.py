@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from vitport.cli.tables import gib, num, pct
+from vitport.format import gib, pct, share
 
 
 def bench_table(result) -> Table:
@@ -33,8 +33,8 @@ def bench_table(result) -> Table:
             f"{row['ms_per_image']:.2f}",
             f"{row['images_per_second']:.1f}",
             f"{row['achieved_tflops']:.3f}",
-            pct(row["mfu"]),
-            pct(row["vendor_mfu"]),
+            share(row["mfu"]),
+            share(row["vendor_mfu"]),
             gib(row["peak_memory_bytes"]),
             str(row["samples"]),
             style=style,
@@ -64,7 +64,7 @@ def optimize_table(result) -> Table:
         table.add_row(
             trial.config.label(),
             faithful,
-            num(trial.worst_rel_error, True) if trial.worst_rel_error is not None else "-",
+            pct(trial.worst_rel_error) if trial.worst_rel_error is not None else "-",
             *speeds,
             style=style,
         )

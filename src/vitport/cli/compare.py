@@ -182,12 +182,11 @@ def render_compare(result, per_input: bool = False) -> None:
         show(tables.trials_table(result))
         best = result.best_trial()
         if best is not None:
-            from vitport.compare.run import worst_rel_error
+            from vitport.format import pct
 
             console.print(
                 f"[bold]best fix:[/bold] --fix {best.fixes[0]} (worst relative error "
-                f"{100 * worst_rel_error(result.groups):.4g}% -> "
-                f"{100 * worst_rel_error(best.groups):.4g}%)"
+                f"{pct(result.worst_rel_error)} -> {pct(best.worst_rel_error)})"
             )
         elif result.passed:
             console.print("no fix needed: the port passes, and no fix halves its error")

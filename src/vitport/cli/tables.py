@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vitport.compare.run import CompareResult, describe_side, worst_rel_error
-from vitport.report.render import improvement
+from vitport.compare.run import CompareResult, describe_side
+from vitport.format import improvement, num, pct, ratio
 
 GROUP_LABELS = {
     "cls": "CLS",
@@ -18,32 +16,6 @@ GROUP_LABELS = {
     "pooled": "pooled",
     "logits": "logits",
 }
-
-
-def num(value: float, percent: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if math.isinf(value):
-        return "inf"
-    if percent:
-        return f"{100 * value:.4g}%"
-    return f"{value:.3g}"
-
-
-def ratio(value: float) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:,.0f}x" if value >= 10 else f"{value:.1f}x"
-
-
-def gib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
-
-
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def accuracy_table(result: CompareResult) -> Table:
@@ -64,14 +36,14 @@ def accuracy_table(result: CompareResult) -> Table:
         floor = result.floor.get(name)
         table.add_row(
             GROUP_LABELS.get(name, name),
-            num(group.mean["rel_error"], percent=True),
-            num(group.worst["rel_error"], percent=True),
+            pct(group.mean["rel_error"]),
+            pct(group.worst["rel_error"]),
             num(group.worst["vec_rel_error"]),
             num(group.worst["max_abs"]),
             num(group.mean["mse"]),
             f"{group.mean['cos_mean']:.6f}",
             f"{group.worst['cos_worst']:.6f}",
-            num(floor.mean["rel_error"], percent=True) if floor else "n/a",
+            pct(floor.mean["rel_error"]) if floor else "n/a",
             ratio(result.floor_ratio.get(name, {}).get("rel_error", float("nan"))),
         )
     return table
@@ -87,7 +59,7 @@ def per_input_table(result: CompareResult) -> Table:
         cells = []
         for group in result.groups.values():
             metrics = group.per_input[i]
-            cells.append(f"{num(metrics['rel_error'], True)} ({metrics['cos_worst']:.5f})")
+            cells.append(f"{pct(metrics['rel_error'])} ({metrics['cos_worst']:.5f})")
         table.add_row(escape(image), *cells)
     return table
 
@@ -98,14 +70,14 @@ def task_lines(result: CompareResult) -> list[str]:
     logits = result.groups.get("logits")
     if logits is not None:
         lines.append(
-            f"logits: top-1 agreement {num(logits.batch.get('top1', float('nan')), True)}, "
-            f"top-5 overlap {num(logits.batch.get('top5', float('nan')), True)}"
+            f"logits: top-1 agreement {pct(logits.batch.get('top1', float('nan')))}, "
+            f"top-5 overlap {pct(logits.batch.get('top5', float('nan')))}"
         )
     pooled = result.groups.get("pooled")
     if pooled is not None and "knn_top1" in pooled.batch:
         spearman = pooled.batch.get("knn_spearman", float("nan"))
         lines.append(
-            f"pooled: nearest neighbour agrees for {num(pooled.batch['knn_top1'], True)} of inputs, "
+            f"pooled: nearest neighbour agrees for {pct(pooled.batch['knn_top1'])} of inputs, "
             f"mean Spearman of neighbour ranks {num(spearman)}"
         )
     return lines
@@ -166,11 +138,11 @@ def trials_table(result: CompareResult) -> Table:
     table.add_column("max", justify="right")
     table.add_column("better by", justify="right")
     table.add_column("verdict")
-    before = worst_rel_error(result.groups)
+    before = result.worst_rel_error
     table.add_row(
         "none (as ported)",
-        *[num(result.groups[g].worst["rel_error"], True) for g in groups],
-        num(before, True),
+        *[pct(result.groups[g].worst["rel_error"]) for g in groups],
+        pct(before),
         "",
         "PASS" if result.passed else "FAIL",
     )
@@ -179,11 +151,11 @@ def trials_table(result: CompareResult) -> Table:
         if trial.groups is None:
             table.add_row(label, *["-"] * len(groups), "-", "-", Text(trial.detail, style="dim"))
             continue
-        after = worst_rel_error(trial.groups)
+        after = trial.worst_rel_error
         table.add_row(
             label,
-            *[num(trial.groups[g].worst["rel_error"], True) for g in groups],
-            num(after, True),
+            *[pct(trial.groups[g].worst["rel_error"]) for g in groups],
+            pct(after),
             improvement(before, after),
             "PASS" if trial.verdict else "FAIL",
         )
@@ -202,7 +174,7 @@ def conversion_table(result) -> Table:
             table.add_row(
                 check.label,
                 GROUP_LABELS.get(name, name),
-                num(group.worst["rel_error"], percent=True),
+                pct(group.worst["rel_error"]),
                 num(group.worst["max_abs"]),
                 f"{group.worst['cos_worst']:.7f}",
                 "[red]FAIL[/red]" if name in failed else "[green]pass[/green]",

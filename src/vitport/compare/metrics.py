@@ -277,6 +277,12 @@ class GroupResult:
         )
 
 
+def worst_rel_error(groups: Mapping[str, GroupResult] | None) -> float:
+    """The worst relative error over the groups; ``inf`` when there are none (nothing ran, so
+    nothing is known to be close)."""
+    return max((g.worst.get("rel_error", 0.0) for g in (groups or {}).values()), default=math.inf)
+
+
 def compare_groups(
     ref: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor]
 ) -> dict[str, GroupResult]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vitport.compare.localize import Localization, localize, localize_golden
-from vitport.compare.metrics import GroupResult, compare_groups, floor_ratios
+from vitport.compare.metrics import GroupResult, compare_groups, floor_ratios, worst_rel_error
 from vitport.compare.verdict import Threshold, Verdict, judge_features
 from vitport.device import Device, dtype_name, resolve_device
 from vitport.encoder import Encoder, Features
@@ -42,6 +42,10 @@ class FixTrial:
     groups: dict[str, GroupResult] | None
     verdict: Verdict | None
     detail: str  # what the fix changed, or why it does not apply
+
+    @property
+    def worst_rel_error(self) -> float:
+        return worst_rel_error(self.groups)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,14 +86,18 @@ class CompareResult:
     def passed(self) -> bool:
         return bool(self.verdict)
 
+    @property
+    def worst_rel_error(self) -> float:
+        return worst_rel_error(self.groups)
+
     def best_trial(self) -> FixTrial | None:
-        """The passing single fix that lowers the worst relative error most, if one does."""
-        before = worst_rel_error(self.groups)
+        """The passing single fix that at least halves the worst relative error, the one that
+        lowers it most, if one does."""
         better = [
             t for t in self.trials
-            if t.verdict and len(t.fixes) == 1 and worst_rel_error(t.groups) < 0.5 * before
+            if t.verdict and len(t.fixes) == 1 and t.worst_rel_error < 0.5 * self.worst_rel_error
         ]  # fmt: skip
-        return min(better, key=lambda t: worst_rel_error(t.groups), default=None)
+        return min(better, key=lambda t: t.worst_rel_error, default=None)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -145,12 +153,6 @@ class CompareResult:
             notes=data.get("notes", []),
             patch_error_map=data.get("patch_error_map", []),
         )
-
-
-def worst_rel_error(groups: dict[str, GroupResult] | None) -> float:
-    if not groups:
-        return float("inf")
-    return max(g.worst.get("rel_error", 0.0) for g in groups.values())
 
 
 def features_of(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int) -> Features:

@@ -26,6 +26,7 @@ from vitport.compare.metrics import (
     decode_float,
     encode_float,
     plain_float,
+    worst_rel_error,
 )
 
 
@@ -307,7 +308,7 @@ class Judgement:
 
     @property
     def worst_rel_error(self) -> float:
-        return max((g.worst.get("rel_error", 0.0) for g in self.groups.values()), default=math.inf)
+        return worst_rel_error(self.groups)
 
 
 def judge_features(

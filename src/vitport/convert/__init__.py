@@ -7,8 +7,6 @@ same function as its source before anything is written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from vitport.convert.tables import DROPPED_GROUPS, table_for
 from vitport.convert.verify import Check, compare_functions, culprit, run_features
 from vitport.encoder import Architecture, Encoder
 from vitport.errors import SpecError, VitportError
+from vitport.outputs import write_atomic
 
 SCHEMA_VERSION = 1
 
@@ -246,31 +245,31 @@ def convert(
         raise SpecError(f"--to {to}: use one of {', '.join(TARGETS)}")
     out = Path(out).expanduser()
     check_out(out, overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=_parent(out)))
-    try:
-        progress(f"reading {source}")
-        src = open_source(source, staging / "work", from_layout, arch, trust_remote_code)
-        if to == "onnx":
-            from vitport.convert.onnx import export_onnx
+    # The work files (a source rewritten on the way) live in a scratch directory; the result
+    # is written beside `out` and moved into place, over an old one, only once verified.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=_parent(out)) as work:
 
-            result = export_onnx(
-                src, staging / "result", image_size, opset, static, batch_size, progress
-            )
-        else:
-            result = _convert_layout(src, to, staging / "result", arch, image_size, progress,
-                                     mapping_override, default_inputs)  # fmt: skip
-        result.out = str(out)
-        if not result.passed:
-            raise VerificationFailed(_failure_line(result), result)
-        (staging / "result" / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
-        result.files = sorted(p.name for p in (staging / "result").iterdir())
-        (staging / "result" / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
-        if out.exists():  # moved aside into staging, removed with it once the new one is in place
-            os.replace(out, staging / "replaced")
-        os.replace(staging / "result", out)
-        return result
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        def write(result_dir: Path) -> ConversionResult:
+            progress(f"reading {source}")
+            src = open_source(source, Path(work), from_layout, arch, trust_remote_code)
+            if to == "onnx":
+                from vitport.convert.onnx import export_onnx
+
+                result = export_onnx(
+                    src, result_dir, image_size, opset, static, batch_size, progress
+                )
+            else:
+                result = _convert_layout(src, to, result_dir, arch, image_size, progress,
+                                         mapping_override, default_inputs)  # fmt: skip
+            result.out = str(out)
+            if not result.passed:
+                raise VerificationFailed(_failure_line(result), result)
+            (result_dir / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
+            result.files = sorted(p.name for p in result_dir.iterdir())
+            (result_dir / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
+            return result
+
+        return write_atomic(out, write)
 
 
 def _parent(out: Path) -> Path:

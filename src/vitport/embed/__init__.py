@@ -298,18 +298,9 @@ def run_local(
     pin = device.pin_memory
     dataset = stream.ImageInputs([inputs[i] for i in order], encoder.preprocess, encoder.dtype)
     collector = ShardCollector(store, inputs, dims)
+    pool = stream.Workers(workers)
     done = 0
-    try:
-        loader = stream.make_loader(dataset, batch_size, workers, pin)
-        batches = stream.timed_batches(loader, {})
-        first = next(batches, None)
-    except stream.WorkersFailed as exc:
-        timing.notes.append(f"{workers} DataLoader workers could not start ({exc}); used none")
-        timing.workers = 0
-        batches = stream.timed_batches(stream.make_loader(dataset, batch_size, 0, False), {})
-        first = next(batches, None)
-    pending = [first] if first is not None else []
-    for batch, waited in _chain(pending, batches):
+    for batch, waited in stream.stream(dataset, batch_size, pool, pin):
         timing.wait_seconds += waited
         for failure in batch.failures:
             collector.fail(order[failure.index], failure)
@@ -322,12 +313,9 @@ def run_local(
                 collector.add(order[local], size, values)
         done += len(batch.indices) + len(batch.failures)
         on_batch(done, len(order))
+    timing.workers = pool.used
+    timing.notes += pool.notes
     return timing
-
-
-def _chain(first: list, rest):
-    yield from first
-    yield from rest
 
 
 def read(directory: str | Path, arrays: bool = False, columns: Sequence[str] | None = None):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from vitport.errors import VitportError
+from vitport.outputs import write_atomic
 
 BLOCK = 4096  # rows per side of one similarity tile: 4096 x 4096 float32 is 64 MiB
 
@@ -106,11 +107,7 @@ def write_pairs(pairs: Pairs, path: Path) -> None:
 
     table = pa.table({"id_a": pa.array(pairs.a, pa.string()), "id_b": pa.array(pairs.b, pa.string()),
                       "cosine": pa.array(pairs.cosine, pa.float32())})  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
     try:
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise VitportError(f"could not write {path}: {exc.strerror or exc}") from exc

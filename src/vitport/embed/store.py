@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from vitport.errors import VitportError
+from vitport.outputs import write_atomic
 from vitport.stream import Failure
 
 MANIFEST = "manifest.json"
@@ -144,14 +145,14 @@ class Store:
     def write_shard(self, rows: ShardRows, dims: Mapping[str, list[int]]) -> None:
         """Errors, patches, then the part file, each atomically; the part marks it done."""
         try:
-            self._atomic(self.dir / STATE / f"errors-{rows.shard:05d}.parquet",
+            write_atomic(self.dir / STATE / f"errors-{rows.shard:05d}.parquet",
                          lambda p: _write_errors(rows.failures, p))  # fmt: skip
             if rows.patches:
                 from safetensors.numpy import save_file
 
-                self._atomic(self.dir / patches_name(rows.shard),
+                write_atomic(self.dir / patches_name(rows.shard),
                              lambda p: save_file(rows.patches, str(p)))  # fmt: skip
-            self._atomic(self.dir / part_name(rows.shard), lambda p: _write_part(rows, dims, p))
+            write_atomic(self.dir / part_name(rows.shard), lambda p: _write_part(rows, dims, p))
             self.gather_errors()
             self.write_manifest()
         except OSError as exc:
@@ -162,15 +163,6 @@ class Store:
                 f"{'free space' if full else 'fix the directory'} and run the same command again"
             ) from exc
 
-    def _atomic(self, path: Path, write) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
     def gather_errors(self) -> None:
         """errors.parquet: the error rows of every finished shard (its part file written)."""
         import pyarrow as pa
@@ -180,7 +172,7 @@ class Store:
                  for k in range(self.num_shards) if self.done(k)]  # fmt: skip
         tables = [pq.read_table(p) for p in parts]
         table = pa.concat_tables(tables) if tables else _errors_table([])
-        self._atomic(self.dir / ERRORS, lambda p: pq.write_table(table, p))
+        write_atomic(self.dir / ERRORS, lambda p: pq.write_table(table, p))
 
     def error_reasons(self) -> dict[str, int]:
         """How many inputs errors.parquet holds, by reason."""
@@ -219,7 +211,7 @@ class Store:
             "shards": {"total": counts["shards"], "done": counts["shards_done"]},
             "complete": counts["embedded"] + counts["errors"] == self.num_inputs,
         }
-        self._atomic(self.dir / MANIFEST,
+        write_atomic(self.dir / MANIFEST,
                      lambda p: p.write_text(json.dumps(manifest, indent=2)))  # fmt: skip
         return manifest
 

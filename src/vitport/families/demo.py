@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from vitport.errors import SpecError, WeightsError
+from vitport.outputs import write_atomic
 
 if TYPE_CHECKING:
     import onnx
@@ -137,13 +138,18 @@ def demo_checkpoint_dir(name: str, cache_dir: Path | None = None) -> Path:
     target = _cache_root(cache_dir) / "demo" / demo.name
     if _is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{demo.name}.building-", dir=target.parent))
-    try:
+
+    def build(staging: Path) -> None:
+        staging.mkdir()
         _build(demo, staging)
-        _install(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if target.exists() and not _is_complete(target):
+            shutil.rmtree(target)  # damaged, or left by hand or an older vitport: rebuilt
+
+    try:
+        write_atomic(target, build, replace=False)
+    except OSError:
+        if not _is_complete(target):  # else a concurrent build finished first, and wins
+            raise
     return target
 
 
@@ -175,17 +181,6 @@ def _is_complete(directory: Path) -> bool:
     if len(lines) < 2 or not weights.is_file():
         return False
     return hashlib.sha256(weights.read_bytes()).hexdigest() == lines[1]
-
-
-def _install(staging: Path, target: Path) -> None:
-    """Move a finished build into place atomically; a concurrent finished build wins."""
-    if target.exists() and not _is_complete(target):
-        shutil.rmtree(target)  # damaged, or left by hand or an older vitport: rebuilt
-    try:
-        staging.rename(target)
-    except OSError:
-        if not _is_complete(target):
-            raise
 
 
 # --------------------------------------------------------------------------- getting the ONNX file

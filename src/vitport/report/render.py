@@ -6,8 +6,10 @@ number comes from the data, so re-rendering the same report.json gives the same 
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from vitport.compare.run import CompareResult
+from vitport.format import improvement, num, pct, ratio, share
 
 LANGS = ("en", "zh")
 
@@ -182,54 +184,12 @@ def labels(lang: str) -> dict[str, str]:
     return STRINGS[lang]
 
 
-def pct(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if value == float("inf"):
-        return "inf"
-    return f"{100 * value:.4g}%"
-
-
-def share(value: float | None) -> str:
-    """A utilisation such as MFU, one decimal."""
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def sci(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3g}"
-
-
 def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
     align = align or "l" + "r" * (len(header) - 1)
     marks = ["---" if a == "l" else "---:" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines + [""]
-
-
-def floor_ratio(value: float | str | None) -> str:
-    """'x floor' as the CLI prints it: whole numbers from 10 up, one decimal below."""
-    if value in (None, "nan"):
-        return "n/a"
-    if value == "inf":
-        return "inf"
-    value = float(value)
-    return f"{value:,.0f}x" if value >= 10 else f"{value:.1f}x"
-
-
-def improvement(before: float, after: float) -> str:
-    """How many times smaller the error became: 'exact' when it vanished, '-' when both are 0."""
-    if after == 0:
-        return "-" if before == 0 else "exact"
-    if after > before:
-        return "worse"
-    return f"{before / after:.2g}x"
-
-
-def worst(groups: dict[str, Any]) -> float:
-    return max((float(g["worst"]["rel_error"]) for g in groups.values()), default=float("nan"))
 
 
 def throughput(measurement: dict[str, Any]) -> float:
@@ -242,25 +202,26 @@ def config_label(config: dict[str, Any]) -> str:
     return f"{config['dtype']} {config['attention']}" + (" compiled" if config["compiled"] else "")
 
 
-def limits_text(compare: dict[str, Any]) -> str:
+def limits_text(result: CompareResult) -> str:
     marks = []
-    for t in compare["thresholds"]:
-        if t["group"] and t["group"] not in compare["groups"]:
+    for t in result.thresholds:
+        if t.group and t.group not in result.groups:
             continue  # e.g. a logits limit for a model without logits
-        sign = ">" if t["metric"].startswith(("cos", "top", "knn")) else "<"
-        where = f"{t['group']}." if t["group"] else ""
-        marks.append(f"{where}{t['metric']} {sign} {t['limit']:g}")
+        sign = ">" if t.higher_is_better else "<"
+        where = f"{t.group}." if t.group else ""
+        marks.append(f"{where}{t.metric} {sign} {t.limit:g}")
     return ", ".join(marks)
 
 
 def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
     """The first lines: faithful or not, the fastest configuration, the best fix."""
     cmd, cmp, perf = data["command"], data["compare"], data["bench"]
+    result = CompareResult.from_dict(cmp)
     ref = f"{cmp['reference']['device']} {cmp['reference']['dtype']}"
     lines = []
     if cmp["passed"]:
         lines.append(s["faithful"].format(device=cmd["device"], dtype=cmd["dtype"], ref=ref,
-                                          limits=limits_text(cmp)))  # fmt: skip
+                                          limits=limits_text(result)))  # fmt: skip
     else:
         failures = "; ".join(
             f"{c['group']}.{c['metric']} = {float(c['value']):.4g} (limit {c['limit']:g})"
@@ -286,13 +247,10 @@ def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
             label=config_label(best["config"]), batch=best["batch_size"], ips=speed,
             speedup=f"{speedup:.2f}x" if speedup else "n/a",
         ))  # fmt: skip
-    before = worst(cmp["groups"])
-    helpful = [t for t in cmp["trials"] if t["groups"] and len(t["fixes"]) == 1
-               and t["verdict"] and worst(t["groups"]) < 0.5 * before]  # fmt: skip
-    if helpful:
-        best_fix = min(helpful, key=lambda t: worst(t["groups"]))
-        lines.append(s["cure"].format(fix=best_fix["fixes"][0], before=pct(before),
-                                      after=pct(worst(best_fix["groups"]))))  # fmt: skip
+    best_fix = result.best_trial()
+    if best_fix is not None:
+        lines.append(s["cure"].format(fix=best_fix.fixes[0], before=pct(result.worst_rel_error),
+                                      after=pct(best_fix.worst_rel_error)))  # fmt: skip
     return lines
 
 
@@ -302,6 +260,7 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     plots = plots or {}
     cmd, model, env = data["command"], data["model"], data["environment"]
     perf, cmp, inf = data["bench"], data["compare"], data["inference"]
+    result = CompareResult.from_dict(cmp)
     h, w = model["image_size"]
     out = [f"# {s['title'].format(spec=model['spec'], device=cmd['device'])}", ""]
     out += [f"- {line}" for line in headline(data, s)] + [""]
@@ -385,37 +344,34 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     out += [s["accuracy_text"].format(device=cmd["device"], dtype=cmd["dtype"], ref=ref_text,
                                       n=len(cmp["inputs"]), inputs=inputs), ""]  # fmt: skip
     rows = []
-    for name, g in cmp["groups"].items():
-        floor = cmp["floor"].get(name)
-        ratio = cmp["floor_ratio"].get(name, {}).get("rel_error")
+    for name, g in result.groups.items():
+        floor = result.floor.get(name)
         rows.append([
-            name, pct(float(g["mean"]["rel_error"])), pct(float(g["worst"]["rel_error"])),
-            f"{float(g['worst']['cos_worst']):.6f}", sci(float(g["worst"]["max_abs"])),
-            pct(float(floor["mean"]["rel_error"])) if floor else "n/a",
-            floor_ratio(ratio),
+            name, pct(g.mean["rel_error"]), pct(g.worst["rel_error"]),
+            f"{g.worst['cos_worst']:.6f}", num(g.worst["max_abs"]),
+            pct(floor.mean["rel_error"]) if floor else "n/a",
+            ratio(result.floor_ratio.get(name, {}).get("rel_error")),
         ])  # fmt: skip
     out += table([s["group"], s["rel_mean"], s["rel_worst"], s["cos_worst"], s["max_abs"],
                   s["floor"], s["x_floor"]], rows)  # fmt: skip
     verdict = s["pass"] if cmp["passed"] else s["fail"]
     out += [f"**{s['verdict']}: {verdict}**. "
-            + s["thresholds"].format(dtype=cmd["dtype"], limits=limits_text(cmp)), ""]  # fmt: skip
+            + s["thresholds"].format(dtype=cmd["dtype"], limits=limits_text(result)), ""]  # fmt: skip
     if "patch_error" in plots:
         out += [f"![{s['patch_error_title']}]({plots['patch_error']})", ""]
 
     out += [f"## {s['fixes']}", "", s["fixes_text"], ""]
-    groups = list(cmp["groups"])
-    before = worst(cmp["groups"])
-    rows = [[s["none"], *[pct(float(cmp["groups"][g]["worst"]["rel_error"])) for g in groups],
-             "", s["pass"] if cmp["passed"] else s["fail"]]]  # fmt: skip
-    for trial in cmp["trials"]:
-        label = " + ".join(trial["fixes"])
-        if not trial["groups"]:
+    groups = list(result.groups)
+    rows = [[s["none"], *[pct(result.groups[g].worst["rel_error"]) for g in groups],
+             "", s["pass"] if result.passed else s["fail"]]]  # fmt: skip
+    for trial in result.trials:
+        label = " + ".join(trial.fixes)
+        if not trial.groups:
             rows.append([label, *["-"] * len(groups), "-", s["not_applicable"]])
             continue
-        better = improvement(before, worst(trial["groups"]))
-        rows.append([label, *[pct(float(trial["groups"][g]["worst"]["rel_error"])) for g in groups],
-                     better, s["pass"] if trial["verdict"] and trial["verdict"]["checks"]
-                     and all(c["passed"] for c in trial["verdict"]["checks"]) else s["fail"]])  # fmt: skip
+        better = improvement(result.worst_rel_error, trial.worst_rel_error)
+        rows.append([label, *[pct(trial.groups[g].worst["rel_error"]) for g in groups],
+                     better, s["pass"] if trial.verdict else s["fail"]])  # fmt: skip
     out += table(
         [s["fix"], *groups, s["better"], s["verdict"]], rows, "l" + "r" * (len(groups) + 1) + "l"
     )
@@ -425,7 +381,7 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
         out += [f"## {s['blocks']}", "", s["blocks_text"], ""]
         rows = [[("embeddings" if p["kind"] == "embeddings" else
                   f"block {p['block']}" if p["block"] is not None else p["name"]),
-                 sci(p["accumulated"]), sci(p["local"])]
+                 num(p["accumulated"]), num(p["local"])]
                 for p in loc["points"] if p["kind"] in ("embeddings", "block", "final_norm")]  # fmt: skip
         out += table([s["block"], s["accumulated"], s["local"]], rows)
         if loc["culprit"]:
