@@ -62,7 +62,7 @@ class E2EResult:
     stages: StageTimes
     workers_requested: int = 0
     device: str = ""
-    checksum: float = 0.0  # sum of the pooled outputs: proof the model ran, not a result
+    checksum: float = 0.0  # sum of |pooled outputs|: proof the model ran, not a result
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -177,7 +177,7 @@ def _run(
         with device.timer() as model:
             feats = encoder.encode(pixels)
             out = feats.pooled if feats.pooled is not None else feats.patches
-            checksum = checksum + out.to(torch.float64).sum()
+            checksum = checksum + out.to(torch.float64).abs().sum()
         return copy.seconds, model.seconds
 
     with torch.inference_mode():
