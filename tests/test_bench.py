@@ -198,3 +198,19 @@ def test_flash_attention_is_refused_where_the_backend_picks_its_own_kernel():
     npu_like = SimpleNamespace(device=SimpleNamespace(flash_selectable=False), spec="x")
     with pytest.raises(VitportError, match="--attn sdpa"):
         set_attention(npu_like, "flash")
+
+
+def test_a_peak_the_model_outruns_gives_no_mfu(sleepy, monkeypatch):
+    """A busy device can measure a 'peak' below what the model achieved: MFU over 100% is never
+    printed; the row says n/a and a note says why."""
+    from vitport.bench import run as bench_run
+    from vitport.bench.peak import PeakResult
+
+    monkeypatch.setattr(bench_run, "measure_peak", lambda *_: PeakResult("fp32", 8, 1e-9, 1.0, 1))
+    result = bench(sleepy, [1], FAST)
+    assert [row["mfu"] for row in result.rows()] == [None]
+    assert any(n.startswith("MFU not shown: the model ran at") for n in result.notes)
+    monkeypatch.setattr(bench_run, "measure_peak", lambda *_: PeakResult("fp32", 8, 1e6, 1.0, 1))
+    fine = bench(sleepy, [1], FAST)
+    assert 0 < fine.rows()[0]["mfu"] < 1
+    assert not any(n.startswith("MFU not shown") for n in fine.notes)

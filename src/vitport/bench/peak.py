@@ -122,7 +122,8 @@ def clear_peak_cache() -> None:
 def measure_peak(
     device: Device, dtype: torch.dtype, size: int | None = None, min_seconds: float = 1.0
 ) -> PeakResult:
-    """Measure the matmul ceiling: ``size``×``size`` @ ``size``×``size`` in ``dtype``.
+    """Measure the matmul ceiling: ``size``×``size`` @ ``size``×``size`` in ``dtype``, through
+    ``torch.nn.functional.linear``, the kernel the encoder's Linear layers use.
 
     ``size`` defaults to 8192 on accelerators and 2048 on the CPU. Each matmul is timed with
     ``device.timer()`` through :func:`vitport.bench.timing.measure`; the rate uses the median.
@@ -143,10 +144,9 @@ def _measure(device: Device, dtype: torch.dtype, size: int, min_seconds: float) 
     a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
     a = a.to(device=device.torch_device, dtype=dtype)
     b = b.to(device=device.torch_device, dtype=dtype)
-    out = torch.empty_like(a)
 
-    def matmul() -> None:
-        torch.mm(a, b, out=out)
+    def matmul() -> None:  # the op every Linear layer runs; plain torch.mm takes a slower
+        torch.nn.functional.linear(a, b)  # path for bf16 on some CPUs (0.5 vs 5 GFLOP/s)
 
     spec = TaskSpec(
         model=f"matmul {size}x{size}",

@@ -92,7 +92,12 @@ class BenchResult:
         return self.flops.total * run.measurement.images_per_second / 1e12
 
     def mfu(self, run: BatchRun) -> float | None:
-        return self.achieved_tflops(run) / self.peak.tflops if self.peak else None
+        """Achieved over the measured peak; None without a peak, or when the model outran it
+        (then the peak measurement is no ceiling, and a note says so)."""
+        if not self.peak:
+            return None
+        share = self.achieved_tflops(run) / self.peak.tflops
+        return share if share <= 1.0 else None
 
     def vendor_mfu(self, run: BatchRun) -> float | None:
         return self.achieved_tflops(run) / self.vendor_tflops if self.vendor_tflops else None
@@ -333,6 +338,13 @@ def bench(
     if measure_roofline:
         progress("peak: a large matmul on the device")
         result.peak = measure_peak(encoder.device, encoder.dtype)
+    fastest = result.best()
+    if result.peak and fastest and result.achieved_tflops(fastest) > result.peak.tflops:
+        result.notes.append(
+            f"MFU not shown: the model ran at {result.achieved_tflops(fastest):.4g} TFLOP/s, "
+            f"faster than the measured matmul peak ({result.peak.tflops:.4g} TFLOP/s), so that "
+            "peak is no ceiling (a busy or throttled device while it was measured?)"
+        )
     if result.oom_batch is not None:
         result.notes.append(
             f"batch {result.oom_batch} ran out of memory; the sizes after it were not tried "
