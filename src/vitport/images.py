@@ -351,8 +351,8 @@ def directory_files(directory: Path) -> tuple[list[Path], list[Path]]:
 
 def not_an_image_reason(path: Path) -> str:
     """Why a file inside a directory is skipped without being opened."""
-    suffix = path.suffix.lower() or "no suffix"
-    return f"not an image (a directory's {suffix} files are skipped; vitport reads image files)"
+    kind = f"a {path.suffix.lower()} file" if path.suffix else "a file without a suffix"
+    return f"not an image ({kind} inside a directory; only image suffixes are read)"
 
 
 def _expand(inputs: Iterable[str | Path]) -> tuple[list[tuple[str, Path]], list[ImageProblem]]:
