@@ -130,3 +130,143 @@ def test_out_must_be_a_file(monkeypatch, capsys, tmp_path, tiny_dir):
     code, _, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--out",
                        str(tmp_path))  # fmt: skip
     assert code == 2 and "is a directory" in err
+
+
+# ------------------------------------------------------- paths checked before the model loads
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if a model loads: every refusal below must come before it."""
+    import vitport
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded before the paths were checked")
+
+    monkeypatch.setattr(vitport, "load", load)
+
+
+def one_line_refusal(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "AssertionError" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def not_images(tmp_path):
+    folder = tmp_path / "notimages"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("text")
+    (folder / "meta.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.usefixtures("no_load")
+def test_missing_or_non_image_inputs_are_refused_before_the_load(
+    monkeypatch, capsys, tmp_path, not_images
+):
+    nope = tmp_path / "nope.jpg"
+    foreign = tmp_path / "mine.json"
+    foreign.write_text('{"not": "vitport"}')
+    for args in (
+        ("infer", "--model", "demo:dinov2-small", str(nope)),
+        ("compare", "--model", "demo:dinov2-small", str(nope)),
+        ("bench", "--model", "demo:dinov2-small", "--e2e", str(nope)),
+        ("report", "--model", "demo:dinov2-small", "--out", str(tmp_path / "r"), str(nope)),
+    ):
+        line = one_line_refusal(*run(monkeypatch, capsys, *args)[::2])
+        assert line == f"error: file not found: {nope}; check the path", args
+    line = one_line_refusal(
+        *run(monkeypatch, capsys, "infer", "--model", "demo:dinov2-small", str(not_images))[::2]
+    )
+    assert f"no images found in {not_images} (2 other files skipped: " in line
+    assert ".jpg" in line and ".png" in line and ".webp" in line
+    code, _, err = run(monkeypatch, capsys, "bench", "--model", "demo:dinov2-small", "--json",
+                       str(foreign))  # fmt: skip
+    assert "exists and was not written by vitport" in one_line_refusal(code, err)
+
+
+@pytest.mark.usefixtures("no_load")
+def test_embed_refuses_a_foreign_out_or_no_images_before_the_load(
+    monkeypatch, capsys, tmp_path, not_images
+):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (20, 20), "red").save(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.docx").write_text("a user's file")
+    code, _, err = run(monkeypatch, capsys, "embed", str(image), "--model", "demo:dinov2-small",
+                       "--out", str(out))  # fmt: skip
+    assert "holds files vitport did not write" in one_line_refusal(code, err)
+    code, _, err = run(monkeypatch, capsys, "embed", str(not_images), "--model",
+                       "demo:dinov2-small", "--out", str(tmp_path / "new"))  # fmt: skip
+    assert "no images found in" in one_line_refusal(code, err)
+
+
+def test_embed_library_checks_its_store_before_loading(monkeypatch, tmp_path):
+    import vitport
+    import vitport.embed
+    from vitport.errors import VitportError
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (20, 20), "red").save(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file")
+    monkeypatch.setattr(vitport, "load", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(VitportError, match="holds files vitport did not write"):
+        vitport.embed.embed([str(image)], "demo:dinov2-small", out)
+    with pytest.raises(VitportError, match="unknown fix"):
+        vitport.embed.embed([str(image)], "demo:dinov2-small", tmp_path / "new", fixes=["nope"])
+
+
+# ------------------------------------------------------- nothing vanishes
+
+
+def test_infer_counts_non_image_files_of_a_directory(monkeypatch, capsys, tiny_dir, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 30), "red").save(photos / "good.png")
+    (photos / "ok").write_text("no suffix")
+    code, out, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")),
+                         str(photos))  # fmt: skip
+    assert code == 0, err
+    assert f"skipped {photos / 'ok'}: not an image" in err
+    assert "1 image encoded, 1 skipped (not-an-image 1): listed above" in " ".join(out.split())
+    code, _, _ = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--strict",
+                     str(photos))  # fmt: skip
+    assert code == 1
+
+
+def test_compare_counts_skipped_inputs(monkeypatch, capsys, tiny_dir, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for colour in ("red", "blue"):
+        Image.new("RGB", (40, 30), colour).save(photos / f"{colour}.png")
+    (photos / "notes.txt").write_text("text")
+    code, out, err = run(monkeypatch, capsys, "compare", "--model", str(tiny_dir("vit")),
+                         str(photos))  # fmt: skip
+    assert code == 0, err
+    assert "notes.txt: not an image" in err
+    assert "2 inputs compared, 1 skipped (not-an-image 1): listed above" in " ".join(out.split())
+
+
+# ------------------------------------------------------- infer's latency column
+
+
+def test_infer_latency_column_and_footer_say_what_they_are(monkeypatch, capsys, tiny_dir, tmp_path):
+    for colour in ("red", "blue"):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{colour}.png")
+    images = [str(tmp_path / "red.png"), str(tmp_path / "blue.png")]
+    model = str(tiny_dir("vit"))
+    code, out, err = run(monkeypatch, capsys, "infer", "--model", model, "--batch-size", "2",
+                         *images)  # fmt: skip
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "ms/image (batch ÷ n)" in text
+    assert "divided by its n images; the first call, a batch of 2, took" in text
+    code, out, err = run(monkeypatch, capsys, "infer", "--model", model, *images)
+    text = " ".join(out.split())
+    assert "ms/image" in text and "batch ÷ n" not in text
+    assert "the first call (" in text and "includes warm-up" in text

@@ -191,7 +191,7 @@ def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, t
     model = str(tiny_dir("dinov2"))
     code, out, err = run(monkeypatch, capsys, "--quiet", "infer", "--model", model, str(photo),
                          str(tmp_path / "typo.jpg"))  # fmt: skip
-    assert code == 0 and "1 images encoded, 1 could not be read" in out
+    assert code == 0 and "1 image encoded, 1 skipped (missing 1)" in out
     assert "img/s" not in err  # no progress bar
     code, _, _ = run(monkeypatch, capsys, "infer", "--model", model, "--strict", str(photo),
                      str(tmp_path / "typo.jpg"))  # fmt: skip

@@ -342,3 +342,19 @@ def test_review_edges(model_dir, photos, tmp_path):
     (empty / "a.jpg").write_bytes(b"")
     embed([str(empty)], str(model_dir), tmp_path / "none", device="cpu", batch_size=4)
     assert len(dedup.near_duplicates(tmp_path / "none", 0.9)) == 0  # every input failed
+
+
+def test_non_image_files_of_a_directory_are_rows_of_errors_parquet(model_dir, tmp_path):
+    source = tmp_path / "photos"
+    source.mkdir()
+    Image.new("RGB", (40, 30), "red").save(source / "a.png")
+    (source / "ok").write_text("no suffix")
+    (source / "notes.txt").write_text("text")
+    summary = embed([str(source)], str(model_dir), tmp_path / "out", device="cpu",
+                    batch_size=2, workers=0)  # fmt: skip
+    assert (summary.inputs, summary.embedded, summary.errors) == (3, 1, 2)
+    assert summary.error_reasons == {"not-an-image": 2}
+    errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
+    assert {e["id"]: e["reason"] for e in errors} == {"notes.txt": "not-an-image",
+                                                      "ok": "not-an-image"}  # fmt: skip
+    assert all("not an image" in e["message"] for e in errors)

@@ -115,6 +115,15 @@ def test_apply_fixes_refuses_unknown_names(tiny_dir):
 # --------------------------------------------------------------------------- erf-gelu
 
 
+def tanh_gelus(encoder: vitport.Encoder) -> None:
+    """Plant the tanh approximation in every GELU of the blocks."""
+    for block in encoder.blocks:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.GELU) or "gelu" in type(child).__name__.lower():
+                    setattr(parent, name, nn.GELU(approximate="tanh"))
+
+
 def test_erf_gelu_cures_a_tanh_gelu(tiny_dir, pixels):
     clean, encoder = load(tiny_dir, "dinov2"), load(tiny_dir, "dinov2")
     is_gelu = lambda m: type(m).__name__ == "GELUActivation"  # noqa: E731
@@ -125,22 +134,46 @@ def test_erf_gelu_cures_a_tanh_gelu(tiny_dir, pixels):
     (report,) = apply_fixes(encoder, ["erf-gelu"])
 
     assert report.name == "erf-gelu"
-    assert report.changed == 2 == len(report.targets)
-    assert report.targets == (
-        "encoder.layer.0.mlp.activation_fn",
-        "encoder.layer.1.mlp.activation_fn",
-    )
-    assert "GELU, GELUActivation" in report.detail
+    assert report.changed == 1 == len(report.targets)  # block 0's GELU is already exact
+    assert report.targets == ("encoder.layer.1.mlp.activation_fn",)
+    assert report.detail.startswith("replaced 1 GELU module (GELU) with exact erf GELU")
     assert "torch.nn.functional.gelu approximate='none'" in report.detail
+    assert report.detail.endswith("; 1 already exact")
     assert "ExactGELU(npu=False)" in repr(encoder.module)
-    assert not any(type(m) in (nn.GELU,) or is_gelu(m) for m in encoder.module.modules())
+    assert not any(type(m) is nn.GELU for m in encoder.module.modules())
     torch.testing.assert_close(out(encoder, pixels), reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("gelu", "exact"),
+    [("none", True), ("tanh", False), ("quick", False)],
+)
+def test_erf_gelu_changes_only_gelus_that_are_not_exact(gelu, exact, tiny_dir):
+    from transformers.activations import QuickGELUActivation
+
+    encoder = load(tiny_dir, "vit")
+    for block in encoder.blocks:
+        module = QuickGELUActivation() if gelu == "quick" else nn.GELU(approximate=gelu)
+        swap_first(block, lambda m: "gelu" in type(m).__name__.lower(), module)
+    (report,) = apply_fixes(encoder, ["erf-gelu"])
+    assert report.changed == (0 if exact else 2)
+    assert ("already exact: nothing to change" in report.detail) == exact
+
+
+@pytest.mark.parametrize("name", ["dinov2", "vit", "dinov3_vit", "timm_vit_reg4"])
+def test_erf_gelu_on_an_exact_gelu_says_nothing_to_change(name, tiny_dir, pixels):
+    encoder = load(tiny_dir, name)
+    (report,) = apply_fixes(encoder, ["erf-gelu"])
+    assert (report.changed, report.targets) == (0, ())
+    assert report.detail.startswith("already exact: nothing to change (2 ")
+    assert not any(isinstance(m, ExactGELU) for m in encoder.module.modules())
 
 
 @pytest.mark.parametrize("name", ["vit", "dinov3_vit", "timm_vit_reg4"])
 def test_erf_gelu_finds_gelus_by_type_in_every_family(name, tiny_dir, pixels):
     encoder = load(tiny_dir, name)
     before = out(encoder, pixels)
+    tanh_gelus(encoder)
     (report,) = apply_fixes(encoder, ["erf-gelu"])
     assert report.changed == 2
     exact = [n for n, m in encoder.module.named_modules() if isinstance(m, ExactGELU)]
@@ -149,7 +182,9 @@ def test_erf_gelu_finds_gelus_by_type_in_every_family(name, tiny_dir, pixels):
 
 
 def test_erf_gelu_on_timm_names_the_mlp_activations(tiny_dir):
-    (report,) = apply_fixes(load(tiny_dir, "timm_vit_reg4"), ["erf-gelu"])
+    encoder = load(tiny_dir, "timm_vit_reg4")
+    tanh_gelus(encoder)
+    (report,) = apply_fixes(encoder, ["erf-gelu"])
     assert report.targets == ("blocks.0.mlp.act", "blocks.1.mlp.act")
 
 
@@ -161,9 +196,10 @@ def test_erf_gelu_refuses_a_model_without_gelu(tiny_dir):
 
 def test_erf_gelu_twice_reports_nothing_new(tiny_dir):
     encoder = load(tiny_dir, "dinov2")
+    tanh_gelus(encoder)
     first, second = apply_fixes(encoder, ["erf-gelu", "erf-gelu"])
     assert (first.changed, second.changed) == (2, 0)
-    assert "already" in second.detail
+    assert second.detail.startswith("already exact: nothing to change")
 
 
 def fake_torch_npu(calls: list[str]) -> types.ModuleType:
@@ -231,21 +267,34 @@ class OffsetRMSNorm(nn.Module):
         return (h * (1.0 + self.weight.float())).to(x.dtype)
 
 
-def test_layernorm_fp32_is_exact_on_a_clean_fp32_model(tiny_dir, pixels):
+@pytest.mark.parametrize("name", ["dinov2", "aimv2"])
+def test_layernorm_fp32_on_a_float32_model_has_nothing_to_change(name, tiny_dir, pixels):
+    encoder = load(tiny_dir, name)
+    (report,) = apply_fixes(encoder, ["layernorm-fp32"])
+    assert (report.changed, report.targets) == (0, ())
+    assert report.detail.startswith("already float32: nothing to change (5 ")
+    assert not any(isinstance(m, (FP32LayerNorm, FP32RMSNorm)) for m in encoder.module.modules())
+
+
+def test_layernorm_fp32_swaps_only_the_norms_that_are_not_float32(tiny_dir, pixels):
     encoder = load(tiny_dir, "dinov2")
+    for block in encoder.blocks:  # every norm of the blocks computes in bf16; the final one not
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.LayerNorm:
+                    faulty = BF16LayerNorm(32, eps=1e-6)
+                    faulty.load_state_dict(child.state_dict())
+                    setattr(parent, name, faulty)
     keys = set(encoder.module.state_dict())
-    before = out(encoder, pixels)
 
     (report,) = apply_fixes(encoder, ["layernorm-fp32"])
 
-    assert report.changed == 5  # 2 blocks x 2 norms + the final norm
-    assert "layernorm" in report.targets
-    assert isinstance(encoder.final_norm, FP32LayerNorm)
-    assert encoder.final_norm is encoder.module.layernorm
+    assert report.changed == 4  # 2 blocks x 2 norms
+    assert "layernorm" not in report.targets
+    assert report.detail.endswith("; 1 already float32")
     assert "FP32LayerNorm((32,), eps=1e-06)" in repr(encoder.module)
-    assert sum(isinstance(m, FP32LayerNorm) for m in encoder.module.modules()) == 5
+    assert sum(isinstance(m, FP32LayerNorm) for m in encoder.module.modules()) == 4
     assert set(encoder.module.state_dict()) == keys
-    assert torch.equal(out(encoder, pixels), before)
 
 
 def test_layernorm_fp32_cures_a_bf16_layernorm(tiny_dir, pixels):
@@ -262,37 +311,52 @@ def test_layernorm_fp32_cures_a_bf16_layernorm(tiny_dir, pixels):
     torch.testing.assert_close(out(encoder, pixels), reference, atol=1e-6, rtol=0)
 
 
+def bf16_rms_norm(self, x: torch.Tensor) -> torch.Tensor:
+    h = x.bfloat16()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return (self.weight.bfloat16() * h).float()
+
+
 def test_layernorm_fp32_handles_rmsnorm(tiny_dir, pixels):
     encoder = load(tiny_dir, "aimv2")
-    before = out(encoder, pixels)
+    for module in encoder.module.modules():  # every RMSNorm computes in bf16
+        if type(module).__name__ == "Aimv2RMSNorm":
+            module.__class__ = type("Aimv2RMSNorm", (type(module),), {"forward": bf16_rms_norm})
     (report,) = apply_fixes(encoder, ["layernorm-fp32"])
     assert report.changed == 5
     assert "Aimv2RMSNorm" in report.detail
     assert sum(isinstance(m, FP32RMSNorm) for m in encoder.module.modules()) == 5
-    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
+
+
+class LowOffsetRMSNorm(OffsetRMSNorm):
+    """OffsetRMSNorm computed in its input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h * (1.0 + self.weight)
 
 
 def test_layernorm_fp32_wraps_a_norm_it_has_no_formula_for(tiny_dir, pixels):
     encoder = load(tiny_dir, "aimv2")
-    swap_first(encoder.blocks[0], lambda m: "RMSNorm" in type(m).__name__, OffsetRMSNorm(32))
-    before = out(encoder, pixels)
+    swap_first(encoder.blocks[0], lambda m: "RMSNorm" in type(m).__name__, LowOffsetRMSNorm(32))
+    encoder = encoder.to(dtype=torch.bfloat16)
     apply_fixes(encoder, ["layernorm-fp32"])
     wrapped = [m for m in encoder.module.modules() if isinstance(m, FP32Norm)]
     assert len(wrapped) == 1 and isinstance(wrapped[0].inner, OffsetRMSNorm)
-    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- attention-fp32
 
 
-def test_attention_fp32_keeps_an_fp32_model(tiny_dir, pixels):
+def test_attention_fp32_on_a_float32_model_has_nothing_to_change(tiny_dir, pixels):
     encoder = load(tiny_dir, "dinov2")
-    before = out(encoder, pixels)
     (report,) = apply_fixes(encoder, ["attention-fp32"])
-    assert report.changed == 2
+    assert (report.changed, report.targets) == (0, ())
+    assert report.detail.startswith("already float32 (the model runs in fp32): nothing to change")
+    assert not any(isinstance(b.attention, FP32Attention) for b in encoder.blocks)
+    bf16 = load(tiny_dir, "dinov2").to(dtype=torch.bfloat16)
+    (report,) = apply_fixes(bf16, ["attention-fp32"])
     assert report.targets == ("encoder.layer.0.attention", "encoder.layer.1.attention")
-    assert all(isinstance(b.attention, FP32Attention) for b in encoder.blocks)
-    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["dinov2", "aimv2"])
@@ -380,7 +444,7 @@ def test_no_tf32_makes_float32_math_strict(tiny_dir):
     assert "torch.backends.cudnn.allow_tf32" in report.targets
     assert report.changed == len(report.targets) >= 3
     (again,) = apply_fixes(encoder, ["no-tf32"])  # already strict: not an error
-    assert again.changed == 0 and "already strict" in again.detail
+    assert again.changed == 0 and again.detail.startswith("already strict: nothing to change")
 
 
 @pytest.mark.usefixtures("strict_settings_restored")
@@ -405,7 +469,13 @@ def test_all_fixes_keep_an_fp32_model(name, tiny_dir, pixels):
     names = [n for n in fix_names() if not (n == "erf-gelu" and name == "aimv2")]
     reports = apply_fixes(encoder, names)
     assert [r.name for r in reports] == names
-    assert all(r.changed > 0 for r in reports if r.name != "no-tf32")
+    for report in reports:  # a float32 model with exact GELUs: only the SDPA backend can move
+        assert (report.changed == 0) == ("nothing to change" in report.detail)
+        assert report.changed == 0 or report.name in ("math-sdpa", "no-tf32")
     torch.testing.assert_close(out(encoder, pixels), before, atol=1e-5, rtol=0)
-    moved = encoder.to(dtype=torch.bfloat16)  # fixed modules survive a copy and a cast
+    moved = encoder.to(dtype=torch.bfloat16)
     assert torch.isfinite(out(moved, pixels)).all()
+    bf16 = load(tiny_dir, name).to(dtype=torch.bfloat16)  # there, the float32 fixes do change
+    (report,) = apply_fixes(bf16, ["attention-fp32"])
+    assert report.changed > 0
+    assert torch.isfinite(out(bf16, pixels)).all()

@@ -19,7 +19,10 @@ from vitport.images import (
     random_images,
     read_image,
     read_images,
+    reason_category,
     sample_images,
+    scan_images,
+    skipped_summary,
     to_rgb,
 )
 
@@ -316,7 +319,7 @@ def test_find_images_recursive_sorted_and_filtered(tmp_path: Path) -> None:
         root / "c.tif",
     ]
     loaded, problems = read_images([str(extra), root])
-    assert problems == []
+    assert [p.name for p in problems] == [str(root / "model.onnx"), str(root / "notes.txt")]
     assert [item.name for item in loaded] == [str(path) for path in found]
     assert all(item.image.mode == "RGB" for item in loaded)
 
@@ -338,12 +341,41 @@ def test_image_suffixes_are_lower_case_with_dot() -> None:
     assert all(suffix.startswith(".") and suffix == suffix.lower() for suffix in IMAGE_SUFFIXES)
 
 
-def test_no_images_found_raises(tmp_path: Path) -> None:
+def test_no_images_found_names_what_was_skipped_and_the_suffixes(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("nothing here")
-    with pytest.raises(ImageError, match="no images found in .*pass image files or a directory"):
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(ImageError) as caught:
         read_images([tmp_path])
+    message = str(caught.value)
+    assert f"no images found in {tmp_path} (2 other files skipped: " in message
+    assert "meta.json" in message and "readme.txt" in message
+    assert "\n" not in message and all(suffix in message for suffix in IMAGE_SUFFIXES)
     with pytest.raises(ImageError, match="no images found"):
         read_images([])
+
+
+def test_non_image_files_in_a_directory_are_counted_not_dropped(tmp_path: Path) -> None:
+    good = _save(_photo(), tmp_path / "good.png")
+    (tmp_path / "ok").write_text("no suffix")
+    (tmp_path / "notes.txt").write_text("text")
+    (tmp_path / ".hidden.txt").write_text("hidden entries stay ignored")
+    paths, problems = scan_images([tmp_path])
+    assert paths == [good]
+    assert [p.name for p in problems] == [str(tmp_path / "notes.txt"), str(tmp_path / "ok")]
+    assert {reason_category(p.reason) for p in problems} == {"not-an-image"}
+    loaded, read_problems = read_images([tmp_path])
+    assert len(loaded) == 1 and read_problems == problems
+    assert skipped_summary(problems) == "2 skipped (not-an-image 2)"
+    assert skipped_summary([]) == ""
+
+
+def test_scan_refuses_only_missing_files_with_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(ImageError, match=f"^file not found: {missing}; check the path$"):
+        scan_images([missing])
+    good = _save(_photo(), tmp_path / "good.png")
+    paths, problems = scan_images([missing, good])
+    assert paths == [good] and problems == [ImageProblem(str(missing), "file not found")]
 
 
 # ------------------------------------------------------------------ built-in inputs

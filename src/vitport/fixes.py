@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from vitport.device.dtypes import dtype_name
 from vitport.device.npu import NPU_GELU, npu_gelu
 from vitport.device.precision import ABSENT, STRICT_SETTINGS
 from vitport.encoder import Encoder, RawOutput, is_norm
@@ -260,20 +261,25 @@ def _replace_modules(
     encoder: Encoder,
     name: str,
     found: Sequence[tuple[str, nn.Module]],
-    done: type | tuple[type, ...],
+    done: Callable[[nn.Module], bool],
     build: Callable[[nn.Module], nn.Module],
     already: str,
     did: Callable[[int, str, str], str],
 ) -> FixReport:
-    """The skeleton of every fix that swaps modules: skip the `found` modules already of a
-    `done` type, swap the rest for `build(module)`, report what changed. `already` is the
-    detail when nothing is left to do; `did(count, old kinds, new kinds)` the detail otherwise."""
-    fresh = [(n, m) for n, m in found if not isinstance(m, done)]
+    """The skeleton of every fix that swaps modules: skip the `found` modules for which
+    `done(module)` holds (they already compute what the fix would make them compute), swap the
+    rest for `build(module)`, report what changed. `already` says, for "already ...: nothing to
+    change", what the skipped modules are; `did(count, old kinds, new kinds)` the swap."""
+    fresh = [(n, m) for n, m in found if not done(m)]
+    kept = len(found) - len(fresh)
     if not fresh:
-        return FixReport(name, 0, (), already)
+        kinds = _kinds([m for _, m in found])
+        return FixReport(name, 0, (), f"{already}: nothing to change ({kept} {kinds} modules)")
     swaps = {id(m): build(m) for _, m in fresh}
     _swap(encoder, swaps)
     detail = did(len(fresh), _kinds([m for _, m in fresh]), _kinds(list(swaps.values())))
+    if kept:
+        detail += f"; {kept} {already}"
     return FixReport(name, len(fresh), tuple(n for n, _ in fresh), detail)
 
 
@@ -286,6 +292,20 @@ def _is_gelu(module: nn.Module) -> bool:
 
 def _is_activation(module: nn.Module) -> bool:
     return "activation" in type(module).__module__
+
+
+@torch.no_grad()
+def _computes_exact_gelu(module: nn.Module, device: Any) -> bool:
+    """Whether a GELU module already computes the exact erf GELU on `device`, a vitport
+    Device (tanh and sigmoid
+    approximations miss it by 1e-4 and more; float32 rounding stays far below 1e-5)."""
+    x = torch.linspace(-6.0, 6.0, 1201)
+    want = F.gelu(x.double(), approximate="none").float()
+    try:
+        got = module(x.to(device.torch_device)).float().cpu()
+    except Exception:  # cannot run it here: leave the judgement to the swap
+        return False
+    return got.shape == want.shape and bool((got - want).abs().max() <= 1e-5)
 
 
 def _erf_gelu(encoder: Encoder) -> FixReport:
@@ -303,9 +323,13 @@ def _erf_gelu(encoder: Encoder) -> FixReport:
         if isinstance(module, ExactGELU):
             module.npu = npu
     kernel = backend_kernel or "torch.nn.functional.gelu"
+
+    def exact(module: nn.Module) -> bool:
+        return isinstance(module, ExactGELU) or _computes_exact_gelu(module, encoder.device)
+
     return _replace_modules(
-        encoder, "erf-gelu", found, ExactGELU, lambda _: ExactGELU(npu),
-        already=f"all {_plural(len(found), 'GELU module')} already exact erf GELU ({kernel})",
+        encoder, "erf-gelu", found, exact, lambda _: ExactGELU(npu),
+        already="already exact",
         did=lambda n, old, _: f"replaced {_plural(n, 'GELU module')} ({old}) "
         f"with exact erf GELU ({kernel} approximate='none')",
     )  # fmt: skip
@@ -382,13 +406,30 @@ def _fp32_norm(module: nn.Module) -> nn.Module:
     return FP32Norm(module)
 
 
+@torch.no_grad()
+def _computes_in_fp32(module: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a norm gives, bit for bit, what its float32 replacement would in this run's
+    dtype (a norm of a float32 model does; one computing in bf16 inside it does not)."""
+    if isinstance(module, FP32_NORMS):
+        return True
+    replacement = _fp32_norm(module)
+    shape = getattr(replacement, "normalized_shape", None) or _shape(module)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *shape, generator=gen).to(device=device, dtype=dtype)
+    try:
+        return bool(torch.equal(module(x), replacement(x)))
+    except Exception:  # cannot run it here: leave the judgement to the swap
+        return False
+
+
 def _layernorm_fp32(encoder: Encoder) -> FixReport:
     found = _targets(encoder, _is_norm, final_norm=True)
     if not found:
         raise _nothing("layernorm-fp32", "no norm module found in the blocks or the final norm")
+    dtype, where = encoder.dtype, encoder.device.torch_device
     return _replace_modules(
-        encoder, "layernorm-fp32", found, FP32_NORMS, _fp32_norm,
-        already=f"all {_plural(len(found), 'norm')} already compute in float32",
+        encoder, "layernorm-fp32", found, lambda m: _computes_in_fp32(m, dtype, where),
+        _fp32_norm, already="already float32",
         did=lambda n, old, new: f"replaced {_plural(n, 'norm module')} ({old}) "
         f"with float32 norms ({new})",
     )  # fmt: skip
@@ -408,9 +449,14 @@ def _attention_fp32(encoder: Encoder) -> FixReport:
     found = _targets(encoder, _is_attention)
     if not found:
         raise _nothing("attention-fp32", "no attention module found in the blocks")
+    wide = encoder.dtype not in LOW_PRECISION  # the wrapper would run them unchanged
+
+    def done(module: nn.Module) -> bool:
+        return wide or isinstance(module, FP32Attention)
+
     return _replace_modules(
-        encoder, "attention-fp32", found, FP32Attention, FP32Attention,
-        already=f"all {_plural(len(found), 'attention module')} already run in float32",
+        encoder, "attention-fp32", found, done, FP32Attention,
+        already=f"already float32 (the model runs in {dtype_name(encoder.dtype)})",
         did=lambda n, old, _: f"wrapped {_plural(n, 'attention module')} ({old}) "
         "to run in float32 (inputs and weights upcast, output cast back)",
     )  # fmt: skip
@@ -419,15 +465,15 @@ def _attention_fp32(encoder: Encoder) -> FixReport:
 # --------------------------------------------------------------------------- math-sdpa
 
 
-def _sdpa_note(encoder: Encoder) -> str:
-    """Why the SDPA backend may not matter for this model ("" when it does)."""
+def _sdpa_unused(encoder: Encoder) -> str:
+    """Why this model never calls SDPA, so its backend cannot matter ("" when it does)."""
     config = getattr(encoder.module, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl not in (None, "sdpa"):
-        return f" (note: the model uses {impl!r} attention, which does not call SDPA)"
+        return f"the model uses {impl!r} attention"
     fused = [m.fused_attn for b in encoder.blocks for m in b.modules() if hasattr(m, "fused_attn")]
     if fused and not any(fused):
-        return " (note: the timm attention is not fused, fused_attn=False, so SDPA is not called)"
+        return "the timm attention is not fused, fused_attn=False"
     return ""
 
 
@@ -435,10 +481,14 @@ def _math_sdpa(encoder: Encoder) -> FixReport:
     target = ("forward_fn",)
     forward = encoder.forward_fn
     if isinstance(forward, SDPAForward) and forward.backend == "MATH":
-        return FixReport("math-sdpa", 0, (), "forward already runs with the SDPA math backend")
+        return FixReport(
+            "math-sdpa", 0, (), "already math SDPA: nothing to change (the forward runs with it)"
+        )
+    unused = _sdpa_unused(encoder)
+    if unused:
+        return FixReport("math-sdpa", 0, (), f"SDPA not called: nothing to change ({unused})")
     encoder.forward_fn = SDPAForward(encoder.forward_fn, "MATH")
-    detail = "forward runs with SDPA math backend" + _sdpa_note(encoder)
-    return FixReport("math-sdpa", 1, target, detail)
+    return FixReport("math-sdpa", 1, target, "forward runs with SDPA math backend")
 
 
 # --------------------------------------------------------------------------- no-tf32
@@ -466,7 +516,7 @@ def _no_tf32(encoder: Encoder) -> FixReport:
     if flipped:
         detail = f"set {_plural(len(flipped), 'process-wide setting')} strict: {', '.join(flipped)}"
     else:
-        detail = f"all {_plural(len(present), 'setting')} were already strict; nothing to flip"
+        detail = f"already strict: nothing to change (all {_plural(len(present), 'setting')} were)"
     return FixReport("no-tf32", len(flipped), flipped, detail)
 
 

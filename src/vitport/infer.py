@@ -73,16 +73,19 @@ def infer_inputs(
     batch_size: int = 1,
     workers: int = 2,
     on_batch: Callable[[int, int], None] = lambda done, total: None,
+    skipped: Sequence[ImageProblem] = (),
 ) -> InferResult:
     """Encode image files streamed through DataLoader workers: decoded images never pile up, so
-    memory stays flat in the number of images. Unreadable ones become problems."""
+    memory stays flat in the number of images. Unreadable ones become problems, after the
+    `skipped` ones found before reading (see vitport.images.scan_images)."""
     from vitport import stream
 
     device = encoder.device
     pin = device.pin_memory
     dataset = stream.ImageInputs(inputs, encoder.preprocess, encoder.dtype, digests=True)
     pool = stream.Workers(workers)
-    parts, seconds, sizes, originals, problems, digests = [], [], [], [], [], []
+    parts, seconds, sizes, originals, digests = [], [], [], [], []
+    problems = list(skipped)
     done = 0
     for batch, _ in stream.stream(dataset, batch_size, pool, pin):
         problems.extend(ImageProblem(f.path, f.message) for f in batch.failures)

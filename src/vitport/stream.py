@@ -28,12 +28,14 @@ WORKER_TIMEOUT_S = 300.0
 @dataclass(frozen=True)
 class Input:
     """One image to read: a file, or (``row`` >= 0) the bytes in row ``row`` of ``column`` of
-    the Parquet file ``path``."""
+    the Parquet file ``path``. ``problem``, when set, is why it is known unusable without
+    reading it (a non-image file inside a directory): it fails with that reason."""
 
     id: str
     path: str
     row: int = -1
     column: str = ""
+    problem: str = ""
 
 
 class Failure(NamedTuple):
@@ -124,6 +126,8 @@ class ImageInputs(Dataset):
     def __getitem__(self, index: int) -> Item:
         item = self.inputs[index]
         t0 = time.perf_counter()
+        if item.problem:
+            return self._failed(index, item, t0, item.problem)
         try:
             image = self.read(item)
         except ImageError as exc:

@@ -25,7 +25,7 @@ from vitport.cli.app import (
     esc,
 )
 from vitport.cli.display import progress, show, steps
-from vitport.cli.inputs import load_model, read_inputs
+from vitport.cli.inputs import find_inputs, load_model, read_inputs
 from vitport.errors import VitportError
 
 BENCH_DROP = ("samples", "MFU vendor", "p95 ms", "p90 ms", "mean ± std ms", "peak mem",
@@ -126,8 +126,10 @@ def bench(
     check_file(json_out, "--json", overwrite, is_vitport_json)
     check_file(csv_out, "--csv", overwrite, first_line_is(",".join(CSV_COLUMNS)))
     check_file(markdown, "--markdown", overwrite, first_line_is(MARKDOWN_HEAD))
+    e2e_paths = None
     if e2e:
         check_e2e(images)
+        e2e_paths, _ = find_inputs(images)  # missing and non-image files: said before the load
     check_attention(attn)
     old = read_baseline(baseline) if baseline else None
     if old is not None:
@@ -165,7 +167,7 @@ def bench(
     for note in result.notes + encoder.notes:
         console.print(f"[yellow]note:[/yellow] {esc(note)}", soft_wrap=True)
     if e2e:
-        bench_e2e(encoder, images, workers, sizes[0] if sizes else 8)
+        bench_e2e(encoder, e2e_paths, workers, sizes[0] if sizes else 8)
     data = result.to_dict()
     if old is not None:
         found = regressions(old, result)
@@ -195,12 +197,10 @@ def write_outputs(data, json_out, csv_text, csv_out, md_text, md_out) -> None:
         console.print(f"written: [bold]{esc(path)}[/bold]")
 
 
-def bench_e2e(encoder, images, workers, batch_size) -> None:
+def bench_e2e(encoder, paths, workers, batch_size) -> None:
     from vitport.bench.e2e import run_e2e
     from vitport.cli.bench_tables import e2e_table
-    from vitport.images import find_images
 
-    paths = find_images(images)
     with progress("end to end from files ..."):
         result = run_e2e(encoder, paths, batch_size=batch_size, workers=workers)
     console.print(e2e_table(result))

@@ -122,12 +122,16 @@ def compare(
     cand_dtype = parse_dtype(dtype)
     ref_dtype = parse_dtype(reference_dtype)
 
-    loaded, _ = read_inputs(images, image_size or 224, golden)
+    loaded, problems = read_inputs(images, image_size or 224, golden)
     base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
 
     make_candidate = candidate_factory(base, target, cand_dtype, inject_fault)
     candidate, detail = make_candidate(fixes)
     notes = [f"candidate: {detail}"] if detail else []
+    if problems:
+        from vitport.images import skipped_summary
+
+        notes.append(f"{len(loaded)} inputs compared, {skipped_summary(problems)}: listed above")
     ref = golden if golden is not None else reference_model(base, source, ref_dtype)
     trials = [(name,) for name in fix_names()] if try_fixes else []
     parts = None

@@ -69,7 +69,7 @@ def infer(
     used, the same set `vitport compare` uses. --out writes the
     features as a golden file that `vitport compare --reference FILE` accepts on another machine.
     """
-    from vitport.cli.tables import per_image_table, shapes_table
+    from vitport.cli.tables import latency_note, per_image_table, shapes_table
     from vitport.fixes import parse_fixes
     from vitport.images import default_inputs, read_images
     from vitport.infer import infer as run_infer
@@ -81,7 +81,7 @@ def infer(
     check_file(out, "--out", overwrite, is_features_file)
     if with_blocks and out is None:
         raise VitportError("--with-blocks stores block states in the --out file; add --out FILE")
-    paths = find_inputs(images)
+    paths, skipped = find_inputs(images)
     encoder = load_model(
         model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes
     )
@@ -90,8 +90,9 @@ def infer(
         result = run_infer(encoder, loaded, batch_size)
     else:
         with progress("encoding", bar=True, stderr=True) as activity:
-            result = infer_inputs(encoder, file_inputs(paths), batch_size, workers, activity.tick)
-        report_problems(result.problems)
+            result = infer_inputs(encoder, file_inputs(paths), batch_size, workers,
+                                  activity.tick, skipped)  # fmt: skip
+        report_problems(result.problems[len(skipped) :])
     problems = result.problems
     feats = result.features
     h, w = encoder.image_size
@@ -104,11 +105,7 @@ def infer(
     for note in encoder.notes:
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
     show(per_image_table(result), ("pooled[:4]", "size"))
-    console.print(
-        f"[dim]latency is device time (synchronised); the first call ({result.first_call_ms:.1f} ms) "
-        "includes warm-up and kernel selection. Load took "
-        f"{encoder.load_seconds:.1f} s.[/dim]"
-    )
+    console.print(f"[dim]{latency_note(result, encoder.load_seconds)}[/dim]")
     if out is not None:
         from vitport.golden import golden_file_parts, record_run
 
@@ -133,9 +130,12 @@ def infer(
             "check the dtype (fp16 overflows above 65504) or compare it: vitport compare"
         )
     if problems:
+        from vitport.images import skipped_summary
+
+        count = len(feats.names)
         console.print(
-            f"{len(feats.names)} images encoded, [yellow]{len(problems)} could not be read[/yellow] "
-            "(listed above)"
+            f"{count} image{'' if count == 1 else 's'} encoded, "
+            f"[yellow]{skipped_summary(problems)}[/yellow]: listed above"
         )
         if strict:
             raise typer.Exit(1)

@@ -41,16 +41,16 @@ def report_problems(problems) -> None:
         )
 
 
-def find_inputs(images: list[Path] | None) -> list[Path] | None:
-    """The image files given (directories expanded), None for the default inputs."""
-    from vitport.images import find_images
+def find_inputs(images: list[Path] | None) -> tuple[list[Path] | None, list]:
+    """Before the model loads: the image files to read (directories expanded; None for the
+    default inputs) and those already skipped (missing, not images), reported here."""
+    from vitport.images import scan_images
 
     if not images:
-        return None
-    paths = find_images(images)
-    if not paths:
-        raise VitportError(f"no images found in {', '.join(map(str, images))}")
-    return paths
+        return None, []
+    paths, skipped = scan_images(images)
+    report_problems(skipped)
+    return paths, skipped
 
 
 def read_inputs(images: list[Path] | None, size: int, golden=None):

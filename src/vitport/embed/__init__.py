@@ -164,9 +164,13 @@ def embed(
     progress: Callable[[str], None] = lambda _: None,
     on_batch: Callable[[int, int], None] = lambda done, total: None,
 ) -> EmbedSummary:
-    """Embed every image of `sources` with `model` into `out` (see the module docstring)."""
+    """Embed every image of `sources` with `model` into `out` (see the module docstring).
+
+    Every argument, source and the output directory are checked before the model loads."""
     import vitport
-    from vitport.fixes import apply_fixes
+    from vitport.embed.store import check_out
+    from vitport.fixes import apply_fixes, parse_fixes
+    from vitport.outputs import check_dir
 
     if shard_size < 1:
         raise VitportError(f"--shard-size must be at least 1, not {shard_size}")
@@ -180,17 +184,18 @@ def embed(
         )
     if outputs is not None:
         check_output_names(outputs)
+    fixes = parse_fixes(list(fixes))
     inputs = collect(sources, column)
     out = Path(out).expanduser()
-    from vitport.outputs import check_dir
-
     check_dir(out, "--out", overwrite=True, ours=lambda _p: True)  # writable; Store decides more
+    known = {"shard_size": shard_size, "inputs": len(inputs), "inputs_sha256": fingerprint(inputs)}
+    check_out(out, overwrite, known)
     if isinstance(model, Encoder):
         encoder = model
     else:
         progress(f"loading {model}")
         encoder = vitport.load(model, device, dtype, image_size=image_size)
-        apply_fixes(encoder, list(fixes))
+        apply_fixes(encoder, fixes)
     names = parse_outputs(outputs, encoder)
     dims = output_dims(encoder, names)
     store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))

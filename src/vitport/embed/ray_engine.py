@@ -26,9 +26,10 @@ class Decode:
         self.shape = (3, *image_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = [Input(str(i), str(p), int(r), str(c))
-                  for i, p, r, c in zip(batch["id"], batch["path"], batch["row"], batch["column"],
-                                        strict=True)]  # fmt: skip
+        inputs = [Input(str(i), str(p), int(r), str(c), str(known))
+                  for i, p, r, c, known in zip(batch["id"], batch["path"], batch["row"],
+                                               batch["column"], batch["problem"],
+                                               strict=True)]  # fmt: skip
         reader = ImageInputs(inputs, self.preprocess)
         items = [reader[k] for k in range(len(inputs))]
         zero = np.zeros(self.shape, np.float32)
@@ -145,7 +146,8 @@ def run_ray(
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         rows = [{"index": i, "id": inputs[i].id, "path": inputs[i].path, "row": inputs[i].row,
-                 "column": inputs[i].column} for i in order]  # fmt: skip
+                 "column": inputs[i].column, "problem": inputs[i].problem}
+                for i in order]  # fmt: skip
         actors = _actors(encoder)
         with warnings.catch_warnings():  # max_restarts has no named parameter in Ray Data yet
             warnings.simplefilter("ignore")

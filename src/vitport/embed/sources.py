@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vitport.errors import ImageError, VitportError
-from vitport.images import find_images
+from vitport.images import ImageProblem, directory_files, not_an_image_reason, nothing_to_read
 from vitport.stream import Input
 
 
@@ -63,9 +63,13 @@ def _list_inputs(path: Path) -> list[Input]:
 
 
 def _tree_inputs(root: Path) -> list[Input]:
-    if root.is_dir():
-        return [Input(p.relative_to(root).as_posix(), str(p)) for p in find_images([root])]
-    return [Input(root.name, str(root))]
+    """A file, or a directory's files: images to read, other files failing as not-an-image."""
+    if not root.is_dir():
+        return [Input(root.name, str(root))]
+    images, others = directory_files(root)
+    entries = [(p, "") for p in images] + [(p, not_an_image_reason(p)) for p in others]
+    entries.sort(key=lambda entry: entry[0].relative_to(root).parts)
+    return [Input(p.relative_to(root).as_posix(), str(p), problem=why) for p, why in entries]
 
 
 def collect(sources: Sequence[str], column: str | None = None) -> list[Input]:
@@ -95,8 +99,8 @@ def collect(sources: Sequence[str], column: str | None = None) -> list[Input]:
                 "pass their common parent directory instead, or embed them in separate runs"
             )
         seen[item.id] = item.path
-    if not inputs:
-        raise ImageError(f"no images found in {', '.join(sources)}")
+    if all(item.problem for item in inputs):
+        raise nothing_to_read(sources, [ImageProblem(item.path, item.problem) for item in inputs])
     return inputs
 
 

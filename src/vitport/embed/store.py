@@ -81,18 +81,9 @@ class Store:
     def open(self, overwrite: bool) -> None:
         """Create DIR, or resume it when it holds the same run; refuse anything else."""
         manifest = self.dir / MANIFEST
-        if self.dir.exists() and not self.dir.is_dir():
-            raise VitportError(f"--out {self.dir} is a file; give a directory")
-        if manifest.is_file():
-            if overwrite:
-                self._clear()
-            else:
-                self._check_same(json.loads(manifest.read_text()))
-        elif self.dir.is_dir() and any(not _starting(p) for p in self.dir.iterdir()):
-            raise VitportError(
-                f"--out {self.dir} holds files vitport did not write (no {MANIFEST}); "
-                "choose a new or empty directory"
-            )
+        check_out(self.dir, overwrite, self.settings)
+        if manifest.is_file() and overwrite:
+            self._clear()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not manifest.is_file():
@@ -115,16 +106,6 @@ class Store:
                 pid = tmp.name.rsplit("-", 1)[-1]
                 if pid.isdigit() and not _alive(int(pid)):
                     tmp.unlink(missing_ok=True)
-
-    def _check_same(self, before: Mapping[str, Any]) -> None:
-        theirs = before.get("settings", {})
-        for key in IDENTITY:
-            if theirs.get(key) != self.settings.get(key):
-                raise VitportError(
-                    f"{self.dir} was written with another {key.replace('_', ' ')} "
-                    f"({_short(theirs.get(key))} there, {_short(self.settings.get(key))} here); "
-                    "pass --overwrite to start over, or choose another --out"
-                )
 
     def _clear(self) -> None:
         for path in self.dir.iterdir():
@@ -214,6 +195,31 @@ class Store:
         write_atomic(self.dir / MANIFEST,
                      lambda p: p.write_text(json.dumps(manifest, indent=2)))  # fmt: skip
         return manifest
+
+
+def check_out(directory: Path, overwrite: bool, settings: Mapping[str, Any]) -> None:
+    """Refuse an --out that is a file, holds files vitport did not write, or (without
+    `overwrite`) holds another run: of the identity settings, those in `settings` are compared,
+    so a caller checks the inputs before a model loads, and Store.open everything after."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if directory.exists() and not directory.is_dir():
+        raise VitportError(f"--out {directory} is a file; give a directory")
+    if manifest.is_file():
+        if not overwrite:
+            theirs = json.loads(manifest.read_text()).get("settings", {})
+            for key in (k for k in IDENTITY if k in settings):
+                if theirs.get(key) != settings[key]:
+                    raise VitportError(
+                        f"{directory} was written with another {key.replace('_', ' ')} "
+                        f"({_short(theirs.get(key))} there, {_short(settings[key])} here); "
+                        "pass --overwrite to start over, or choose another --out"
+                    )
+    elif directory.is_dir() and any(not _starting(p) for p in directory.iterdir()):
+        raise VitportError(
+            f"--out {directory} holds files vitport did not write (no {MANIFEST}); "
+            "choose a new or empty directory"
+        )
 
 
 def _starting(path: Path) -> bool:
