@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -130,3 +131,78 @@ def test_out_must_be_a_file(monkeypatch, capsys, tmp_path, tiny_dir):
     code, _, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--out",
                        str(tmp_path))  # fmt: skip
     assert code == 2 and "is a directory" in err
+
+
+def _empty_results() -> dict[str, tuple]:
+    """For each table builder, arguments that give it no data rows."""
+    from types import SimpleNamespace as NS
+
+    from vitport.embed.dedup import Pairs
+
+    side = NS(device="cpu", dtype="fp32", fixes=[], kind="device", path=None)
+    compare = NS(spec="demo:x", candidate=side, reference=side, inputs=[], groups={}, floor={},
+                 floor_ratio={}, passed=True, worst_rel_error=0.0, trials=[],
+                 localization=NS(points=[], blocks=lambda: [], culprit=None),
+                 localization_reference="cpu fp32")  # fmt: skip
+    bench = NS(spec="demo:x", device="cpu", dtype="fp32", attention="sdpa", compiled=False,
+               image_size=(224, 224), best=lambda: None, rows=lambda: [], batch_sizes=[],
+               trials=[], images=0, batch_size=1, workers=0, images_per_second=0.0,
+               breakdown=lambda: {})  # fmt: skip
+    features = NS(meta={"dtype": "fp32"}, shapes=lambda: {}, names=[], pooled=[])
+    return {
+        "accuracy_table": (compare,), "per_input_table": (compare,),
+        "localization_table": (compare,), "trials_table": (compare,),
+        "conversion_table": (NS(inputs=[], image_size=224, checks=[]),),
+        "shapes_table": ("demo:x", NS(image_size=(224, 224), device="cpu"), features),
+        "per_image_table": (NS(features=features, original_sizes=[], per_image_ms=[]),),
+        "fixes_table": ([],), "thresholds_table": ("fp32", []), "sources_table": ([],),
+        "device_table": ({},), "pairs_table": (Pairs([], [], np.zeros(0), "torch", 0.95, 6), 20),
+        "bench_table": (bench,), "optimize_table": (bench,), "e2e_table": (bench,),
+    }  # fmt: skip
+
+
+def test_every_table_renders_with_no_rows(monkeypatch, capsys):
+    """Each table builder, given nothing to list, renders narrow, fitted and --wide."""
+    import inspect
+
+    from rich.table import Table
+
+    from vitport.cli import bench_tables, tables
+    from vitport.cli.app import STATE
+    from vitport.cli.display import show
+    from vitport.cli.fit import fit
+
+    builders = {name: fn for module in (tables, bench_tables)
+                for name, fn in inspect.getmembers(module, inspect.isfunction)
+                if fn.__module__ == module.__name__ and "Table" in str(fn.__annotations__.get("return"))}  # fmt: skip
+    arguments = _empty_results()
+    assert set(builders) == set(arguments)  # a new builder needs its empty case here
+    monkeypatch.setenv("COLUMNS", "30")
+    for name, build in builders.items():
+        table = build(*arguments[name])
+        assert isinstance(table, Table)
+        headers = tuple(str(c.header) for c in table.columns)
+        for wide in (False, True):
+            monkeypatch.setitem(STATE, "wide", wide)
+            show(table, drop_order=headers)
+        show(fit(table, 20, headers))
+        assert capsys.readouterr().out, name
+
+
+def test_dedup_with_no_pairs_says_so(monkeypatch, capsys, tmp_path):
+    from vitport.embed import dedup
+    from vitport.embed.dedup import Pairs
+
+    pairs = Pairs([], [], np.zeros(0, np.float32), "torch", 0.95, 6)
+    monkeypatch.setattr(dedup, "near_duplicates", lambda *_: pairs)
+    for extra in ([], ["--show", "0"], ["--threshold", "0.5"]):
+        for wide in ([], ["--wide"]):
+            code, out, err = run(monkeypatch, capsys, *wide, "dedup", str(tmp_path), *extra)
+            assert code == 0, err
+            assert out.strip() == "0 pairs with cosine ≥ 0.95 among 6 embeddings"
+    pairs = Pairs(["a.jpg"], ["b.jpg"], np.ones(1, np.float32), "torch", 0.9, 2)
+    monkeypatch.setattr(dedup, "near_duplicates", lambda *_: pairs)
+    code, out, _ = run(monkeypatch, capsys, "--wide", "dedup", str(tmp_path), "--show", "0")
+    assert code == 0 and out.strip() == "1 pair with cosine ≥ 0.9 among 2 embeddings"
+    code, out, _ = run(monkeypatch, capsys, "dedup", str(tmp_path))
+    assert code == 0 and "a.jpg" in out and "1.0000" in out

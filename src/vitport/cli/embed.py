@@ -123,7 +123,9 @@ def dedup(
     from vitport.embed.dedup import near_duplicates, write_pairs
 
     pairs = near_duplicates(directory, threshold, column)
-    show(pairs_table(pairs, threshold, top))
+    console.print(pairs.describe())
+    if len(pairs) and top:
+        show(pairs_table(pairs, top))
     if out is not None:
         write_pairs(pairs, out)
         console.print(f"all {len(pairs)} pairs written to [bold]{esc(out)}[/bold]")

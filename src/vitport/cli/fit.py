@@ -14,7 +14,8 @@ def _needed(column) -> int:
 
 
 def _natural(column) -> int:
-    return max(len(str(column.header)), *map(_length, column.cells))
+    """The width of a column's header and cells on one line each (a table may have no rows)."""
+    return max([len(str(column.header)), *map(_length, column.cells)])
 
 
 def natural_width(table: Table) -> int:
@@ -43,11 +44,10 @@ def fit(table: Table, width: int | None, drop_order: tuple[str, ...] = ()) -> Ta
         if len(keep) < len(columns):
             columns, dropped = keep, [*dropped, name]
     squeeze = width is not None and total(columns, _natural) > width
-    fitted = Table(title=table.title)
+    fitted = Table(title=table.title, caption=table.caption)
     if dropped:
-        fitted.caption = (
-            f"not shown at this width: {', '.join(dropped)} (vitport --wide shows them)"
-        )
+        note = f"not shown at this width: {', '.join(dropped)} (vitport --wide shows them)"
+        fitted.caption = f"{table.caption}; {note}" if table.caption else note
     for column in columns:
         fitted.add_column(column.header, justify=column.justify, overflow="fold",
                           width=_needed(column) if squeeze else None)  # fmt: skip

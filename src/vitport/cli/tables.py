@@ -249,9 +249,11 @@ def device_table(description: dict[str, object]) -> Table:
     return table
 
 
-def pairs_table(pairs, threshold: float, top: int) -> Table:
-    """dedup: the most similar pairs."""
-    table = Table(title=f"{len(pairs)} pairs with cosine >= {threshold:g} ({pairs.method})")
+def pairs_table(pairs, top: int) -> Table:
+    """dedup: the `top` most similar pairs."""
+    table = Table(title=f"most similar ({pairs.method})")
+    if len(pairs) > top:
+        table.caption = f"the {top} most similar shown (--show N for more)"
     for name in ("id a", "id b", "cosine"):
         table.add_column(name, justify="right" if name == "cosine" else "left")
     for a, b, sim in pairs.top(top):
