@@ -76,10 +76,24 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, args, message):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_debug_shows_the_traceback(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["vitport", "--debug", "infer", "--model", "nonsense spec"])
-    with pytest.raises(Exception, match="cannot understand model spec"):
-        main()
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(monkeypatch, capsys, where):
+    command = ["infer", "--model", "demo:dinov2-smal"]
+    args = ["--debug", *command] if where == "before" else [*command, "--debug"]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 2  # a usage error stays one, with or without --debug
+    assert "Traceback" in err and "SpecError" in err
+    assert (
+        err.strip().splitlines()[-1]
+        == "error: unknown demo model 'dinov2-smal'; known demos: dinov2-small"
+    )
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("vitport.device.available_devices", broken)  # an unexpected error: 1
+    code, _, err = run(monkeypatch, capsys, "devices", "--debug")
+    assert code == 1 and "Traceback" in err and "RuntimeError: a bug" in err
 
 
 def test_models_lists_sources(monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -145,7 +146,7 @@ def main() -> None:
             sys.exit(code)
     except VitportError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         errors.print(f"[red]error:[/red] {esc(exc)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -158,9 +159,10 @@ def main() -> None:
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - anything else: one line, with the way to see more
         if debug:
-            raise
+            traceback.print_exc()
+        hint = "" if debug else " (run with --debug for the traceback)"
         errors.print(
-            f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            f"[red]error:[/red] {type(exc).__name__}: {esc(exc)}{hint}",
             highlight=False,
             soft_wrap=True,
         )
