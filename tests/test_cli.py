@@ -220,3 +220,68 @@ def test_dedup_with_no_pairs_says_so(monkeypatch, capsys, tmp_path):
     assert code == 0 and out.strip() == "1 pair with cosine ≥ 0.9 among 2 embeddings"
     code, out, _ = run(monkeypatch, capsys, "dedup", str(tmp_path))
     assert code == 0 and "a.jpg" in out and "1.0000" in out
+
+
+def _source_help(command: str | None) -> list[str]:
+    """The help texts as written in the source: a command's docstring and its options' help
+    (command None: the app's own)."""
+    import inspect
+
+    from vitport.cli import app
+
+    if command is None:
+        callback, texts = app.registered_callback.callback, [app.info.help]
+    else:
+        info = next(c for c in app.registered_commands if c.callback.__name__ == command)
+        callback, texts = info.callback, [inspect.getdoc(info.callback)]
+    for parameter in inspect.signature(callback, eval_str=True).parameters.values():
+        for meta in getattr(parameter.annotation, "__metadata__", ()):
+            texts.append(getattr(meta, "help", None) or "")
+    return texts
+
+
+def _help_at_100(monkeypatch, capsys, *args: str) -> str:
+    monkeypatch.setattr(sys, "argv", ["vitport", *args, "--help"])
+    monkeypatch.setenv("COLUMNS", "100")
+    try:
+        main()
+    except SystemExit as stop:
+        assert stop.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_help_keeps_every_bracketed_word_and_flags_show_no_type(monkeypatch, capsys):
+    import re
+
+    from vitport.cli import app
+
+    commands = [None, *(c.callback.__name__ for c in app.registered_commands)]
+    checked = set()
+    for command in commands:
+        text = _help_at_100(monkeypatch, capsys, *([command] if command else []))
+        assert "<bool>" not in text, command  # flags take no value, so help shows none
+        for source in _source_help(command):
+            for word in re.findall(r"\[[^\]\s]+\]", source):
+                assert word in text, (command, word)
+                checked.add(word)
+    assert "[ray]" in checked  # embed --engine's 'vitport[ray]'
+    infer = _help_at_100(monkeypatch, capsys, "infer")
+    assert "<str>" in infer and "<int range>" in infer  # options that take a value keep theirs
+
+
+@pytest.mark.parametrize("value", ["true", "FALSE", "yes", "No", "1", "0", "on"])
+def test_a_value_after_a_flag_is_refused(monkeypatch, capsys, value):
+    code, out, err = run(monkeypatch, capsys, "infer", "--model", "X", "--strict", value, "a.jpg")
+    assert code == 2 and not out
+    assert err.strip() == f"error: --strict is a flag and takes no value: drop '{value}'"
+    code, _, err = run(monkeypatch, capsys, "--quiet", value, "infer", "--model", "X")
+    assert (
+        code == 2 and err.strip() == f"error: --quiet is a flag and takes no value: drop '{value}'"
+    )
+
+
+def test_a_file_named_like_a_value_after_a_flag_is_an_input(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "true").write_bytes(b"")
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", "nonsense spec", "--strict", "true")
+    assert code == 2 and "is a flag" not in err and "cannot understand model spec" in err
