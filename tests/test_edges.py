@@ -188,7 +188,7 @@ def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, t
     model = str(tiny_dir("dinov2"))
     code, out, err = run(monkeypatch, capsys, "--quiet", "infer", "--model", model, str(photo),
                          str(tmp_path / "typo.jpg"))  # fmt: skip
-    assert code == 0 and "1 images encoded, 1 could not be read" in out
+    assert code == 0 and "1 image encoded, 1 could not be read" in out
     assert "img/s" not in err  # no progress bar
     code, _, _ = run(monkeypatch, capsys, "infer", "--model", model, "--strict", str(photo),
                      str(tmp_path / "typo.jpg"))  # fmt: skip
@@ -278,3 +278,42 @@ def test_a_hub_id_is_not_taken_for_a_local_path_beside_its_org_folder(monkeypatc
     monkeypatch.setattr("vitport.families.hub_snapshot", lambda repo, hub=None: called.append(repo))
     resolve("facebook/dinov2-base")
     assert called == ["facebook/dinov2-base"]
+
+
+def test_version_answers_without_importing_torch():
+    import re
+    import subprocess
+    import sys
+
+    from vitport import __version__
+
+    got = subprocess.run([sys.executable, "-X", "importtime", "-m", "vitport", "--version"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert got.returncode == 0 and got.stdout.strip() == f"vitport {__version__}"
+    imported = re.findall(r"\|\s*([\w.]+)\s*$", got.stderr, re.M)
+    assert "vitport.cli" in imported and "torch" not in imported
+
+
+def test_the_models_table_never_breaks_a_spec(monkeypatch, capsys):
+    import sys
+
+    from vitport.cli import main
+    from vitport.families import SOURCES
+
+    specs = [s.example for s in SOURCES]
+    assert max(map(len, specs)) > 40  # the timm spec, wider than half of 80 columns
+    for columns in ("80", "70"):
+        monkeypatch.setattr(sys, "argv", ["vitport", "models"])
+        monkeypatch.setenv("COLUMNS", columns)
+        main()
+        out = capsys.readouterr().out
+        for spec in specs:
+            assert spec in out, (columns, spec)
+
+
+def test_counts_have_the_right_number():
+    from vitport.format import count
+
+    assert count(1, "image") == "1 image"
+    assert count(0, "image") == "0 images"
+    assert count(2, "input was", "inputs were") == "2 inputs were"

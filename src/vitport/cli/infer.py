@@ -24,6 +24,7 @@ from vitport.cli.app import (
 from vitport.cli.display import progress, show
 from vitport.cli.inputs import find_inputs, load_model, report_problems
 from vitport.errors import VitportError
+from vitport.format import count
 
 
 def infer(
@@ -116,8 +117,10 @@ def infer(
         extra, header = {}, {}
         if with_blocks:
             with progress("recording block states ..."):
-                count = block_images or len(feats.names)
-                chosen = loaded[:count] if paths is None else read_images(feats.names[:count])[0]
+                recorded = block_images or len(feats.names)
+                chosen = (
+                    loaded[:recorded] if paths is None else read_images(feats.names[:recorded])[0]
+                )
                 extra, header = golden_file_parts(encoder, chosen, batch_size, blocks_fp32,
                                                   int(max_bytes))  # fmt: skip
         path = feats.save(out, extra, header)
@@ -134,7 +137,7 @@ def infer(
         )
     if problems:
         console.print(
-            f"{len(feats.names)} images encoded, [yellow]{len(problems)} could not be read[/yellow] "
+            f"{count(len(feats.names), 'image')} encoded, [yellow]{len(problems)} could not be read[/yellow] "
             "(listed above)"
         )
         if strict:

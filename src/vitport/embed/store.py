@@ -11,6 +11,7 @@ temporary name and renamed; the part file comes last, so its existence records t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -117,7 +118,9 @@ class Store:
                     tmp.unlink(missing_ok=True)
 
     def _check_same(self, before: Mapping[str, Any]) -> None:
-        theirs = before.get("settings", {})
+        theirs = dict(before.get("settings", {}))
+        if isinstance(theirs.get("preprocessing"), dict):  # older manifests: resample as "3"
+            theirs["preprocessing"] = named_resample(theirs["preprocessing"])
         for key in IDENTITY:
             if theirs.get(key) != self.settings.get(key):
                 raise VitportError(
@@ -214,6 +217,17 @@ class Store:
         write_atomic(self.dir / MANIFEST,
                      lambda p: p.write_text(json.dumps(manifest, indent=2)))  # fmt: skip
         return manifest
+
+
+def named_resample(preprocessing: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing settings with the resampling filter by name: transformers keeps PIL's
+    number ("3"), the manifest says "bicubic"."""
+    from PIL import Image
+
+    named = dict(preprocessing)
+    with contextlib.suppress(KeyError, TypeError, ValueError):  # none recorded, or a name
+        named["resample"] = Image.Resampling(int(named["resample"])).name.lower()
+    return named
 
 
 def _starting(path: Path) -> bool:
