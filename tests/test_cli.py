@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -75,10 +76,24 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, args, message):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_debug_shows_the_traceback(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["vitport", "--debug", "infer", "--model", "nonsense spec"])
-    with pytest.raises(Exception, match="cannot understand model spec"):
-        main()
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(monkeypatch, capsys, where):
+    command = ["infer", "--model", "demo:dinov2-smal"]
+    args = ["--debug", *command] if where == "before" else [*command, "--debug"]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 2  # a usage error stays one, with or without --debug
+    assert "Traceback" in err and "SpecError" in err
+    assert (
+        err.strip().splitlines()[-1]
+        == "error: unknown demo model 'dinov2-smal'; known demos: dinov2-small"
+    )
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("vitport.device.available_devices", broken)  # an unexpected error: 1
+    code, _, err = run(monkeypatch, capsys, "devices", "--debug")
+    assert code == 1 and "Traceback" in err and "RuntimeError: a bug" in err
 
 
 def test_models_lists_sources(monkeypatch, capsys):
@@ -270,3 +285,143 @@ def test_infer_latency_column_and_footer_say_what_they_are(monkeypatch, capsys, 
     text = " ".join(out.split())
     assert "ms/image" in text and "batch ÷ n" not in text
     assert "the first call (" in text and "includes warm-up" in text
+
+
+def _empty_results() -> dict[str, tuple]:
+    """For each table builder, arguments that give it no data rows."""
+    from types import SimpleNamespace as NS
+
+    from vitport.embed.dedup import Pairs
+
+    side = NS(device="cpu", dtype="fp32", fixes=[], kind="device", path=None)
+    compare = NS(spec="demo:x", candidate=side, reference=side, inputs=[], groups={}, floor={},
+                 floor_ratio={}, passed=True, worst_rel_error=0.0, trials=[],
+                 localization=NS(points=[], blocks=lambda: [], culprit=None),
+                 localization_reference="cpu fp32")  # fmt: skip
+    bench = NS(spec="demo:x", device="cpu", dtype="fp32", attention="sdpa", compiled=False,
+               image_size=(224, 224), best=lambda: None, rows=lambda: [], batch_sizes=[],
+               trials=[], images=0, batch_size=1, workers=0, images_per_second=0.0,
+               breakdown=lambda: {})  # fmt: skip
+    features = NS(meta={"dtype": "fp32"}, shapes=lambda: {}, names=[], pooled=[])
+    return {
+        "accuracy_table": (compare,), "per_input_table": (compare,),
+        "localization_table": (compare,), "trials_table": (compare,),
+        "conversion_table": (NS(inputs=[], image_size=224, checks=[]),),
+        "shapes_table": ("demo:x", NS(image_size=(224, 224), device="cpu"), features),
+        "per_image_table": (NS(features=features, original_sizes=[], per_image_ms=[]),),
+        "fixes_table": ([],), "thresholds_table": ("fp32", []), "sources_table": ([],),
+        "device_table": ({},), "pairs_table": (Pairs([], [], np.zeros(0), "torch", 0.95, 6), 20),
+        "bench_table": (bench,), "optimize_table": (bench,), "e2e_table": (bench,),
+    }  # fmt: skip
+
+
+def test_every_table_renders_with_no_rows(monkeypatch, capsys):
+    """Each table builder, given nothing to list, renders narrow, fitted and --wide."""
+    import inspect
+
+    from rich.table import Table
+
+    from vitport.cli import bench_tables, tables
+    from vitport.cli.app import STATE
+    from vitport.cli.display import show
+    from vitport.cli.fit import fit
+
+    builders = {name: fn for module in (tables, bench_tables)
+                for name, fn in inspect.getmembers(module, inspect.isfunction)
+                if fn.__module__ == module.__name__ and "Table" in str(fn.__annotations__.get("return"))}  # fmt: skip
+    arguments = _empty_results()
+    assert set(builders) == set(arguments)  # a new builder needs its empty case here
+    monkeypatch.setenv("COLUMNS", "30")
+    for name, build in builders.items():
+        table = build(*arguments[name])
+        assert isinstance(table, Table)
+        headers = tuple(str(c.header) for c in table.columns)
+        for wide in (False, True):
+            monkeypatch.setitem(STATE, "wide", wide)
+            show(table, drop_order=headers)
+        show(fit(table, 20, headers))
+        assert capsys.readouterr().out, name
+
+
+def test_dedup_with_no_pairs_says_so(monkeypatch, capsys, tmp_path):
+    from vitport.embed import dedup
+    from vitport.embed.dedup import Pairs
+
+    pairs = Pairs([], [], np.zeros(0, np.float32), "torch", 0.95, 6)
+    monkeypatch.setattr(dedup, "near_duplicates", lambda *_: pairs)
+    for extra in ([], ["--show", "0"], ["--threshold", "0.5"]):
+        for wide in ([], ["--wide"]):
+            code, out, err = run(monkeypatch, capsys, *wide, "dedup", str(tmp_path), *extra)
+            assert code == 0, err
+            assert out.strip() == "0 pairs with cosine ≥ 0.95 among 6 embeddings"
+    pairs = Pairs(["a.jpg"], ["b.jpg"], np.ones(1, np.float32), "torch", 0.9, 2)
+    monkeypatch.setattr(dedup, "near_duplicates", lambda *_: pairs)
+    code, out, _ = run(monkeypatch, capsys, "--wide", "dedup", str(tmp_path), "--show", "0")
+    assert code == 0 and out.strip() == "1 pair with cosine ≥ 0.9 among 2 embeddings"
+    code, out, _ = run(monkeypatch, capsys, "dedup", str(tmp_path))
+    assert code == 0 and "a.jpg" in out and "1.0000" in out
+
+
+def _source_help(command: str | None) -> list[str]:
+    """The help texts as written in the source: a command's docstring and its options' help
+    (command None: the app's own)."""
+    import inspect
+
+    from vitport.cli import app
+
+    if command is None:
+        callback, texts = app.registered_callback.callback, [app.info.help]
+    else:
+        info = next(c for c in app.registered_commands if c.callback.__name__ == command)
+        callback, texts = info.callback, [inspect.getdoc(info.callback)]
+    for parameter in inspect.signature(callback, eval_str=True).parameters.values():
+        for meta in getattr(parameter.annotation, "__metadata__", ()):
+            texts.append(getattr(meta, "help", None) or "")
+    return texts
+
+
+def _help_at_100(monkeypatch, capsys, *args: str) -> str:
+    monkeypatch.setattr(sys, "argv", ["vitport", *args, "--help"])
+    monkeypatch.setenv("COLUMNS", "100")
+    try:
+        main()
+    except SystemExit as stop:
+        assert stop.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_help_keeps_every_bracketed_word_and_flags_show_no_type(monkeypatch, capsys):
+    import re
+
+    from vitport.cli import app
+
+    commands = [None, *(c.callback.__name__ for c in app.registered_commands)]
+    checked = set()
+    for command in commands:
+        text = _help_at_100(monkeypatch, capsys, *([command] if command else []))
+        assert "<bool>" not in text, command  # flags take no value, so help shows none
+        for source in _source_help(command):
+            for word in re.findall(r"\[[^\]\s]+\]", source):
+                assert word in text, (command, word)
+                checked.add(word)
+    assert "[ray]" in checked  # embed --engine's 'vitport[ray]'
+    infer = _help_at_100(monkeypatch, capsys, "infer")
+    assert "<str>" in infer and "<int range>" in infer  # options that take a value keep theirs
+
+
+@pytest.mark.parametrize("value", ["true", "FALSE", "yes", "No", "1", "0", "on"])
+def test_a_value_after_a_flag_is_refused(monkeypatch, capsys, value):
+    code, out, err = run(monkeypatch, capsys, "infer", "--model", "X", "--strict", value, "a.jpg")
+    assert code == 2 and not out
+    assert err.strip() == f"error: --strict is a flag and takes no value: drop '{value}'"
+    code, _, err = run(monkeypatch, capsys, "--quiet", value, "infer", "--model", "X")
+    assert (
+        code == 2 and err.strip() == f"error: --quiet is a flag and takes no value: drop '{value}'"
+    )
+
+
+def test_a_file_named_like_a_value_after_a_flag_is_an_input(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "true").write_bytes(b"")
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", "nonsense spec", "--strict", "true")
+    assert code == 2 and "is a flag" not in err and "cannot understand model spec" in err

@@ -206,7 +206,7 @@ def test_preprocess_failure_skips_the_image(encoder, paths, monkeypatch):
 
 
 def test_nothing_usable_raises(encoder, image_dir):
-    with pytest.raises(ImageError, match="none of the 1 files"):
+    with pytest.raises(ImageError, match="the one file could not be used"):
         run_e2e(encoder, [image_dir / "zz_broken.jpg"], workers=0)
     with pytest.raises(ImageError):
         run_e2e(encoder, [], workers=0)

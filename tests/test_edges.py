@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from test_cli import run
 
 
@@ -182,10 +181,8 @@ def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, t
 
     code, out, _ = run(monkeypatch, capsys, "--version")
     assert code == 0 and out.strip() == f"vitport {__version__}"
-    from vitport.errors import SpecError
-
-    with pytest.raises(SpecError):  # --debug after the command: the error is raised, not a line
-        run(monkeypatch, capsys, "infer", "--model", "./nope", "--debug")
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", "./nope", "--debug")
+    assert code == 2 and "Traceback" in err  # --debug after the command: the traceback too
     photo = tmp_path / "ok.jpg"
     sample_images(1)[0].image.save(photo)
     model = str(tiny_dir("dinov2"))
@@ -281,3 +278,42 @@ def test_a_hub_id_is_not_taken_for_a_local_path_beside_its_org_folder(monkeypatc
     monkeypatch.setattr("vitport.families.hub_snapshot", lambda repo, hub=None: called.append(repo))
     resolve("facebook/dinov2-base")
     assert called == ["facebook/dinov2-base"]
+
+
+def test_version_answers_without_importing_torch():
+    import re
+    import subprocess
+    import sys
+
+    from vitport import __version__
+
+    got = subprocess.run([sys.executable, "-X", "importtime", "-m", "vitport", "--version"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert got.returncode == 0 and got.stdout.strip() == f"vitport {__version__}"
+    imported = re.findall(r"\|\s*([\w.]+)\s*$", got.stderr, re.M)
+    assert "vitport.cli" in imported and "torch" not in imported
+
+
+def test_the_models_table_never_breaks_a_spec(monkeypatch, capsys):
+    import sys
+
+    from vitport.cli import main
+    from vitport.families import SOURCES
+
+    specs = [s.example for s in SOURCES]
+    assert max(map(len, specs)) > 40  # the timm spec, wider than half of 80 columns
+    for columns in ("80", "70"):
+        monkeypatch.setattr(sys, "argv", ["vitport", "models"])
+        monkeypatch.setenv("COLUMNS", columns)
+        main()
+        out = capsys.readouterr().out
+        for spec in specs:
+            assert spec in out, (columns, spec)
+
+
+def test_counts_have_the_right_number():
+    from vitport.format import count
+
+    assert count(1, "image") == "1 image"
+    assert count(0, "image") == "0 images"
+    assert count(2, "input was", "inputs were") == "2 inputs were"

@@ -358,3 +358,36 @@ def test_non_image_files_of_a_directory_are_rows_of_errors_parquet(model_dir, tm
     assert {e["id"]: e["reason"] for e in errors} == {"notes.txt": "not-an-image",
                                                       "ok": "not-an-image"}  # fmt: skip
     assert all("not an image" in e["message"] for e in errors)
+
+
+def test_the_manifest_names_the_resampling_and_older_manifests_still_resume(model_dir, photos,
+                                                                            tmp_path):  # fmt: skip
+    out = tmp_path / "out"
+    embed([str(photos)], str(model_dir), out, device="cpu", batch_size=4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["preprocessing"]["resample"] == "bicubic"
+    manifest["settings"]["preprocessing"]["resample"] = "3"  # as written before it had names
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again = embed([str(photos)], str(model_dir), out, device="cpu", batch_size=4)
+    assert again.complete and again.skipped_done == len(PHOTOS) and again.written_now == 0
+
+
+def test_cli_embed_says_which_batch_size_it_chose_and_why(model_dir, tmp_path, monkeypatch,
+                                                          capsys):  # fmt: skip
+    from test_cli import run
+
+    source = tmp_path / "three"
+    save_photos(source, names=PHOTOS[:3])
+    code, stdout, err = run(monkeypatch, capsys, "embed", str(source), "--model", str(model_dir),
+                            "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert stdout.startswith("\n3 embedded, 0 in errors.parquet, of 3 inputs")  # a blank line
+    chosen = next(line for line in stdout.splitlines() if line.startswith("batch "))
+    # 1 and 2 measured; 4 would be larger than the 3 images, so it is not tried
+    assert "the fastest of 1, 2 in a short sweep on cpu" in chosen, stdout
+    assert "larger batches than the 3 images to embed gain nothing" in stdout.replace("\n", " ")
+    code, stdout, _ = run(monkeypatch, capsys, "embed", str(source / "astronaut.jpg"), "--model",
+                          str(model_dir), "--out", str(tmp_path / "one"), "--device", "cpu",
+                          "--batch-size", "1", "--quiet")  # fmt: skip
+    assert code == 0 and "of 1 input (" in stdout and "this run: 1 input in" in stdout
+    assert "batch 1: given (--batch-size)" in stdout

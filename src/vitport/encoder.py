@@ -14,6 +14,7 @@ from torch import nn
 from vitport import golden
 from vitport.device import Device, dtype_name, out_of_memory_error
 from vitport.errors import DeviceError, VitportError
+from vitport.format import count
 
 OUTPUT_GROUPS = ("cls", "registers", "patches", "pooled", "logits")
 
@@ -221,7 +222,7 @@ class Encoder:
         except Exception as exc:
             if self.device.is_out_of_memory(exc):
                 raise out_of_memory_error(
-                    self.device, exc, f"encoding {len(pixels)} images"
+                    self.device, exc, f"encoding {count(len(pixels), 'image')}"
                 ) from exc
             raise
         return self.split(raw, pixels.shape[-2:], names)

@@ -49,3 +49,8 @@ def improvement(before: float, after: float) -> str:
 def gib(value: int | None) -> str:
     """Bytes in GiB, two decimals."""
     return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """'1 image', '2 images', '0 images': a count with its noun in the right number."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"

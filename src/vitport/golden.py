@@ -20,6 +20,7 @@ import torch
 
 from vitport.device import dtype_name
 from vitport.errors import GoldenMismatchError, VitportError
+from vitport.format import count
 from vitport.hooks import first_tensor, hooked_forward
 from vitport.outputs import write_atomic
 
@@ -179,7 +180,7 @@ def golden_file_parts(
     size = block_states_bytes(encoder, len(images), dtype)
     if size > max_bytes:
         raise VitportError(
-            f"block states for {len(images)} images would take {size / 1e9:.2f} GB, over "
+            f"block states for {count(len(images), 'image')} would take {size / 1e9:.2f} GB, over "
             f"--max-bytes {max_bytes / 1e9:.2f} GB; lower --block-images or raise --max-bytes"
         )
     batches = (encoder.preprocess([im.image for im in images[i : i + batch_size]])

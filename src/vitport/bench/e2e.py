@@ -244,7 +244,10 @@ def run_e2e(
     if tally.images == 0:
         first = next(iter(tally.skipped.items()), None)
         why = f" (first: {first[0]}: {first[1]})" if first else ""
-        raise ImageError(f"none of the {len(paths)} files could be used{why}")
+        what = (
+            "the one file could not" if len(paths) == 1 else f"none of the {len(paths)} files could"
+        )
+        raise ImageError(f"{what} be used{why}")
     return E2EResult(
         images=tally.images,
         skipped=list(tally.skipped.items()),

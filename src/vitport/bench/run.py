@@ -272,8 +272,10 @@ def sweep(
     attention: str = "default",
     compiled: bool = False,
     progress: Callable[[str], None] = lambda _: None,
+    max_batch: int = AUTO_MAX_BATCH,
 ) -> tuple[list[BatchRun], int | None]:
-    """Each batch size in turn, or (None) doubling from 1 until out of memory or no gain.
+    """Each batch size in turn, or (None) doubling from 1 until out of memory, no gain or past
+    max_batch.
 
     Returns the runs and the first batch size that ran out of memory (None if none did).
     """
@@ -283,7 +285,7 @@ def sweep(
     batch, best, stale = 1, 0.0, 0
     while True:
         batch = batch if auto else next(sizes, None)
-        if batch is None or batch > AUTO_MAX_BATCH:
+        if batch is None or (auto and batch > max_batch):
             return runs, None
         progress(f"batch {batch}")
         try:

@@ -7,13 +7,13 @@ module and is registered here, in the order `vitport --help` lists them.
 from __future__ import annotations
 
 from vitport.cli import bench, compare, convert, embed, infer, info, report
-from vitport.cli.app import app, main, reflow_help
+from vitport.cli.app import Command, app, main, reflow_help
 
 for command in (
     infer.infer, compare.compare, info.fixes, bench.bench, report.report, info.thresholds,
     info.models, info.devices, convert.convert, embed.embed, embed.dedup,
 ):  # fmt: skip
-    app.command()(command)
+    app.command(cls=Command)(command)
 reflow_help()
 
 __all__ = ["app", "main"]

@@ -3,18 +3,82 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from vitport.errors import VitportError
 
 try:  # typer 0.2x and later run on their own copy of click
+    from typer import _click as click
     from typer._click.exceptions import ClickException
 except ImportError:  # earlier typer runs on click itself
+    import click
     from click import ClickException
+
+
+if hasattr(TyperOption, "display_type_rich"):  # typer 0.2x prints '<bool>' beside every flag
+    _value_type = TyperOption.display_type_rich
+
+    def _no_type_for_flags(self: TyperOption, ctx: object) -> str | None:
+        """Help shows a value type only for options that take a value: flags take none."""
+        return None if self.is_flag else _value_type(self, ctx)
+
+    TyperOption.display_type_rich = _no_type_for_flags
+
+FLAG_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def refuse_flag_values(params: list, args: list[str], upto_command: bool = False) -> None:
+    """`--strict true a.jpg` is refused in one line, not read as an image called 'true': flags
+    take no value. upto_command: look only before the command (the app's own options)."""
+    flags = {name for param in params if isinstance(param, TyperOption) and param.is_flag
+             for name in (*param.opts, *param.secondary_opts)}  # fmt: skip
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag == "--" or (upto_command and not flag.startswith("-")):
+            break
+        if flag in flags and value.lower() in FLAG_WORDS and not Path(value).exists():
+            raise VitportError(f"{flag} is a flag and takes no value: drop '{value}'")
+
+
+def escape_help(command: click.Command) -> None:
+    """Help text reads as written: 'vitport[ray]' is never taken for markup. Only the epilog
+    styles on purpose."""
+    from rich.markup import escape
+
+    command.help = command.help and escape(command.help)
+    for param in command.params:
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+
+
+class Command(TyperCommand):
+    """A command whose help is never markup and whose flags refuse a value."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        escape_help(self)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_flag_values(self.params, args)
+        return super().parse_args(ctx, args)
+
+
+class Group(TyperGroup):
+    """The app, whose help is never markup and whose own flags (--quiet, --wide, ...) refuse a
+    value."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        escape_help(self)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_flag_values(self.params, args, upto_command=True)
+        return super().parse_args(ctx, args)
 
 
 def esc(text: object) -> str:
@@ -26,6 +90,7 @@ def esc(text: object) -> str:
 
 app = typer.Typer(
     name="vitport",
+    cls=Group,
     help=(
         "Bring vision-transformer encoders (DINOv2, DINOv3, ViT, AIMv2, timm ViTs) to new "
         "hardware (Ascend NPU, CUDA, CPU, ...): load, run, and prove the port faithful and fast.\n\n"
@@ -145,7 +210,7 @@ def main() -> None:
             sys.exit(code)
     except VitportError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         errors.print(f"[red]error:[/red] {esc(exc)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -158,9 +223,10 @@ def main() -> None:
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - anything else: one line, with the way to see more
         if debug:
-            raise
+            traceback.print_exc()
+        hint = "" if debug else " (run with --debug for the traceback)"
         errors.print(
-            f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            f"[red]error:[/red] {type(exc).__name__}: {esc(exc)}{hint}",
             highlight=False,
             soft_wrap=True,
         )

@@ -27,6 +27,7 @@ from vitport.cli.app import (
 from vitport.cli.display import progress, show, steps
 from vitport.cli.inputs import find_inputs, load_model, read_inputs
 from vitport.errors import VitportError
+from vitport.format import count
 
 BENCH_DROP = ("samples", "MFU vendor", "p95 ms", "p90 ms", "mean ± std ms", "peak mem",
               "TFLOP/s", "ms/img")  # fmt: skip
@@ -228,7 +229,7 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
     show(optimize_table(result))
     if result.skipped:
         console.print(
-            f"[yellow]budget reached:[/yellow] {len(result.skipped)} configurations not tried "
+            f"[yellow]budget reached:[/yellow] {count(len(result.skipped), 'configuration')} not tried "
             f"({', '.join(result.skipped)})",
             highlight=False,
         )

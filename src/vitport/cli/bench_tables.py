@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from vitport.format import gib, pct, share
+from vitport.format import count, gib, pct, share
 
 
 def bench_table(result) -> Table:
@@ -73,8 +73,8 @@ def optimize_table(result) -> Table:
 
 def e2e_table(result) -> Table:
     """bench --e2e: milliseconds per image in each stage from file to features."""
-    table = Table(title=f"end to end: {result.images} images, batch {result.batch_size}, "
-                  f"{result.workers} workers, {result.images_per_second:.1f} img/s")  # fmt: skip
+    table = Table(title=f"end to end: {count(result.images, 'image')}, batch {result.batch_size}, "
+                  f"{count(result.workers, 'worker')}, {result.images_per_second:.1f} img/s")  # fmt: skip
     table.add_column("stage")
     table.add_column("ms per image", justify="right")
     for stage, value in result.breakdown().items():

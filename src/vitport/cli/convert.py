@@ -9,6 +9,7 @@ import typer
 
 from vitport.cli.app import RemoteCodeOpt, console, esc
 from vitport.cli.display import progress, show, steps
+from vitport.format import count
 
 
 def convert(
@@ -94,7 +95,7 @@ def convert(
     show(conversion_table(result), ("max abs",))
     console.print(
         f"[dim]{result.source_layout} -> {result.target} with {result.table or 'torch.onnx'}; "
-        f"{len(result.dropped)} tensors dropped, {len(result.filled)} filled[/dim]"
+        f"{count(len(result.dropped), 'tensor')} dropped, {len(result.filled)} filled[/dim]"
     )
     for name, why in sorted(result.dropped.items()):
         console.print(f"[dim]dropped {esc(name)}: {esc(why)}[/dim]", soft_wrap=True)

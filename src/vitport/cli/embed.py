@@ -9,6 +9,7 @@ import typer
 
 from vitport.cli.app import DeviceOpt, DtypeOpt, FixOpt, ImageSizeOpt, ModelOpt, console, esc
 from vitport.cli.display import progress, show
+from vitport.format import count
 
 
 def embed(
@@ -79,22 +80,25 @@ def embed(
             on_batch=lambda done, total: activity.tick(done, total, "embedding"),
         )  # fmt: skip
     dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in summary.outputs.items())
-    reasons = ", ".join(f"{reason} {count}" for reason, count in summary.error_reasons.items())
+    reasons = ", ".join(f"{reason} {n}" for reason, n in summary.error_reasons.items())
+    console.print()  # apart from the progress and the libraries' own output above
     console.print(
         f"{summary.embedded} embedded, {summary.errors} in errors.parquet"
-        f"{f' ({reasons})' if reasons else ''}, of {summary.inputs} "
-        f"inputs ({dims}) in [bold]{esc(summary.out)}[/bold]"
+        f"{f' ({reasons})' if reasons else ''}, of {count(summary.inputs, 'input')} "
+        f"({dims}) in [bold]{esc(summary.out)}[/bold]"
         + ("" if summary.complete else " [yellow](incomplete: other shards pending)[/yellow]")
     )
     if summary.written_now:
+        workers = count(summary.workers, "worker" if summary.engine == "local" else "actor")
         console.print(
-            f"[dim]this run: {summary.written_now} inputs in {summary.seconds:.1f} s, "
-            f"{summary.images_per_second:.1f} img/s at batch {summary.batch_size}, "
-            f"{summary.workers} {'workers' if summary.engine == 'local' else 'actors'}; "
+            f"[dim]this run: {count(summary.written_now, 'input')} in {summary.seconds:.1f} s, "
+            f"{summary.images_per_second:.1f} img/s at batch {summary.batch_size}, {workers}; "
             f"{summary.bottleneck()}[/dim]"
         )
+        console.print(f"[dim]batch {summary.batch_size}: {esc(summary.batch_size_reason)}[/dim]")
     if summary.skipped_done:
-        console.print(f"[dim]resumed: {summary.skipped_done} inputs were already written[/dim]")
+        done = count(summary.skipped_done, "input was", "inputs were")
+        console.print(f"[dim]resumed: {done} already written[/dim]")
     for note in summary.notes:
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
 
@@ -123,7 +127,10 @@ def dedup(
     from vitport.embed.dedup import near_duplicates, write_pairs
 
     pairs = near_duplicates(directory, threshold, column)
-    show(pairs_table(pairs, threshold, top))
+    console.print(pairs.describe())
+    if len(pairs) and top:
+        show(pairs_table(pairs, top))
     if out is not None:
         write_pairs(pairs, out)
-        console.print(f"all {len(pairs)} pairs written to [bold]{esc(out)}[/bold]")
+        everything = "all " + count(len(pairs), "pair") if len(pairs) != 1 else "the pair"
+        console.print(f"{everything} written to [bold]{esc(out)}[/bold]")

@@ -8,13 +8,16 @@ from rich.text import Text
 
 def _needed(column) -> int:
     """The narrowest a column can be without cutting a cell: its longest header word, its
-    longest cell (numbers do not wrap)."""
+    longest cell (numbers do not wrap); a no_wrap column (a model spec) its whole header too."""
+    if column.no_wrap:
+        return _natural(column)
     words = str(column.header).split() or [""]
     return max([*map(len, words), *map(_length, column.cells)])
 
 
 def _natural(column) -> int:
-    return max(len(str(column.header)), *map(_length, column.cells))
+    """The width of a column's header and cells on one line each (a table may have no rows)."""
+    return max([len(str(column.header)), *map(_length, column.cells)])
 
 
 def natural_width(table: Table) -> int:
@@ -43,15 +46,32 @@ def fit(table: Table, width: int | None, drop_order: tuple[str, ...] = ()) -> Ta
         if len(keep) < len(columns):
             columns, dropped = keep, [*dropped, name]
     squeeze = width is not None and total(columns, _natural) > width
-    fitted = Table(title=table.title)
+    widths = _squeezed(columns, width) if squeeze else {}
+    fitted = Table(title=table.title, caption=table.caption)
     if dropped:
-        fitted.caption = (
-            f"not shown at this width: {', '.join(dropped)} (vitport --wide shows them)"
-        )
+        note = f"not shown at this width: {', '.join(dropped)} (vitport --wide shows them)"
+        fitted.caption = f"{table.caption}; {note}" if table.caption else note
     for column in columns:
         fitted.add_column(column.header, justify=column.justify, overflow="fold",
-                          width=_needed(column) if squeeze else None)  # fmt: skip
+                          no_wrap=column.no_wrap, width=widths.get(id(column)))  # fmt: skip
     cells = [list(c.cells) for c in columns]
     for index, row in enumerate(table.rows):
         fitted.add_row(*(c[index] for c in cells), style=row.style)
     return fitted
+
+
+def _squeezed(columns: list, width: int) -> dict[int, int]:
+    """Column widths (by id) for a table wider than `width`: cells whole, headers wrapped; a
+    no_wrap column (a model spec) keeps its natural width and the others give way first, the
+    widest first, down to their longest header word."""
+    widths = {id(c): _needed(c) for c in columns}
+    floors = {id(c): max(map(len, str(c.header).split() or [""])) for c in columns}
+    excess = sum(widths.values()) + 3 * len(columns) + 1 - width
+    flexible = [id(c) for c in columns if not c.no_wrap]
+    while excess > 0:
+        widest = max(flexible, key=lambda key: widths[key] - floors[key], default=None)
+        if widest is None or widths[widest] <= floors[widest]:
+            break  # no room left: rich cuts what it must
+        widths[widest] -= 1
+        excess -= 1
+    return widths

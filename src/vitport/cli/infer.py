@@ -113,8 +113,10 @@ def infer(
         extra, header = {}, {}
         if with_blocks:
             with progress("recording block states ..."):
-                count = block_images or len(feats.names)
-                chosen = loaded[:count] if paths is None else read_images(feats.names[:count])[0]
+                recorded = block_images or len(feats.names)
+                chosen = (
+                    loaded[:recorded] if paths is None else read_images(feats.names[:recorded])[0]
+                )
                 extra, header = golden_file_parts(encoder, chosen, batch_size, blocks_fp32,
                                                   int(max_bytes))  # fmt: skip
         path = feats.save(out, extra, header)
@@ -134,7 +136,7 @@ def infer(
 
         count = len(feats.names)
         console.print(
-            f"{count} image{'' if count == 1 else 's'} encoded, "
+            f"{count(len(feats.names), 'image')} encoded, "
             f"[yellow]{skipped_summary(problems)}[/yellow]: listed above"
         )
         if strict:

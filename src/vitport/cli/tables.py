@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vitport.compare.run import CompareResult, describe_side
-from vitport.format import improvement, num, pct, ratio
+from vitport.format import count, improvement, num, pct, ratio
+
+if TYPE_CHECKING:  # compare.run imports torch, which `vitport --version` must not wait for
+    from vitport.compare.run import CompareResult
 
 GROUP_LABELS = {
     "cls": "CLS",
@@ -20,11 +24,13 @@ GROUP_LABELS = {
 
 def accuracy_table(result: CompareResult) -> Table:
     """Per output group: the seeds' metrics (mean and worst input) and the noise floor."""
+    from vitport.compare.run import describe_side
+
     table = Table(
         title=(
             f"{escape(result.spec)}: {escape(describe_side(result.candidate))} vs "
             f"{escape(describe_side(result.reference))}"
-            f", {len(result.inputs)} inputs"
+            f", {count(len(result.inputs), 'input')}"
         )
     )
     for column in (
@@ -164,7 +170,7 @@ def trials_table(result: CompareResult) -> Table:
 
 def conversion_table(result) -> Table:
     """The proof of a conversion: per check and output group, the error against the source."""
-    title = f"against the source: {len(result.inputs)} inputs at {result.image_size}px, fp32 limits"
+    title = f"against the source: {count(len(result.inputs), 'input')} at {result.image_size}px, fp32 limits"
     table = Table(title=title)
     for column in ("check", "output", "rel err worst", "max abs", "cos worst", "verdict"):
         table.add_column(column, justify="left" if column in ("check", "output") else "right")
@@ -259,7 +265,7 @@ def thresholds_table(dtype: str, limits) -> Table:
 
 def sources_table(sources) -> Table:
     table = Table(title="model specs")
-    table.add_column("spec")
+    table.add_column("spec", no_wrap=True)  # a spec is copied whole, never broken
     table.add_column("meaning")
     for source in sources:
         table.add_row(escape(source.example), escape(source.help))
@@ -275,9 +281,11 @@ def device_table(description: dict[str, object]) -> Table:
     return table
 
 
-def pairs_table(pairs, threshold: float, top: int) -> Table:
-    """dedup: the most similar pairs."""
-    table = Table(title=f"{len(pairs)} pairs with cosine >= {threshold:g} ({pairs.method})")
+def pairs_table(pairs, top: int) -> Table:
+    """dedup: the `top` most similar pairs."""
+    table = Table(title=f"most similar ({pairs.method})")
+    if len(pairs) > top:
+        table.caption = f"the {top} most similar shown (--show N for more)"
     for name in ("id a", "id b", "cosine"):
         table.add_column(name, justify="right" if name == "cosine" else "left")
     for a, b, sim in pairs.top(top):

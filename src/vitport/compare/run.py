@@ -15,6 +15,7 @@ from vitport.device import Device, dtype_name, resolve_device
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 from vitport.fixes import process_settings_restored
+from vitport.format import count
 from vitport.golden import check_golden, golden_blocks, source_of
 from vitport.images import LoadedImage
 from vitport.infer import infer
@@ -243,7 +244,7 @@ def compare(
         result.localization = localize_golden(candidate, blocks, pixel_batches(base, chosen, 2),
                                               part_reference=parts)  # fmt: skip
         result.localization_reference = (
-            f"the golden file's block states ({blocks.dtype}, {len(chosen)} images), the culprit "
+            f"the golden file's block states ({blocks.dtype}, {count(len(chosen), 'image')}), the culprit "
             f"block's parts against {parts.device} {dtype_name(parts.dtype)} here"
         )
     elif localize_points:

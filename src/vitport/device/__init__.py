@@ -39,3 +39,5 @@ __all__ = [
     "resolve_device",
     "settle_torch_npu",
 ]
+
+settle_torch_npu()  # once, before anything here runs a model (see vitport's docstring)

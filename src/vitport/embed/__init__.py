@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vitport.embed.sources import collect, fingerprint
-from vitport.embed.store import ShardRows, Store
+from vitport.embed.store import ShardRows, Store, named_resample
 from vitport.encoder import Encoder
 from vitport.errors import VitportError
 from vitport.stream import Input
@@ -49,6 +49,7 @@ class EmbedSummary:
     notes: list[str] = field(default_factory=list)
     engine: str = "local"
     error_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count, all runs
+    batch_size_reason: str = ""  # how batch_size was chosen; empty when nothing was run
 
     @property
     def images_per_second(self) -> float:
@@ -114,7 +115,7 @@ def settings_of(encoder: Encoder, outputs: dict[str, list[int]], inputs: Sequenc
         "device": str(encoder.device),
         "dtype": meta["dtype"],
         "fixes": list(encoder.fixes),
-        "preprocessing": meta["preprocess"],
+        "preprocessing": named_resample(meta["preprocess"]),
         "outputs": outputs,
         "shard_size": shard_size,
         "inputs": len(inputs),
@@ -122,13 +123,26 @@ def settings_of(encoder: Encoder, outputs: dict[str, list[int]], inputs: Sequenc
     }
 
 
-def auto_batch_size(encoder: Encoder, progress: Callable[[str], None] = lambda _: None) -> int:
-    """The batch size bench's auto search finds fastest (doubling until out of memory or no
-    gain), with a short measuring window."""
-    from vitport.bench.run import Window, sweep
+def auto_batch_size(
+    encoder: Encoder, images: int, progress: Callable[[str], None] = lambda _: None
+) -> tuple[int, str]:
+    """The batch size bench's auto search finds fastest (doubling until out of memory, no gain,
+    or past the number of images to embed), with a short measuring window; and why, in words."""
+    from vitport.bench.run import AUTO_MAX_BATCH, Window, sweep
 
-    runs, _ = sweep(encoder, None, Window(1, 0.2, 3, 0.5), progress=progress)
-    return max(runs, key=lambda r: r.measurement.images_per_second).batch_size
+    runs, out_of_memory = sweep(encoder, None, Window(1, 0.2, 3, 0.5), progress=progress,
+                                max_batch=min(max(images, 1), AUTO_MAX_BATCH))  # fmt: skip
+    best = max(runs, key=lambda r: r.measurement.images_per_second)
+    tried = ", ".join(str(r.batch_size) for r in runs)
+    why = (
+        f"the fastest of {tried} in a short sweep on {encoder.device} "
+        f"({best.measurement.images_per_second:.1f} img/s)"
+    )
+    if out_of_memory:
+        why += f"; {out_of_memory} ran out of memory"
+    elif runs[-1].batch_size * 2 > images:
+        why += f"; larger batches than the {images} images to embed gain nothing"
+    return best.batch_size, why
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -201,9 +215,11 @@ def embed(
     store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))
     store.open(overwrite)
     todo = store.todo(worker, of)
+    batch_size_reason = "given (--batch-size)" if batch_size else ""
     if todo and batch_size is None:
         progress("finding a batch size that fits")
-        batch_size = auto_batch_size(encoder, progress)
+        images = sum(len(store.shard_range(k)) for k in todo)
+        batch_size, batch_size_reason = auto_batch_size(encoder, images, progress)
     batch_size = batch_size or 1
     start = time.perf_counter()
     if engine == "ray":
@@ -226,6 +242,7 @@ def embed(
         written_now=total_todo,
         skipped_done=mine - total_todo,
         batch_size=batch_size,
+        batch_size_reason=batch_size_reason,
         workers=timing.workers,
         seconds=seconds,
         model_seconds=timing.model_seconds,

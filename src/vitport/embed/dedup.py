@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from vitport.errors import VitportError
+from vitport.format import count
 from vitport.outputs import write_atomic
 
 BLOCK = 4096  # rows per side of one similarity tile: 4096 x 4096 float32 is 64 MiB
@@ -20,6 +21,15 @@ class Pairs:
     b: list[str]
     cosine: np.ndarray
     method: str
+    threshold: float
+    embeddings: int  # how many vectors were compared
+
+    def describe(self) -> str:
+        """'N pairs with cosine ≥ T among M embeddings'."""
+        return (
+            f"{count(len(self), 'pair')} with cosine ≥ {self.threshold:g} "
+            f"among {count(self.embeddings, 'embedding')}"
+        )
 
     def __len__(self) -> int:
         return len(self.a)
@@ -94,11 +104,11 @@ def near_duplicates(
             method = "torch"
     find = _pairs_faiss if method == "faiss" else _pairs_torch
     if len(ids) < 2:
-        return Pairs([], [], np.zeros(0, np.float32), method)
+        return Pairs([], [], np.zeros(0, np.float32), method, threshold, len(ids))
     rows, cols, sims = find(vectors, threshold)
     order = np.lexsort((cols, rows))
     return Pairs([ids[i] for i in rows[order]], [ids[j] for j in cols[order]],
-                 sims[order].astype(np.float32), method)  # fmt: skip
+                 sims[order].astype(np.float32), method, threshold, len(ids))  # fmt: skip
 
 
 def write_pairs(pairs: Pairs, path: Path) -> None:

@@ -11,6 +11,7 @@ temporary name and renamed; the part file comes last, so its existence records t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -207,7 +208,9 @@ def check_out(directory: Path, overwrite: bool, settings: Mapping[str, Any]) -> 
         raise VitportError(f"--out {directory} is a file; give a directory")
     if manifest.is_file():
         if not overwrite:
-            theirs = json.loads(manifest.read_text()).get("settings", {})
+            theirs = dict(json.loads(manifest.read_text()).get("settings", {}))
+            if isinstance(theirs.get("preprocessing"), dict):  # older manifests: resample "3"
+                theirs["preprocessing"] = named_resample(theirs["preprocessing"])
             for key in (k for k in IDENTITY if k in settings):
                 if theirs.get(key) != settings[key]:
                     raise VitportError(
@@ -220,6 +223,17 @@ def check_out(directory: Path, overwrite: bool, settings: Mapping[str, Any]) -> 
             f"--out {directory} holds files vitport did not write (no {MANIFEST}); "
             "choose a new or empty directory"
         )
+
+
+def named_resample(preprocessing: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing settings with the resampling filter by name: transformers keeps PIL's
+    number ("3"), the manifest says "bicubic"."""
+    from PIL import Image
+
+    named = dict(preprocessing)
+    with contextlib.suppress(KeyError, TypeError, ValueError):  # none recorded, or a name
+        named["resample"] = Image.Resampling(int(named["resample"])).name.lower()
+    return named
 
 
 def _starting(path: Path) -> bool:
