@@ -24,6 +24,7 @@ from vitport.cli.app import (
 from vitport.cli.display import progress, show
 from vitport.cli.inputs import find_inputs, load_model, report_problems
 from vitport.errors import VitportError
+from vitport.format import count
 
 
 def infer(
@@ -134,7 +135,6 @@ def infer(
     if problems:
         from vitport.images import skipped_summary
 
-        count = len(feats.names)
         console.print(
             f"{count(len(feats.names), 'image')} encoded, "
             f"[yellow]{skipped_summary(problems)}[/yellow]: listed above"
