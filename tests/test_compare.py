@@ -235,3 +235,13 @@ def test_older_json_without_the_dtype_floor_still_reads(tiny_dir, photos):
         del data[key]
     back = CompareResult.from_dict(data)
     assert back.floor_dtype == "fp32" and back.floor_fp32 == back.floor
+
+
+def test_cli_tables_give_relative_errors_in_percent(monkeypatch, capsys, tiny_dir):
+    model = str(tiny_dir("vit"))
+    code, out, err = cli(monkeypatch, capsys, "--wide", "compare", "--model", model, "--device",
+                         "cpu", "--inject-fault", "gelu-tanh@1", "--localize", "--try-fixes")  # fmt: skip
+    assert code in (0, 1), err
+    for header in ("vec rel worst (%)", "floor rel err (%)", "accumulated (%)", "local (%)"):
+        assert header in out, header
+    assert "relative error in % (worst input)" in out and "best fix: --fix erf-gelu" in out
