@@ -425,3 +425,31 @@ def test_a_file_named_like_a_value_after_a_flag_is_an_input(monkeypatch, capsys,
     (tmp_path / "true").write_bytes(b"")
     code, _, err = run(monkeypatch, capsys, "infer", "--model", "nonsense spec", "--strict", "true")
     assert code == 2 and "is a flag" not in err and "cannot understand model spec" in err
+
+
+@pytest.mark.parametrize("command", ["infer", "compare", "bench", "report", "embed"])
+def test_every_model_help_names_every_spec_and_dtype(monkeypatch, capsys, command):
+    code, out, _ = run(monkeypatch, capsys, command, "--help")
+    assert code == 0
+    for spec in ("demo:NAME", "hf:ORG/NAME", "ms:ORG/NAME", "atomgit:ORG/NAME", "timm:NAME"):
+        assert spec in out, spec
+    words = " ".join(out.replace("│", " ").split())
+    assert "fp32, fp16, bf16, or fp64" in words
+
+
+def test_top_level_help_says_where_debug_goes_and_names_atomgit(monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, capsys, "--help")
+    words = " ".join(out.replace("│", " ").split())
+    assert code == 0 and "atomgit:ORG/NAME" in words
+    assert "--debug, before or after the command" in words
+
+
+def test_errors_list_what_the_help_lists(monkeypatch, capsys):
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", "not a spec!")
+    assert code == 2 and "atomgit:ORG/NAME" in err
+    code, _, err = run(
+        monkeypatch, capsys, "infer", "--model", "demo:dinov2-small", "--dtype", "int8"
+    )
+    assert code == 2
+    listed = err.split("use one of ")[1].split(" (")[0].split(", ")
+    assert listed == ["fp32", "fp16", "bf16", "fp64"]  # each one named in --dtype's help

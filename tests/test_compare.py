@@ -134,7 +134,7 @@ def test_cli_exit_codes_gate_ci(monkeypatch, capsys, tiny_dir, tmp_path):
     assert json.loads(report.read_text())["passed"] is True
     code, out, _ = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
                        "--dtype", "bf16", "-t", "rel_error=1e-9")  # fmt: skip
-    assert code == 1 and "FAIL" in out and "needs < 1e-09" in out
+    assert code == 1 and "FAIL" in out and "needs < 1e-07%" in out  # limits in their unit
     code, _, err = cli(monkeypatch, capsys, "compare", "--model", model, "-t", "bogus=1")
     assert code == 2 and len(err.strip().splitlines()) == 1
     code, _, err = cli(monkeypatch, capsys, "compare", "--model", model, "--fix", "nope")
@@ -209,3 +209,39 @@ def test_only_the_culprit_block_is_highlighted():
     table = localization_table(SimpleNamespace(localization=loc, localization_reference="cpu"))
     styled = [i for i, row in enumerate(table.rows) if row.style]
     assert styled == [10]
+
+
+def test_floor_is_what_the_candidates_dtype_costs(tiny_dir, photos):
+    """bf16 is set against the error that rounding weights and input to bf16 costs, not fp32's."""
+    base = vitport.load(str(tiny_dir("dinov2")))
+    fp32 = run_compare(base, photos)
+    bf16 = run_compare(base, photos, dtype="bf16")
+    assert (fp32.floor_dtype, bf16.floor_dtype) == ("fp32", "bf16")
+    assert fp32.floor == fp32.floor_fp32  # fp32's floor is fp32 against fp64, as before
+    assert bf16.floor_fp32 == fp32.floor  # and bf16 keeps it beside its own
+    assert "rounded to bf16" in bf16.floor_kind and "fp32 and fp64" in fp32.floor_kind
+    for name in bf16.groups:
+        assert bf16.floor[name].mean["rel_error"] > 100 * fp32.floor[name].mean["rel_error"]
+        assert 1 <= bf16.floor_ratio[name]["rel_error"] < 100, name
+    back = CompareResult.from_dict(json.loads(json.dumps(bf16.to_dict())))
+    assert back.floor == bf16.floor and back.floor_fp32 == bf16.floor_fp32
+    assert back.floor_dtype == "bf16"
+
+
+def test_older_json_without_the_dtype_floor_still_reads(tiny_dir, photos):
+    base = vitport.load(str(tiny_dir("vit")))
+    data = run_compare(base, photos[:2]).to_dict()
+    for key in ("floor_fp32", "floor_dtype", "floor_kind"):
+        del data[key]
+    back = CompareResult.from_dict(data)
+    assert back.floor_dtype == "fp32" and back.floor_fp32 == back.floor
+
+
+def test_cli_tables_give_relative_errors_in_percent(monkeypatch, capsys, tiny_dir):
+    model = str(tiny_dir("vit"))
+    code, out, err = cli(monkeypatch, capsys, "--wide", "compare", "--model", model, "--device",
+                         "cpu", "--inject-fault", "gelu-tanh@1", "--localize", "--try-fixes")  # fmt: skip
+    assert code in (0, 1), err
+    for header in ("vec rel worst (%)", "floor rel err (%)", "accumulated (%)", "local (%)"):
+        assert header in out, header
+    assert "relative error in % (worst input)" in out and "best fix: --fix erf-gelu" in out

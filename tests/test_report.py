@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from vitport.bench.run import Window
+from vitport.format import pct
 from vitport.images import sample_images
 from vitport.report import ReportOptions, build_report, read_report, write_report
 from vitport.report.plots import DPI, FIGSIZE
@@ -46,7 +47,7 @@ def test_every_section_with_numbers_from_the_run(data, tmp_path):
     for row in data["bench"]["rows"]:
         assert f"| {row['batch_size']} | {row['p50_ms']:.2f} |" in readme
     cls = data["compare"]["groups"]["cls"]["worst"]["rel_error"]
-    assert f"{100 * cls:.4g}%" in readme
+    assert pct(cls) in readme
     assert f"{data['model']['params'] / 1e6:.2f}M" in readme
     assert data["model"]["weights_sha256"] in readme
     assert "logits" in data["inference"]["shapes"] and "| logits | 1 x 10 |" in readme
@@ -95,3 +96,16 @@ def test_cli_report_and_from(monkeypatch, capsys, tiny_dir, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2
+
+
+def test_the_floor_is_named_for_the_dtype_in_both_languages(data, tmp_path):
+    """A bf16 report says its floor is what bf16 costs, in the words compare uses."""
+    from vitport.compare.run import CompareResult
+
+    assert data["compare"]["floor_dtype"] == "bf16" and data["compare"]["floor_fp32"]
+    en = write_report(data, tmp_path / "en", "en").read_text()
+    zh = write_report(data, tmp_path / "zh", "zh").read_text()
+    assert CompareResult.from_dict(data["compare"]).floor_kind.split(" (")[0] in en
+    assert "rounded to bf16" in en and "fp32 and fp64" not in en
+    assert "舍入到 bf16" in zh
+    assert "| floor (%) |" in en and "| rel err worst (%) |" in en

@@ -266,3 +266,19 @@ def test_override_without_group_replaces_group_defaults() -> None:
     limits = thresholds_for("fp32", parse_threshold_overrides(["knn_top1=0.5", "top1=0.5"]))
     chosen = {(t.metric, t.group, t.limit) for t in limits if t.metric in ("knn_top1", "top1")}
     assert chosen == {("knn_top1", "", 0.5), ("top1", "", 0.5)}
+
+
+def test_a_limit_can_be_given_in_percent():
+    assert parse_threshold_overrides(["rel_error=2%", "logits.top1=99%"]) == [
+        Threshold("rel_error", 0.02),
+        Threshold("top1", 0.99, "logits"),
+    ]
+
+
+def test_limits_print_in_their_metrics_unit():
+    from vitport.format import limit, metric_value
+
+    assert limit("rel_error", 0.05) == "5%" and limit("knn_top1", 0.9) == "90%"
+    assert limit("cos_worst", 0.999) == "0.999"
+    assert metric_value("vec_rel_error", 0.0123) == "1.23%"
+    assert metric_value("cos_worst", 0.98765) == "0.9877"

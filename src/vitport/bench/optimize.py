@@ -17,6 +17,7 @@ from vitport.compare.verdict import judge_features, thresholds_for
 from vitport.device import Device, dtype_name, parse_dtype
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
+from vitport.format import metric_value
 from vitport.images import LoadedImage
 from vitport.infer import infer
 
@@ -208,7 +209,9 @@ def _trial(
     judged = judge_features(reference.groups(), output.groups(), thresholds_for(config.dtype))
     trial.faithful = bool(judged)
     trial.worst_rel_error = judged.worst_rel_error
-    trial.failed_checks = [f"{c.group}.{c.metric}={c.value:.3g}" for c in judged.verdict.failures]
+    trial.failed_checks = [
+        f"{c.group}.{c.metric}={metric_value(c.metric, c.value)}" for c in judged.verdict.failures
+    ]
     if not trial.faithful and config != BASELINE:
         return trial  # unfaithful speed is not worth measuring
     for batch in batch_sizes:

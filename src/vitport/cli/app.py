@@ -95,8 +95,8 @@ app = typer.Typer(
         "Bring vision-transformer encoders (DINOv2, DINOv3, ViT, AIMv2, timm ViTs) to new "
         "hardware (Ascend NPU, CUDA, CPU, ...): load, run, and prove the port faithful and fast.\n\n"
         "Model specs: demo:dinov2-small (a real trained model, no model hub needed), hf:ORG/NAME or ORG/NAME "
-        "(Hugging Face), ms:ORG/NAME (ModelScope), timm:NAME [--weights FILE], or a local "
-        "directory."
+        "(Hugging Face), ms:ORG/NAME (ModelScope), atomgit:ORG/NAME (AtomGit), timm:NAME "
+        "[--weights FILE], or a local directory."
     ),
     epilog=(
         "A port, step by step: [bold]vitport infer[/bold] (does it run?), [bold]vitport compare "
@@ -105,7 +105,7 @@ app = typer.Typer(
         "[bold]vitport report[/bold] (all of it, written up). [bold]vitport convert[/bold] moves "
         "checkpoints between layouts and to ONNX, proven unchanged; [bold]vitport embed[/bold] "
         "turns image collections into features. Errors are one line and exit 2; "
-        "put --debug before the command for a traceback."
+        "add --debug, before or after the command, for a traceback."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -116,17 +116,22 @@ console = Console()
 errors = Console(stderr=True)
 STATE = {"debug": False, "quiet": False, "wide": False}
 
+MODEL_SPECS = (
+    "demo:NAME, hf:ORG/NAME, ms:ORG/NAME, atomgit:ORG/NAME, timm:NAME, or a local directory"
+)
 ModelOpt = Annotated[
     str,
     typer.Option(
         "--model", "-m",
-        help="Model spec: demo:NAME, hf:ORG/NAME, ms:ORG/NAME, timm:NAME, or a local directory.",
+        help=f"Model spec: {MODEL_SPECS}.",
     ),
 ]  # fmt: skip
 DeviceOpt = Annotated[
     str, typer.Option("--device", "-d", help="auto, cpu, cuda[:N], npu[:N], xpu or mps.")
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="fp32, fp16, bf16, or fp64 (slow; for exact references).")
+]
 ImageSizeOpt = Annotated[
     int | None,
     typer.Option(

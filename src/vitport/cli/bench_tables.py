@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from vitport.format import count, gib, pct, share
+from vitport.format import count, gib, pct_column, share
 
 
 def bench_table(result) -> Table:
@@ -46,11 +46,12 @@ def optimize_table(result) -> Table:
     table = Table(title="configurations tried (faithful = passes compare against CPU fp32)")
     table.add_column("configuration")
     table.add_column("faithful")
-    table.add_column("worst rel err", justify="right")
+    table.add_column("worst rel err (%)", justify="right")
     for batch in result.batch_sizes:
         table.add_column(f"img/s bs{batch}", justify="right")
     best = result.best()
-    for trial in result.trials:
+    errors = pct_column([t.worst_rel_error for t in result.trials])
+    for trial, error in zip(result.trials, errors, strict=True):
         faithful = {True: "yes", False: "no", None: "error"}[trial.faithful]
         if trial.faithful is False and trial.failed_checks:
             faithful += f" ({trial.failed_checks[0]})"
@@ -64,7 +65,7 @@ def optimize_table(result) -> Table:
         table.add_row(
             trial.config.label(),
             faithful,
-            pct(trial.worst_rel_error) if trial.worst_rel_error is not None else "-",
+            "-" if trial.worst_rel_error is None else error,
             *speeds,
             style=style,
         )

@@ -26,7 +26,9 @@ from vitport.cli.display import progress, show, steps
 from vitport.cli.inputs import load_model, read_inputs
 from vitport.errors import VitportError
 
-ACCURACY_DROP = ("mse", "vec rel", "cos mean", "floor rel err", "max abs", "rel err mean")
+ACCURACY_DROP = (
+    "mse", "vec rel worst (%)", "cos mean", "floor rel err (%)", "max abs", "rel err mean (%)",
+)  # fmt: skip
 
 
 def compare(
@@ -44,7 +46,7 @@ def compare(
         ),
     ] = "cpu",
     reference_dtype: Annotated[
-        str, typer.Option(help="dtype of an in-process reference.")
+        str, typer.Option(help="dtype of an in-process reference: fp32, fp64, fp16 or bf16.")
     ] = "fp32",
     part_reference: Annotated[
         str,
@@ -65,7 +67,8 @@ def compare(
         typer.Option(
             "--threshold",
             "-t",
-            help="Override a limit: METRIC=VALUE or GROUP.METRIC=VALUE (repeatable).",
+            help="Override a limit: METRIC=VALUE or GROUP.METRIC=VALUE (repeatable); "
+            "relative errors and agreements as a fraction or in % (rel_error=0.02 or 2%).",
         ),
     ] = None,
     inject_fault: Annotated[
@@ -93,7 +96,8 @@ def compare(
     Metrics per output group (CLS, registers, patches, pooled, logits): relative error
     mean|d|/mean|ref| (seed 000), vector relative error, max/mean abs, MSE, cosine per token,
     top-1/top-5 of logits, nearest-neighbour agreement of pooled features; beside each, the
-    same metric between fp32 and fp64 on the CPU (the arithmetic noise floor). Exit code 0 when
+    noise floor of the candidate's dtype: fp32 against fp64 on the CPU for fp32, and for
+    fp16/bf16 the error of rounding the weights and input to that dtype alone. Exit code 0 when
     every threshold passes, 1 when one fails: it can gate CI.
     """
     import json
@@ -168,13 +172,13 @@ def render_compare(result, per_input: bool = False) -> None:
     for line in tables.task_lines(result):
         console.print(line)
     console.print(
-        "[dim]floor = the same metric between fp32 and fp64 on the CPU; x floor = how many times "
-        "the arithmetic noise of fp32 this error is.[/dim]"
+        f"[dim]floor = {esc(result.floor_kind)}; x floor = how many times that floor this error "
+        "is.[/dim]"
     )
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
     if result.localization is not None:
-        show(tables.localization_table(result), ("accumulated",))
+        show(tables.localization_table(result), ("accumulated (%)",))
         loc = result.localization
         if loc.culprit:
             console.print(

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from vitport.cli.app import (
+    MODEL_SPECS,
     BudgetOpt,
     CudaShimOpt,
     DeviceOpt,
@@ -31,7 +32,7 @@ from vitport.errors import VitportError
 def report(
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="Model spec (see vitport models); not with --from."),
+        typer.Option("--model", "-m", help=f"Model spec: {MODEL_SPECS}; not with --from."),
     ] = None,
     images: ImagesArg = None,
     device: DeviceOpt = "auto",
@@ -39,7 +40,9 @@ def report(
     reference: Annotated[
         str, typer.Option("--reference", "-r", help="Device of the in-process reference.")
     ] = "cpu",
-    reference_dtype: Annotated[str, typer.Option(help="dtype of the reference.")] = "fp32",
+    reference_dtype: Annotated[
+        str, typer.Option(help="dtype of the reference: fp32, fp64, fp16 or bf16.")
+    ] = "fp32",
     golden: Annotated[
         Path | None, typer.Option(help="A golden features file from another machine.")
     ] = None,

@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vitport.format import count, improvement, num, pct, ratio
+from vitport.format import count, improvement, limit, metric_value, num, pct, pct_column, ratio
 
 if TYPE_CHECKING:  # compare.run imports torch, which `vitport --version` must not wait for
     from vitport.compare.run import CompareResult
@@ -22,6 +22,12 @@ GROUP_LABELS = {
 }
 
 
+ACCURACY_COLUMNS = (
+    "output", "rel err mean (%)", "rel err worst (%)", "vec rel worst (%)", "max abs", "mse",
+    "cos mean", "cos worst token", "floor rel err (%)", "x floor",
+)  # fmt: skip
+
+
 def accuracy_table(result: CompareResult) -> Table:
     """Per output group: the seeds' metrics (mean and worst input) and the noise floor."""
     from vitport.compare.run import describe_side
@@ -33,40 +39,40 @@ def accuracy_table(result: CompareResult) -> Table:
             f", {count(len(result.inputs), 'input')}"
         )
     )
-    for column in (
-        "output", "rel err mean", "rel err worst", "vec rel", "max abs", "mse",
-        "cos mean", "cos worst token", "floor rel err", "x floor",
-    ):  # fmt: skip
+    for column in ACCURACY_COLUMNS:
         table.add_column(column, justify="left" if column == "output" else "right")
-    for name, group in result.groups.items():
-        floor = result.floor.get(name)
-        table.add_row(
-            GROUP_LABELS.get(name, name),
-            pct(group.mean["rel_error"]),
-            pct(group.worst["rel_error"]),
-            num(group.worst["vec_rel_error"]),
-            num(group.worst["max_abs"]),
-            num(group.mean["mse"]),
-            f"{group.mean['cos_mean']:.6f}",
-            f"{group.worst['cos_worst']:.6f}",
-            pct(floor.mean["rel_error"]) if floor else "n/a",
-            ratio(result.floor_ratio.get(name, {}).get("rel_error", float("nan"))),
-        )
+    groups = result.groups
+    floors = [result.floor[name].mean["rel_error"] if name in result.floor else None
+              for name in groups]  # fmt: skip
+    columns = [
+        [GROUP_LABELS.get(name, name) for name in groups],
+        pct_column([g.mean["rel_error"] for g in groups.values()]),
+        pct_column([g.worst["rel_error"] for g in groups.values()]),
+        pct_column([g.worst["vec_rel_error"] for g in groups.values()]),
+        [num(g.worst["max_abs"]) for g in groups.values()],
+        [num(g.mean["mse"]) for g in groups.values()],
+        [f"{g.mean['cos_mean']:.6f}" for g in groups.values()],
+        [f"{g.worst['cos_worst']:.6f}" for g in groups.values()],
+        pct_column(floors),
+        [ratio(result.floor_ratio.get(name, {}).get("rel_error", float("nan"))) for name in groups],
+    ]
+    for row in zip(*columns, strict=True):
+        table.add_row(*row)
     return table
 
 
 def per_input_table(result: CompareResult) -> Table:
     """Relative error and worst-token cosine of each input, per output group."""
-    table = Table(title="per input: relative error (cos worst token)")
+    table = Table(title="per input: relative error in % (cosine of the worst token)")
     table.add_column("input")
-    for name in result.groups:
+    columns = []
+    for name, group in result.groups.items():
         table.add_column(GROUP_LABELS.get(name, name), justify="right")
+        errors = pct_column([m["rel_error"] for m in group.per_input])
+        columns.append([f"{e} ({m['cos_worst']:.5f})"
+                        for e, m in zip(errors, group.per_input, strict=True)])  # fmt: skip
     for i, image in enumerate(result.inputs):
-        cells = []
-        for group in result.groups.values():
-            metrics = group.per_input[i]
-            cells.append(f"{pct(metrics['rel_error'])} ({metrics['cos_worst']:.5f})")
-        table.add_row(escape(image), *cells)
+        table.add_row(escape(image), *[column[i] for column in columns])
     return table
 
 
@@ -90,20 +96,24 @@ def task_lines(result: CompareResult) -> list[str]:
 
 
 def verdict_text(result: CompareResult) -> Text:
+    """PASS with the limits met, or FAIL with each failing value and its limit, in their units."""
     if result.passed:
-        checks = ", ".join(sorted({f"{c.metric} {'>' if c.higher_is_better else '<'} {c.limit:g}"
+        checks = ", ".join(sorted({f"{c.metric} {'>' if c.higher_is_better else '<'} "
+                                   f"{limit(c.metric, c.limit)}"
                                    for c in result.verdict.checks}))  # fmt: skip
         return Text.assemble(("PASS", "bold green"), f"  faithful at {checks}")
     text = Text.assemble(("FAIL", "bold red"), "  ")
     for check in result.verdict.failures:
         sign = ">" if check.higher_is_better else "<"
         text.append(
-            f"{check.group}.{check.metric} = {check.value:.4g} (needs {sign} {check.limit:g}); "
+            f"{check.group}.{check.metric} = {metric_value(check.metric, check.value)} "
+            f"(needs {sign} {limit(check.metric, check.limit)}); "
         )
     return text
 
 
 def localization_table(result: CompareResult) -> Table:
+    """Relative error (%) at the embeddings, each block and its parts: accumulated and local."""
     loc = result.localization
     table = Table(
         title=f"error by block; local = teacher-forced against {result.localization_reference}"
@@ -113,58 +123,63 @@ def localization_table(result: CompareResult) -> Table:
         if point.kind not in ("embeddings", "block", "final_norm") and point.kind not in kinds:
             kinds.append(point.kind)
     table.add_column("point")
-    table.add_column("accumulated", justify="right")
-    table.add_column("local", justify="right")
+    table.add_column("accumulated (%)", justify="right")
+    table.add_column("local (%)", justify="right")
     for kind in kinds:
-        table.add_column(f"local {kind}", justify="right")
+        table.add_column(f"local {kind} (%)", justify="right")
     parts: dict[int, dict[str, float]] = {}
     for point in loc.points:
         if point.block is not None and point.kind in kinds:
             parts.setdefault(point.block, {})[point.kind] = point.local
-    for point in loc.blocks():
+    rows = loc.blocks()
+    columns = [
+        pct_column([p.accumulated for p in rows]),
+        pct_column([p.local for p in rows]),
+        *[pct_column([parts.get(p.block, {}).get(k) for p in rows if p.block is not None])
+          for k in kinds],
+    ]  # fmt: skip
+    in_block = 0
+    for i, point in enumerate(rows):
         label = point.name if point.block is None else f"block {point.block}"
         hit = loc.culprit and (
             loc.culprit == point.name or loc.culprit.startswith(point.name + ".")
         )
-        style = "bold red" if hit else None
-        cells = [num(parts.get(point.block, {}).get(k, float("nan"))) for k in kinds]
-        if point.block is None:
-            cells = [""] * len(kinds)
-        table.add_row(label, num(point.accumulated), num(point.local), *cells, style=style)
+        cells = [""] * len(kinds)
+        if point.block is not None:
+            cells = [column[in_block] for column in columns[2:]]
+            in_block += 1
+        table.add_row(label, columns[0][i], columns[1][i], *cells,
+                      style="bold red" if hit else None)  # fmt: skip
     return table
 
 
 def trials_table(result: CompareResult) -> Table:
     """Before/after each precision fix, as in seed 000's table."""
     groups = list(result.groups)
-    table = Table(title="precision fixes: relative error (worst input) before and after")
+    table = Table(title="precision fixes: relative error in % (worst input) before and after")
     table.add_column("fix")
     for name in groups:
         table.add_column(GROUP_LABELS.get(name, name), justify="right")
     table.add_column("max", justify="right")
     table.add_column("better by", justify="right")
     table.add_column("verdict")
+    runs = [(result.groups, result.worst_rel_error)]
+    runs += [(t.groups, t.worst_rel_error) for t in result.trials if t.groups is not None]
+    columns = [pct_column([run[g].worst["rel_error"] for run, _ in runs]) for g in groups]
+    worst = pct_column([w for _, w in runs])
     before = result.worst_rel_error
-    table.add_row(
-        "none (as ported)",
-        *[pct(result.groups[g].worst["rel_error"]) for g in groups],
-        pct(before),
-        "",
-        "PASS" if result.passed else "FAIL",
-    )
+    table.add_row("none (as ported)", *[c[0] for c in columns], worst[0], "",
+                  "PASS" if result.passed else "FAIL")  # fmt: skip
+    i = 0  # the row of runs, among those that ran
     for trial in result.trials:
         label = " + ".join(trial.fixes)
         if trial.groups is None:
             table.add_row(label, *["-"] * len(groups), "-", "-", Text(trial.detail, style="dim"))
             continue
-        after = trial.worst_rel_error
-        table.add_row(
-            label,
-            *[pct(trial.groups[g].worst["rel_error"]) for g in groups],
-            pct(after),
-            improvement(before, after),
-            "PASS" if trial.verdict else "FAIL",
-        )
+        i += 1
+        table.add_row(label, *[c[i] for c in columns], worst[i],
+                      improvement(before, trial.worst_rel_error),
+                      "PASS" if trial.verdict else "FAIL")  # fmt: skip
     return table
 
 
@@ -172,21 +187,20 @@ def conversion_table(result) -> Table:
     """The proof of a conversion: per check and output group, the error against the source."""
     title = f"against the source: {count(len(result.inputs), 'input')} at {result.image_size}px, fp32 limits"
     table = Table(title=title)
-    for column in ("check", "output", "rel err worst", "max abs", "cos worst", "verdict"):
+    for column in ("check", "output", "rel err worst (%)", "max abs", "cos worst", "verdict"):
         table.add_column(column, justify="left" if column in ("check", "output") else "right")
+    rows = []
     for check in result.checks:
         failed = {c.group for c in check.judgement.verdict.failures}
         for name, group in check.judgement.groups.items():
-            table.add_row(
-                check.label,
-                GROUP_LABELS.get(name, name),
-                pct(group.worst["rel_error"]),
-                num(group.worst["max_abs"]),
-                f"{group.worst['cos_worst']:.7f}",
-                "[red]FAIL[/red]" if name in failed else "[green]pass[/green]",
-            )
+            rows.append((check.label, GROUP_LABELS.get(name, name), group.worst["rel_error"],
+                         num(group.worst["max_abs"]), f"{group.worst['cos_worst']:.7f}",
+                         "[red]FAIL[/red]" if name in failed else "[green]pass[/green]"))  # fmt: skip
         for name in check.skipped:
-            table.add_row(check.label, GROUP_LABELS.get(name, name), "-", "-", "-", "not compared")
+            rows.append((check.label, GROUP_LABELS.get(name, name), None, "-", "-", "not compared"))
+    errors = pct_column([r[2] for r in rows if r[2] is not None])
+    for label, output, error, *rest in rows:
+        table.add_row(label, output, "-" if error is None else errors.pop(0), *rest)
     return table
 
 
@@ -259,7 +273,7 @@ def thresholds_table(dtype: str, limits) -> Table:
     table.add_column("limit", justify="right")
     for t in limits:
         sign = ">" if t.higher_is_better else "<"
-        table.add_row(t.group or "every group", t.metric, f"{sign} {t.limit:g}")
+        table.add_row(t.group or "every group", t.metric, f"{sign} {limit(t.metric, t.limit)}")
     return table
 
 

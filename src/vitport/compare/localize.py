@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vitport.encoder import Encoder
+from vitport.format import pct
 from vitport.golden import EMBEDDINGS, GoldenBlocks, block_points
 from vitport.hooks import (
     ErrorSum,
@@ -176,8 +177,8 @@ def judge_points(points: list[PointError]) -> Localization:
                 points,
                 culprit=p.name,
                 reason=(
-                    f"{where}: local error of its {p.kind} is {p.local:.3g}, against "
-                    f"{typical:.3g} typical for the other {p.kind} points; "
+                    f"{where}: local error of its {p.kind} is {pct(p.local)}, against "
+                    f"{pct(typical)} typical for the other {p.kind} points; "
                     "no earlier point stands out"
                 ),
                 kind_medians=medians,
@@ -191,8 +192,8 @@ def judge_points(points: list[PointError]) -> Localization:
             points,
             culprit="embeddings",
             reason=(
-                f"the embeddings already differ by {embeddings.local:.3g}, against "
-                f"{typical_block:.3g} typical for a block"
+                f"the embeddings already differ by {pct(embeddings.local)}, against "
+                f"{pct(typical_block)} typical for a block"
             ),
             kind_medians=medians,
         )
@@ -202,7 +203,7 @@ def judge_points(points: list[PointError]) -> Localization:
     worst = max((k for k in medians if k != "embeddings"), key=lambda k: medians[k], default=None)
     reason = "no single point stands out: the error is spread evenly over the blocks"
     if worst is not None and medians[worst] > ABSOLUTE_FLOOR:
-        reason += f" (largest typical local error: {worst}, {medians[worst]:.3g})"
+        reason += f" (largest typical local error: {worst}, {pct(medians[worst])})"
     return Localization(points, culprit=None, reason=reason, kind_medians=medians)
 
 
@@ -270,7 +271,7 @@ def localize_golden(
     worst = max(parts, key=lambda p: p.local, default=None)
     if worst is None or worst.local <= ABSOLUTE_FLOOR:
         return Localization(found.points + parts, found.culprit, found.reason, found.kind_medians)
-    listing = ", ".join(f"{p.kind} {p.local:.3g}" for p in parts)
+    listing = ", ".join(f"{p.kind} {pct(p.local)}" for p in parts)
     reason = (
         f"{found.reason}; inside block {culprit.block}, against {part_reference.device} "
         f"{dtype_name(part_reference.dtype)} in this process, its {worst.kind} differs most "

@@ -73,10 +73,12 @@ class CompareResult:
     reference: Side
     inputs: list[str]
     groups: dict[str, GroupResult]
-    floor: dict[str, GroupResult]
+    floor: dict[str, GroupResult]  # the candidate dtype's floor: what x floor divides by
     floor_ratio: dict[str, dict[str, float]]
     thresholds: list[Threshold]
     verdict: Verdict
+    floor_fp32: dict[str, GroupResult] = field(default_factory=dict)  # fp32 vs fp64, always
+    floor_dtype: str = "fp32"  # the dtype whose own cost `floor` measures
     localization: Localization | None = None
     localization_reference: str = ""
     trials: list[FixTrial] = field(default_factory=list)
@@ -90,6 +92,10 @@ class CompareResult:
     @property
     def worst_rel_error(self) -> float:
         return worst_rel_error(self.groups)
+
+    @property
+    def floor_kind(self) -> str:
+        return floor_kind(self.floor_dtype)
 
     def best_trial(self) -> FixTrial | None:
         """The passing single fix that at least halves the worst relative error, the one that
@@ -113,6 +119,9 @@ class CompareResult:
             "inputs": self.inputs,
             "groups": {k: v.to_dict() for k, v in self.groups.items()},
             "floor": {k: v.to_dict() for k, v in self.floor.items()},
+            "floor_dtype": self.floor_dtype,
+            "floor_kind": self.floor_kind,
+            "floor_fp32": {k: v.to_dict() for k, v in self.floor_fp32.items()},
             "floor_ratio": {
                 g: {m: encode_float(v) for m, v in r.items()} for g, r in self.floor_ratio.items()
             },
@@ -133,13 +142,19 @@ class CompareResult:
         def side(d: dict[str, Any]) -> Side:
             return Side(**{**d, "fixes": tuple(d["fixes"])})
 
+        floor = {k: GroupResult.from_dict(v) for k, v in data["floor"].items()}
         return cls(
             spec=data["spec"],
             candidate=side(data["candidate"]),
             reference=side(data["reference"]),
             inputs=data["inputs"],
             groups={k: GroupResult.from_dict(v) for k, v in data["groups"].items()},
-            floor={k: GroupResult.from_dict(v) for k, v in data["floor"].items()},
+            floor=floor,
+            floor_fp32={  # older files hold only the fp32 floor, as `floor`
+                k: GroupResult.from_dict(v) for k, v in data.get("floor_fp32", {}).items()
+            }
+            or dict(floor),
+            floor_dtype=data.get("floor_dtype", "fp32"),
             floor_ratio={
                 g: {m: decode_float(v) for m, v in r.items()}
                 for g, r in data["floor_ratio"].items()
@@ -181,9 +196,11 @@ def compare(
     notes: Sequence[str] = (),
     part_reference: Encoder | None = None,
 ) -> CompareResult:
-    """Compare `candidate` with `reference` on `images`, with the fp32-vs-fp64 noise floor.
+    """Compare `candidate` with `reference` on `images`, with the noise floor of its dtype.
 
-    `base` is the model on the CPU in fp32: it gives the floor and, for golden references,
+    The floor is what the candidate's dtype alone costs (see :func:`floor_kind`); the fp32 vs
+    fp64 floor is kept beside it as `floor_fp32`.
+    `base` is the model on the CPU in fp32: it gives the floors and, for golden references,
     the in-process reference for localisation. `make_candidate(fixes)` builds a fresh candidate
     with those fixes applied, for `trial_fixes`.
     """
@@ -213,8 +230,15 @@ def compare(
     progress("noise floor: fp32 vs fp64 on the CPU")
     cpu = resolve_device("cpu")
     fp32 = ref_feats if _is_cpu_fp32(reference) else features_of(base, images, batch_size)
-    fp64 = features_of(base.to(cpu, torch.float64), images, batch_size)
-    floor = compare_groups(fp64.groups(), fp32.groups())
+    exact = base.to(cpu, torch.float64)
+    fp64 = features_of(exact, images, batch_size)
+    floor_fp32 = compare_groups(fp64.groups(), fp32.groups())
+    floor_dtype = floor_dtype_of(candidate.dtype)
+    floor = floor_fp32
+    if floor_dtype != "fp32":
+        progress(f"noise floor: weights and input rounded to {floor_dtype}, in fp64")
+        rounded = rounded_features(exact, images, candidate.dtype, batch_size)
+        floor = compare_groups(fp64.groups(), rounded.groups())
 
     result = CompareResult(
         spec=base.spec,
@@ -232,6 +256,8 @@ def compare(
         floor_ratio=floor_ratios(groups, floor),
         thresholds=list(thresholds),
         verdict=judged.verdict,
+        floor_fp32=floor_fp32,
+        floor_dtype=floor_dtype,
         notes=notes,
         patch_error_map=patch_error_map(ref_feats, out_feats),
     )
@@ -302,6 +328,41 @@ def patch_error_map(ref: Features, out: Features, index: int = 0) -> list[list[f
     delta = (out.patches[index].double() - ref.patches[index].double()).abs().mean(-1)
     scale = ref.patches[index].double().abs().mean().clamp_min(1e-30)
     return (delta / scale).reshape(ref.grid).tolist()
+
+
+def floor_dtype_of(dtype: torch.dtype) -> str:
+    """The dtype whose cost the floor measures: fp16/bf16 as they are, fp32 for fp32 and fp64."""
+    name = dtype_name(dtype)
+    return name if name in ("fp16", "bf16") else "fp32"
+
+
+def floor_kind(floor_dtype: str) -> str:
+    """What the floor of a candidate in `floor_dtype` is, in one phrase."""
+    if floor_dtype == "fp32":
+        return "the same metric between fp32 and fp64 on the CPU (the arithmetic noise of fp32)"
+    return (
+        f"the same metric between fp64 on the weights and input rounded to {floor_dtype} and "
+        f"fp64 on the exact ones, on the CPU (the error that {floor_dtype} alone costs)"
+    )
+
+
+def rounded_features(
+    exact: Encoder, images: Sequence[LoadedImage], dtype: torch.dtype, batch_size: int
+) -> Features:
+    """`exact` (an fp64 encoder) run in fp64 on its weights and the fp32 input both rounded to
+    `dtype` and back: the error of the dtype's representation alone, without its arithmetic."""
+    rounded = exact.to(copy=True)
+    with torch.no_grad():
+        for tensor in [*rounded.module.parameters(), *rounded.module.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype).to(tensor.dtype))
+    parts = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pixels = exact.preprocess([im.image for im in chunk])
+        feats = rounded.encode(pixels.to(dtype).to(torch.float64), [im.name for im in chunk])
+        parts.append(feats.to("cpu", torch.float32))  # as infer returns the fp64 run's
+    return Features.concat(parts)
 
 
 def _is_cpu_fp32(reference: Encoder | Features) -> bool:

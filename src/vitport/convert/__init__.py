@@ -38,6 +38,7 @@ from vitport.convert.tables import DROPPED_GROUPS, table_for
 from vitport.convert.verify import Check, compare_functions, culprit, run_features
 from vitport.encoder import Architecture, Encoder
 from vitport.errors import SpecError, VitportError
+from vitport.format import limit, metric_value
 from vitport.outputs import write_atomic
 
 SCHEMA_VERSION = 1
@@ -299,7 +300,10 @@ def _failure_line(result: ConversionResult) -> str:
     checks = failed.judgement.verdict.failures or failed.judgement.verdict.checks
     first = checks[0] if checks else None
     what = (
-        f"{first.group}.{first.metric} = {first.value:.3g}, limit {first.limit:g}" if first else ""
+        f"{first.group}.{first.metric} = {metric_value(first.metric, first.value)}, "
+        f"limit {limit(first.metric, first.limit)}"
+        if first
+        else ""
     )
     where = f"; {result.notes[-1]}" if result.notes else ""
     return (

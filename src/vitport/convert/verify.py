@@ -17,6 +17,7 @@ from torch import nn
 
 from vitport.compare.verdict import Judgement, judge_features, thresholds_for
 from vitport.encoder import Encoder, Features, block_parts, block_roles
+from vitport.format import pct
 from vitport.hooks import ErrorSum, first_tensor, hooked, teacher_force
 
 LOCAL_LIMIT = 1e-4  # teacher-forced relative error of one block or part that fp32 never reaches
@@ -126,7 +127,7 @@ def culprit(
         names = _source_tensors(origin, index, part)
         where = f"block {index}" + (f" {part}" if part else "")
         return (
-            f"{where} computes differently (teacher-forced error {error:.3g}); source tensors "
+            f"{where} computes differently (teacher-forced relative error {pct(error)}); source tensors "
             f"{', '.join(names[:4]) or '?'}: a transposed or reordered weight keeps its shape"
         )
     return "no block differs alone: the embeddings, the final norm or the output heads do"

@@ -187,7 +187,7 @@ def _local_or_hub_id(spec: str, weights_given: bool) -> tuple[str, Path | str]:
         return "hf", hub_snapshot(spec)
     raise SpecError(
         f"cannot understand model spec '{spec}'; use demo:NAME, hf:ORG/NAME, ms:ORG/NAME, "
-        "timm:NAME or a local directory (vitport models lists them)"
+        "atomgit:ORG/NAME, timm:NAME or a local directory (vitport models lists them)"
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from vitport.compare.run import CompareResult
-from vitport.format import improvement, num, pct, ratio, share
+from vitport.format import improvement, limit, metric_value, num, pct, pct_column, ratio, share
 
 LANGS = ("en", "zh")
 
@@ -59,14 +59,17 @@ STRINGS: dict[str, dict[str, str]] = {
         "mfu_vendor": "MFU vendor",
         "accuracy": "7. Accuracy",
         "accuracy_text": "{device} {dtype} against {ref}, {n} inputs ({inputs}). Relative error = "
-        "mean(|ref − out|) / mean(|ref|); floor = the same between fp32 and fp64 on the CPU; "
-        "x floor = error / floor.",
+        "mean(|ref − out|) / mean(|ref|); floor = {floor}; x floor = error / floor.",
+        "floor_fp32": "the same metric between fp32 and fp64 on the CPU (the arithmetic noise of "
+        "fp32)",
+        "floor_rounded": "the same metric between fp64 on the weights and input rounded to "
+        "{dtype} and fp64 on the exact ones, on the CPU (the error that {dtype} alone costs)",
         "group": "output",
-        "rel_mean": "rel err mean",
-        "rel_worst": "rel err worst",
+        "rel_mean": "rel err mean (%)",
+        "rel_worst": "rel err worst (%)",
         "cos_worst": "cos worst token",
         "max_abs": "max abs",
-        "floor": "floor",
+        "floor": "floor (%)",
         "x_floor": "x floor",
         "verdict": "Verdict",
         "pass": "PASS",
@@ -74,7 +77,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "thresholds": "Thresholds ({dtype}): {limits}.",
         "fixes": "8. Precision fixes",
         "fixes_text": "Each fix applied alone, then all applicable ones together; worst relative "
-        "error per output.",
+        "error per output, in %.",
         "fix": "fix",
         "none": "none (as ported)",
         "better": "better by",
@@ -82,8 +85,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "blocks": "9. Error by block",
         "blocks_text": "Accumulated error: the candidate's own run. Local error: each block run on "
         "the reference's input (teacher forcing), so earlier blocks do not blur it.",
-        "accumulated": "accumulated",
-        "local": "local",
+        "accumulated": "accumulated (%)",
+        "local": "local (%)",
         "culprit": "First diverging point: `{name}`: {reason}.",
         "no_culprit": "No single culprit: {reason}.",
         "notes": "10. Notes",
@@ -139,21 +142,23 @@ STRINGS: dict[str, dict[str, str]] = {
         "mfu_vendor": "MFU(厂商峰值)",
         "accuracy": "7. 精度评测",
         "accuracy_text": "{device} {dtype} 对比 {ref},{n} 个输入({inputs})。相对误差 = "
-        "mean(|ref − out|) / mean(|ref|);floor = CPU 上 fp32 与 fp64 之间的同一指标;"
-        "x floor = 误差 / floor。",
+        "mean(|ref − out|) / mean(|ref|);floor = {floor};x floor = 误差 / floor。",
+        "floor_fp32": "CPU 上 fp32 与 fp64 之间的同一指标(fp32 的运算噪声)",
+        "floor_rounded": "CPU 上权重和输入舍入到 {dtype} 后以 fp64 运行,与精确 fp64 之间的同一指标"
+        "(仅 {dtype} 本身带来的误差)",
         "group": "输出",
-        "rel_mean": "平均相对误差",
-        "rel_worst": "最差相对误差",
+        "rel_mean": "平均相对误差 (%)",
+        "rel_worst": "最差相对误差 (%)",
         "cos_worst": "最差 token 余弦",
         "max_abs": "最大绝对误差",
-        "floor": "噪声底",
+        "floor": "噪声底 (%)",
         "x_floor": "倍数",
         "verdict": "结论",
         "pass": "通过",
         "fail": "未通过",
         "thresholds": "阈值({dtype}):{limits}。",
         "fixes": "8. 精度修复",
-        "fixes_text": "每个修复单独应用,再把所有适用的修复一起应用;各输出的最差相对误差。",
+        "fixes_text": "每个修复单独应用,再把所有适用的修复一起应用;各输出的最差相对误差(%)。",
         "fix": "修复",
         "none": "无(原始适配)",
         "better": "改善倍数",
@@ -161,8 +166,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "blocks": "9. 逐层误差",
         "blocks_text": "累积误差:候选设备自身运行的误差。局部误差:每个 block 以参考的输入运行"
         "(teacher forcing),不受前面 block 的影响。",
-        "accumulated": "累积",
-        "local": "局部",
+        "accumulated": "累积 (%)",
+        "local": "局部 (%)",
         "culprit": "首个发散点:`{name}`:{reason}。",
         "no_culprit": "没有单一的问题点:{reason}。",
         "notes": "10. 注意事项",
@@ -209,8 +214,15 @@ def limits_text(result: CompareResult) -> str:
             continue  # e.g. a logits limit for a model without logits
         sign = ">" if t.higher_is_better else "<"
         where = f"{t.group}." if t.group else ""
-        marks.append(f"{where}{t.metric} {sign} {t.limit:g}")
+        marks.append(f"{where}{t.metric} {sign} {limit(t.metric, t.limit)}")
     return ", ".join(marks)
+
+
+def floor_text(result: CompareResult, s: dict[str, str]) -> str:
+    """What the floor is, in the report's language; the same words as `compare`'s legend."""
+    if result.floor_dtype == "fp32":
+        return s["floor_fp32"]
+    return s["floor_rounded"].format(dtype=result.floor_dtype)
 
 
 def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
@@ -224,9 +236,9 @@ def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
                                           limits=limits_text(result)))  # fmt: skip
     else:
         failures = "; ".join(
-            f"{c['group']}.{c['metric']} = {float(c['value']):.4g} (limit {c['limit']:g})"
-            for c in cmp["verdict"]["checks"]
-            if not c["passed"]
+            f"{c.group}.{c.metric} = {metric_value(c.metric, c.value)} "
+            f"(limit {limit(c.metric, c.limit)})"
+            for c in result.verdict.failures
         )
         lines.append(s["unfaithful"].format(device=cmd["device"], dtype=cmd["dtype"], ref=ref,
                                             failures=failures))  # fmt: skip
@@ -325,13 +337,14 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
         out += [f"### {s['search']}", "", s["search_text"], ""]
         sizes = search["batch_sizes"]
         rows = []
-        for trial in search["trials"]:
+        errors = pct_column([trial["worst_rel_error"] for trial in search["trials"]])
+        for trial, error in zip(search["trials"], errors, strict=True):
             speeds = []
             for b in sizes:
                 m = trial["measurements"].get(str(b))
                 speeds.append(f"{throughput(m):.1f}" if m else "-")
             ok = {True: s["yes"], False: s["no"], None: "error"}[trial["faithful"]]
-            err = pct(trial["worst_rel_error"]) if trial["worst_rel_error"] is not None else "-"
+            err = error if trial["worst_rel_error"] is not None else "-"
             rows.append([config_label(trial["config"]), ok, err, *speeds])
         out += table([s["configuration"], s["faithful_col"], s["rel_worst"],
                       *[f"img/s bs{b}" for b in sizes]], rows, "llr" + "r" * len(sizes))  # fmt: skip
@@ -342,16 +355,20 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
                                                     if ref["kind"] == "golden" else "")  # fmt: skip
     inputs = ", ".join(cmp["inputs"][:3]) + (", …" if len(cmp["inputs"]) > 3 else "")
     out += [s["accuracy_text"].format(device=cmd["device"], dtype=cmd["dtype"], ref=ref_text,
-                                      n=len(cmp["inputs"]), inputs=inputs), ""]  # fmt: skip
-    rows = []
-    for name, g in result.groups.items():
-        floor = result.floor.get(name)
-        rows.append([
-            name, pct(g.mean["rel_error"]), pct(g.worst["rel_error"]),
-            f"{g.worst['cos_worst']:.6f}", num(g.worst["max_abs"]),
-            pct(floor.mean["rel_error"]) if floor else "n/a",
-            ratio(result.floor_ratio.get(name, {}).get("rel_error")),
-        ])  # fmt: skip
+                                      n=len(cmp["inputs"]), inputs=inputs,
+                                      floor=floor_text(result, s)), ""]  # fmt: skip
+    groups = result.groups
+    columns = [
+        list(groups),
+        pct_column([g.mean["rel_error"] for g in groups.values()]),
+        pct_column([g.worst["rel_error"] for g in groups.values()]),
+        [f"{g.worst['cos_worst']:.6f}" for g in groups.values()],
+        [num(g.worst["max_abs"]) for g in groups.values()],
+        pct_column([result.floor[n].mean["rel_error"] if n in result.floor else None
+                    for n in groups]),
+        [ratio(result.floor_ratio.get(n, {}).get("rel_error")) for n in groups],
+    ]  # fmt: skip
+    rows = [list(row) for row in zip(*columns, strict=True)]
     out += table([s["group"], s["rel_mean"], s["rel_worst"], s["cos_worst"], s["max_abs"],
                   s["floor"], s["x_floor"]], rows)  # fmt: skip
     verdict = s["pass"] if cmp["passed"] else s["fail"]
@@ -362,15 +379,19 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
 
     out += [f"## {s['fixes']}", "", s["fixes_text"], ""]
     groups = list(result.groups)
-    rows = [[s["none"], *[pct(result.groups[g].worst["rel_error"]) for g in groups],
+    ran = [result.groups, *[t.groups for t in result.trials if t.groups]]
+    errors = [pct_column([run[g].worst["rel_error"] for run in ran]) for g in groups]
+    rows = [[s["none"], *[column[0] for column in errors],
              "", s["pass"] if result.passed else s["fail"]]]  # fmt: skip
+    i = 0  # the run among those that ran
     for trial in result.trials:
         label = " + ".join(trial.fixes)
         if not trial.groups:
             rows.append([label, *["-"] * len(groups), "-", s["not_applicable"]])
             continue
+        i += 1
         better = improvement(result.worst_rel_error, trial.worst_rel_error)
-        rows.append([label, *[pct(trial.groups[g].worst["rel_error"]) for g in groups],
+        rows.append([label, *[column[i] for column in errors],
                      better, s["pass"] if trial.verdict else s["fail"]])  # fmt: skip
     out += table(
         [s["fix"], *groups, s["better"], s["verdict"]], rows, "l" + "r" * (len(groups) + 1) + "l"
@@ -379,10 +400,13 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     loc = cmp.get("localization")
     if loc:
         out += [f"## {s['blocks']}", "", s["blocks_text"], ""]
-        rows = [[("embeddings" if p["kind"] == "embeddings" else
-                  f"block {p['block']}" if p["block"] is not None else p["name"]),
-                 num(p["accumulated"]), num(p["local"])]
-                for p in loc["points"] if p["kind"] in ("embeddings", "block", "final_norm")]  # fmt: skip
+        points = result.localization.blocks()
+        rows = [list(row) for row in zip(
+            [("embeddings" if p.kind == "embeddings" else
+              f"block {p.block}" if p.block is not None else p.name) for p in points],
+            pct_column([p.accumulated for p in points]), pct_column([p.local for p in points]),
+            strict=True,
+        )]  # fmt: skip
         out += table([s["block"], s["accumulated"], s["local"]], rows)
         if loc["culprit"]:
             out += [s["culprit"].format(name=loc["culprit"], reason=loc["reason"]), ""]
