@@ -308,7 +308,9 @@ def _empty_results() -> dict[str, tuple]:
         "localization_table": (compare,), "trials_table": (compare,),
         "conversion_table": (NS(inputs=[], image_size=224, checks=[]),),
         "shapes_table": ("demo:x", NS(image_size=(224, 224), device="cpu"), features),
-        "per_image_table": (NS(features=features, original_sizes=[], per_image_ms=[]),),
+        "per_image_table": (
+            NS(features=features, original_sizes=[], per_image_ms=[], batch_sizes=[]),
+        ),
         "fixes_table": ([],), "thresholds_table": ("fp32", []), "sources_table": ([],),
         "device_table": ({},), "pairs_table": (Pairs([], [], np.zeros(0), "torch", 0.95, 6), 20),
         "bench_table": (bench,), "optimize_table": (bench,), "e2e_table": (bench,),
