@@ -18,6 +18,7 @@ from vitport.compare.verdict import (
     judge,
     parse_threshold_overrides,
     thresholds_for,
+    unused_limits,
 )
 
 
@@ -266,3 +267,10 @@ def test_override_without_group_replaces_group_defaults() -> None:
     limits = thresholds_for("fp32", parse_threshold_overrides(["knn_top1=0.5", "top1=0.5"]))
     chosen = {(t.metric, t.group, t.limit) for t in limits if t.metric in ("knn_top1", "top1")}
     assert chosen == {("knn_top1", "", 0.5), ("top1", "", 0.5)}
+
+
+def test_unused_limits_names_the_groups_the_model_lacks():
+    limits = [Threshold("rel_error", 0.1), Threshold("top1", 0.9, "logits"),
+              Threshold("cos_worst", 0.99, "cls")]  # fmt: skip
+    assert unused_limits(limits, ["patches", "cls", "pooled"]) == [limits[1]]
+    assert unused_limits(limits, {"cls": 1, "logits": 2}) == []

@@ -9,7 +9,7 @@ their worst value over the inputs, batch metrics (top1/top5, knn_*) on their val
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -199,6 +199,13 @@ def thresholds_for(
         else:
             result.append(override)
     return result
+
+
+def unused_limits(thresholds: Sequence[Threshold], groups: Iterable[str]) -> list[Threshold]:
+    """The thresholds that name a group the model does not output, so judge nothing (e.g. a
+    logits limit for a model without a classifier head)."""
+    present = set(groups)
+    return [t for t in thresholds if t.group and t.group not in present]
 
 
 @dataclass(frozen=True)
