@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from vitport import records
 from vitport.compare.metrics import (
     ALL_METRICS,
     GROUPS,
@@ -225,21 +226,13 @@ class Check:
             object.__setattr__(self, name, plain_float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for name in ("value", "limit", "needed"):
-            d[name] = encode_float(d[name])
-        return d
+        """JSON-safe form (inf/nan as strings)."""
+        return records.to_dict(self, value=encode_float, limit=encode_float, needed=encode_float)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Check:
-        return cls(
-            group=str(d["group"]),
-            metric=str(d["metric"]),
-            value=decode_float(d["value"]),
-            limit=decode_float(d["limit"]),
-            passed=bool(d["passed"]),
-            higher_is_better=bool(d["higher_is_better"]),
-            needed=decode_float(d["needed"]),
+        return records.from_dict(
+            cls, d, value=decode_float, limit=decode_float, needed=decode_float
         )
 
 
@@ -257,11 +250,13 @@ class Verdict:
         return tuple(c for c in self.checks if not c.passed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": bool(self), "checks": [c.to_dict() for c in self.checks]}
+        return {"passed": bool(self), **records.to_dict(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
-        return cls(tuple(Check.from_dict(c) for c in d.get("checks", [])))
+        return records.from_dict(
+            cls, {"checks": [], **d}, checks=lambda cs: tuple(Check.from_dict(c) for c in cs)
+        )
 
 
 def _passes(value: float, limit: float, higher_is_better: bool) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitport import records
 from vitport.embed.shards import ShardCollector, Timing, features_of
 from vitport.embed.sources import collect, fingerprint
 from vitport.embed.store import Store
@@ -69,9 +70,7 @@ class EmbedSummary:
         return f"model-bound: {100 * model:.0f}% of the time in the model"
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {**asdict(self), "images_per_second": self.images_per_second,
+        return {**records.to_dict(self), "images_per_second": self.images_per_second,
                 "bottleneck": self.bottleneck()}  # fmt: skip
 
 
