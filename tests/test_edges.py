@@ -263,6 +263,18 @@ def test_nan_in_the_features_is_warned_about(monkeypatch, capsys, tiny_dir):
     assert code == 0 and "pooled output holds NaN or inf" in out
 
 
+def test_nonfinite_groups_names_the_outputs_with_nan_or_inf():
+    import torch
+
+    from vitport import Features
+
+    feats = Features(patches=torch.zeros(2, 4, 8), grid=(2, 2), pooled=torch.zeros(2, 8),
+                     cls=torch.tensor([[0.0, float("inf")], [1.0, 2.0]]))  # fmt: skip
+    assert feats.nonfinite_groups() == ["cls"]
+    feats.patches[1, 0, 0] = float("nan")
+    assert set(feats.nonfinite_groups()) == {"cls", "patches"}
+
+
 def test_help_reflows(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run(monkeypatch, capsys, "compare", "--help")

@@ -143,12 +143,12 @@ def test_vendor_peak_unknown(name, dtype):
 
 def test_peak_dtype_key(monkeypatch):
     assert peak_dtype_key(torch.bfloat16) == "bf16"
-    monkeypatch.setattr(peak, "_tf32_enabled", lambda: False)
+    monkeypatch.setattr(peak, "tf32_enabled", lambda: False)
     assert peak_dtype_key(torch.float32) == "fp32"
-    monkeypatch.setattr(peak, "_tf32_enabled", lambda: True)
+    monkeypatch.setattr(peak, "tf32_enabled", lambda: True)
     assert peak_dtype_key(torch.float32) == "tf32"
     assert peak_dtype_key(torch.float16) == "fp16"
 
 
 def test_tf32_setting_is_readable():
-    assert isinstance(peak._tf32_enabled(), bool)
+    assert isinstance(peak.tf32_enabled(), bool)

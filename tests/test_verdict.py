@@ -18,6 +18,7 @@ from vitport.compare.verdict import (
     judge,
     parse_threshold_overrides,
     thresholds_for,
+    unused_limits,
 )
 
 
@@ -282,3 +283,10 @@ def test_limits_print_in_their_metrics_unit():
     assert limit("cos_worst", 0.999) == "0.999"
     assert metric_value("vec_rel_error", 0.0123) == "1.23%"
     assert metric_value("cos_worst", 0.98765) == "0.9877"
+
+
+def test_unused_limits_names_the_groups_the_model_lacks():
+    limits = [Threshold("rel_error", 0.1), Threshold("top1", 0.9, "logits"),
+              Threshold("cos_worst", 0.99, "cls")]  # fmt: skip
+    assert unused_limits(limits, ["patches", "cls", "pooled"]) == [limits[1]]
+    assert unused_limits(limits, {"cls": 1, "logits": 2}) == []

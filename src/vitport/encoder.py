@@ -103,6 +103,10 @@ class Features:
         out = {name: getattr(self, name) for name in OUTPUT_GROUPS}
         return {k: v for k, v in out.items() if v is not None}
 
+    def nonfinite_groups(self) -> list[str]:
+        """The output groups that hold NaN or inf somewhere (fp16 overflow, a broken kernel)."""
+        return [name for name, t in self.groups().items() if not torch.isfinite(t).all()]
+
     @property
     def batch_size(self) -> int:
         return self.patches.shape[0]

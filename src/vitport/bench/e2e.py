@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vitport import stream
+from vitport import records, stream
 from vitport.encoder import Encoder
 from vitport.errors import ImageError, VitportError
 from vitport.stream import Batch, ImageInputs, Workers
@@ -113,17 +113,10 @@ class E2EResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; derived values (throughput, breakdown, bottleneck) included for reports."""
+        fields = records.to_dict(self)
+        requested = fields.pop("workers_requested")  # written beside workers
         return {
-            "images": self.images,
-            "skipped": [list(item) for item in self.skipped],
-            "batch_size": self.batch_size,
-            "workers": self.workers,
-            "workers_requested": self.workers_requested,
-            "wall_seconds": self.wall_seconds,
-            "stages": asdict(self.stages),
-            "device": self.device,
-            "checksum": self.checksum,
-            "notes": list(self.notes),
+            **records.insert_after(fields, "workers", workers_requested=requested),
             "images_per_second": self.images_per_second,
             "breakdown_ms_per_image": self.breakdown(),
             "bottleneck": self.bottleneck(),
@@ -131,18 +124,14 @@ class E2EResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> E2EResult:
-        """Inverse of :meth:`to_dict`; derived values are recomputed, not read."""
-        return cls(
-            images=int(data["images"]),
-            skipped=[(str(name), str(reason)) for name, reason in data["skipped"]],
-            batch_size=int(data["batch_size"]),
-            workers=int(data["workers"]),
-            wall_seconds=float(data["wall_seconds"]),
-            stages=StageTimes(**{s: float(data["stages"][s]) for s in STAGES}),
-            workers_requested=int(data.get("workers_requested", data["workers"])),
-            device=str(data.get("device", "")),
-            checksum=float(data.get("checksum", 0.0)),
-            notes=[str(n) for n in data.get("notes", [])],
+        """Inverse of :meth:`to_dict`; derived values are recomputed, not read. Older files
+        without ``workers_requested`` requested the workers that ran."""
+        return records.from_dict(
+            cls,
+            {"workers_requested": data["workers"], **data},
+            skipped=lambda items: [(str(name), str(reason)) for name, reason in items],
+            stages=lambda stages: records.from_dict(StageTimes, stages),
+            notes=lambda notes: [str(n) for n in notes],
         )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from vitport import records
 from vitport.bench.configure import configure
 from vitport.bench.run import Window, bench_batch
 from vitport.bench.timing import Measurement
@@ -49,26 +50,17 @@ class Trial:
         return m.images_per_second if m else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": asdict(self.config),
-            "faithful": self.faithful,
-            "worst_rel_error": self.worst_rel_error,
-            "failed_checks": self.failed_checks,
-            "measurements": {str(b): m.to_dict() for b, m in self.measurements.items()},
-            "error": self.error,
-        }
+        return records.to_dict(  # batch sizes as keys: JSON keys are strings
+            self, measurements=lambda ms: {str(b): m.to_dict() for b, m in ms.items()}
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Trial:
-        return cls(
-            config=Config(**data["config"]),
-            faithful=data["faithful"],
-            worst_rel_error=data["worst_rel_error"],
-            failed_checks=data["failed_checks"],
-            measurements={
-                int(b): Measurement.from_dict(m) for b, m in data["measurements"].items()
-            },
-            error=data["error"],
+        return records.from_dict(
+            cls,
+            data,
+            config=lambda c: records.from_dict(Config, c),
+            measurements=lambda ms: {int(b): Measurement.from_dict(m) for b, m in ms.items()},
         )
 
 
@@ -111,8 +103,7 @@ class OptimizeResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimizeResult:
-        return cls([Trial.from_dict(t) for t in data["trials"]], data["batch_sizes"],
-                   data.get("skipped", []))  # fmt: skip
+        return records.from_dict(cls, data, trials=lambda ts: [Trial.from_dict(t) for t in ts])
 
 
 DTYPE_ODDS = {"bf16": 0, "fp16": 1, "fp32": 2}  # 16-bit won on every device measured so far

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import torch
 
 from vitport.bench.timing import TaskSpec, measure
 from vitport.device import Device, dtype_key, dtype_name
+from vitport.device.precision import tf32_enabled
 
 __all__ = [
     "VENDOR_PEAKS",
@@ -83,21 +83,7 @@ def peak_dtype_key(dtype: torch.dtype) -> str:
     name = dtype_name(dtype)
     if name != "fp32":
         return name
-    return "tf32" if _tf32_enabled() else "fp32"
-
-
-def _tf32_enabled() -> bool:
-    """Whether CUDA fp32 matmuls may use TF32; reads the new API first, then the legacy ones."""
-    matmul = torch.backends.cuda.matmul
-    with contextlib.suppress(Exception):  # torch raises when the two APIs were mixed
-        precision = getattr(matmul, "fp32_precision", None)
-        if precision not in (None, "none"):
-            return precision == "tf32"
-    with contextlib.suppress(Exception):
-        return bool(matmul.allow_tf32)
-    with contextlib.suppress(Exception):
-        return torch.get_float32_matmul_precision() != "highest"
-    return False
+    return "tf32" if tf32_enabled() else "fp32"
 
 
 @dataclass(frozen=True)

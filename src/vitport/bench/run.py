@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from vitport import records
 from vitport.bench.flops import FlopCount, flops_per_image
 from vitport.bench.peak import PeakResult, measure_peak, peak_dtype_key, vendor_peak
 from vitport.bench.timing import Measurement, TaskSpec, measure
@@ -134,56 +135,20 @@ class BenchResult:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "spec": self.spec,
-            "device": self.device,
-            "dtype": self.dtype,
-            "attention": self.attention,
-            "compiled": self.compiled,
-            "fixes": self.fixes,
-            "image_size": list(self.image_size),
-            "params": self.params,
-            "flops": asdict(self.flops),
-            "peak": asdict(self.peak) if self.peak else None,
-            "vendor_tflops": self.vendor_tflops,
-            "device_description": self.device_description,
-            "load_seconds": self.load_seconds,
-            "runs": [
-                {"measurement": r.measurement.to_dict(), "peak_memory": r.peak_memory}
-                for r in self.runs
-            ],
-            "rows": self.rows(),
-            "oom_batch": self.oom_batch,
-            "auto": self.auto,
-            "notes": self.notes,
-        }
+        fields = records.insert_after(records.to_dict(self), "runs", rows=self.rows())
+        return {"schema_version": SCHEMA_VERSION, **fields}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchResult:
-        return cls(
-            spec=data["spec"],
-            device=data["device"],
-            dtype=data["dtype"],
-            attention=data["attention"],
-            compiled=data["compiled"],
-            fixes=list(data["fixes"]),
-            image_size=tuple(data["image_size"]),
-            params=data["params"],
-            flops=FlopCount(**data["flops"]),
-            peak=PeakResult(**data["peak"]) if data["peak"] else None,
-            vendor_tflops=data["vendor_tflops"],
-            device_description=data["device_description"],
-            load_seconds=data["load_seconds"],
-            runs=[
-                BatchRun(Measurement.from_dict(r["measurement"]), r["peak_memory"])
-                for r in data["runs"]
-            ],
-            oom_batch=data["oom_batch"],
-            auto=data["auto"],
-            notes=data["notes"],
+        def run(r: dict[str, Any]) -> BatchRun:
+            return records.from_dict(BatchRun, r, measurement=Measurement.from_dict)
+
+        return records.from_dict(
+            cls,
+            data,
+            flops=lambda f: records.from_dict(FlopCount, f),
+            peak=lambda p: records.from_dict(PeakResult, p) if p else None,
+            runs=lambda rs: [run(r) for r in rs],
         )
 
     def to_csv(self) -> str:

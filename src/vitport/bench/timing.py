@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from vitport import records
 from vitport.device import Device
 
 __all__ = ["Measurement", "TaskSpec", "measure"]
@@ -57,24 +58,11 @@ class TaskSpec:
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["image_size"] = list(self.image_size)
-        d["fixes"] = list(self.fixes)
-        return d
+        return records.to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
-        h, w = d["image_size"]
-        return cls(
-            model=str(d["model"]),
-            device=str(d["device"]),
-            dtype=str(d["dtype"]),
-            batch_size=int(d["batch_size"]),
-            image_size=(int(h), int(w)),
-            attention=str(d.get("attention", "default")),
-            compiled=bool(d.get("compiled", False)),
-            fixes=tuple(d.get("fixes", ())),
-        )
+        return records.from_dict(cls, d)
 
 
 @dataclass
@@ -232,27 +220,19 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: spec, raw samples and (informative only) the derived summary."""
-        return {
-            "spec": self.spec.to_dict(),
-            "label": self.spec.label(),
-            "times": list(self.times),
-            "warmup_times": list(self.warmup_times),
-            "first_call": self.first_call,
-            "timer": self.timer,
-            "summary": self.summary(),
-            "warnings": self.warnings(),
-        }
+        fields = records.insert_after(records.to_dict(self), "spec", label=self.spec.label())
+        return {**fields, "summary": self.summary(), "warnings": self.warnings()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Measurement:
         """Rebuild from :meth:`to_dict` output; the summary is recomputed, not read."""
-        return cls(
-            spec=TaskSpec.from_dict(d["spec"]),
-            times=[float(t) for t in d["times"]],
-            warmup_times=[float(t) for t in d.get("warmup_times", ())],
-            first_call=float(d.get("first_call", 0.0)),
-            timer=str(d.get("timer", "")),
+        return records.from_dict(
+            cls, d, spec=TaskSpec.from_dict, times=_seconds, warmup_times=_seconds
         )
+
+
+def _seconds(times: list[Any]) -> list[float]:
+    return [float(t) for t in times]
 
 
 def measure(

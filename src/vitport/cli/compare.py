@@ -106,7 +106,7 @@ def compare(
     from vitport.compare.reference import open_reference, reference_model
     from vitport.compare.run import candidate_factory
     from vitport.compare.run import compare as run_compare
-    from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
+    from vitport.compare.verdict import parse_threshold_overrides, thresholds_for, unused_limits
     from vitport.device import parse_dtype, resolve_device
     from vitport.faults import parse_fault
     from vitport.fixes import fix_names, parse_fixes
@@ -148,13 +148,12 @@ def compare(
             batch_size=batch_size, fixes=fixes, progress=steps(activity),
             notes=notes, part_reference=parts,
         )  # fmt: skip
-    for t in overrides:
-        if t.group and t.group not in result.groups:
-            errors.print(
-                f"[yellow]warning:[/yellow] -t {esc(t.spec())}: {esc(model)} has no {t.group} "
-                f"output, so this limit judges nothing (outputs: {', '.join(result.groups)})",
-                soft_wrap=True,
-            )
+    for t in unused_limits(overrides, result.groups):
+        errors.print(
+            f"[yellow]warning:[/yellow] -t {esc(t.spec())}: {esc(model)} has no {t.group} "
+            f"output, so this limit judges nothing (outputs: {', '.join(result.groups)})",
+            soft_wrap=True,
+        )
     render_compare(result, per_input)
     if json_out is not None:
         write_text(json_out, json.dumps(result.to_dict(), indent=2))

@@ -124,9 +124,7 @@ def infer(
         size = path.stat().st_size
         blocks = f", with block states at {len(extra)} points" if extra else ""
         console.print(f"features saved to [bold]{esc(path)}[/bold] ({size / 1e6:.1f} MB{blocks})")
-    import torch
-
-    broken = [name for name, t in feats.groups().items() if not torch.isfinite(t).all()]
+    broken = feats.nonfinite_groups()
     if broken:
         console.print(
             f"[yellow]warning:[/yellow] the {', '.join(broken)} output holds NaN or inf; "

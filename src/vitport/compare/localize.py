@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from vitport import records
 from vitport.encoder import Encoder
 from vitport.format import pct
 from vitport.golden import EMBEDDINGS, GoldenBlocks, block_points
@@ -57,15 +58,12 @@ class Localization:
         return [p for p in self.points if p.kind in ("embeddings", "block", "final_norm")]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return records.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Localization:
-        return cls(
-            points=[PointError(**p) for p in data["points"]],
-            culprit=data["culprit"],
-            reason=data["reason"],
-            kind_medians=data.get("kind_medians", {}),
+        return records.from_dict(
+            cls, data, points=lambda ps: [records.from_dict(PointError, p) for p in ps]
         )
 
 

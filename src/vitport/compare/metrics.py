@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitport import records
 from vitport.encoder import OUTPUT_GROUPS
 
 GROUPS: tuple[str, ...] = OUTPUT_GROUPS  # the Features contract's output groups, in order
@@ -257,23 +258,24 @@ class GroupResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (inf/nan as strings)."""
-        return {
-            "group": self.group,
-            "per_input": [_encode_dict(p) for p in self.per_input],
-            "mean": _encode_dict(self.mean),
-            "worst": _encode_dict(self.worst),
-            "batch": _encode_dict(self.batch),
-        }
+        return records.to_dict(
+            self,
+            per_input=lambda rows: [_encode_dict(p) for p in rows],
+            mean=_encode_dict,
+            worst=_encode_dict,
+            batch=_encode_dict,
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GroupResult:
         """Inverse of :meth:`to_dict`."""
-        return cls(
-            group=str(d["group"]),
-            per_input=[_decode_dict(p) for p in d.get("per_input", [])],
-            mean=_decode_dict(d.get("mean", {})),
-            worst=_decode_dict(d.get("worst", {})),
-            batch=_decode_dict(d.get("batch", {})),
+        return records.from_dict(
+            cls,
+            d,
+            per_input=lambda rows: [_decode_dict(p) for p in rows],
+            mean=_decode_dict,
+            worst=_decode_dict,
+            batch=_decode_dict,
         )
 
 

@@ -8,8 +8,16 @@ from typing import Any
 
 import torch
 
+from vitport import records
 from vitport.compare.localize import Localization, localize, localize_golden
-from vitport.compare.metrics import GroupResult, compare_groups, floor_ratios, worst_rel_error
+from vitport.compare.metrics import (
+    GroupResult,
+    compare_groups,
+    decode_float,
+    encode_float,
+    floor_ratios,
+    worst_rel_error,
+)
 from vitport.compare.verdict import Threshold, Verdict, judge_features
 from vitport.device import Device, dtype_name, resolve_device
 from vitport.encoder import Encoder, Features
@@ -49,20 +57,15 @@ class FixTrial:
         return worst_rel_error(self.groups)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "fixes": list(self.fixes),
-            "groups": {k: v.to_dict() for k, v in (self.groups or {}).items()},
-            "verdict": self.verdict.to_dict() if self.verdict is not None else None,
-            "detail": self.detail,
-        }
+        return records.to_dict(self, groups=lambda groups: records.plain(groups or {}))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FixTrial:
-        return cls(
-            fixes=tuple(data["fixes"]),
-            groups={k: GroupResult.from_dict(v) for k, v in data["groups"].items()} or None,
-            verdict=Verdict.from_dict(data["verdict"]) if data["verdict"] else None,
-            detail=data["detail"],
+        return records.from_dict(
+            cls,
+            data,
+            groups=lambda groups: _groups(groups) or None,
+            verdict=lambda verdict: Verdict.from_dict(verdict) if verdict else None,
         )
 
 
@@ -107,68 +110,49 @@ class CompareResult:
         return min(better, key=lambda t: t.worst_rel_error, default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        from vitport.compare.metrics import encode_float
-
+        fields = records.to_dict(
+            self,
+            floor_ratio=lambda ratios: {
+                g: {m: encode_float(v) for m, v in r.items()} for g, r in ratios.items()
+            },
+        )
         return {
             "schema_version": SCHEMA_VERSION,
-            "spec": self.spec,
-            "candidate": asdict(self.candidate),
-            "reference": asdict(self.reference),
-            "inputs": self.inputs,
-            "groups": {k: v.to_dict() for k, v in self.groups.items()},
-            "floor": {k: v.to_dict() for k, v in self.floor.items()},
-            "floor_dtype": self.floor_dtype,
-            "floor_kind": self.floor_kind,
-            "floor_fp32": {k: v.to_dict() for k, v in self.floor_fp32.items()},
-            "floor_ratio": {
-                g: {m: encode_float(v) for m, v in r.items()} for g, r in self.floor_ratio.items()
-            },
-            "thresholds": [asdict(t) for t in self.thresholds],
-            "verdict": self.verdict.to_dict(),
-            "passed": self.passed,
-            "localization": self.localization.to_dict() if self.localization else None,
-            "localization_reference": self.localization_reference,
-            "trials": [t.to_dict() for t in self.trials],
-            "notes": self.notes,
-            "patch_error_map": self.patch_error_map,
+            **records.insert_after(
+                records.insert_after(fields, "verdict", passed=self.passed),
+                "floor_dtype",
+                floor_kind=self.floor_kind,
+            ),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompareResult:
-        from vitport.compare.metrics import decode_float
-
         def side(d: dict[str, Any]) -> Side:
-            return Side(**{**d, "fixes": tuple(d["fixes"])})
+            return records.from_dict(Side, d)
 
-        floor = {k: GroupResult.from_dict(v) for k, v in data["floor"].items()}
-        return cls(
-            spec=data["spec"],
-            candidate=side(data["candidate"]),
-            reference=side(data["reference"]),
-            inputs=data["inputs"],
-            groups={k: GroupResult.from_dict(v) for k, v in data["groups"].items()},
-            floor=floor,
-            floor_fp32={  # older files hold only the fp32 floor, as `floor`
-                k: GroupResult.from_dict(v) for k, v in data.get("floor_fp32", {}).items()
-            }
-            or dict(floor),
-            floor_dtype=data.get("floor_dtype", "fp32"),
-            floor_ratio={
-                g: {m: decode_float(v) for m, v in r.items()}
-                for g, r in data["floor_ratio"].items()
+        result = records.from_dict(
+            cls,
+            data,
+            candidate=side,
+            reference=side,
+            groups=_groups,
+            floor=_groups,
+            floor_fp32=_groups,
+            floor_ratio=lambda ratios: {
+                g: {m: decode_float(v) for m, v in r.items()} for g, r in ratios.items()
             },
-            thresholds=[Threshold(**t) for t in data["thresholds"]],
-            verdict=Verdict.from_dict(data["verdict"]),
-            localization=(
-                Localization.from_dict(data["localization"]) if data["localization"] else None
-            ),
-            localization_reference=data.get("localization_reference", ""),
-            trials=[FixTrial.from_dict(t) for t in data["trials"]],
-            notes=data.get("notes", []),
-            patch_error_map=data.get("patch_error_map", []),
+            thresholds=lambda ts: [records.from_dict(Threshold, t) for t in ts],
+            verdict=Verdict.from_dict,
+            localization=lambda loc: Localization.from_dict(loc) if loc else None,
+            trials=lambda ts: [FixTrial.from_dict(t) for t in ts],
         )
+        if "floor_fp32" not in data:  # older files hold only the fp32 floor, as `floor`
+            result.floor_fp32 = dict(result.floor)
+        return result
+
+
+def _groups(data: dict[str, Any]) -> dict[str, GroupResult]:
+    return {k: GroupResult.from_dict(v) for k, v in data.items()}
 
 
 def features_of(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int) -> Features:

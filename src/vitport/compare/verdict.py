@@ -9,12 +9,13 @@ their worst value over the inputs, batch metrics (top1/top5, knn_*) on their val
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from vitport import records
 from vitport.compare.metrics import (
     ALL_METRICS,
     GROUPS,
@@ -205,6 +206,13 @@ def thresholds_for(
     return result
 
 
+def unused_limits(thresholds: Sequence[Threshold], groups: Iterable[str]) -> list[Threshold]:
+    """The thresholds that name a group the model does not output, so judge nothing (e.g. a
+    logits limit for a model without a classifier head)."""
+    present = set(groups)
+    return [t for t in thresholds if t.group and t.group not in present]
+
+
 @dataclass(frozen=True)
 class Check:
     """One threshold applied to one group."""
@@ -222,21 +230,13 @@ class Check:
             object.__setattr__(self, name, plain_float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for name in ("value", "limit", "needed"):
-            d[name] = encode_float(d[name])
-        return d
+        """JSON-safe form (inf/nan as strings)."""
+        return records.to_dict(self, value=encode_float, limit=encode_float, needed=encode_float)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Check:
-        return cls(
-            group=str(d["group"]),
-            metric=str(d["metric"]),
-            value=decode_float(d["value"]),
-            limit=decode_float(d["limit"]),
-            passed=bool(d["passed"]),
-            higher_is_better=bool(d["higher_is_better"]),
-            needed=decode_float(d["needed"]),
+        return records.from_dict(
+            cls, d, value=decode_float, limit=decode_float, needed=decode_float
         )
 
 
@@ -254,11 +254,13 @@ class Verdict:
         return tuple(c for c in self.checks if not c.passed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": bool(self), "checks": [c.to_dict() for c in self.checks]}
+        return {"passed": bool(self), **records.to_dict(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
-        return cls(tuple(Check.from_dict(c) for c in d.get("checks", [])))
+        return records.from_dict(
+            cls, {"checks": [], **d}, checks=lambda cs: tuple(Check.from_dict(c) for c in cs)
+        )
 
 
 def _passes(value: float, limit: float, higher_is_better: bool) -> bool:

@@ -9,18 +9,14 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from vitport.compare.run import pixel_batches
 from vitport.convert.engine import ConversionError, Converted, apply
 from vitport.convert.layouts import (
     LAYOUTS,
     TARGETS,
-    Preprocessing,
     detect_layout,
     expected_shapes,
     file_sha256,
@@ -34,98 +30,13 @@ from vitport.convert.layouts import (
     write_checkpoint,
     write_foreign_as_timm,
 )
+from vitport.convert.result import ConversionResult, Source, VerificationFailed
 from vitport.convert.tables import DROPPED_GROUPS, table_for
-from vitport.convert.verify import Check, compare_functions, culprit, run_features
+from vitport.convert.verify import compare_functions, culprit, run_features
 from vitport.encoder import Architecture, Encoder
 from vitport.errors import SpecError, VitportError
 from vitport.format import limit, metric_value
 from vitport.outputs import write_atomic
-
-SCHEMA_VERSION = 1
-
-
-class VerificationFailed(VitportError):
-    """The converted model does not compute its source's function; nothing was written."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, result: ConversionResult) -> None:
-        super().__init__(message)
-        self.result = result
-
-
-@dataclass
-class Source:
-    """A checkpoint to convert: its tensors in its own layout, and the function it computes."""
-
-    spec: str
-    layout: str
-    arch: Architecture | None  # None: a model vitport loads but does not convert between layouts
-    state: dict[str, torch.Tensor]
-    load_function: Callable[[], Encoder]  # the source's own function, independent of the tables
-    sha256: str
-    preprocessing: Preprocessing
-    processor_file: Path | None = None
-    trust_remote_code: bool = False
-    _function: Encoder | None = None
-
-    @property
-    def function(self) -> Encoder:
-        """Loaded on first use, so that a source that does not fit its table fails before."""
-        if self._function is None:
-            self._function = self.load_function()
-        return self._function
-
-
-@dataclass
-class ConversionResult:
-    source: str
-    source_sha256: str
-    source_layout: str
-    target: str
-    out: str
-    family: str
-    arch: dict[str, Any]
-    table: str = ""
-    table_version: int = 0
-    dropped: dict[str, str] = field(default_factory=dict)
-    filled: dict[str, str] = field(default_factory=dict)
-    inputs: list[str] = field(default_factory=list)
-    image_size: int = 0
-    checks: list[Check] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-    def to_dict(self) -> dict[str, Any]:
-        from vitport import __version__
-
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "vitport_version": __version__,
-            "source": {
-                "path": self.source,
-                "sha256": self.source_sha256,
-                "layout": self.source_layout,
-            },  # fmt: skip
-            "target": {"layout": self.target, "path": self.out, "files": self.files},
-            "family": self.family,
-            "arch": self.arch,
-            "mapping": {"table": self.table, "version": self.table_version},
-            "dropped": self.dropped,
-            "filled": self.filled,
-            "verification": {
-                "inputs": self.inputs,
-                "image_size": self.image_size,
-                "dtype": "fp32",
-                "passed": self.passed,
-                "checks": [c.to_dict() for c in self.checks],
-            },
-            "notes": self.notes,
-        }
 
 
 def open_source(

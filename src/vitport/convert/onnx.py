@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from vitport.compare.run import pixel_batches
+from vitport.convert.result import ConversionResult
 from vitport.convert.verify import compare_functions, run_features
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 
 if TYPE_CHECKING:
-    from vitport.convert import ConversionResult, Source
+    from vitport.convert.result import Source
 
 INPUT = "pixel_values"
 VERIFY_BATCH = 5  # the second batch size a dynamic export is verified at (besides 1)
@@ -91,7 +92,6 @@ def export_onnx(
     import onnxruntime as ort
 
     import vitport
-    from vitport.convert import ConversionResult
     from vitport.images import DEFAULT_PHOTOS, DEFAULT_RANDOM, default_inputs
 
     inputs = DEFAULT_PHOTOS + DEFAULT_RANDOM

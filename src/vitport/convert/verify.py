@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitport import records
 from vitport.compare.verdict import Judgement, judge_features, thresholds_for
 from vitport.encoder import Encoder, Features, block_parts, block_roles
 from vitport.format import pct
@@ -37,12 +38,12 @@ class Check:
         return bool(self.judgement)
 
     def to_dict(self) -> dict[str, Any]:
+        """The judgement's groups and verdict written in line, after the verdict's outcome."""
         return {
             "label": self.label,
             "batch_size": self.batch_size,
             "passed": self.passed,
-            "groups": {k: v.to_dict() for k, v in self.judgement.groups.items()},
-            "verdict": self.judgement.verdict.to_dict(),
+            **records.to_dict(self.judgement),
             "skipped": self.skipped,
         }
 

@@ -3,13 +3,14 @@ reduced-precision reductions, torch's float32 matmul precision, Ascend's HF32.""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["ABSENT", "STRICT_SETTINGS", "Setting"]
+__all__ = ["ABSENT", "STRICT_SETTINGS", "Setting", "tf32_enabled"]
 
 ABSENT = object()
 """What :attr:`Setting.get` returns where the switch does not exist in this process."""
@@ -58,3 +59,17 @@ STRICT_SETTINGS: tuple[Setting, ...] = (
     _attr("torch.npu.conv", "allow_hf32", False),
 )
 """Switches that let float32 math run in reduced precision, in the order they are set."""
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA fp32 matmuls may use TF32; reads the new API first, then the legacy ones."""
+    matmul = torch.backends.cuda.matmul
+    with contextlib.suppress(Exception):  # torch raises when the two APIs were mixed
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    with contextlib.suppress(Exception):
+        return bool(matmul.allow_tf32)
+    with contextlib.suppress(Exception):
+        return torch.get_float32_matmul_precision() != "highest"
+    return False

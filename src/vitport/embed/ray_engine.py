@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from vitport.embed import ShardCollector, Timing, features_of
+from vitport.embed.shards import ShardCollector, Timing, features_of
 from vitport.embed.store import Store
 from vitport.encoder import Encoder
 from vitport.errors import VitportError

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from vitport.compare.run import CompareResult
+from vitport.compare.verdict import unused_limits
 from vitport.format import improvement, limit, metric_value, num, pct, pct_column, ratio, share
 
 LANGS = ("en", "zh")
@@ -208,9 +209,10 @@ def config_label(config: dict[str, Any]) -> str:
 
 
 def limits_text(result: CompareResult) -> str:
+    unused = unused_limits(result.thresholds, result.groups)
     marks = []
     for t in result.thresholds:
-        if t.group and t.group not in result.groups:
+        if t in unused:
             continue  # e.g. a logits limit for a model without logits
         sign = ">" if t.higher_is_better else "<"
         where = f"{t.group}." if t.group else ""
