@@ -34,7 +34,7 @@ from vitport.convert.result import ConversionResult, Source, VerificationFailed
 from vitport.convert.tables import DROPPED_GROUPS, table_for
 from vitport.convert.verify import compare_functions, culprit, run_features
 from vitport.encoder import Architecture, Encoder
-from vitport.errors import SpecError, VitportError
+from vitport.errors import SpecError
 from vitport.format import limit, metric_value
 from vitport.outputs import write_atomic
 
