@@ -130,3 +130,15 @@ def test_out_must_be_a_file(monkeypatch, capsys, tmp_path, tiny_dir):
     code, _, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--out",
                        str(tmp_path))  # fmt: skip
     assert code == 2 and "is a directory" in err
+
+
+@pytest.mark.parametrize("command", ["infer", "compare", "bench", "report", "convert", "embed"])
+def test_every_command_that_loads_a_model_takes_the_model_options(command):
+    """The shared model options, through the same aliases, on every command that loads one."""
+    import typer
+
+    from vitport.cli import app
+
+    group = typer.main.get_command(app)
+    options = {opt for param in group.commands[command].params for opt in param.opts}
+    assert {"--weights", "--trust-remote-code", "--image-size"} <= options

@@ -127,7 +127,7 @@ def compare(
 
     make_candidate = candidate_factory(base, target, cand_dtype, inject_fault)
     candidate, detail = make_candidate(fixes)
-    notes = [f"candidate: {detail}"] if detail else []
+    notes = [*base.notes, *([f"candidate: {detail}"] if detail else [])]
     ref = golden if golden is not None else reference_model(base, source, ref_dtype)
     trials = [(name,) for name in fix_names()] if try_fixes else []
     parts = None
