@@ -455,3 +455,15 @@ def test_errors_list_what_the_help_lists(monkeypatch, capsys):
     assert code == 2
     listed = err.split("use one of ")[1].split(" (")[0].split(", ")
     assert listed == ["fp32", "fp16", "bf16", "fp64"]  # each one named in --dtype's help
+
+
+@pytest.mark.parametrize("command", ["infer", "compare", "bench", "report", "convert", "embed"])
+def test_every_command_that_loads_a_model_takes_the_model_options(command):
+    """The shared model options, through the same aliases, on every command that loads one."""
+    import typer
+
+    from vitport.cli import app
+
+    group = typer.main.get_command(app)
+    options = {opt for param in group.commands[command].params for opt in param.opts}
+    assert {"--weights", "--trust-remote-code", "--image-size"} <= options

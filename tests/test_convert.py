@@ -486,3 +486,154 @@ def test_static_batch_larger_than_the_proof_is_refused_before_export(sources, tm
 def test_wrong_from_names_the_missing_tensor(sources, tmp_path):
     with pytest.raises(ConversionError, match="lacks tensor 'preprocessor.patchifier.proj.weight'"):
         convert(str(sources["hub"]), "hf", tmp_path / "o", from_layout="aimv2-apple")
+
+
+# --- the checkpoint's own position grid, timm --weights, and the ONNX file form ----------------
+
+TINY_REG = "vit_tiny_test_patch14_reg4"  # seed 002's vit_small_patch14_reg4_dinov2, but tiny
+TINY_REG_ARGS = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def register_tiny_reg() -> None:
+    """A timm architecture name for timm:NAME --weights FILE: DINOv2 with registers, tiny."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    if timm.is_model(TINY_REG):
+        return
+
+    @register_model
+    def vit_tiny_test_patch14_reg4(pretrained: bool = False, **kwargs):
+        args = dict(patch_size=14, init_values=1e-5, reg_tokens=4, no_embed_class=True,
+                    num_classes=0, **TINY_REG_ARGS)  # fmt: skip
+        return _create_vision_transformer(TINY_REG, pretrained=pretrained, **{**args, **kwargs})
+
+
+@pytest.fixture
+def grid518(tmp_path) -> tuple[torch.nn.Module, Path, Path]:
+    """A timm DINOv2-with-registers model trained at 518 px (37x37 positions), saved as timm
+    saves it: a weights file, and a directory whose config.json states no input size."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    model = randomize(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False,
+                                        img_size=518, **TINY_REG_ARGS)).eval()  # fmt: skip
+    assert model.pos_embed.shape[1] == 37 * 37
+    weights = tmp_path / "seed002.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    directory = tmp_path / "timm-518"
+    save_for_hf(model, directory, model_args=TINY_REG_ARGS, safe_serialization=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["model_args"].pop("img_size")
+    config["pretrained_cfg"].pop("input_size")
+    (directory / "config.json").write_text(json.dumps(config))
+    return model, weights, directory
+
+
+def assert_same_tensors(restored: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(restored[key], tensor), key
+
+
+def test_timm_weights_to_hf_and_back_at_its_own_grid(grid518, tmp_path, capsys, monkeypatch):
+    """convert timm:NAME --weights FILE --to hf, and back: 518 px, 1,370 positions, bit-exact."""
+    register_tiny_reg()
+    model, weights, _ = grid518
+    code, stdout, err = run_cli(monkeypatch, capsys, "convert", f"timm:{TINY_REG}", "--weights",
+                                str(weights), "--to", "hf", "--out", str(tmp_path / "hf"))  # fmt: skip
+    assert code == 0, err
+    assert "same function" in stdout
+    record = json.loads((tmp_path / "hf" / "conversion.json").read_text())
+    assert record["verification"]["image_size"] == 518 and record["function"] == "same"
+    assert record["source"]["sha256"] == file_sha256(weights)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["image_size"] == 518
+    assert on_disk(tmp_path / "hf")["embeddings.position_embeddings"].shape[1] == 1 + 37 * 37
+    back = convert(str(tmp_path / "hf"), "timm", tmp_path / "back")
+    assert back.passed and back.image_size == 518
+    assert_same_tensors(on_disk(tmp_path / "back"), model)
+
+
+def test_timm_dir_without_input_size_keeps_its_grid_through_hf_and_back(grid518, tmp_path):
+    import vitport
+
+    model, _, directory = grid518
+    encoder = vitport.load(str(directory))
+    assert encoder.image_size == (518, 518) and encoder.resampled_from is None
+    there = convert(str(directory), "hf", tmp_path / "hf")
+    assert there.same_function and there.image_size == 518
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["image_size"] == 518
+    back = convert(str(tmp_path / "hf"), "timm", tmp_path / "back")
+    assert back.same_function and back.image_size == 518
+    assert_same_tensors(on_disk(tmp_path / "back"), model)
+    returned = vitport.load(str(tmp_path / "back"))
+    pixels = torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(returned.encode(pixels).patches, encoder.encode(pixels).patches)
+
+
+def test_config_naming_another_size_is_said_and_the_grid_kept(grid518):
+    import vitport
+
+    _, _, directory = grid518
+    config = json.loads((directory / "config.json").read_text())
+    config["pretrained_cfg"]["input_size"] = [3, 224, 224]
+    (directory / "config.json").write_text(json.dumps(config))
+    encoder = vitport.load(str(directory))
+    assert encoder.image_size == (518, 518)
+    assert len(encoder.notes) == 1 and "names 224 px input" in encoder.notes[0]
+    assert "37x37 (518 px)" in encoder.notes[0]
+
+
+def test_image_size_resampling_is_recorded_as_another_function(grid518, tmp_path):
+    import vitport
+
+    _, _, directory = grid518
+    encoder = vitport.load(str(directory), image_size=224)
+    assert encoder.resampled_from == (37, 37)
+    assert any("37x37" in note and "16x16" in note for note in encoder.notes)
+    result = convert(str(directory), "hf", tmp_path / "hf", image_size=224)
+    assert result.passed and not result.same_function
+    record = json.loads((tmp_path / "hf" / "conversion.json").read_text())
+    assert record["function"] == "resampled"
+    assert record["resampled"] == {"from_grid": [37, 37], "to_grid": [16, 16], "image_size": 224}
+    assert any("resampled" in note for note in record["notes"])
+
+
+def test_infer_names_the_grid_it_resampled_from(grid518, capsys, monkeypatch):
+    _, _, directory = grid518
+    code, stdout, err = run_cli(monkeypatch, capsys, "infer", "-m", str(directory),
+                                "--image-size", "224")  # fmt: skip
+    assert code == 0, err
+    assert "224x224 input" in stdout and "resampled from the checkpoint's 37x37" in stdout
+
+
+def test_onnx_out_ending_in_onnx_is_the_file(sources, tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "demo.onnx"
+    result = convert(str(sources["hf-dinov2"]), "onnx", out)
+    assert out.is_file() and result.passed
+    record = json.loads((tmp_path / "demo.conversion.json").read_text())
+    assert record["target"]["files"] == sorted(
+        ["demo.onnx", "demo.conversion.json", "demo.preprocessor_config.json"]
+    )
+    assert (tmp_path / "demo.preprocessor_config.json").is_file()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (output,) = session.run(["cls"], {"pixel_values": torch.zeros(2, 3, 28, 28).numpy()})
+    assert output.shape == (2, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(record["target"]["files"])
+
+
+def test_onnx_file_out_overwrite_rules(sources, tmp_path):
+    from vitport.outputs import OutputError
+
+    out = tmp_path / "demo.onnx"
+    convert(str(sources["hf-dinov2"]), "onnx", out)
+    with pytest.raises(OutputError, match="already exists"):
+        convert(str(sources["hf-dinov2"]), "onnx", out)
+    convert(str(sources["hf-dinov2"]), "onnx", out, overwrite=True)  # vitport's own: replaced
+    foreign = tmp_path / "other.onnx"
+    foreign.write_bytes(b"not vitport's")
+    with pytest.raises(OutputError, match="vitport did not write it"):
+        convert(str(sources["hf-dinov2"]), "onnx", foreign, overwrite=True)
+    assert foreign.read_bytes() == b"not vitport's"

@@ -189,6 +189,7 @@ class Encoder:
     source: str = ""
     weights_sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    resampled_from: tuple[int, int] | None = None  # the checkpoint's position grid, if resampled
     fixes: list[str] = field(default_factory=list)  # precision fixes applied, in order
     load_seconds: float = 0.0
 

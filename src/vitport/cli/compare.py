@@ -131,7 +131,7 @@ def compare(
 
     make_candidate = candidate_factory(base, target, cand_dtype, inject_fault)
     candidate, detail = make_candidate(fixes)
-    notes = [f"candidate: {detail}"] if detail else []
+    notes = [*base.notes, *([f"candidate: {detail}"] if detail else [])]
     if problems:
         from vitport.images import skipped_summary
 

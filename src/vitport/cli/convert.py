@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vitport.cli.app import RemoteCodeOpt, console, esc
+from vitport.cli.app import ImageSizeOpt, RemoteCodeOpt, WeightsOpt, console, esc
 from vitport.cli.display import progress, show, steps
 from vitport.format import count
 
@@ -21,7 +21,14 @@ def convert(
         ),
     ],
     to: Annotated[str, typer.Option("--to", help="Target: hf, timm or onnx.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (atomically).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Directory to write (atomically); with --to onnx, a NAME.onnx file instead.",
+        ),
+    ],
     from_layout: Annotated[
         str | None,
         typer.Option(
@@ -38,14 +45,8 @@ def convert(
             "of a timm target."
         ),
     ] = None,
-    image_size: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Input side for verification and ONNX export; default: the size of the "
-            "position embeddings (layouts) or the model's preprocessing (ONNX).",
-        ),
-    ] = None,
+    image_size: ImageSizeOpt = None,
+    weights: WeightsOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --out.")
     ] = False,
@@ -70,7 +71,9 @@ def convert(
 
     Every source tensor is mapped or dropped with a reason, every target tensor filled, every shape checked before anything runs. Then the result and its source run on the default real inputs and are compared at fp32 limits (ONNX: onnxruntime at batch 1 and 5). A result that fails is never written.
 
-    --out gets a directory that transformers or timm loads without vitport, with conversion.json recording the source, its sha256, the mapping and the proof. Exit code 0 when written, 1 when the function changed, 2 for unusable input.
+    The source runs at its checkpoint's own position grid (read from its position embeddings, whatever its config says); --image-size resamples it, and conversion.json records that as a change of function.
+
+    --out gets a directory that transformers or timm loads without vitport, with conversion.json recording the source, its sha256, the mapping and the proof. With --to onnx, --out NAME.onnx is the model file itself, with NAME.preprocessor_config.json and NAME.conversion.json beside it. Exit code 0 when written, 1 when the function changed, 2 for unusable input.
     """
     from vitport.cli.tables import conversion_table
     from vitport.convert import VerificationFailed
@@ -83,7 +86,7 @@ def convert(
         try:
             result = run_convert(
                 source, to, out, from_layout=from_layout, arch=arch, image_size=image_size,
-                overwrite=overwrite, opset=opset, static=static, batch_size=batch_size,
+                weights=weights, overwrite=overwrite, opset=opset, static=static, batch_size=batch_size,
                 trust_remote_code=trust_remote_code,
                 progress=steps(activity),
             )  # fmt: skip
@@ -106,9 +109,10 @@ def convert(
         console.print(f"[dim]{group} not compared: {esc(why)}[/dim]", soft_wrap=True)
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
+    verdict = "[green]same function[/green]" if result.same_function else (
+        "[yellow]resampled function[/yellow] (verified against the resampled source)")  # fmt: skip
     console.print(
-        f"[green]same function[/green]: written to [bold]{esc(result.out)}[/bold] "
-        f"({', '.join(result.files)})"
+        f"{verdict}: written to [bold]{esc(result.out)}[/bold] ({', '.join(result.files)})"
     )
     if json_out is not None:
         write_json(json_out, result.to_dict())

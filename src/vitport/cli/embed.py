@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from vitport.cli.app import DeviceOpt, DtypeOpt, FixOpt, ImageSizeOpt, ModelOpt, console, esc
+from vitport.cli.app import (
+    DeviceOpt,
+    DtypeOpt,
+    FixOpt,
+    ImageSizeOpt,
+    ModelOpt,
+    RemoteCodeOpt,
+    WeightsOpt,
+    console,
+    esc,
+)
 from vitport.cli.display import progress, show
 from vitport.format import count
 
@@ -32,6 +42,8 @@ def embed(
         int, typer.Option(min=0, help="DataLoader workers that decode and preprocess.")
     ] = 2,
     image_size: ImageSizeOpt = None,
+    weights: WeightsOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
     fix: FixOpt = None,
     outputs: Annotated[
         str | None,
@@ -73,7 +85,8 @@ def embed(
                   quiet=quiet) as activity:  # fmt: skip
         summary = run_embed(
             sources, model, out, device=device, dtype=dtype, batch_size=batch_size,
-            workers=workers, image_size=image_size, fixes=parse_fixes(fix), outputs=outputs,
+            workers=workers, image_size=image_size, weights=weights,
+            trust_remote_code=trust_remote_code, fixes=parse_fixes(fix), outputs=outputs,
             shard_size=shard_size, column=column, overwrite=overwrite, engine=engine,
             ray_address=ray_address, shard=shard,
             progress=lambda m: activity.update(esc(m)),

@@ -45,8 +45,11 @@ def open_source(
     from_layout: str | None = None,
     arch: str | None = None,
     trust_remote_code: bool = False,
+    weights: Path | None = None,
+    image_size: int | None = None,
 ) -> Source:
-    """Read SOURCE (a spec, a directory or a checkpoint file) and load its own function."""
+    """Read SOURCE (a spec, a directory or a checkpoint file) and load its own function: a model
+    vitport loads comes at its checkpoint's own position grid, or resampled to `image_size`."""
     import vitport
     from vitport.families.timm import read_weights
 
@@ -64,6 +67,8 @@ def open_source(
             file = weights_file(path)
             if file is None:
                 raise SpecError(f"{path} holds no checkpoint (.safetensors, .bin or .pth)")
+    if file is not None and weights is not None:
+        raise SpecError(f"--weights is for timm:NAME sources; {source} carries its own weights")
     if file is not None:
         state = read_weights(file)
         layout = from_layout or detect_layout(state)
@@ -91,7 +96,8 @@ def open_source(
             preprocessing=pre,
             processor_file=processor if processor and processor.is_file() else None,
         )
-    encoder = vitport.load(source, trust_remote_code=trust_remote_code)
+    encoder = vitport.load(source, image_size=image_size, weights=weights,
+                           trust_remote_code=trust_remote_code)  # fmt: skip
     layout = "timm" if encoder.family == "timm" else "hf"
     if from_layout is not None and from_layout != layout:
         raise SpecError(f"{source} loads as a {layout} checkpoint, not --from {from_layout}")
@@ -101,7 +107,7 @@ def open_source(
         desc = None  # not convertible between layouts; ONNX export still works
     if arch and desc is not None:
         desc = _with_heads(desc, arch)
-    weights = _weights_of(source)
+    weights = weights or _weights_of(source)
     return Source(
         spec=source,
         layout=layout,
@@ -110,7 +116,6 @@ def open_source(
         load_function=lambda: encoder,
         sha256=file_sha256(weights) if weights else f"weights:{encoder.weights_sha256}",
         preprocessing=loaded_preprocessing(encoder),
-        trust_remote_code=trust_remote_code,
     )
 
 
@@ -140,6 +145,7 @@ def convert(
     from_layout: str | None = None,
     arch: str | None = None,
     image_size: int | None = None,
+    weights: str | Path | None = None,
     overwrite: bool = False,
     opset: int = 18,
     static: bool = False,
@@ -150,20 +156,27 @@ def convert(
 ) -> ConversionResult:
     """Convert SOURCE to `to` (hf, timm or onnx) in directory `out`, verified before it is written.
 
+    `weights`: a local weights file for a timm:NAME source. The source runs at its checkpoint's
+    own position grid; `image_size` resamples it, and the result records that change of function.
+    With `to="onnx"`, an `out` ending in .onnx is the model file itself, with its preprocessing
+    and record beside it (NAME.preprocessor_config.json, NAME.conversion.json).
     `mapping_override` replaces the table (tests plant a broken one with it)."""
     from vitport.images import default_inputs
 
     if to not in TARGETS:
         raise SpecError(f"--to {to}: use one of {', '.join(TARGETS)}")
     out = Path(out).expanduser()
-    check_out(out, overwrite)
+    weights = Path(weights).expanduser() if weights is not None else None
+    as_file = to == "onnx" and out.suffix == ".onnx"
+    check_out(out, overwrite, as_file)
     # The work files (a source rewritten on the way) live in a scratch directory; the result
     # is written beside `out` and moved into place, over an old one, only once verified.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=_parent(out)) as work:
 
-        def write(result_dir: Path) -> ConversionResult:
+        def produce(result_dir: Path) -> ConversionResult:
             progress(f"reading {source}")
-            src = open_source(source, Path(work), from_layout, arch, trust_remote_code)
+            src = open_source(source, Path(work), from_layout, arch, trust_remote_code, weights,
+                              image_size)  # fmt: skip
             if to == "onnx":
                 from vitport.convert.onnx import export_onnx
 
@@ -174,8 +187,16 @@ def convert(
                 result = _convert_layout(src, to, result_dir, arch, image_size, progress,
                                          mapping_override, default_inputs)  # fmt: skip
             result.out = str(out)
+            _record_resampling(result, src.function)
             if not result.passed:
                 raise VerificationFailed(_failure_line(result), result)
+            return result
+
+        if as_file:
+            return _write_onnx_file(out, Path(work) / "onnx", produce)
+
+        def write(result_dir: Path) -> ConversionResult:
+            result = produce(result_dir)
             (result_dir / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
             result.files = sorted(p.name for p in result_dir.iterdir())
             (result_dir / "conversion.json").write_text(json.dumps(result.to_dict(), indent=2))
@@ -184,16 +205,81 @@ def convert(
         return write_atomic(out, write)
 
 
+def _record_resampling(result: ConversionResult, function: Encoder) -> None:
+    """A source loaded at another grid than its checkpoint's is another function: say so."""
+    if function.resampled_from is None:
+        return
+    side = function.resampled_from[0]
+    grid = function.image_size[0] // function.layout.patch_size
+    result.resampled = {"from_grid": [side, side], "to_grid": [grid, grid],
+                        "image_size": function.image_size[0]}  # fmt: skip
+    result.notes.append(
+        f"--image-size {function.image_size[0]} resampled the checkpoint's {side}x{side} position "
+        f"embeddings to {grid}x{grid}: the result computes that resampled function, not the "
+        "checkpoint's own"
+    )
+
+
+def sidecars(out: Path) -> dict[str, Path]:
+    """The files written beside an ONNX file --out: its preprocessing and its record."""
+    return {
+        "preprocessor_config.json": out.with_name(f"{out.stem}.preprocessor_config.json"),
+        "conversion.json": out.with_name(f"{out.stem}.conversion.json"),
+    }
+
+
+def _write_onnx_file(
+    out: Path, scratch: Path, produce: Callable[[Path], ConversionResult]
+) -> ConversionResult:
+    """--out NAME.onnx: the model file there, its preprocessing and record beside it, each
+    written atomically; the record first, so that a run cut short leaves files vitport owns."""
+    import shutil
+
+    from vitport.outputs import OutputError
+
+    result = produce(scratch)
+    produced = sorted(p.name for p in scratch.iterdir())
+    if produced != ["model.onnx", "preprocessor_config.json"]:
+        raise OutputError(
+            f"the ONNX export keeps its weights in separate files ({len(produced) - 2} of them: "
+            f"the model is over 2 GB); give a directory --out instead of {out}"
+        )
+    beside = sidecars(out)
+    result.files = sorted([out.name, *(p.name for p in beside.values())])
+    record = json.dumps(result.to_dict(), indent=2)
+    write_atomic(beside["conversion.json"], lambda tmp: tmp.write_text(record))
+    write_atomic(beside["preprocessor_config.json"],
+                 lambda tmp: shutil.copyfile(scratch / "preprocessor_config.json", tmp))  # fmt: skip
+    write_atomic(out, lambda tmp: shutil.move(scratch / "model.onnx", tmp))
+    return result
+
+
 def _parent(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return out.parent
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool, as_file: bool = False) -> None:
     """Refuse an existing output unless told to replace it and it is vitport's own (a conversion
-    directory or file); never the working directory or one of its parents."""
-    from vitport.outputs import OutputError, check_dir
+    directory, or an ONNX file with its record beside it); never the working directory or one
+    of its parents."""
+    from vitport.outputs import OutputError, check_dir, check_file, is_vitport_json
 
+    if as_file:
+        record = sidecars(out)["conversion.json"]
+        owned = is_vitport_json(record)
+        for path in (out, *sidecars(out).values()):
+            if path.exists() and not overwrite:
+                raise OutputError(
+                    f"{path} already exists; choose another --out or pass --overwrite"
+                )
+            if path.exists() and not path.is_dir() and not owned:
+                raise OutputError(
+                    f"{path} exists and vitport did not write it (no {record.name} beside it); "
+                    "choose another --out"
+                )
+            check_file(path, "--out", overwrite=True)
+        return
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists; choose another --out or pass --overwrite")
     if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
@@ -201,7 +287,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         check_dir(out, "--out", overwrite=False, ours=lambda p: (p / "conversion.json").is_file())
     elif out.exists():
-        raise OutputError(f"--out {out} is a file; give a directory")
+        raise OutputError(
+            f"--out {out} is a file; give a directory (or, with --to onnx, a NAME.onnx file)"
+        )
     else:
         check_dir(out, "--out", overwrite, ours=lambda _p: False)
 

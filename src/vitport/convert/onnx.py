@@ -91,7 +91,6 @@ def export_onnx(
 ) -> ConversionResult:
     import onnxruntime as ort
 
-    import vitport
     from vitport.images import DEFAULT_PHOTOS, DEFAULT_RANDOM, default_inputs
 
     inputs = DEFAULT_PHOTOS + DEFAULT_RANDOM
@@ -100,12 +99,12 @@ def export_onnx(
             f"--static --batch-size {batch_size}: the proof runs on the {inputs} default inputs, "
             "so a static batch can be at most that; export a smaller batch"
         )
-    encoder = src.function
+    encoder = src.function  # a model vitport loads comes at image_size already
     if image_size is not None and image_size != encoder.image_size[0]:
-        if not _reloadable(src):
-            _refuse_size(image_size, encoder)
-        encoder = vitport.load(src.function.spec, image_size=image_size,
-                               trust_remote_code=src.trust_remote_code)  # fmt: skip
+        raise VitportError(
+            f"--image-size {image_size} for a foreign checkpoint: convert it to hf first, then "
+            "export that"
+        )
     size = encoder.image_size
     images = default_inputs(size[0])
     probe = encoder.encode(encoder.preprocess([images[0].image]))
@@ -171,14 +170,4 @@ def export_onnx(
         image_size=size[0],
         checks=checks,
         notes=notes,
-    )
-
-
-def _reloadable(src: Source) -> bool:
-    return src.layout in ("hf", "timm")
-
-
-def _refuse_size(size: int, encoder: Encoder) -> Encoder:
-    raise VitportError(
-        f"--image-size {size} for a foreign checkpoint: convert it to hf first, then export that"
     )

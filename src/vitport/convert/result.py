@@ -40,7 +40,6 @@ class Source:
     sha256: str
     preprocessing: Preprocessing
     processor_file: Path | None = None
-    trust_remote_code: bool = False
     _function: Encoder | None = None
 
     @property
@@ -69,10 +68,16 @@ class ConversionResult:
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    resampled: dict[str, Any] | None = None  # from_grid, to_grid: --image-size resampled it
 
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def same_function(self) -> bool:
+        """Verified, and the checkpoint's own function: its position embeddings not resampled."""
+        return self.passed and self.resampled is None
 
     def to_dict(self) -> dict[str, Any]:
         from vitport import __version__
@@ -98,5 +103,7 @@ class ConversionResult:
                 "passed": self.passed,
                 "checks": [c.to_dict() for c in self.checks],
             },
+            "function": "same" if self.resampled is None else "resampled",
+            "resampled": self.resampled,
             "notes": self.notes,
         }

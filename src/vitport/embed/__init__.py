@@ -167,6 +167,8 @@ def embed(
     batch_size: int | None = None,
     workers: int = 2,
     image_size: int | None = None,
+    weights: str | Path | None = None,
+    trust_remote_code: bool = False,
     fixes: Sequence[str] = (),
     outputs: str | Sequence[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -208,8 +210,9 @@ def embed(
         encoder = model
     else:
         progress(f"loading {model}")
-        encoder = vitport.load(model, device, dtype, image_size=image_size)
-        apply_fixes(encoder, fixes)
+        encoder = vitport.load(model, device, dtype, image_size=image_size, weights=weights,
+                               trust_remote_code=trust_remote_code)  # fmt: skip
+        apply_fixes(encoder, list(fixes))
     names = parse_outputs(outputs, encoder)
     dims = output_dims(encoder, names)
     store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))
@@ -225,7 +228,10 @@ def embed(
     if engine == "ray":
         from vitport.embed.ray_engine import run_ray
 
-        timing = run_ray(encoder, inputs, store, todo, dims, batch_size, ray_address, on_batch)
+        load_options = {"weights": str(weights) if weights else None,
+                        "trust_remote_code": trust_remote_code}  # fmt: skip
+        timing = run_ray(encoder, inputs, store, todo, dims, batch_size, ray_address, on_batch,
+                         load_options)  # fmt: skip
     else:
         timing = run_local(encoder, inputs, store, todo, dims, batch_size, workers, on_batch)
     seconds = time.perf_counter() - start

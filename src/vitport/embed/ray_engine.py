@@ -47,11 +47,13 @@ class Encode:
     """An actor holding the model, loaded once through vitport.load on its own worker."""
 
     def __init__(self, spec: str, device: str, dtype: str, image_size: int, fixes: list[str],
-                 outputs: list[str]) -> None:  # fmt: skip
+                 outputs: list[str], weights: str | None = None,
+                 trust_remote_code: bool = False) -> None:  # fmt: skip
         import vitport
         from vitport.fixes import apply_fixes
 
-        self.encoder = vitport.load(spec, device, dtype, image_size=image_size)
+        self.encoder = vitport.load(spec, device, dtype, image_size=image_size, weights=weights,
+                                    trust_remote_code=trust_remote_code)  # fmt: skip
         apply_fixes(self.encoder, fixes)
         self.outputs = outputs
 
@@ -101,7 +103,7 @@ def _quiet_ray() -> None:
 
 
 def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]],
-              batch_size: int, actors: int):  # fmt: skip
+              batch_size: int, actors: int, load_options: dict[str, Any]):  # fmt: skip
     """Reading tasks that decode and preprocess, feeding actors that hold the model."""
     return (
         ray.data.from_items(rows)
@@ -111,7 +113,7 @@ def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]
             fn_constructor_kwargs={
                 "spec": encoder.spec, "device": encoder.device.type,
                 "dtype": encoder.meta()["dtype"], "image_size": encoder.image_size[0],
-                "fixes": list(encoder.fixes), "outputs": list(dims),
+                "fixes": list(encoder.fixes), "outputs": list(dims), **load_options,
             },
             max_restarts=0,  # a lost actor fails the run; running it again resumes
             **_resources(encoder),
@@ -122,8 +124,9 @@ def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]
 def run_ray(
     encoder: Encoder, inputs: Sequence[Input], store: Store, todo: Sequence[int],
     dims: dict[str, list[int]], batch_size: int, address: str | None,
-    on_batch: Callable[[int, int], None],
+    on_batch: Callable[[int, int], None], load_options: dict[str, Any] | None = None,
 ) -> Timing:  # fmt: skip
+    """`load_options`: the weights and trust_remote_code each actor loads the model with."""
     _quiet_ray()
     try:
         import ray
@@ -151,7 +154,7 @@ def run_ray(
         actors = _actors(encoder)
         with warnings.catch_warnings():  # max_restarts has no named parameter in Ray Data yet
             warnings.simplefilter("ignore")
-            dataset = _pipeline(ray, rows, encoder, dims, batch_size, actors)
+            dataset = _pipeline(ray, rows, encoder, dims, batch_size, actors, load_options or {})
         collector = ShardCollector(store, inputs, dims)
         done = 0
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

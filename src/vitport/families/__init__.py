@@ -255,6 +255,7 @@ def load(
         source=source,
         weights_sha256=weights_sha256(loaded.module),
         notes=list(loaded.notes),
+        resampled_from=loaded.resampled_from,
     )
     encoder = encoder.to(target, dtype, copy=False)
     encoder.load_seconds = time.perf_counter() - start

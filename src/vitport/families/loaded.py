@@ -25,6 +25,7 @@ class LoadedModel:
     preprocess: Preprocess
     final_norm: nn.Module | None
     notes: list[str]
+    resampled_from: tuple[int, int] | None = None  # the checkpoint's grid, when resampled
 
 
 def valid_sizes(target: int, patch: int) -> str:

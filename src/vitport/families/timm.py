@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +43,15 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def create(name: str, weights: Path | None, image_size: int | None) -> tuple[nn.Module, str]:
+def create(
+    name: str, weights: Path | None, image_size: int | None, state: dict[str, torch.Tensor] | None
+) -> tuple[nn.Module, str]:
     """Build the timm model with its pretrained weights, from the hub, a file or a directory."""
     import timm
 
     kwargs: dict[str, Any] = {"img_size": image_size} if image_size else {}
     if weights is not None:
-        kwargs["pretrained_cfg_overlay"] = {"state_dict": read_weights(weights)}
+        kwargs["pretrained_cfg_overlay"] = {"state_dict": state}
         source = f"timm {name} with weights from {weights}"
     else:
         source = f"timm pretrained {name}"
@@ -96,10 +101,97 @@ def state_dict_problem(text: str) -> str:
     return text.strip().splitlines()[0][:300]
 
 
-def load(name: str, weights: Path | None, image_size: int | None) -> LoadedModel:
+def tensor_shapes(name: str, state: Mapping[str, torch.Tensor] | None) -> dict[str, tuple]:
+    """The shapes of the tensors that set a checkpoint's position grid: from the --weights state,
+    or read from a timm directory's weights file without loading the rest."""
+    keys = ("pos_embed", "cls_token", "reg_token", "patch_embed.proj.weight")
+    if state is not None:
+        return {k: tuple(state[k].shape) for k in keys if k in state}
+    if not name.startswith("local-dir:"):
+        return {}
+    directory = Path(name.removeprefix("local-dir:"))
+    try:
+        if (directory / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+                names = set(f.keys())
+                return {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in names}
+        if (directory / "pytorch_model.bin").is_file():
+            found = torch.load(str(directory / "pytorch_model.bin"), map_location="cpu",
+                               weights_only=True, mmap=True)  # fmt: skip
+            return {k: tuple(found[k].shape) for k in keys if k in found}
+    except Exception:  # noqa: BLE001 - an unreadable file: timm's own load says what is wrong
+        return {}
+    return {}
+
+
+def checkpoint_grid(shapes: Mapping[str, Sequence[int]]) -> tuple[int, int] | None:
+    """(grid side, patch size) of the position embeddings a timm checkpoint holds, or None.
+
+    pos_embed [1, N, C] holds the patch grid, plus the CLS and register positions unless the
+    model adds them without position (no_embed_class, as DINOv2 with registers does)."""
+    pos, proj = shapes.get("pos_embed"), shapes.get("patch_embed.proj.weight")
+    if pos is None or proj is None or len(pos) != 3:
+        return None
+    prefix = ("cls_token" in shapes) + (shapes["reg_token"][1] if "reg_token" in shapes else 0)
+    for positions in (pos[1] - prefix, pos[1]):
+        side = math.isqrt(max(positions, 0))
+        if side and side * side == positions:
+            return side, int(proj[-1])
+    return None
+
+
+def stated_size(name: str) -> tuple[int | None, str]:
+    """The input side a timm directory's config.json, or timm's config for NAME, states."""
     import timm
 
-    module, source = create(name, weights, image_size)
+    if name.startswith("local-dir:"):
+        path = Path(name.removeprefix("local-dir:")) / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None, ""
+        size = config.get("model_args", {}).get("img_size") or config.get("pretrained_cfg", {}).get(
+            "input_size"
+        )
+        where = f"{path}"
+    else:
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = getattr(cfg, "input_size", None) if cfg is not None else None
+        where = f"timm's config for {name}"
+    if isinstance(size, (list, tuple)):
+        size = size[-1]
+    return (int(size) if size else None), where
+
+
+def load(name: str, weights: Path | None, image_size: int | None) -> LoadedModel:
+    """A timm ViT at its checkpoint's own position grid, unless `image_size` resamples it
+    (then the note and `resampled_from` say from which grid)."""
+    import timm
+
+    state = read_weights(weights) if weights is not None else None
+    native = checkpoint_grid(tensor_shapes(name, state))
+    notes, resampled_from = [], None
+    if native is not None:
+        side, native_patch = native
+        native_size = side * native_patch
+        stated, where = stated_size(name)
+        if image_size and image_size != native_size:
+            resampled_from = (side, side)
+            notes.append(
+                f"position embeddings resampled from the checkpoint's {side}x{side} grid "
+                f"({native_size} px) to {image_size // native_patch}x{image_size // native_patch} "
+                f"for {image_size} px input"
+            )
+        elif not image_size and stated and stated != native_size:
+            notes.append(
+                f"{where} names {stated} px input, but the checkpoint's position embeddings are "
+                f"{side}x{side} ({native_size} px): loaded at {native_size} px (--image-size "
+                f"{stated} resamples them)"
+            )
+        image_size = image_size or native_size
+    module, source = create(name, weights, image_size, state)
     module.eval()
     if not hasattr(module, "blocks") or not hasattr(module, "forward_features"):
         raise SpecError(
@@ -121,7 +213,6 @@ def load(name: str, weights: Path | None, image_size: int | None) -> LoadedModel
     transform = timm.data.create_transform(**data, is_training=False)
 
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
-    notes = []
     if module.num_classes and weights is None and name.startswith("local-dir:"):
         notes.append("classification head loaded from the directory")
     return LoadedModel(
@@ -136,6 +227,7 @@ def load(name: str, weights: Path | None, image_size: int | None) -> LoadedModel
         ),
         final_norm=module.norm if not isinstance(module.norm, nn.Identity) else None,
         notes=notes,
+        resampled_from=resampled_from,
     )
 
 
