@@ -323,12 +323,12 @@ def test_every_table_renders_with_no_rows(monkeypatch, capsys):
 
     from rich.table import Table
 
-    from vitport.cli import bench_tables, tables
+    from vitport.cli import bench_tables, infer_tables, tables
     from vitport.cli.app import STATE
     from vitport.cli.display import show
     from vitport.cli.fit import fit
 
-    builders = {name: fn for module in (tables, bench_tables)
+    builders = {name: fn for module in (tables, bench_tables, infer_tables)
                 for name, fn in inspect.getmembers(module, inspect.isfunction)
                 if fn.__module__ == module.__name__ and "Table" in str(fn.__annotations__.get("return"))}  # fmt: skip
     arguments = _empty_results()

@@ -254,3 +254,19 @@ def test_timm_pretrained_comes_through_the_hub_snapshot(monkeypatch, tiny_dir):
     encoder = vitport.load("timm:vit_small_patch14_reg4_dinov2.lvd142m")
     assert asked == ["timm/vit_small_patch14_reg4_dinov2.lvd142m"]
     assert encoder.layout.num_registers == 4 and encoder.family == "timm"
+
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov2_with_registers", "vit"])
+def test_a_transformers_checkpoint_resampled_says_from_which_grid(tiny_dir, name):
+    native = vitport.load(str(tiny_dir(name)))
+    assert native.resampled_from is None and not any("resampled" in n for n in native.notes)
+    side = native.image_size[0]
+    bigger = vitport.load(str(tiny_dir(name)), image_size=2 * side)
+    grid = side // native.layout.patch_size
+    assert bigger.resampled_from == (grid, grid)
+    assert f"from the checkpoint's {grid}x{grid} grid ({side} px)" in bigger.notes[-1]
+
+
+def test_rope_models_have_no_grid_to_resample(tiny_dir):
+    encoder = vitport.load(str(tiny_dir("dinov3_vit")), image_size=64)
+    assert encoder.resampled_from is None

@@ -83,3 +83,14 @@ def test_version_mismatch_names_the_matching_pair(tmp_path):
     got = run(root, "-m", "vitport", "devices")
     assert got.returncode == 0, got.stderr
     assert "built for torch==2.9.*" in got.stdout and "pip install" in got.stdout
+
+
+def test_import_vitport_brings_a_working_torch_npu_in_as_autoload_would(tmp_path):
+    """With autoload off, `import vitport; import torch` must still have torch_npu imported (the
+    plain `import torch` a user expects), while no torch_npu keeps `import vitport` light."""
+    package = tmp_path / "torch_npu"
+    package.mkdir()
+    (package / "__init__.py").write_text("import torch\nLOADED = True\n")
+    script = "import vitport, sys; print('torch_npu' in sys.modules, 'torch' in sys.modules)"
+    assert run(tmp_path, "-c", script).stdout.split() == ["True", "True"]
+    assert run(tmp_path / "none", "-c", script).stdout.split() == ["False", "False"]

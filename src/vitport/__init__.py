@@ -1,19 +1,20 @@
 """vitport: bring vision-transformer encoders to new hardware, and prove the port faithful and fast.
 
-``import vitport`` is light: its names (``load``, ``Encoder``, ...) import torch when first
-used, so that ``vitport --version`` answers at once.
+``import vitport`` is light where no torch_npu is installed: its names (``load``, ``Encoder``,
+...) import torch when first used, so that ``vitport --version`` answers at once.
 
 Importing vitport before torch turns off torch's device-backend autoload
 (``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` unless already set): a half-installed torch_npu (CANN not
 sourced, or built for another torch) would otherwise make ``import torch`` itself fail. Instead
-vitport's Device layer imports an installed torch_npu itself, once, when ``vitport.device`` is
-first imported (by ``vitport.load`` and every command that runs a model), as torch's autoload
-would, and when that fails it hides torch_npu from other libraries and keeps the reason: the CPU
-keeps working, and asking for the NPU gives one line with the cure.
+vitport's Device layer imports an installed torch_npu itself, once, at ``import vitport`` (as
+torch's autoload would, so that ``import vitport; import torch`` still has the ``npu`` device),
+and when that fails it hides torch_npu from other libraries and keeps the reason: the CPU keeps
+working, and asking for the NPU gives one line with the cure.
 """
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     from vitport.families import load
 
 __all__ = ["Encoder", "Features", "TokenLayout", "load"]
+
+if importlib.util.find_spec("torch_npu") is not None:  # found without importing it
+    from vitport.device import settle_torch_npu
+
+    settle_torch_npu()
 
 try:
     __version__ = importlib.metadata.version("vitport")

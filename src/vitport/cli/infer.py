@@ -70,7 +70,7 @@ def infer(
     used, the same set `vitport compare` uses. --out writes the
     features as a golden file that `vitport compare --reference FILE` accepts on another machine.
     """
-    from vitport.cli.tables import latency_note, per_image_table, shapes_table
+    from vitport.cli.infer_tables import latency_note, per_image_table, shapes_table
     from vitport.fixes import parse_fixes
     from vitport.images import default_inputs, read_images
     from vitport.infer import infer as run_infer

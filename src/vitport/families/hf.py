@@ -182,6 +182,16 @@ def wrap(
     patch = int(config.patch_size)
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
     top = dict(backbone.named_children())
+    preprocess = hf_preprocess(path, patch, image_size, kind, config)
+    native = position_grid(backbone, {int(kind.has_cls) + registers, int(kind.has_cls), 0})
+    run = (preprocess.image_size[0] // patch, preprocess.image_size[1] // patch)
+    resampled_from = native if native is not None and native != run else None
+    if resampled_from is not None:
+        notes = [*notes, (
+            f"position embeddings resampled from the checkpoint's {native[0]}x{native[1]} grid "
+            f"({native[0] * patch} px) to {run[0]}x{run[1]} for {preprocess.image_size[0]} px "
+            "input (as transformers interpolates them at run time)"
+        )]  # fmt: skip
     return LoadedModel(
         module=module,
         family=f"transformers/{module.config.model_type}",
@@ -189,10 +199,25 @@ def wrap(
         forward=make_forward(kind, logits),
         layout=TokenLayout(num_cls=int(kind.has_cls), num_registers=registers, patch_size=patch),
         arch=architecture(config),
-        preprocess=hf_preprocess(path, patch, image_size, kind, config),
+        preprocess=preprocess,
         final_norm=next((m for n, m in top.items() if "norm" in n), None),
         notes=notes,
+        resampled_from=resampled_from,
     )
+
+
+def position_grid(backbone: nn.Module, prefixes: set[int]) -> tuple[int, int] | None:
+    """The square patch grid the checkpoint's learned position embeddings were trained for;
+    None for models without them (DINOv3's RoPE)."""
+    for name, tensor in [*backbone.named_parameters(), *backbone.named_buffers()]:
+        if "position_embedding" not in name or tensor.ndim not in (2, 3):
+            continue
+        count = tensor.shape[-2]
+        for tokens in sorted(count - p for p in prefixes):  # with or without prefix positions
+            side = round(tokens**0.5)
+            if tokens > 0 and side * side == tokens:
+                return (side, side)
+    return None
 
 
 def architecture(config: Any) -> Architecture:
