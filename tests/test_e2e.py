@@ -144,13 +144,13 @@ def test_slow_preprocess_is_named_as_the_bottleneck(encoder, paths, monkeypatch)
     original = encoder.preprocess
 
     def slow(images):
-        time.sleep(0.02 * len(images))
+        time.sleep(0.05 * len(images))  # well above the tiny model, even on a busy CPU
         return original(images)
 
     monkeypatch.setattr(encoder, "preprocess", Preprocess(slow, original.image_size, {}))
     got = run_e2e(encoder, paths, batch_size=4, workers=0)
     assert got.images == GOOD
-    assert got.stages.preprocess >= 0.02 * GOOD * 0.9
+    assert got.stages.preprocess >= 0.05 * GOOD * 0.9
     line = got.bottleneck()
     assert line.startswith("data loading:"), line
     assert "preprocessing" in line and "--workers" in line

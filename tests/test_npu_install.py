@@ -88,9 +88,10 @@ def test_version_mismatch_names_the_matching_pair(tmp_path):
 def test_import_vitport_brings_a_working_torch_npu_in_as_autoload_would(tmp_path):
     """With autoload off, `import vitport; import torch` must still have torch_npu imported (the
     plain `import torch` a user expects), while no torch_npu keeps `import vitport` light."""
-    package = tmp_path / "torch_npu"
-    package.mkdir()
-    (package / "__init__.py").write_text("import torch\nLOADED = True\n")
+    root = fake_torch_npu(tmp_path / "npu", "unused")
+    (root / "torch_npu" / "__init__.py").write_text(
+        "import torch\n\n\ndef _autoload():\n    pass\n"
+    )
     script = "import vitport, sys; print('torch_npu' in sys.modules, 'torch' in sys.modules)"
-    assert run(tmp_path, "-c", script).stdout.split() == ["True", "True"]
+    assert run(root, "-c", script).stdout.split() == ["True", "True"]
     assert run(tmp_path / "none", "-c", script).stdout.split() == ["False", "False"]

@@ -1,6 +1,6 @@
 """vitport: bring vision-transformer encoders to new hardware, and prove the port faithful and fast.
 
-``import vitport`` is light where no torch_npu is installed: its names (``load``, ``Encoder``,
+``import vitport`` is light where no torch device backend (torch_npu) is installed: its names (``load``, ``Encoder``,
 ...) import torch when first used, so that ``vitport --version`` answers at once.
 
 Importing vitport before torch turns off torch's device-backend autoload
@@ -14,7 +14,6 @@ working, and asking for the NPU gives one line with the cure.
 
 import importlib
 import importlib.metadata
-import importlib.util
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Encoder", "Features", "TokenLayout", "load"]
 
-if importlib.util.find_spec("torch_npu") is not None:  # found without importing it
+if importlib.metadata.entry_points(group="torch.backends"):  # a device backend (torch_npu)
     from vitport.device import settle_torch_npu
 
     settle_torch_npu()
