@@ -571,7 +571,7 @@ def test_timm_dir_without_input_size_keeps_its_grid_through_hf_and_back(grid518,
     assert torch.equal(returned.encode(pixels).patches, encoder.encode(pixels).patches)
 
 
-def test_config_naming_another_size_is_said_and_the_grid_kept(grid518):
+def test_config_naming_another_size_is_said_and_the_grid_kept(grid518, tmp_path):
     import vitport
 
     _, _, directory = grid518
@@ -582,6 +582,8 @@ def test_config_naming_another_size_is_said_and_the_grid_kept(grid518):
     assert encoder.image_size == (518, 518)
     assert len(encoder.notes) == 1 and "names 224 px input" in encoder.notes[0]
     assert "37x37 (518 px)" in encoder.notes[0]
+    result = convert(str(directory), "hf", tmp_path / "hf")  # the note reaches the record
+    assert result.same_function and encoder.notes[0] in result.notes
 
 
 def test_image_size_resampling_is_recorded_as_another_function(grid518, tmp_path):

@@ -350,6 +350,9 @@ def test_no_images_found_names_what_was_skipped_and_the_suffixes(tmp_path: Path)
     assert f"no images found in {tmp_path} (2 other files skipped: " in message
     assert "meta.json" in message and "readme.txt" in message
     assert "\n" not in message and all(suffix in message for suffix in IMAGE_SUFFIXES)
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(ImageError, match=r"\(1 other file skipped: "):
+        read_images([tmp_path])
     with pytest.raises(ImageError, match="no images found"):
         read_images([])
 

@@ -65,8 +65,8 @@ def test_rate_is_two_n_cubed_over_the_median():
     device = FakeDevice(0.5)
     result = measure_peak(device, torch.float32, size=256, min_seconds=1.0)
     assert result == PeakResult("fp32", 256, 2 * 256**3 / 0.5 / 1e12, 0.5, 5)
-    # first call + 3 warm-up calls + 5 measured (5 x 0.5 s >= 1 s)
-    assert device.regions == 1 + 3 + 5
+    # the mm/linear probe (one region each) + first call + 3 warm-up + 5 measured (5 x 0.5 s >= 1 s)
+    assert device.regions == 2 + 1 + 3 + 5
 
 
 def test_cached_per_device_dtype_and_size():
@@ -152,3 +152,22 @@ def test_peak_dtype_key(monkeypatch):
 
 def test_tf32_setting_is_readable():
     assert isinstance(peak.tf32_enabled(), bool)
+
+
+def test_the_faster_of_mm_and_linear_is_measured(monkeypatch):
+    """Neither op is the ceiling everywhere (bf16 mm has a slow fallback on some CPUs): the
+    probe's faster one is what the peak times."""
+    slow_calls = []
+
+    def slow_mm(a, b):
+        slow_calls.append(1)
+        import time
+
+        time.sleep(0.01)
+        return a @ b
+
+    monkeypatch.setattr(peak, "MATMULS", (slow_mm, torch.nn.functional.linear))
+    assert peak._faster_matmul(Device("cpu"), torch.float32, size=8) is torch.nn.functional.linear
+    calls = len(slow_calls)
+    measure_peak(Device("cpu"), torch.float32, size=64, min_seconds=0.01)
+    assert len(slow_calls) == 2 * calls  # probed again, never timed

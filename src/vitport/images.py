@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitport.errors import ImageError
+from vitport.format import count
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -418,7 +419,7 @@ def nothing_to_read(given: Sequence[str | Path], problems: Sequence[ImageProblem
     if problems and len(missing) == len(problems):
         return ImageError(f"file not found: {', '.join(missing)}; check the path")
     shown = ", ".join(p.name for p in problems[:3]) + (", ..." if len(problems) > 3 else "")
-    skipped = f" ({len(problems)} other files skipped: {shown})" if problems else ""
+    skipped = f" ({count(len(problems), 'other file')} skipped: {shown})" if problems else ""
     return ImageError(
         f"no images found in {where}{skipped}; pass image files or directories holding files "
         f"ending in {suffix_list()}"

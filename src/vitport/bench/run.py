@@ -18,6 +18,7 @@ from vitport.bench.timing import Measurement, TaskSpec, measure
 from vitport.device import dtype_name
 from vitport.encoder import Encoder
 from vitport.errors import OutOfMemoryError
+from vitport.format import share
 
 SCHEMA_VERSION = 1
 AUTO_MAX_BATCH = 1024
@@ -179,7 +180,7 @@ class BenchResult:
         )
         lines = []
         for row in self.rows():
-            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+            mfu = share(row["mfu"])
             lines.append(
                 f"| {row['batch_size']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
                 f"{row['p99_ms']:.2f} | {row['mean_ms']:.2f} ± {row['std_ms']:.2f} | "

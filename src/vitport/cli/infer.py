@@ -103,7 +103,7 @@ def infer(
         f"[dim]{encoder.family}, {encoder.num_params / 1e6:.1f}M parameters, tokens: "
         f"{encoder.layout.describe(h, w)}; source: {encoder.source}[/dim]"
     )
-    for note in encoder.notes:
+    for note in [*encoder.notes, *result.notes]:
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
     show(per_image_table(result), ("pooled[:4]", "size"))
     console.print(f"[dim]{latency_note(result, encoder.load_seconds)}[/dim]")

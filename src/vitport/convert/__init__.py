@@ -83,7 +83,7 @@ def open_source(
 
         def load_function() -> Encoder:
             write_foreign_as_timm(where, desc, state, pre)
-            return vitport.load(str(where))
+            return vitport.load(str(where), image_size=image_size)
 
         processor = path / "preprocessor_config.json" if path.is_dir() else None
         return Source(
@@ -187,7 +187,9 @@ def convert(
                 result = _convert_layout(src, to, result_dir, arch, image_size, progress,
                                          mapping_override, default_inputs)  # fmt: skip
             result.out = str(out)
-            _record_resampling(result, src.function)
+            result.notes[:0] = [n for n in src.function.notes if "resampled" not in n]
+            if image_size is not None:  # asked for: the converted checkpoint is resampled
+                _record_resampling(result, src.function)
             if not result.passed:
                 raise VerificationFailed(_failure_line(result), result)
             return result
