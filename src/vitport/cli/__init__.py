@@ -6,12 +6,12 @@ module and is registered here, in the order `vitport --help` lists them.
 
 from __future__ import annotations
 
-from vitport.cli import bench, compare, convert, embed, infer, info, report
+from vitport.cli import bench, compare, convert, embed, infer, info, report, serve
 from vitport.cli.app import Command, app, main, reflow_help
 
 for command in (
     infer.infer, compare.compare, info.fixes, bench.bench, report.report, info.thresholds,
-    info.models, info.devices, convert.convert, embed.embed, embed.dedup,
+    info.models, info.devices, convert.convert, embed.embed, embed.dedup, serve.serve,
 ):  # fmt: skip
     app.command(cls=Command)(command)
 reflow_help()

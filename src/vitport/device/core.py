@@ -124,6 +124,16 @@ class Device:
         types Ray schedules as CPUs."""
         return RAY_RESOURCES.get(self.type)
 
+    def ray_actor_options(self) -> dict[str, Any]:
+        """What a Ray actor holding one device of this type asks for: Ray's own GPU count, a
+        custom resource (NPU), or a CPU."""
+        resource = self.ray_resource
+        if resource is None:
+            return {"num_cpus": 1}
+        if resource == "GPU":
+            return {"num_gpus": 1}
+        return {"resources": {resource: 1}}
+
     def exact_gelu_kernel(self) -> str | None:
         """The backend's own exact (erf) GELU kernel, by name, where it has one; None where
         torch's ``F.gelu`` is the kernel. Raises :class:`VitportError` where the backend's

@@ -73,16 +73,6 @@ class Encode:
         return result
 
 
-def _resources(encoder: Encoder) -> dict[str, Any]:
-    """One device per actor: Ray's own GPU count, or a custom resource (NPU)."""
-    resource = encoder.device.ray_resource
-    if resource is None:
-        return {"num_cpus": 1}
-    if resource == "GPU":
-        return {"num_gpus": 1}
-    return {"resources": {resource: 1}}
-
-
 def _actors(encoder: Encoder) -> int:
     import ray
 
@@ -116,7 +106,7 @@ def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]
                 "fixes": list(encoder.fixes), "outputs": list(dims), **load_options,
             },
             max_restarts=0,  # a lost actor fails the run; running it again resumes
-            **_resources(encoder),
+            **encoder.device.ray_actor_options(),
         )
     )  # fmt: skip
 

@@ -277,25 +277,30 @@ def _write_errors(failures: Sequence[Failure], path: Path) -> None:
 
 
 def _write_part(rows: ShardRows, dims: Mapping[str, list[int]], path: Path) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    columns = {name: shape for name, shape in dims.items() if name != "patches"}
+    pq.write_table(rows_table(rows, columns), path)
+
+
+def rows_table(rows: ShardRows, dims: Mapping[str, list[int]]):
+    """The part files' columns as a pyarrow Table: id, path, width, height and one float32
+    vector column per output in `dims` (its shape in the field's metadata)."""
+    import pyarrow as pa
 
     fields = [pa.field("id", pa.string()), pa.field("path", pa.string()),
               pa.field("width", pa.int32()), pa.field("height", pa.int32())]  # fmt: skip
     columns: list[Any] = [rows.ids, rows.paths, [w for w, _ in rows.sizes],
                           [h for _, h in rows.sizes]]  # fmt: skip
     for name, shape in dims.items():
-        if name == "patches":
-            continue
         width = int(np.prod(shape))
         kind = pa.list_(pa.float32(), width)
         fields.append(pa.field(name, kind, metadata={"shape": json.dumps(shape)}))
         values = np.asarray(rows.outputs.get(name, []), dtype=np.float32).reshape(-1)
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), width))
     schema = pa.schema(fields)
-    table = pa.Table.from_arrays(
+    return pa.Table.from_arrays(
         [c if isinstance(c, pa.Array) else pa.array(c, f.type) for c, f in zip(columns, fields,
                                                                               strict=True)],
         schema=schema,
     )  # fmt: skip
-    pq.write_table(table, path)

@@ -1,0 +1,263 @@
+"""`vitport serve`: the ported encoder behind an HTTP endpoint, proven before it opens."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitport.cli.app import (
+    CudaShimOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FixOpt,
+    ImageSizeOpt,
+    ModelOpt,
+    RemoteCodeOpt,
+    WeightsOpt,
+    errors,
+    esc,
+)
+from vitport.cli.inputs import enable_cuda_shim
+from vitport.errors import VitportError
+
+Int = Annotated[int, typer.Option(min=1)]
+
+
+def serve(
+    model: ModelOpt,
+    device: DeviceOpt = "auto",
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="Several devices behind one queue, one worker each: npu:0,npu:1 "
+            "or cuda:0,cuda:1 (with --engine ray: one replica each)."
+        ),
+    ] = None,  # fmt: skip
+    dtype: DtypeOpt = "fp32",
+    fix: FixOpt = None,
+    image_size: ImageSizeOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    model_name: Annotated[
+        str | None, typer.Option(help="The model id clients send; default: the spec.")
+    ] = None,
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Images per device batch; default: bench's auto size, measured at start-up."
+        ),
+    ] = None,  # fmt: skip
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0.0, help="How long a batch waits to fill after its first image.")
+    ] = 5.0,
+    workers: Annotated[int, typer.Option(min=1, help="Threads that decode and preprocess.")] = 2,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Images queued at most; beyond it, 429 with Retry-After.")
+    ] = 1024,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body; beyond it, 413.")
+    ] = 64 << 20,
+    max_images_per_request: Annotated[
+        int, typer.Option(min=1, help="Most images in one request; beyond it, 413.")
+    ] = 256,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001, help="Seconds a request may take; beyond it, 504 and its work is dropped."
+        ),
+    ] = 60.0,  # fmt: skip
+    allow_urls: Annotated[
+        bool,
+        typer.Option(
+            "--allow-urls",
+            help="Accept http(s) URLs as inputs (never to "
+            "private, loopback or link-local addresses).",
+        ),
+    ] = False,  # fmt: skip
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference",
+            "-r",
+            help="What the self-check compares with: a device "
+            "(cpu, in fp32) or a golden file from vitport infer --out.",
+        ),
+    ] = "cpu",  # fmt: skip
+    no_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-check",
+            help="Skip the self-check (a faster start; /v1/models "
+            "then says the port is unchecked).",
+        ),
+    ] = False,  # fmt: skip
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--threshold",
+            "-t",
+            help="Override a self-check limit, as in vitport "
+            "compare (rel_error=2%, cls.cos_worst=0.9999).",
+        ),
+    ] = None,  # fmt: skip
+    inject_fault: Annotated[
+        str | None,
+        typer.Option(
+            help="Plant a known fault KIND@BLOCK in the served model (gelu-tanh@7): the "
+            "self-check must catch it."
+        ),
+    ] = None,  # fmt: skip
+    drain_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="On SIGTERM/SIGINT, how long accepted requests may take to finish."
+        ),
+    ] = 30.0,  # fmt: skip
+    engine: Annotated[
+        str, typer.Option(help="local (uvicorn, this process) or ray (Ray Serve replicas).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="--engine ray: join this cluster; default: start one here.")
+    ] = None,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="--engine ray: replicas; default one per device.")
+    ] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(
+            help="--engine ray: MIN:MAX replicas, autoscaled by Ray Serve on ongoing requests."
+        ),
+    ] = None,  # fmt: skip
+    max_ongoing_requests: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="--engine ray: Ray Serve's per-replica limit; default --max-queue."
+        ),
+    ] = None,  # fmt: skip
+    max_queued_requests: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="--engine ray: requests Ray queues per caller before it answers 503."
+        ),
+    ] = None,  # fmt: skip
+    weights: WeightsOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    cuda_shim: CudaShimOpt = False,
+) -> None:
+    """Serve the encoder: OpenAI-shaped POST /v1/embeddings (base64 images or data: URIs in,
+    float or base64 embeddings out; output pooled, cls, registers or patches), multipart POST
+    /v1/embed (JSON, or an Arrow stream with Accept: application/vnd.apache.arrow.stream),
+    GET /v1/models, /health, /ready and /metrics (Prometheus).
+
+    Before it takes traffic, the served configuration is compared with a reference (the same
+    model on the CPU in fp32 on the 10 default inputs, or --reference GOLDEN) under vitport
+    compare's verdict and limits: a failure keeps /ready at 503 and exits 1 with the compare
+    table (--no-check serves anyway). Requests from all clients are gathered into device
+    batches (--max-batch-size, --max-wait-ms); the queue is bounded (429 when full). SIGTERM or
+    SIGINT drains: /ready and new requests turn 503, every accepted request is answered, and the
+    process exits 0. Needs vitport[serve] (vitport[serve-ray] for --engine ray).
+    """
+    import logging
+
+    from vitport.serve.config import ServeConfig
+
+    config = ServeConfig(
+        model=model, device=device, dtype=dtype, image_size=image_size,
+        devices=tuple(d.strip() for d in (devices or "").split(",") if d.strip()),
+        fixes=tuple(f for f in (fix or "").split(",") if f), weights=str(weights) if weights else None,
+        trust_remote_code=trust_remote_code, model_name=model_name or "",
+        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, workers=workers,
+        max_queue=max_queue, max_body_bytes=max_body_bytes,
+        max_images_per_request=max_images_per_request, timeout=timeout, allow_urls=allow_urls,
+        reference=reference, check=not no_check, thresholds=tuple(threshold or ()),
+        inject_fault=inject_fault, drain_seconds=drain_seconds,
+    )  # fmt: skip
+    check_options(config, engine)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     vitport: %(message)s"))
+    logger = logging.getLogger("vitport.serve")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    enable_cuda_shim(cuda_shim)
+    if engine == "ray":
+        from vitport.serve import ray_engine
+
+        ray_engine.run(config, host, port, ray_address, replicas=replicas,
+                       autoscaling=parse_autoscale(autoscale),
+                       max_ongoing_requests=max_ongoing_requests,
+                       max_queued_requests=max_queued_requests)  # fmt: skip
+        return
+    check_port(host, port)
+    from vitport.serve.server import serve as run_server
+    from vitport.serve.service import CheckFailed, Service
+
+    service = Service(config)
+    server = run_server(service, host, port)
+    if isinstance(service.error, CheckFailed):
+        from vitport.cli.compare import render_compare
+
+        for result in service.error.results:
+            if not result.passed:
+                render_compare(result)
+        raise service.error
+    if service.error is not None:
+        raise service.error
+    if server.drained is False:
+        errors.print(f"[red]error:[/red] {service.in_flight} requests were still in flight "
+                     f"after --drain-seconds {drain_seconds:g}")  # fmt: skip
+        raise typer.Exit(1)
+
+
+def check_options(config, engine: str) -> None:
+    """Everything that can be refused before the model loads, in one line each."""
+    from vitport.compare.reference import open_reference
+    from vitport.compare.verdict import parse_threshold_overrides
+    from vitport.device import parse_dtype, resolve_device
+    from vitport.faults import parse_fault
+    from vitport.fixes import parse_fixes
+
+    if engine not in ("local", "ray"):
+        raise VitportError(f"--engine takes local or ray, not {engine!r}")
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise VitportError(f"vitport serve needs {exc.name}: pip install 'vitport[serve]'") from exc
+    parse_dtype(config.dtype)
+    parse_fixes(list(config.fixes))
+    if config.inject_fault:
+        parse_fault(config.inject_fault)
+    try:
+        parse_threshold_overrides(list(config.thresholds))
+    except ValueError as exc:
+        raise VitportError(str(exc)) from exc
+    if config.weights and not Path(config.weights).exists():
+        raise VitportError(f"--weights {config.weights}: file not found")
+    if config.check:
+        open_reference(config.reference)
+    if engine == "local":
+        for spec in config.device_list:
+            resolve_device(spec)
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise VitportError(f"cannot listen on {esc(host)}:{port} ({exc.strerror}); choose "
+                               "another --port or --host") from exc  # fmt: skip
+
+
+def parse_autoscale(text: str | None) -> dict | None:
+    if not text:
+        return None
+    low, _, high = text.partition(":")
+    if not (low.isdigit() and high.isdigit()) or int(low) > int(high) or int(high) < 1:
+        raise VitportError(f"--autoscale takes MIN:MAX replicas (e.g. 1:4), not {text!r}")
+    return {"min_replicas": int(low), "max_replicas": int(high)}

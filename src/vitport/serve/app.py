@@ -1,0 +1,291 @@
+"""The ASGI app: OpenAI-shaped /v1/embeddings, multipart /v1/embed (JSON or Arrow), models,
+health, readiness and metrics, over one Service."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from vitport.serve.config import ServeConfig
+from vitport.serve.inputs import entry_bytes
+from vitport.serve.metrics import CONTENT_TYPE
+from vitport.serve.service import Embedded, Entry, ServeError, Service
+
+log = logging.getLogger("vitport.serve")
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed",
+               503: "service_unavailable", 504: "timeout"}  # fmt: skip
+
+
+class EmbeddingRequest(BaseModel):
+    """The OpenAI embeddings request; `output` picks the Features group (vitport's own)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    output: str = "pooled"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for a body over the limit, by Content-Length or as it streams in."""
+
+    def __init__(self, app: Any, limit: int, on_reject: Any) -> None:
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._reject(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except BodyTooLarge:
+            if not started:
+                await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+        self.on_reject()
+        error = ServeError(413, "body-too-large", f"request body over {self.limit} bytes "
+                           "(--max-body-bytes); send fewer or smaller images")  # fmt: skip
+        await error_response(error)(scope, receive, send)
+
+
+def error_response(error: ServeError) -> JSONResponse:
+    body: dict[str, Any] = {"message": error.message, "type": ERROR_TYPES.get(error.status, "error"),
+                            "param": error.param, "code": error.code}  # fmt: skip
+    if error.entries:
+        body["entries"] = error.entries
+    return JSONResponse({"error": body}, status_code=error.status, headers=error.headers)
+
+
+def create_app(config: ServeConfig | None = None, *, service: Service | None = None,
+               background: bool = True) -> FastAPI:  # fmt: skip
+    """The vitport serving app, to run with uvicorn or mount in another ASGI app.
+
+    The model loads, is self-checked and warmed up at start-up (the app's lifespan): in a
+    thread while /health already answers and /ready says 503 (`background`), or before the
+    app takes any request (``background=False``, as Ray Serve replicas do)."""
+    if service is None:
+        if config is None:
+            raise ValueError("create_app needs a ServeConfig or a Service")
+        service = Service(config)
+    cfg = service.config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        starting = loop.run_in_executor(None, service.start)
+        if not background:
+            await starting
+        else:
+            starting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="vitport", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes,
+                       on_reject=lambda: count(service, "any", "too-large"))  # fmt: skip
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        message = f"{where}: {first.get('msg', 'invalid request')}"
+        count(service, request.url.path, "bad_request")
+        return error_response(ServeError(400, "bad-request", message, param=where))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "state": service.state}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if service.ready:
+            return JSONResponse({"status": "ready"})
+        detail = str(service.error) if service.error else service.state
+        return JSONResponse({"status": service.state, "detail": detail}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return service.models()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        async with serving(service, "/v1/embeddings"):
+            if body.model not in (None, "", cfg.served_name):
+                raise ServeError(404, "model_not_found", f"model {body.model!r} is not served "
+                                 f"here; this server serves {cfg.served_name!r}",
+                                 param="model")  # fmt: skip
+            if body.dimensions is not None:
+                raise ServeError(400, "bad-dimensions", "dimensions is not supported: the "
+                                 "encoder's width is fixed", param="dimensions")  # fmt: skip
+            service.check_output(body.output)
+            texts = [body.input] if isinstance(body.input, str) else body.input
+            entries = [Entry(f"input[{k}]", reader(t, cfg)) for k, t in enumerate(texts)]
+            done = await service.embed(entries, "input", request.is_disconnected)
+            data = [{"object": "embedding", "index": k,
+                     **embedding(e, body.output, body.encoding_format)}
+                    for k, e in enumerate(done)]  # fmt: skip
+            return {"object": "list", "data": data, "model": cfg.served_name,
+                    "usage": {"prompt_tokens": len(done), "total_tokens": len(done),
+                              "images": len(done)}}  # fmt: skip
+
+    @app.post("/v1/embed")
+    async def embed(request: Request, outputs: str = "pooled") -> Response:
+        async with serving(service, "/v1/embed"):
+            names = [n.strip() for n in outputs.split(",") if n.strip()]
+            for name in names:
+                service.check_output(name)
+            entries = await form_entries(request, cfg)
+            done = await service.embed(entries, "file", request.is_disconnected)
+            ids = [e.name for e in entries]
+            if ARROW_STREAM in request.headers.get("accept", ""):
+                return Response(arrow_stream(ids, done, names, service.output_shapes),
+                                media_type=ARROW_STREAM)  # fmt: skip
+            data = [{"index": k, "id": ids[k], "width": e.size[0], "height": e.size[1],
+                     **{n: e.outputs[n].reshape(-1).tolist() for n in names}}
+                    for k, e in enumerate(done)]  # fmt: skip
+            shapes = {n: service.output_shapes[n] for n in names}
+            return JSONResponse({"object": "list", "model": cfg.served_name, "data": data,
+                                 "shapes": shapes, "usage": {"images": len(done)}})  # fmt: skip
+
+    return app
+
+
+def count(service: Service, endpoint: str, outcome: str) -> None:
+    service.metrics.requests.labels(endpoint, outcome).inc()
+
+
+OUTCOMES = {400: "bad_request", 404: "bad_request", 413: "too_large", 429: "queue_full",
+            499: "disconnected", 503: "unavailable", 504: "timeout"}  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def serving(service: Service, endpoint: str):
+    """One request: refused unless ready, counted in flight (draining waits for it), and its
+    outcome counted."""
+    try:
+        service.gate()
+    except ServeError:
+        count(service, endpoint, "unavailable")
+        raise
+    service.enter()
+    try:
+        yield
+        count(service, endpoint, "ok")
+    except ServeError as exc:
+        count(service, endpoint, OUTCOMES.get(exc.status, "error"))
+        raise
+    except BaseException:
+        count(service, endpoint, "error")
+        raise
+    finally:
+        service.leave()
+
+
+def reader(text: Any, cfg: ServeConfig):
+    return lambda: entry_bytes(text, cfg.allow_urls, cfg.max_body_bytes)
+
+
+async def form_entries(request: Request, cfg: ServeConfig) -> list[Entry]:
+    """The multipart parts that carry files, as entries named by their file names."""
+    limit = cfg.max_images_per_request
+    if "multipart/form-data" not in request.headers.get("content-type", ""):
+        raise ServeError(400, "bad-request", "send the images as multipart/form-data file parts "
+                         "(curl -F file=@photo.jpg)")  # fmt: skip
+    try:
+        form = await request.form(max_files=limit + 1, max_fields=limit + 16,
+                                  max_part_size=cfg.max_body_bytes)  # fmt: skip
+    except BodyTooLarge:
+        raise
+    except Exception as exc:  # starlette's MultiPartException / HTTPException
+        detail = getattr(exc, "detail", None) or str(exc)
+        status = 413 if "Too many files" in str(detail) else 400
+        raise ServeError(status, "bad-multipart", f"cannot read the form: {detail}") from exc
+    entries = []
+    for field, value in form.multi_items():
+        if isinstance(value, str):
+            continue
+        data = await value.read()
+        entries.append(Entry(value.filename or field, lambda data=data: data))
+    return entries
+
+
+def embedding(done: Embedded, output: str, encoding: str) -> dict[str, Any]:
+    values = done.outputs[output].numpy().astype("<f4", copy=False)
+    flat = values.reshape(-1)
+    item: dict[str, Any] = {}
+    if encoding == "base64":
+        item["embedding"] = base64.b64encode(flat.tobytes()).decode("ascii")
+    else:
+        item["embedding"] = flat.tolist()
+    if values.ndim > 1:
+        item["shape"] = list(values.shape)
+    return item
+
+
+def arrow_stream(ids: list[str], done: list[Embedded], names: list[str],
+                 shapes: dict[str, list[int]]) -> bytes:  # fmt: skip
+    """An Arrow IPC stream with embed's Parquet columns (id, path, width, height, outputs)."""
+    import pyarrow as pa
+
+    from vitport.embed.store import ShardRows, rows_table
+
+    rows = ShardRows(0, ids=list(ids), paths=list(ids), sizes=[e.size for e in done],
+                     outputs={n: [e.outputs[n].numpy() for e in done] for n in names})  # fmt: skip
+    table = rows_table(rows, {n: shapes[n] for n in names})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+__all__ = ["ARROW_STREAM", "EmbeddingRequest", "create_app", "np"]

@@ -1,0 +1,117 @@
+"""`vitport serve --engine ray`: the same app on Ray Serve. Each replica is one device
+(`num_gpus`, or Ray's `NPU` resource) running the same Service and batcher; Ray's own
+autoscaling and backpressure options pass through. Needs `vitport[serve-ray]`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import signal
+import threading
+from functools import partial
+from typing import Any
+
+from vitport.device import Device
+from vitport.errors import VitportError
+from vitport.serve.config import ServeConfig
+
+log = logging.getLogger("vitport.serve")
+APP_NAME = "vitport"
+
+
+def replica_app(config: ServeConfig) -> Any:
+    """Built on each replica: the app, loading and self-checking before it takes traffic."""
+    from vitport.serve.app import create_app
+
+    return create_app(config, background=False)
+
+
+def device_type(config: ServeConfig) -> str:
+    """The one device type the replicas run on (each replica sees its own device)."""
+    types = {re.split(r":", d.strip().lower())[0] for d in config.device_list}
+    if len(types) != 1 or "auto" in types:
+        raise VitportError("--engine ray needs one device type (--device cpu, cuda or npu); "
+                           "Ray places one replica per device")  # fmt: skip
+    return types.pop()
+
+
+def default_replicas(kind: str, config: ServeConfig) -> int:
+    """One per listed device, else one per device of that kind in the cluster."""
+    import ray
+
+    if config.devices:
+        return len(config.devices)
+    resource = Device(kind).ray_resource
+    if resource is None:
+        return 1
+    return max(1, int(ray.cluster_resources().get(resource, 1)))
+
+
+def deploy(config: ServeConfig, host: str, port: int, *, replicas: int | None = None,
+           autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int | None = None,
+           max_queued_requests: int | None = None) -> Any:  # fmt: skip
+    """Deploy on the Ray cluster this process is connected to; the app's handle."""
+    from ray import serve
+
+    kind = device_type(config)
+    replica_config = dataclasses.replace(config, device=kind, devices=())
+    options: dict[str, Any] = {
+        "name": APP_NAME,
+        "ray_actor_options": Device(kind).ray_actor_options(),
+        "max_ongoing_requests": max_ongoing_requests or config.max_queue,
+        "graceful_shutdown_timeout_s": config.drain_seconds,
+        "health_check_period_s": 5,
+    }
+    if max_queued_requests is not None:
+        options["max_queued_requests"] = max_queued_requests
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = replicas or default_replicas(kind, config)
+    ingress = serve.ingress(partial(replica_app, replica_config))
+    deployment = serve.deployment(ingress(), **options)
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(deployment.bind(), name=APP_NAME, route_prefix="/")
+
+
+def run(config: ServeConfig, host: str, port: int, address: str | None = None,
+        **options: Any) -> None:  # fmt: skip
+    """Deploy, serve until SIGTERM/SIGINT, then let Ray drain the replicas and shut down."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise VitportError(
+            "--engine ray needs Ray Serve: pip install 'vitport[serve-ray]'"
+        ) from exc
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        except Exception as exc:  # ConnectionError, RuntimeError, ...: all mean "no cluster"
+            raise VitportError(f"cannot start or join Ray at {address or 'local'}: {exc}") from exc
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            deploy(config, host, port, **options)
+        except Exception as exc:  # a replica that fails to load or to pass its check
+            raise VitportError(f"Ray Serve could not start {config.served_name}: "
+                               f"{_first_line(exc)}") from exc  # fmt: skip
+        log.info("ready on Ray Serve at http://%s:%d", host, port)
+        stop.wait()
+        log.info("draining: Ray Serve finishes accepted requests (up to %g s)",
+                 config.drain_seconds)  # fmt: skip
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if started:
+            ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

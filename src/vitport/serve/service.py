@@ -1,0 +1,389 @@
+"""The served encoder, below HTTP: load, self-check against a reference, pick the batch size,
+warm up, then embed entries through the batcher; drain on shutdown. The ASGI app (app.py) and
+the Ray Serve replica (ray_engine.py) both wrap one Service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vitport.errors import VitportError
+from vitport.serve.batcher import Batcher, QueueFull
+from vitport.serve.config import OUTPUTS, ServeConfig
+from vitport.serve.inputs import Decoded, EntryError, decode
+from vitport.serve.metrics import Metrics
+
+log = logging.getLogger("vitport.serve")
+
+AUTO_MAX_BATCH = 256  # serving batches beyond this only add latency
+DISCONNECT_POLL_S = 0.25
+
+
+class CheckFailed(VitportError):
+    """The served configuration does not match its reference: the server stays not ready."""
+
+    exit_code = 1
+
+    def __init__(self, results: list[Any]) -> None:
+        worst = max(r.worst_rel_error for r in results)
+        failed = [c for r in results for c in r.verdict.failures]
+        first = failed[0] if failed else None
+        what = f"{first.group}.{first.metric} = {first.value:.4g} (limit {first.limit:.4g})"
+        super().__init__(
+            f"self-check failed: {what if first else 'no check passed'}, worst relative error "
+            f"{100 * worst:.3g}%; the server will not take traffic (--no-check to serve anyway)"
+        )
+        self.results = results
+
+
+class ServeError(Exception):
+    """An HTTP error with its status, a short code and a one-line message."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None, entries: list[dict] | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.param, self.headers, self.entries = param, headers or {}, entries or []
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of a request: its name and how to get its bytes (run in the decode pool)."""
+
+    name: str
+    read: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One image's outputs (CPU float32) and its decoded size."""
+
+    outputs: dict[str, torch.Tensor]
+    size: tuple[int, int]
+
+
+class Service:
+    """One served model. State: starting, loading, checking, warming, ready, draining, stopped
+    or failed."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.state = "starting"
+        self.error: BaseException | None = None
+        self.checks: list[Any] = []  # CompareResult per device
+        self.batcher: Batcher | None = None
+        self.encoders: list[Any] = []
+        self.output_shapes: dict[str, list[int]] = {}
+        self.batch_source = ""
+        self.auto_throughput: float | None = None
+        self.started_at = int(time.time())
+        self.in_flight = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self.on_failed: Callable[[], None] | None = None  # e.g. stop the server
+        self._pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="vitport-decode")
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # ------------------------------------------------------------- start-up
+
+    def start(self) -> None:
+        """Load, check, size and warm up (blocking); the failure is kept in `error` and raised."""
+        try:
+            self._start()
+        except BaseException as exc:
+            self.error = exc
+            self.state = "failed"
+            log.error("not serving: %s", exc)
+            if self.on_failed is not None:
+                self.on_failed()
+            raise
+
+    def _start(self) -> None:
+        import vitport
+        from vitport.compare.run import candidate_factory
+        from vitport.device import parse_dtype, resolve_device
+        from vitport.fixes import parse_fixes
+
+        cfg = self.config
+        self.state = "loading"
+        devices = [resolve_device(d) for d in cfg.device_list]
+        dtype = parse_dtype(cfg.dtype)
+        fixes = parse_fixes(list(cfg.fixes))
+        base = vitport.load(cfg.model, "cpu", "fp32", image_size=cfg.image_size,
+                            weights=cfg.weights, trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+        self.encoders = [candidate_factory(base, d, dtype, cfg.inject_fault)(fixes)[0]
+                         for d in devices]  # fmt: skip
+        if cfg.check:
+            self.state = "checking"
+            self.checks = [self._check(base, encoder, fixes) for encoder in self.encoders]
+            for result in self.checks:
+                log.info("self-check %s", check_line(result))
+            if not all(r.passed for r in self.checks):
+                raise CheckFailed(self.checks)
+        del base
+        self.state = "warming"
+        batch = cfg.max_batch_size or self._auto_batch()
+        self.batch_source = "--max-batch-size" if cfg.max_batch_size else "bench's auto size"
+        for encoder in self.encoders:  # first calls (kernel builds, compilation) off the clock
+            shapes = self._warm(encoder, batch)
+        self.output_shapes = shapes
+        self.batcher = Batcher(self.encoders, batch, cfg.max_wait_ms / 1000, cfg.max_queue,
+                               self.metrics)  # fmt: skip
+        self.batcher.start()
+        self.state = "ready"
+        self.metrics.ready.set(1)
+        log.info("ready: %s on %s (%s), batches of up to %d (%s)", cfg.served_name,
+                 ", ".join(str(e.device) for e in self.encoders), cfg.dtype, batch,
+                 self.batch_source)  # fmt: skip
+
+    def _check(self, base: Any, encoder: Any, fixes: Sequence[str]) -> Any:
+        """`vitport compare`'s verdict and limits for the served configuration."""
+        from vitport.compare.reference import open_reference, reference_model
+        from vitport.compare.run import compare
+        from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
+        from vitport.device import parse_dtype
+        from vitport.encoder import Features
+        from vitport.images import default_inputs, images_by_name
+
+        cfg = self.config
+        try:
+            overrides = parse_threshold_overrides(list(cfg.thresholds))
+        except ValueError as exc:
+            raise VitportError(str(exc)) from exc
+        source = open_reference(cfg.reference)
+        if isinstance(source, Features):
+            images, problems = images_by_name(source.names)
+            if problems:
+                raise VitportError(f"{cfg.reference}: cannot read its image {problems[0].name}: "
+                                   f"{problems[0].reason}")  # fmt: skip
+            reference = source
+        else:
+            images = default_inputs(encoder.image_size[0])
+            reference = reference_model(base, source, parse_dtype(cfg.reference_dtype))
+        thresholds = thresholds_for(encoder.dtype, overrides)
+        return compare(base, encoder, reference, images, thresholds, fixes=fixes, batch_size=4)
+
+    def _auto_batch(self) -> int:
+        """Bench's auto batch size on the first device, in a short measured window."""
+        from vitport.bench.run import Window, sweep
+
+        window = Window(warmup_iters=2, warmup_seconds=0.2, min_iters=3, min_seconds=0.5)
+        runs, _ = sweep(self.encoders[0], None, window, max_batch=AUTO_MAX_BATCH)
+        best = max(runs, key=lambda r: r.measurement.images_per_second)
+        self.auto_throughput = best.measurement.images_per_second
+        return best.batch_size
+
+    def _warm(self, encoder: Any, batch: int) -> dict[str, list[int]]:
+        from vitport.bench.run import random_pixels
+
+        features = encoder.encode(random_pixels(encoder, batch))
+        encoder.device.synchronize()
+        return {k: list(v.shape[1:]) for k, v in features.groups().items() if k in OUTPUTS}
+
+    # ------------------------------------------------------------- requests
+
+    def gate(self) -> None:
+        """Refuse work unless ready: 503, with when to retry."""
+        if self.state == "ready":
+            return
+        if self.state in ("draining", "stopped"):
+            raise ServeError(503, "draining", "the server is shutting down; retry on another "
+                             "replica", headers={"Retry-After": "1"})  # fmt: skip
+        if self.state == "failed":
+            raise ServeError(503, "not-ready", f"the server is not serving: {self.error}")
+        raise ServeError(503, "not-ready", f"the model is not ready yet ({self.state})",
+                         headers={"Retry-After": "5"})  # fmt: skip
+
+    def check_output(self, output: str) -> None:
+        if output not in OUTPUTS:
+            raise ServeError(400, "bad-output", f"output {output!r} is not one of "
+                             f"{', '.join(OUTPUTS)}", param="output")  # fmt: skip
+        if output not in self.output_shapes:
+            have = ", ".join(o for o in OUTPUTS if o in self.output_shapes)
+            raise ServeError(400, "bad-output", f"{self.config.model} has no {output} output; "
+                             f"it has: {have}", param="output")  # fmt: skip
+
+    async def embed(self, entries: Sequence[Entry], param: str,
+                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[Embedded]:  # fmt: skip
+        """Decode, batch and encode a request's images; ServeError for what fails."""
+        cfg = self.config
+        started = time.monotonic()
+        if not entries:
+            raise ServeError(400, "empty", f"{param} holds no images", param=param)
+        if len(entries) > cfg.max_images_per_request:
+            raise ServeError(413, "too-many-images", f"{len(entries)} images in one request; "
+                             f"this server takes at most {cfg.max_images_per_request} "
+                             "(--max-images-per-request)", param=param)  # fmt: skip
+        assert self.batcher is not None
+        try:
+            self.batcher.admit(len(entries))
+        except QueueFull as exc:
+            self.metrics.errors.labels("queue-full").inc()
+            self.metrics.images.labels("rejected").inc(len(entries))
+            raise ServeError(429, "queue-full", f"{exc}; retry in {exc.retry_after} s",
+                             headers={"Retry-After": str(exc.retry_after)}) from exc  # fmt: skip
+        try:
+            loop = asyncio.get_running_loop()
+            decoded = await asyncio.gather(
+                *(loop.run_in_executor(self._pool, self._decode, e) for e in entries)
+            )
+        except BaseException:
+            self.batcher.release(len(entries))
+            raise
+        bad = [(k, d) for k, d in enumerate(decoded) if isinstance(d, EntryError)]
+        if bad:
+            self.batcher.release(len(entries))
+            for _, error in bad:
+                self.metrics.errors.labels(error.code).inc()
+            self.metrics.images.labels("bad").inc(len(bad))
+            rows = [{"index": k, "name": entries[k].name, "code": e.code, "message": e.message}
+                    for k, e in bad]  # fmt: skip
+            k, first = bad[0]
+            more = f" (and {len(bad) - 1} more bad entries)" if len(bad) > 1 else ""
+            raise ServeError(400, first.code, f"{param}[{k}]: {first.message}{more}",
+                             param=f"{param}[{k}]", entries=rows)  # fmt: skip
+        futures = self.batcher.submit([d.pixels for d in decoded], time.monotonic())
+        outputs = await self._wait(futures, started, disconnected)
+        self.metrics.images.labels("ok").inc(len(entries))
+        return [Embedded(o, d.size) for o, d in zip(outputs, decoded, strict=True)]
+
+    def _decode(self, entry: Entry) -> Decoded | EntryError:
+        encoder = self.encoders[0]
+        try:
+            return decode(entry.read(), entry.name, encoder.preprocess, encoder.dtype)
+        except EntryError as exc:
+            return exc
+
+    async def _wait(self, futures: list[Future], started: float,
+                    disconnected: Callable[[], Awaitable[bool]] | None) -> list[dict]:  # fmt: skip
+        """The futures' results; on timeout (504) or a gone client, their work is dropped."""
+        gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        deadline = started + self.config.timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.metrics.errors.labels("timeout").inc()
+                    self.metrics.images.labels("timeout").inc(len(futures))
+                    raise ServeError(504, "timeout", f"not done within {self.config.timeout:g} s "
+                                     "(--timeout); the request's work was dropped")  # fmt: skip
+                done, _ = await asyncio.wait({gathered}, timeout=min(left, DISCONNECT_POLL_S))
+                if done:
+                    return gathered.result()
+                if disconnected is not None and await disconnected():
+                    self.metrics.errors.labels("disconnected").inc()
+                    self.metrics.images.labels("disconnected").inc(len(futures))
+                    raise ServeError(499, "disconnected", "the client went away")
+        except BaseException as exc:
+            for f in futures:
+                f.cancel()
+            gathered.cancel()
+            gathered.add_done_callback(lambda g: g.cancelled() or g.exception())
+            if isinstance(exc, ServeError | asyncio.CancelledError):
+                raise
+            raise ServeError(500, "device", f"encoding failed: {exc}") from exc
+
+    # ------------------------------------------------------------- shutdown
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+        self.metrics.in_flight.set(self.in_flight)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def begin_drain(self) -> None:
+        """Stop taking work: /ready and new requests answer 503; accepted ones finish."""
+        if self.state != "failed":
+            self.state = "draining"
+        self.metrics.ready.set(0)
+        log.info("draining: %d requests in flight", self.in_flight)
+
+    def wait_drained(self, seconds: float) -> bool:
+        """Block until every accepted request is answered (True) or `seconds` pass (False)."""
+        return self._idle.wait(seconds)
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.state != "failed":
+            self.state = "stopped"
+
+    # ------------------------------------------------------------- description
+
+    def models(self) -> dict[str, Any]:
+        """/v1/models: the OpenAI list, with what was served and how it was proven."""
+        cfg = self.config
+        first = self.encoders[0] if self.encoders else None
+        about: dict[str, Any] = {
+            "spec": cfg.model,
+            "state": self.state,
+            "devices": [str(e.device) for e in self.encoders] or list(cfg.device_list),
+            "dtype": cfg.dtype,
+            "fixes": list(cfg.fixes),
+            "outputs": self.output_shapes,
+            "max_batch_size": self.batcher.max_batch if self.batcher else cfg.max_batch_size,
+            "batch_size_from": self.batch_source,
+            "max_wait_ms": cfg.max_wait_ms,
+            "self_check": self.check_summary(),
+        }
+        if first is not None:
+            about |= {"family": first.family, "image_size": list(first.image_size),
+                      "weights_sha256": first.weights_sha256}  # fmt: skip
+        if self.auto_throughput is not None:
+            about["auto_batch_images_per_second"] = round(self.auto_throughput, 2)
+        card = {"id": cfg.served_name, "object": "model", "created": self.started_at,
+                "owned_by": "vitport", "vitport": about}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    def check_summary(self) -> dict[str, Any]:
+        if not self.config.check:
+            return {"checked": False, "reason": "--no-check"}
+        if not self.checks:
+            return {"checked": False, "reason": f"not yet ({self.state})"}
+        from vitport.compare.run import describe_side
+
+        first = self.checks[0]
+        return {
+            "checked": True,
+            "passed": all(r.passed for r in self.checks),
+            "reference": describe_side(first.reference),
+            "inputs": len(first.inputs),
+            "limits": [t.spec() for t in first.thresholds],
+            "worst_rel_error": max(r.worst_rel_error for r in self.checks),
+            "devices": [
+                {"device": r.candidate.device, "passed": r.passed,
+                 "worst_rel_error": r.worst_rel_error,
+                 "failures": [f"{c.group}.{c.metric}={c.value:.6g} (limit {c.limit:g})"
+                              for c in r.verdict.failures]}
+                for r in self.checks
+            ],
+        }  # fmt: skip
+
+
+def check_line(result: Any) -> str:
+    """One line for a self-check: verdict, sides, worst error, inputs."""
+    from vitport.compare.run import describe_side
+
+    verdict = "passed" if result.passed else "FAILED"
+    return (
+        f"{verdict}: {describe_side(result.candidate)} vs {describe_side(result.reference)} on "
+        f"{len(result.inputs)} inputs, worst relative error {100 * result.worst_rel_error:.3g}%"
+    )
