@@ -32,11 +32,18 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class Ticket:
+    """One request's hold on its images: `gone` once it gave up (timeout, client left)."""
+
+    gone = False
+
+
 @dataclass
 class Job:
     pixels: torch.Tensor  # [3, H, W]
     future: Future  # -> dict[str, torch.Tensor]: each output group's row, CPU float32
-    admitted: float  # time.monotonic() at admission
+    queued: float  # time.monotonic() when submitted
+    ticket: Ticket
 
 
 class Batcher:
@@ -85,11 +92,12 @@ class Batcher:
             return 1
         return max(1, math.ceil((self._pending + extra - self.max_queue / 2) / rate))
 
-    def submit(self, pixels: Sequence[torch.Tensor], admitted: float) -> list[Future]:
+    def submit(self, pixels: Sequence[torch.Tensor], ticket: Ticket) -> list[Future]:
         """Queue admitted images; each future gives that image's outputs."""
         futures = []
+        queued = time.monotonic()
         for p in pixels:
-            job = Job(p, Future(), admitted)
+            job = Job(p, Future(), queued, ticket)
             self._queue.put(job)
             futures.append(job.future)
         return futures
@@ -123,7 +131,7 @@ class Batcher:
             buffer = torch.empty((self.max_batch, 3, height, width), dtype=encoder.dtype)
             buffer = buffer.pin_memory()
         while not self._stop.is_set():
-            jobs = self._gather()
+            jobs = [j for j in self._gather() if not j.ticket.gone]  # gave up while it filled
             if jobs:
                 self._encode(encoder, jobs, buffer)
 
@@ -131,8 +139,8 @@ class Batcher:
         with self._lock:
             self._pending -= 1
             self.metrics.queue_depth.set(self._pending)
-        if job.future.set_running_or_notify_cancel():  # False: its request gave up
-            self.metrics.queue_wait.observe(time.monotonic() - job.admitted)
+        if not job.ticket.gone and job.future.set_running_or_notify_cancel():
+            self.metrics.queue_wait.observe(time.monotonic() - job.queued)
             jobs.append(job)
 
     def _gather(self) -> list[Job]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vitport.errors import VitportError
-from vitport.serve.batcher import Batcher, QueueFull
+from vitport.serve.batcher import Batcher, QueueFull, Ticket
 from vitport.serve.config import OUTPUTS, ServeConfig
 from vitport.serve.inputs import Decoded, EntryError, decode
 from vitport.serve.metrics import Metrics
@@ -227,6 +227,10 @@ class Service:
                              f"this server takes at most {cfg.max_images_per_request} "
                              "(--max-images-per-request)", param=param)  # fmt: skip
         assert self.batcher is not None
+        if len(entries) > self.batcher.max_queue:
+            raise ServeError(413, "too-many-images", f"{len(entries)} images in one request; "
+                             f"the queue holds {self.batcher.max_queue} (--max-queue)",
+                             param=param)  # fmt: skip
         try:
             self.batcher.admit(len(entries))
         except QueueFull as exc:
@@ -254,8 +258,9 @@ class Service:
             more = f" (and {len(bad) - 1} more bad entries)" if len(bad) > 1 else ""
             raise ServeError(400, first.code, f"{param}[{k}]: {first.message}{more}",
                              param=f"{param}[{k}]", entries=rows)  # fmt: skip
-        futures = self.batcher.submit([d.pixels for d in decoded], time.monotonic())
-        outputs = await self._wait(futures, started, disconnected)
+        ticket = Ticket()
+        futures = self.batcher.submit([d.pixels for d in decoded], ticket)
+        outputs = await self._wait(futures, ticket, started, disconnected)
         self.metrics.images.labels("ok").inc(len(entries))
         return [Embedded(o, d.size) for o, d in zip(outputs, decoded, strict=True)]
 
@@ -266,7 +271,7 @@ class Service:
         except EntryError as exc:
             return exc
 
-    async def _wait(self, futures: list[Future], started: float,
+    async def _wait(self, futures: list[Future], ticket: Ticket, started: float,
                     disconnected: Callable[[], Awaitable[bool]] | None) -> list[dict]:  # fmt: skip
         """The futures' results; on timeout (504) or a gone client, their work is dropped."""
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
@@ -287,6 +292,7 @@ class Service:
                     self.metrics.images.labels("disconnected").inc(len(futures))
                     raise ServeError(499, "disconnected", "the client went away")
         except BaseException as exc:
+            ticket.gone = True
             for f in futures:
                 f.cancel()
             gathered.cancel()
