@@ -9,7 +9,6 @@ import logging
 import re
 import signal
 import threading
-from functools import partial
 from typing import Any
 
 from vitport.device import Device
@@ -69,7 +68,11 @@ def deploy(config: ServeConfig, host: str, port: int, *, replicas: int | None = 
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = replicas or default_replicas(kind, config)
-    ingress = serve.ingress(partial(replica_app, replica_config))
+
+    def build() -> Any:  # Ray Serve calls a zero-argument builder on each replica
+        return replica_app(replica_config)
+
+    ingress = serve.ingress(build)
     deployment = serve.deployment(ingress(), **options)
     serve.start(http_options={"host": host, "port": port})
     return serve.run(deployment.bind(), name=APP_NAME, route_prefix="/")

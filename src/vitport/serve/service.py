@@ -36,10 +36,10 @@ class CheckFailed(VitportError):
         worst = max(r.worst_rel_error for r in results)
         failed = [c for r in results for c in r.verdict.failures]
         first = failed[0] if failed else None
-        what = f"{first.group}.{first.metric} = {first.value:.4g} (limit {first.limit:.4g})"
+        what = f"{first.group}.{first.metric} beyond its limit" if first else "no check ran"
         super().__init__(
-            f"self-check failed: {what if first else 'no check passed'}, worst relative error "
-            f"{100 * worst:.3g}%; the server will not take traffic (--no-check to serve anyway)"
+            f"self-check failed: {what}, worst relative error {100 * worst:.3g}%; the server "
+            "will not take traffic (fix the port, or --no-check to serve without the check)"
         )
         self.results = results
 
