@@ -404,3 +404,32 @@ def test_ray_serve_deployment_gives_the_same_embeddings(model_dir, files, tmp_pa
         ]
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(120) == 0, server.output()
+
+
+def test_golden_reference_and_two_device_workers(model_dir, files, tmp_path, tiny_dir):
+    golden = tmp_path / "gpu.safetensors"
+    made = subprocess.run([sys.executable, "-m", "vitport", "infer", "--model", str(model_dir),
+                           "--device", "cpu", "--out", str(golden)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    want = expected(model_dir, files[:8])["pooled"]
+    with running(tmp_path, str(model_dir), "--reference", str(golden), "--devices", "cpu,cpu",
+                 "--max-batch-size", "2") as server:  # fmt: skip
+        about = httpx.get(f"{server.url}/v1/models").json()["data"][0]["vitport"]
+        assert about["devices"] == ["cpu", "cpu"]
+        assert about["self_check"]["passed"] and "golden file" in about["self_check"]["reference"]
+        assert len(about["self_check"]["devices"]) == 2  # each device checked
+
+        def ask(k: int) -> list[float]:
+            body = {"input": [b64(files[k])], "encoding_format": "float"}
+            return httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=60).json()["data"][
+                0
+            ]["embedding"]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, range(8)))
+        assert cosines(got, want).min() >= 0.9999
+    other = tiny_dir("dinov2")  # another model's golden file: refused in one line, exit 2
+    with running(tmp_path, str(other), "--reference", str(golden), ready=False) as server:
+        assert server.proc.wait(120) == 2, server.output()
+        assert "error:" in server.output()
