@@ -2,20 +2,25 @@
 
 `gelu-tanh@7`: the block's GELU becomes the tanh approximation (what an imprecise device
 kernel does; cured by the erf-gelu fix). `layernorm-bf16@3`: the block's norms compute in
-bfloat16 (an imprecise norm kernel; cured by layernorm-fp32).
+bfloat16 (an imprecise norm kernel; cured by layernorm-fp32). `mlp-scale@5`: the block's MLP
+output is 5 % too large (a wrongly converted weight). `norm-swap@2`: the block's two norms
+trade weights (a key converter that swapped norm1 and norm2). The last two no precision fix
+cures: they are weight errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitport.encoder import Encoder, is_norm
+from vitport.encoder import Encoder, block_parts, block_roles, is_norm
 from vitport.errors import VitportError
+from vitport.hooks import first_tensor, replace_first_tensor
 
 
 class TanhGELU(nn.Module):
@@ -57,19 +62,62 @@ def bf16_norm(module: nn.Module) -> nn.Module:
     return faulty.to(device=module.weight.device, dtype=module.weight.dtype)
 
 
+class Scaled(nn.Module):
+    """A module whose output is `factor` times the wrapped one's."""
+
+    def __init__(self, inner: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.inner, self.factor = inner, factor
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return replace_first_tensor(
+            out := self.inner(*args, **kwargs), first_tensor(out) * self.factor
+        )
+
+
+def scale_mlp(block: nn.Module) -> int:
+    parts = block_parts(block)
+    names = [n for n, role in block_roles(block).items() if role == "mlp"]
+    for name in names:
+        setattr(block, name, Scaled(parts[name], 1.05))
+    return len(names)
+
+
+def swap_norms(block: nn.Module) -> int:
+    parts = block_parts(block)
+    norms = [parts[n] for n, role in block_roles(block).items() if role == "norm"]
+    if len(norms) < 2:
+        return 0
+    first, second = norms[:2]
+    with torch.no_grad():
+        for attr in ("weight", "bias"):
+            a, b = getattr(first, attr, None), getattr(second, attr, None)
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                held = a.detach().clone()
+                a.copy_(b)
+                b.copy_(held)
+    return 2
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
     cure: str
-    match: Callable[[nn.Module], bool]
-    make: Callable[[nn.Module], nn.Module]
+    apply: Callable[[nn.Module], int]  # changes one block in place; returns how many modules
 
 
+def replacing(match: Callable[[nn.Module], bool], make) -> Callable[[nn.Module], int]:
+    return lambda block: replace_in(block, match, make)
+
+
+NO_CURE = "none (a weight error: fix the checkpoint conversion)"
 FAULTS = {
     f.name: f
     for f in (
-        Fault("gelu-tanh", "erf-gelu", is_gelu, lambda _m: TanhGELU()),
-        Fault("layernorm-bf16", "layernorm-fp32", is_norm, bf16_norm),
+        Fault("gelu-tanh", "erf-gelu", replacing(is_gelu, lambda _m: TanhGELU())),
+        Fault("layernorm-bf16", "layernorm-fp32", replacing(is_norm, bf16_norm)),
+        Fault("mlp-scale", NO_CURE, scale_mlp),
+        Fault("norm-swap", NO_CURE, swap_norms),
     )
 }
 
@@ -89,7 +137,7 @@ def inject(encoder: Encoder, text: str) -> str:
     if not 0 <= index < len(encoder.blocks):
         raise VitportError(f"block {index} does not exist: the model has {len(encoder.blocks)}")
     fault = FAULTS[name]
-    count = replace_in(encoder.blocks[index], fault.match, fault.make)
+    count = fault.apply(encoder.blocks[index])
     if not count:
         raise VitportError(f"fault {name} found nothing to change in block {index}")
     return f"planted {name} in block {index} ({count} modules); the fix that cures it: {fault.cure}"

@@ -215,6 +215,11 @@ class GoldenBlocks:
         return cls(str(path), json.loads(header["block_points"]),
                    json.loads(header["block_images"]), header.get("block_dtype", ""))  # fmt: skip
 
+    @property
+    def parts(self) -> dict[int, dict[str, str]]:
+        """A golden file holds block states only; the parts of an msprobe dump (DumpBlocks)."""
+        return {}
+
     def read(self, point: str, start: int, stop: int) -> torch.Tensor:
         from safetensors import safe_open
 

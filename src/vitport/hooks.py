@@ -104,6 +104,24 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def replace_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
+    """The same (nested) output with its first tensor replaced by `tensor`."""
+    if isinstance(value, torch.Tensor):
+        return tensor
+    if isinstance(value, (tuple, list)):
+        for index, item in enumerate(value):
+            if first_tensor(item) is not None:
+                items = list(value)
+                items[index] = replace_first_tensor(item, tensor)
+                return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if first_tensor(item) is not None:
+                value[key] = replace_first_tensor(item, tensor)  # ModelOutput: set in place
+                return value
+    return value
+
+
 def move(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Tensors to the candidate's device; floating ones to its dtype; structure kept."""
     if isinstance(value, torch.Tensor):

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -74,6 +75,18 @@ class LoadedImage:
 
     name: str
     image: Image.Image
+
+
+@dataclass(frozen=True)
+class PixelInputs:
+    """Inputs already preprocessed, as a dump holds them: pixel batches [B, 3, H, W], one per
+    forward call, and a name for each row."""
+
+    names: list[str]
+    batches: list[Any]  # torch.Tensor, kept untyped so that reading images needs no torch
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,10 @@ def compare(
         typer.Option(
             "--reference",
             "-r",
-            help="A device to run the reference on in this process (cpu, cuda, ...), or a golden "
-            "features file written by `vitport infer --out` on another machine.",
+            help="A device to run the reference on in this process (cpu, cuda, ...), a golden "
+            "features file written by `vitport infer --out` on another machine, or an msprobe "
+            "tensor dump (its dump_path, step*/ or rank*/proc*/ folder; L0 or mix), whose own "
+            "inputs are then used.",
         ),
     ] = "cpu",
     reference_dtype: Annotated[
@@ -75,7 +77,8 @@ def compare(
         str | None,
         typer.Option(
             help="Plant a known fault KIND@BLOCK in the candidate (gelu-tanh@7, "
-            "layernorm-bf16@3) to check that localisation and fixes find it."
+            "layernorm-bf16@3, mlp-scale@5, norm-swap@2) to check that localisation and fixes "
+            "find it."
         ),
     ] = None,
     json_out: Annotated[
@@ -103,13 +106,14 @@ def compare(
     import json
 
     from vitport import Features
-    from vitport.compare.reference import open_reference, reference_model
+    from vitport.compare.reference import bind_reference, open_reference, reference_model
     from vitport.compare.run import candidate_factory
     from vitport.compare.run import compare as run_compare
     from vitport.compare.verdict import parse_threshold_overrides, thresholds_for, unused_limits
     from vitport.device import parse_dtype, resolve_device
     from vitport.faults import parse_fault
     from vitport.fixes import fix_names, parse_fixes
+    from vitport.msprobe import Dump
     from vitport.outputs import check_file, is_vitport_json, write_text
 
     try:
@@ -121,7 +125,7 @@ def compare(
     if inject_fault:
         parse_fault(inject_fault)
     source = open_reference(reference, localize)
-    golden = source if isinstance(source, Features) else None
+    golden = source if isinstance(source, (Features, Dump)) else None
     target = resolve_device(device)
     cand_dtype = parse_dtype(dtype)
     ref_dtype = parse_dtype(reference_dtype)
@@ -136,7 +140,11 @@ def compare(
         from vitport.images import skipped_summary
 
         notes.append(f"{len(loaded)} inputs compared, {skipped_summary(problems)}: listed above")
-    ref = golden if golden is not None else reference_model(base, source, ref_dtype)
+    if golden is not None:
+        with progress("reading the reference ..."):
+            ref = bind_reference(golden, base)
+    else:
+        ref = reference_model(base, source, ref_dtype)
     trials = [(name,) for name in fix_names()] if try_fixes else []
     parts = None
     if golden is not None and localize:

@@ -55,8 +55,17 @@ def find_inputs(images: list[Path] | None) -> tuple[list[Path] | None, list]:
 
 def read_inputs(images: list[Path] | None, size: int, golden=None):
     """The user's images; else a golden file's own images; else the default set (real photos
-    plus seeded random inputs)."""
+    plus seeded random inputs). An msprobe dump brings its own pixel inputs."""
     from vitport.images import default_inputs, images_by_name, read_images
+    from vitport.msprobe import Dump
+
+    if isinstance(golden, Dump):
+        if images:
+            raise VitportError(
+                "an msprobe dump brings its own inputs (the pixels its first module took); "
+                "drop the images, or write a golden file of them with vitport infer --out"
+            )
+        return golden.pixel_inputs(), []
 
     if golden is not None and not images:
         loaded, problems = images_by_name(golden.names)

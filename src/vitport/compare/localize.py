@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from vitport.hooks import (
     teacher_force,
     with_hidden,
 )
+
+if TYPE_CHECKING:
+    from vitport.msprobe import DumpBlocks
 
 STANDOUT_FACTOR = 10.0  # a local error this many times its kind's median stands out
 ABSOLUTE_FLOOR = 1e-6  # relative errors below this are arithmetic identity, never a culprit
@@ -210,19 +213,25 @@ def judge_points(points: list[PointError]) -> Localization:
 
 def localize_golden(
     candidate: Encoder,
-    golden: GoldenBlocks,
+    golden: GoldenBlocks | DumpBlocks,
     pixel_batches: Iterable[torch.Tensor],
     part_reference: Encoder | None = None,
 ) -> Localization:
     """Accumulated error: the candidate's own run against the golden states. Local error of
     block i: the candidate's block i run on block i-1's golden output, against block i's golden
-    output (teacher forcing across machines). Cost: one forward, plus each block once. Then the
-    parts of the culprit block are teacher-forced against `part_reference` in this process."""
+    output (teacher forcing across machines). Cost: one forward, plus each block once. Where the
+    states hold every block's parts (an msprobe dump), each part is teacher-forced on its own
+    recorded input as well; else the parts of the culprit block are teacher-forced against
+    `part_reference` in this process."""
     points = block_points(candidate)
-    accumulated = {p: ErrorSum() for p in points}
-    local = {p: ErrorSum() for p in points}
+    parts = {name: (index, kind) for index, found in golden.parts.items()
+             for kind, name in found.items()}  # fmt: skip
+    accumulated = {p: ErrorSum() for p in [*points, *parts]}
+    local = {p: ErrorSum() for p in [*points, *parts]}
     device, dtype = candidate.device.torch_device, candidate.dtype
+    twins = dict(candidate.module.named_modules())
     calls: dict[int, tuple[tuple, dict]] = {}  # each block's call in the last batch
+    part_calls: dict[str, tuple[tuple, dict]] = {}
     start, last = 0, (0, 0)
     for pixels in pixel_batches:
         stop = start + len(pixels)
@@ -239,43 +248,63 @@ def localize_golden(
             point = points[index + 1]
             accumulated[point].add(golden.read(point, start, stop), first_tensor(output))
 
-        hooked_forward(candidate, pixels, on_input, on_output)
+        def part_input(name: str):
+            def hook(_m: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+                part_calls[name] = (call_args, call_kwargs)
+
+            return hook
+
+        def part_output(name: str, start=start, stop=stop):
+            def hook(_m: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> None:
+                expected = golden.rows(name, "output", start, stop)
+                accumulated[name].add(expected, first_tensor(output))
+
+            return hook
+
+        with hooked([(twins[n], part_output(n)) for n in parts],
+                    [(twins[n], part_input(n)) for n in parts]):  # fmt: skip
+            hooked_forward(candidate, pixels, on_input, on_output)
         with torch.inference_mode():
             for index, block in enumerate(candidate.blocks):
                 given = golden.read(points[index], start, stop).to(device, dtype)
                 args, kwargs = with_hidden(*calls[index], given)
                 expected = golden.read(points[index + 1], start, stop)
                 teacher_force(block, args, kwargs, expected, local[points[index + 1]])
+            for name in parts:
+                given = golden.rows(name, "input", start, stop).to(device, dtype)
+                args, kwargs = with_hidden(*part_calls[name], given)
+                expected = golden.rows(name, "output", start, stop)
+                teacher_force(twins[name], args, kwargs, expected, local[name])
         last, start = (start, stop), stop
-    errors = [
-        PointError(
-            name=name,
-            block=None if name == EMBEDDINGS else index - 1,
-            kind="embeddings" if name == EMBEDDINGS else "block",
-            accumulated=accumulated[name].rel_error,
-            local=local[name].rel_error,
-            accumulated_max_abs=accumulated[name].max_abs,
-            local_max_abs=local[name].max_abs,
-        )
-        for index, name in enumerate(points)
-    ]
+
+    def point(name: str, block: int | None, kind: str) -> PointError:
+        return PointError(name, block, kind, accumulated[name].rel_error, local[name].rel_error,
+                          accumulated[name].max_abs, local[name].max_abs)  # fmt: skip
+
+    errors = [point(EMBEDDINGS, None, "embeddings")]
+    for index, name in enumerate(points[1:]):
+        errors += [point(n, *parts[n]) for n in parts if parts[n][0] == index]
+        errors.append(point(name, index, "block"))
     found = judge_points(errors)
+    if parts:
+        return found
     culprit = next((p for p in errors if p.name == found.culprit and p.block is not None), None)
     if culprit is None or part_reference is None:
         return found
     from vitport.device import dtype_name
 
-    parts = _parts_of(candidate, part_reference, golden, culprit.block, calls, points, last)
-    worst = max(parts, key=lambda p: p.local, default=None)
+    parts_found = _parts_of(candidate, part_reference, golden, culprit.block, calls, points, last)
+    worst = max(parts_found, key=lambda p: p.local, default=None)
     if worst is None or worst.local <= ABSOLUTE_FLOOR:
-        return Localization(found.points + parts, found.culprit, found.reason, found.kind_medians)
-    listing = ", ".join(f"{p.kind} {pct(p.local)}" for p in parts)
+        return Localization(found.points + parts_found, found.culprit, found.reason,
+                            found.kind_medians)  # fmt: skip
+    listing = ", ".join(f"{p.kind} {pct(p.local)}" for p in parts_found)
     reason = (
         f"{found.reason}; inside block {culprit.block}, against {part_reference.device} "
         f"{dtype_name(part_reference.dtype)} in this process, its {worst.kind} differs most "
         f"({listing})"
     )
-    return Localization(found.points + parts, worst.name, reason, found.kind_medians)
+    return Localization(found.points + parts_found, worst.name, reason, found.kind_medians)
 
 
 def _parts_of(

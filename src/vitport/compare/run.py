@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,15 +18,16 @@ from vitport.compare.metrics import (
     floor_ratios,
     worst_rel_error,
 )
+from vitport.compare.reference import golden_blocks, reference_inputs
 from vitport.compare.verdict import Threshold, Verdict, judge_features
 from vitport.device import Device, dtype_name, resolve_device
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 from vitport.fixes import process_settings_restored
 from vitport.format import count
-from vitport.golden import check_golden, golden_blocks, source_of
-from vitport.images import LoadedImage
-from vitport.infer import infer
+from vitport.golden import source_of
+from vitport.images import LoadedImage, PixelInputs
+from vitport.msprobe import is_dump_reference
 
 SCHEMA_VERSION = 1
 
@@ -155,20 +156,42 @@ def _groups(data: dict[str, Any]) -> dict[str, GroupResult]:
     return {k: GroupResult.from_dict(v) for k, v in data.items()}
 
 
-def features_of(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int) -> Features:
-    return infer(encoder, images, batch_size).features
+Inputs = Sequence[LoadedImage] | PixelInputs
+"""What a comparison runs on: images, or the pixel batches of a dump."""
 
 
-def pixel_batches(encoder: Encoder, images: Sequence[LoadedImage], batch_size: int):
-    for start in range(0, len(images), batch_size):
-        yield encoder.preprocess([im.image for im in images[start : start + batch_size]])
+def input_batches(
+    encoder: Encoder, inputs: Inputs, batch_size: int
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(pixels, names) per forward: images preprocessed `batch_size` at a time, or a dump's own
+    batches as they went in."""
+    if isinstance(inputs, PixelInputs):
+        start = 0
+        for pixels in inputs.batches:
+            yield pixels, inputs.names[start : start + len(pixels)]
+            start += len(pixels)
+        return
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        yield encoder.preprocess([im.image for im in chunk]), [im.name for im in chunk]
+
+
+def features_of(encoder: Encoder, inputs: Inputs, batch_size: int) -> Features:
+    parts = [encoder.encode(pixels, names).to("cpu", torch.float32)
+             for pixels, names in input_batches(encoder, inputs, batch_size)]  # fmt: skip
+    return Features.concat(parts)
+
+
+def pixel_batches(encoder: Encoder, inputs: Inputs, batch_size: int) -> Iterator[torch.Tensor]:
+    for pixels, _ in input_batches(encoder, inputs, batch_size):
+        yield pixels
 
 
 def compare(
     base: Encoder,
     candidate: Encoder,
     reference: Encoder | Features,
-    images: Sequence[LoadedImage],
+    images: Inputs,
     thresholds: Sequence[Threshold],
     *,
     localize_points: bool = False,
@@ -188,14 +211,12 @@ def compare(
     the in-process reference for localisation. `make_candidate(fixes)` builds a fresh candidate
     with those fixes applied, for `trial_fixes`.
     """
-    names = [im.name for im in images]
     notes = list(notes)
     if isinstance(reference, Features):
-        images = check_golden(reference, base, images)
-        names = [im.name for im in images]
+        images = reference_inputs(reference, base, images)
         ref_feats = reference
         ref_side = Side(
-            kind="golden",
+            kind="msprobe" if is_dump_reference(reference) else "golden",
             device=str(reference.meta.get("device")),
             dtype=str(reference.meta.get("dtype")),
             path=source_of(reference),
@@ -206,6 +227,7 @@ def compare(
         ref_feats = features_of(reference, images, batch_size)
         ref_side = Side("run", str(reference.device), dtype_name(reference.dtype),
                         description=reference.device.describe())  # fmt: skip
+    names = list(images.names) if isinstance(images, PixelInputs) else [im.name for im in images]
     progress(f"candidate on {candidate.device} ({dtype_name(candidate.dtype)})")
     out_feats = features_of(candidate, images, batch_size)
     judged = judge_features(ref_feats.groups(), out_feats.groups(), thresholds)
@@ -248,15 +270,30 @@ def compare(
     golden = localize_points and isinstance(reference, Features)
     blocks = golden_blocks(reference, candidate) if golden else None
     if blocks is not None:
-        progress("localising against the golden file's block states")
         parts = part_reference or base
-        chosen = list(images[: len(blocks.images)])  # the file's first images, in its order
+        if isinstance(images, PixelInputs):
+            progress("localising against the msprobe dump's block and part states")
+            chosen: Inputs = images
+            where = (
+                f"the msprobe dump's block states ({blocks.dtype}, {count(len(images), 'input')})"
+            )
+        else:
+            progress("localising against the golden file's block states")
+            chosen = list(images[: len(blocks.images)])  # the file's first images, in its order
+            where = (
+                f"the golden file's block states ({blocks.dtype}, {count(len(chosen), 'image')})"
+            )
         result.localization = localize_golden(candidate, blocks, pixel_batches(base, chosen, 2),
                                               part_reference=parts)  # fmt: skip
-        result.localization_reference = (
-            f"the golden file's block states ({blocks.dtype}, {count(len(chosen), 'image')}), the culprit "
-            f"block's parts against {parts.device} {dtype_name(parts.dtype)} here"
-        )
+        if blocks.parts:
+            result.localization_reference = (
+                f"{where}, every block's parts teacher-forced on the dump's"
+            )
+        else:
+            result.localization_reference = (
+                f"{where}, the culprit block's parts against {parts.device} "
+                f"{dtype_name(parts.dtype)} here"
+            )
     elif localize_points:
         progress("localising: teacher-forced error at every block")
         in_process = reference if isinstance(reference, Encoder) else base
@@ -331,7 +368,7 @@ def floor_kind(floor_dtype: str) -> str:
 
 
 def rounded_features(
-    exact: Encoder, images: Sequence[LoadedImage], dtype: torch.dtype, batch_size: int
+    exact: Encoder, images: Inputs, dtype: torch.dtype, batch_size: int
 ) -> Features:
     """`exact` (an fp64 encoder) run in fp64 on its weights and the fp32 input both rounded to
     `dtype` and back: the error of the dtype's representation alone, without its arithmetic."""
@@ -341,10 +378,8 @@ def rounded_features(
             if tensor.is_floating_point():
                 tensor.copy_(tensor.to(dtype).to(tensor.dtype))
     parts = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        pixels = exact.preprocess([im.image for im in chunk])
-        feats = rounded.encode(pixels.to(dtype).to(torch.float64), [im.name for im in chunk])
+    for pixels, names in input_batches(exact, images, batch_size):
+        feats = rounded.encode(pixels.to(dtype).to(torch.float64), names)
         parts.append(feats.to("cpu", torch.float32))  # as infer returns the fp64 run's
     return Features.concat(parts)
 
@@ -363,4 +398,6 @@ def describe_side(side: Side) -> str:
         text += f" + {', '.join(side.fixes)}"
     if side.kind == "golden":
         text += f" (golden file {side.path})"
+    elif side.kind == "msprobe":
+        text += f" (msprobe dump {side.path})"
     return text
