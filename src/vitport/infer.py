@@ -67,6 +67,13 @@ def infer(
     )
 
 
+def infer_pixels(encoder: Encoder, pixels: torch.Tensor, names: Sequence[str]) -> InferResult:
+    """Encode one batch that is already preprocessed (a dump's pixels), timed on the device."""
+    with encoder.device.timer() as timer:
+        feats = encoder.encode(pixels, names)
+    return InferResult(feats.to("cpu", torch.float32), [timer.seconds], [len(pixels)])
+
+
 def infer_inputs(
     encoder: Encoder,
     inputs: Sequence[Input],

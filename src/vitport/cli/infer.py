@@ -33,8 +33,20 @@ def infer(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     out: Annotated[
-        Path | None, typer.Option(help="Save the Features (safetensors + metadata) to this file.")
+        Path | None,
+        typer.Option(
+            help="Save the Features (safetensors + metadata) to this file; with --format msprobe, "
+            "this folder receives an msprobe dump."
+        ),
     ] = None,
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="What --out holds: vitport (a golden features file) or msprobe (an L0 tensor "
+            "dump of every module call, in msprobe's layout, that `msprobe compare` reads).",
+        ),
+    ] = "vitport",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader workers that decode images.")] = 2,
     strict: Annotated[
@@ -75,11 +87,22 @@ def infer(
     from vitport.images import default_inputs, read_images
     from vitport.infer import infer as run_infer
     from vitport.infer import infer_inputs
-    from vitport.outputs import check_file, is_features_file
+    from vitport.outputs import check_dir, check_file, is_features_file
     from vitport.stream import file_inputs
 
     fixes = parse_fixes(fix)
-    check_file(out, "--out", overwrite, is_features_file)
+    if out_format not in ("vitport", "msprobe"):
+        raise VitportError(f"--format {out_format} is not known; choose vitport or msprobe")
+    if out_format == "msprobe":
+        from vitport.msprobe import is_dump
+
+        if out is None:
+            raise VitportError(
+                "--format msprobe writes a dump into the --out folder; add --out DIR"
+            )
+        check_dir(out, "--out", overwrite, is_dump)
+    else:
+        check_file(out, "--out", overwrite, is_features_file)
     if with_blocks and out is None:
         raise VitportError("--with-blocks stores block states in the --out file; add --out FILE")
     paths, skipped = find_inputs(images)
@@ -107,7 +130,22 @@ def infer(
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
     show(per_image_table(result), ("pooled[:4]", "size"))
     console.print(f"[dim]{latency_note(result, encoder.load_seconds)}[/dim]")
-    if out is not None:
+    if out is not None and out_format == "msprobe":
+        from vitport.msprobe import write_dump
+
+        recorded = block_images or len(feats.names)
+        chosen = loaded[:recorded] if paths is None else read_images(feats.names[:recorded])[0]
+        batches = (encoder.preprocess([im.image for im in chosen[i : i + batch_size]])
+                   for i in range(0, len(chosen), batch_size))  # fmt: skip
+        with progress("writing the msprobe dump ..."):
+            folder = write_dump(encoder, batches, out)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        console.print(
+            f"msprobe dump of {count(len(chosen), 'image')} written to [bold]{esc(folder)}[/bold] "
+            f"({size / 1e6:.1f} MB); msprobe compare --target_path {esc(out)}/step0 "
+            "--golden_path OTHER/step0 reads it"
+        )
+    elif out is not None:
         from vitport.golden import golden_file_parts, record_run
 
         record_run(feats, problems, result.content_sha256, encoder.device)

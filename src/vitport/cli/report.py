@@ -44,7 +44,11 @@ def report(
         str, typer.Option(help="dtype of the reference: fp32, fp64, fp16 or bf16.")
     ] = "fp32",
     golden: Annotated[
-        Path | None, typer.Option(help="A golden features file from another machine.")
+        Path | None,
+        typer.Option(
+            help="A golden features file from another machine, or an msprobe tensor dump "
+            "folder (L0 or mix), whose own inputs are then used."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Directory to write the report into.")] = Path("report"),
     lang: Annotated[str, typer.Option(help="Language of README.md: en or zh.")] = "en",
@@ -81,7 +85,7 @@ def report(
     """
     from vitport.bench.configure import check_budget
     from vitport.bench.run import Window
-    from vitport.compare.reference import load_golden
+    from vitport.compare.reference import load_reference_file
     from vitport.fixes import parse_fixes
     from vitport.outputs import check_dir, is_report_dir
     from vitport.report import (
@@ -106,7 +110,7 @@ def report(
     check_budget(budget, optimize)
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
-    gold = load_golden(golden) if golden is not None else None
+    gold = load_reference_file(golden) if golden is not None else None
     loaded, _ = read_inputs(images, image_size or 224, gold)
     enable_cuda_shim(cuda_shim)
     with progress(f"report on {esc(model)}", elapsed=True) as activity:

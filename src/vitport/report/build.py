@@ -13,15 +13,15 @@ from typing import Any
 import vitport
 from vitport.bench.optimize import optimize
 from vitport.bench.run import Window, bench
-from vitport.compare.reference import reference_model
+from vitport.compare.reference import bind_reference, reference_inputs, reference_model
 from vitport.compare.run import candidate_factory, compare
 from vitport.compare.verdict import thresholds_for
 from vitport.device import dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
 from vitport.fixes import fix_names
-from vitport.golden import check_golden
-from vitport.images import LoadedImage
-from vitport.infer import infer
+from vitport.images import LoadedImage, PixelInputs
+from vitport.infer import infer, infer_pixels
+from vitport.msprobe import Dump, is_dump_reference
 
 SCHEMA_VERSION = 1
 
@@ -74,8 +74,8 @@ class ReportOptions:
 
 def build_report(
     options: ReportOptions,
-    images: Sequence[LoadedImage],
-    golden: Features | None = None,
+    images: Sequence[LoadedImage] | PixelInputs,
+    golden: Features | Dump | None = None,
     log: RunLog | None = None,
 ) -> dict[str, Any]:
     """Every number of a port's report, measured in this run; warnings seen are kept too."""
@@ -91,8 +91,17 @@ def build_report(
     return data
 
 
+def reference_kind(golden: Features | Dump) -> str:
+    if isinstance(golden, Dump) or is_dump_reference(golden):
+        return "msprobe"
+    return "golden"
+
+
 def measure_all(
-    o: ReportOptions, images: Sequence[LoadedImage], golden: Features | None, log: RunLog
+    o: ReportOptions,
+    images: Sequence[LoadedImage] | PixelInputs,
+    golden: Features | Dump | None,
+    log: RunLog,
 ) -> dict[str, Any]:
     target = resolve_device(o.device)
     cand_dtype = parse_dtype(o.dtype)
@@ -105,13 +114,16 @@ def measure_all(
         log(f"fixes: {fix_detail}")
 
     if golden is not None:  # refuse a wrong reference before the long runs
-        images = check_golden(golden, base, images)
-        ref: Any = golden
+        ref: Any = bind_reference(golden, base)
+        images = reference_inputs(ref, base, images)
     else:
         ref = reference_model(base, resolve_device(o.reference), parse_dtype(o.reference_dtype))
 
     log(f"inference sample on {target} ({o.dtype})")
-    sample = infer(candidate, images[:1])
+    if isinstance(images, PixelInputs):
+        sample = infer_pixels(candidate, images.batches[0][:1], images.names[:1])
+    else:
+        sample = infer(candidate, images[:1])
     feats = sample.features
     pooled = feats.pooled if feats.pooled is not None else feats.patches.mean(1)
 
@@ -140,7 +152,7 @@ def measure_all(
             "spec": o.spec,
             "device": str(target),
             "dtype": dtype_name(cand_dtype),
-            "reference": "golden" if golden is not None else o.reference,
+            "reference": reference_kind(golden) if golden is not None else o.reference,
             "reference_dtype": o.reference_dtype,
             "fixes": list(o.fixes),
         },

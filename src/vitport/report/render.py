@@ -353,8 +353,8 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
 
     out += [f"## {s['accuracy']}", ""]
     ref = cmp["reference"]
-    ref_text = f"{ref['device']} {ref['dtype']}" + (f" (golden {ref['path']})"
-                                                    if ref["kind"] == "golden" else "")  # fmt: skip
+    where = {"golden": "golden", "msprobe": "msprobe dump"}.get(ref["kind"])
+    ref_text = f"{ref['device']} {ref['dtype']}" + (f" ({where} {ref['path']})" if where else "")
     inputs = ", ".join(cmp["inputs"][:3]) + (", …" if len(cmp["inputs"]) > 3 else "")
     out += [s["accuracy_text"].format(device=cmd["device"], dtype=cmd["dtype"], ref=ref_text,
                                       n=len(cmp["inputs"]), inputs=inputs,
