@@ -257,3 +257,14 @@ def test_new_faults_change_one_block(tmp_path):
         candidate = base.to(base.device, base.dtype)
         assert "planted" in inject(candidate, fault)
         assert not torch.allclose(candidate.encode(pixels).patches, clean)
+
+
+def test_a_dump_of_a_wrapping_model_maps_by_prefix(dumps, monkeypatch, capsys, tmp_path):
+    """A dump of the backbone inside a larger model (`Module.backbone.encoder.layer.2...`)."""
+    proc = copy_of(dumps["l0"], tmp_path)
+    data = json.loads((proc / "dump.json").read_text())
+    data["data"] = {k.replace("Module.", "Module.backbone.", 1): v for k, v in data["data"].items()}
+    (proc / "dump.json").write_text(json.dumps(data))
+    result, _ = compare_json(monkeypatch, capsys, tmp_path, dumps["model"], proc, "--localize",
+                             "--inject-fault", "gelu-tanh@2")  # fmt: skip
+    assert result["localization"]["culprit"] == "encoder.layer.2.mlp"

@@ -94,7 +94,7 @@ def _data_names(value: Any) -> Iterable[str]:
             yield from _data_names(item)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=8)
 def _load(path: str) -> torch.Tensor:
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
@@ -118,11 +118,6 @@ class Dump:
 
     def tensor(self, record: dict[str, Any]) -> torch.Tensor:
         return _load(str(self.folder / TENSOR_DIR / record["data_name"]))
-
-    @property
-    def dtype(self) -> str:
-        first = self.calls[self.order[0]][0].input() or {}
-        return dtype_name(parse_dtype(str(first.get("dtype", "torch.float32"))))
 
     def pixel_inputs(self) -> PixelInputs:
         """The pixel batches that went in: the first module's input, one batch per call."""
@@ -314,7 +309,8 @@ def bind(dump: Dump, encoder: Encoder, check_weights: bool = True) -> DumpBlocks
             f"the msprobe dump holds {len(sizes)} calls of its first module but {batches} of its "
             "blocks; dump whole forward calls"
         )
-    blocks = DumpBlocks(dump, [EMBEDDINGS, *mine], dump.pixel_inputs().names, dump.dtype,
+    dtype = dtype_name(parse_dtype(str(first_out.get("dtype", "torch.float32"))))
+    blocks = DumpBlocks(dump, [EMBEDDINGS, *mine], dump.pixel_inputs().names, dtype,
                         str(dump.folder), prefix, None, sizes=sizes)  # fmt: skip
     final = names[id(encoder.final_norm)] if encoder.final_norm is not None else None
     if final is not None and len(dump.calls.get(blocks.dump_path(final), [])) == batches:
