@@ -105,7 +105,8 @@ def test_optimize_keeps_only_faithful_configurations(tiny_dir, photos):
 
     base = vitport.load(str(tiny_dir("dinov2")))
     result = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
-                      attentions=("default", "eager"), compile_options=(False,))  # fmt: skip
+                      attentions=("default", "eager"), compile_options=(False,),
+                      runtimes=("torch",))  # fmt: skip
     labels = [t.config for t in result.trials]
     assert labels[0] == BASELINE and len(labels) == 4
     for trial in result.trials:
@@ -125,13 +126,13 @@ def test_optimize_runs_likely_winners_first_and_stops_at_the_budget(tiny_dir, ph
     seen: list[str] = []
     result = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
                       attentions=("eager", "default"), compile_options=(False,), budget=1e-3,
-                      progress=seen.append)  # fmt: skip
+                      runtimes=("torch",), progress=seen.append)  # fmt: skip
     assert [t.config for t in result.trials] == [BASELINE]  # the baseline always runs
     assert result.skipped[0] == "bf16 default" and len(result.skipped) == 3
     assert OptimizeResult.from_dict(result.to_dict()).skipped == result.skipped
     whole = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
                      attentions=("eager", "default"), compile_options=(False,),
-                     progress=seen.append)  # fmt: skip
+                     runtimes=("torch",), progress=seen.append)  # fmt: skip
     assert [t.config.label() for t in whole.trials] == [
         "fp32 default",
         "bf16 default",

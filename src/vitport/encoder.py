@@ -192,6 +192,7 @@ class Encoder:
     resampled_from: tuple[int, int] | None = None  # the checkpoint's position grid, if resampled
     fixes: list[str] = field(default_factory=list)  # precision fixes applied, in order
     load_seconds: float = 0.0
+    runtime: str = "torch"  # what runs the forward (see vitport.runtimes)
 
     @property
     def num_params(self) -> int:

@@ -28,9 +28,17 @@ class Config:
     dtype: str
     attention: str
     compiled: bool
+    runtime: str = "torch"  # torch (compiled or not), or another runtime (vitport.runtimes)
 
     def label(self) -> str:
+        if self.runtime != "torch":
+            return f"{self.dtype} {self.runtime}"
         return f"{self.dtype} {self.attention}{' compiled' if self.compiled else ''}"
+
+    @property
+    def cost_kind(self) -> str:
+        """What dominates the time to try it: eager runs, a runtime build, or compilation."""
+        return "compiled" if self.compiled else ("eager" if self.runtime == "torch" else "built")
 
 
 BASELINE = Config("fp32", "default", False)  # transformers as loaded: fp32, no torch.compile
@@ -44,6 +52,7 @@ class Trial:
     failed_checks: list[str] = field(default_factory=list)
     measurements: dict[int, Measurement] = field(default_factory=dict)
     error: str = ""
+    build_seconds: float = 0.0  # building the runtime (export, engine, compile), apart from runs
 
     def speed(self, batch: int) -> float | None:
         m = self.measurements.get(batch)
@@ -69,6 +78,9 @@ class OptimizeResult:
     trials: list[Trial]
     batch_sizes: list[int]
     skipped: list[str] = field(default_factory=list)  # configurations the budget left out
+    runtimes_skipped: list[str] = field(default_factory=list)  # runtimes that do not apply, why
+    budget: float | None = None
+    seconds: float = 0.0
 
     @property
     def baseline(self) -> Trial:
@@ -99,6 +111,9 @@ class OptimizeResult:
             "speedup_over_baseline": self.speedup(),
             "baseline": asdict(BASELINE),
             "skipped": self.skipped,
+            "runtimes_skipped": self.runtimes_skipped,
+            "budget": self.budget,
+            "seconds": self.seconds,
         }
 
     @classmethod
@@ -110,12 +125,16 @@ DTYPE_ODDS = {"bf16": 0, "fp16": 1, "fp32": 2}  # 16-bit won on every device mea
 ATTENTION_ODDS = {"default": 0, "sdpa": 1, "flash": 2, "eager": 3}
 
 
+COST_ORDER = {"eager": 0, "built": 1, "compiled": 2}  # cheapest to try first
+
+
 def likely_winners_first(configs: Sequence[Config]) -> list[Config]:
     """The baseline (every speed-up is measured against it), then the configurations most likely
-    to be fastest: 16-bit before fp32, fused attention before eager, uncompiled before compiled
-    (compilation costs the most time to try)."""
+    to be fastest, cheapest to try first: eager torch, then runtimes built once (an ONNX export,
+    an engine), then torch.compile (compilation costs the most); within each, 16-bit before
+    fp32 and fused attention before eager."""
     rest = [c for c in configs if c != BASELINE]
-    rest.sort(key=lambda c: (c.compiled, DTYPE_ODDS.get(c.dtype, 9),
+    rest.sort(key=lambda c: (COST_ORDER[c.cost_kind], DTYPE_ODDS.get(c.dtype, 9),
                              ATTENTION_ODDS.get(c.attention, 9)))  # fmt: skip
     return [BASELINE, *rest] if BASELINE in configs else rest
 
@@ -124,15 +143,33 @@ def search_space(
     device: Device,
     dtypes: Sequence[str],
     attentions: Sequence[str],
-    compile_options: Sequence[bool],
+    compile_options: Sequence[bool] = (False, True),
+    runtimes: Sequence[str] = ("torch",),
 ) -> list[Config]:
-    """Every combination the device supports, the baseline first."""
+    """Every combination the device supports, the baseline first. torch varies the attention
+    and torch.compile (`compile_options`; the runtime "compile" adds compiled ones too); another
+    runtime runs the graph as exported, in each of its dtypes."""
+    from vitport.runtimes import get_runtime
+
     configs = [BASELINE]
-    for dtype, attention, compiled in itertools.product(dtypes, attentions, compile_options):
+    compiles = set(compile_options) | ({True} if "compile" in runtimes else set())
+    if "torch" not in runtimes and "compile" not in runtimes:
+        compiles = set()
+    elif "torch" not in runtimes:
+        compiles.discard(False)
+    for dtype, attention, compiled in itertools.product(dtypes, attentions, sorted(compiles)):
         config = Config(dtype_name(parse_dtype(dtype)), attention, compiled)
         usable = attention != "flash" or device.flash_selectable
         if config not in configs and usable and device.supports(parse_dtype(dtype)):
             configs.append(config)
+    for name in runtimes:
+        if name in ("torch", "compile"):
+            continue
+        runtime = get_runtime(name)
+        for dtype in dtypes:
+            config = Config(dtype_name(parse_dtype(dtype)), "default", False, name)
+            if runtime.not_applicable(device.type, config.dtype) is None and config not in configs:
+                configs.append(config)
     return configs
 
 
@@ -146,38 +183,49 @@ def optimize(
     dtypes: Sequence[str] = ("fp32", "bf16", "fp16"),
     attentions: Sequence[str] = ("default", "eager", "sdpa"),
     compile_options: Sequence[bool] = (False, True),
+    runtimes: Sequence[str] | None = None,
     budget: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> OptimizeResult:
     """Try each configuration: keep it only if it passes compare against CPU fp32, then time it.
 
-    `base` is the model on the CPU in fp32; it is never modified. Configurations run likeliest
-    winners first; with a `budget` in seconds, the search stops before a configuration that
-    would not fit, and the result lists what it skipped.
+    `base` is the model on the CPU in fp32; it is never modified. `runtimes` (default: every
+    one installed that applies to the device) are one more axis; those that do not apply are
+    listed with why. Configurations run likeliest winners first; with a `budget` in seconds,
+    the search stops before a configuration that would not fit, and lists what it skipped.
     """
+    from vitport.runtimes import available
+
     start = time.perf_counter()
+    chosen, runtimes_skipped = available(device.type, dtypes, runtimes)
+    if True not in compile_options and "compile" in chosen:
+        chosen.remove("compile")
+        runtimes_skipped.append("compile: not asked for (compile_options)")
     progress("reference: CPU fp32")
     reference: Features = infer(base, images, batch_size=4).features
     trials: list[Trial] = []
-    configs = likely_winners_first(search_space(device, dtypes, attentions, compile_options))
-    spent: dict[bool, list[float]] = {False: [], True: []}  # seconds per config, by compiled
+    configs = likely_winners_first(
+        search_space(device, dtypes, attentions, compile_options, chosen)
+    )
+    spent: dict[str, list[float]] = {kind: [] for kind in COST_ORDER}  # seconds, by cost kind
     skipped: list[str] = []
     for number, config in enumerate(configs, 1):
         elapsed = time.perf_counter() - start
-        cost = _expected_seconds(spent, config.compiled)
+        cost = _expected_seconds(spent, config.cost_kind)
         if budget is not None and trials and elapsed + cost > budget:
             skipped = [c.label() for c in configs[number - 1 :]]
             break
-        left = sum(_expected_seconds(spent, c.compiled) for c in configs[number - 1 :])
+        left = sum(_expected_seconds(spent, c.cost_kind) for c in configs[number - 1 :])
         if budget is not None:
             left = min(left, max(0.0, budget - elapsed))
-        eta = f", about {_duration(left)} left" if spent[False] or spent[True] else ""
+        eta = f", about {_duration(left)} left" if any(spent.values()) else ""
         progress(f"[{number}/{len(configs)}{eta}] {config.label()}: checking it is faithful")
         began = time.perf_counter()
         trials.append(_trial(base, device, images, reference, config, batch_sizes, window,
                              lambda m, label=config.label(): progress(f"{label}: {m}")))  # fmt: skip
-        spent[config.compiled].append(time.perf_counter() - began)
-    return OptimizeResult(trials, list(batch_sizes), skipped)
+        spent[config.cost_kind].append(time.perf_counter() - began)
+    return OptimizeResult(trials, list(batch_sizes), skipped, runtimes_skipped, budget,
+                          time.perf_counter() - start)  # fmt: skip
 
 
 def _trial(
@@ -190,10 +238,17 @@ def _trial(
     if config.compiled:
         torch._dynamo.reset()  # each configuration compiles afresh, within dynamo's limits
     try:
-        candidate = configure(
-            base.to(device, parse_dtype(config.dtype)), config.attention, config.compiled
-        )
+        began = time.perf_counter()
+        if config.runtime != "torch":
+            from vitport.runtimes import build
+
+            candidate = build(base.to(device), config.runtime, parse_dtype(config.dtype)).encoder
+        else:
+            candidate = configure(
+                base.to(device, parse_dtype(config.dtype)), config.attention, config.compiled
+            )
         output = infer(candidate, images, batch_size=4).features
+        trial.build_seconds = time.perf_counter() - began  # the build, and the first calls
     except (VitportError, RuntimeError, torch.OutOfMemoryError) as exc:
         trial.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return trial
@@ -216,19 +271,19 @@ def _trial(
     return trial
 
 
-COMPILE_PRIOR = 20.0  # a first torch.compile costs about 20x an uncompiled try (demo, 2-core CPU)
+# how many times an eager try a first try of each kind costs (demo, 2-core CPU)
+COST_PRIOR = {"eager": 1.0, "built": 3.0, "compiled": 20.0}
 
 
-def _expected_seconds(spent: dict[bool, list[float]], compiled: bool) -> float:
-    """The mean time of the configurations of this kind tried so far; before a compiled one has
-    run, COMPILE_PRIOR times an uncompiled one (compilation dominates); else 0."""
-    if spent[compiled]:
-        return sum(spent[compiled]) / len(spent[compiled])
-    other = spent[not compiled]
-    if not other:
-        return 0.0
-    mean = sum(other) / len(other)
-    return mean * COMPILE_PRIOR if compiled else mean / COMPILE_PRIOR
+def _expected_seconds(spent: dict[str, list[float]], kind: str) -> float:
+    """The mean time of the configurations of this kind tried so far; before one of the kind
+    has run, the other kinds' mean scaled by COST_PRIOR; 0 before anything has run."""
+    if spent[kind]:
+        return sum(spent[kind]) / len(spent[kind])
+    for other, times in spent.items():
+        if times:
+            return sum(times) / len(times) * COST_PRIOR[kind] / COST_PRIOR[other]
+    return 0.0
 
 
 def _duration(seconds: float) -> str:

@@ -80,6 +80,52 @@ class EncoderGraph(nn.Module):
         return tuple(found[name] for name in self.groups)
 
 
+class RawGraph(nn.Module):
+    """The encoder's forward as one graph: pixels in; tokens, then pooled and logits where the
+    family has them."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.module = encoder.module
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raw = self.encoder.forward_fn(self.module, pixels)
+        return tuple(t for t in (raw.tokens, raw.pooled, raw.logits) if t is not None)
+
+
+def export_graph(encoder: Encoder, path: Path, opset: int = 18) -> Path:
+    """Export the fp32 encoder's forward to ONNX with a dynamic batch axis, atomically."""
+    from vitport.outputs import write_atomic
+
+    if encoder.dtype != torch.float32 or encoder.device.type != "cpu":
+        from vitport.device import resolve_device
+
+        encoder = encoder.to(resolve_device("cpu"), torch.float32)
+    example = torch.zeros(1, 3, *encoder.image_size)
+    graph = RawGraph(encoder).eval()
+    with torch.no_grad():
+        names = [f"out{i}" for i in range(len(graph(example)))]
+    register_symbolics()
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (example,), str(tmp), dynamo=False, input_names=[INPUT],
+                              output_names=names, opset_version=opset, do_constant_folding=True,
+                              dynamic_axes={n: {0: "batch"} for n in (INPUT, *names)})  # fmt: skip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_atomic(path, write)
+    except Exception as exc:  # the exporter raises many types
+        raise VitportError(
+            f"torch.onnx could not export {encoder.spec} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]})"
+        ) from exc
+    return path
+
+
 def export_onnx(
     src: Source,
     directory: Path,
