@@ -17,10 +17,25 @@ def check_attention(kind: str) -> None:
         raise VitportError(f"--attn {kind} is unknown; choose one of {', '.join(ATTENTION)}")
 
 
-def check_budget(budget: float | None, optimize: bool) -> None:
-    """A time budget bounds the --optimize search only."""
+DEFAULT_BUDGET = 600.0  # seconds: a newcomer gets an answer in minutes
+
+
+def check_budget(budget: str | float | None, optimize: bool) -> float | None:
+    """A time budget bounds the --optimize search only: seconds, 'none' for no bound, or the
+    default of 10 minutes when not given."""
     if budget is not None and not optimize:
         raise VitportError("--budget applies to --optimize; add --optimize or drop --budget")
+    if budget is None:
+        return DEFAULT_BUDGET
+    if str(budget).strip().lower() == "none":
+        return None
+    try:
+        seconds = float(budget)
+    except ValueError:
+        raise VitportError(f"--budget {budget}: give seconds (e.g. 300) or 'none'") from None
+    if seconds < 1:
+        raise VitportError(f"--budget {budget}: give at least 1 second, or 'none'")
+    return seconds
 
 
 def check_e2e(paths: Sequence[object] | None) -> None:
@@ -31,14 +46,14 @@ def check_e2e(paths: Sequence[object] | None) -> None:
 
 def check_optimize_alone(
     *, dtype: str, attention: str, compiled: bool, fixes: Sequence[str], e2e: bool,
-    csv: bool, markdown: bool, baseline: bool,
+    csv: bool, markdown: bool, baseline: bool, runtime: str = "torch",
 ) -> None:  # fmt: skip
     """--optimize chooses dtype, attention and compile itself and writes JSON only: refuse the
     settings it would override and the outputs it does not write."""
     clashing = [flag for flag, given in (
         ("--dtype", dtype != "fp32"), ("--attn", attention != "default"), ("--compile", compiled),
         ("--fix", bool(fixes)), ("--e2e", e2e), ("--csv", csv), ("--markdown", markdown),
-        ("--baseline", baseline),
+        ("--baseline", baseline), ("--runtime (use --runtimes)", runtime != "torch"),
     ) if given]  # fmt: skip
     if clashing:
         raise VitportError(

@@ -89,6 +89,7 @@ class BenchResult:
     oom_batch: int | None = None  # the first batch size that ran out of memory, if any
     auto: bool = False
     notes: list[str] = field(default_factory=list)
+    runtime: str = "torch"
 
     def achieved_tflops(self, run: BatchRun) -> float:
         return self.flops.total * run.measurement.images_per_second / 1e12
@@ -299,6 +300,7 @@ def bench(
         device_description=description,
         load_seconds=encoder.load_seconds,
         auto=batch_sizes is None,
+        runtime=encoder.runtime,
     )
     result.runs, result.oom_batch = sweep(
         encoder, batch_sizes, window, attention=attention, compiled=compiled, progress=progress

@@ -152,11 +152,25 @@ CudaShimOpt = Annotated[
     ),
 ]
 BudgetOpt = Annotated[
-    float | None,
+    str | None,
     typer.Option(
-        min=1.0,
-        help="--optimize: stop after about this many seconds; the likeliest winners run "
-        "first and what was skipped is listed.",
+        help="--optimize: stop after about this many seconds (default 600), or 'none' to try "
+        "every configuration; the likeliest winners run first and what was skipped is listed.",
+    ),
+]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--runtime",
+        help="What runs the model: torch, compile (torch.compile), onnxruntime, openvino (CPU), "
+        "tensorrt (CUDA) or torchair (NPU); the others are built from the fp32 model.",
+    ),
+]
+RuntimesOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="--optimize: the runtimes to search, comma-separated (default: every one installed "
+        "that applies to the device; the others are listed as skipped)."
     ),
 ]
 MinSecondsOpt = Annotated[float, typer.Option(min=0.0, help="Measured window per batch size.")]

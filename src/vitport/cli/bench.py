@@ -19,6 +19,8 @@ from vitport.cli.app import (
     ModelOpt,
     OverwriteOpt,
     RemoteCodeOpt,
+    RuntimeOpt,
+    RuntimesOpt,
     WeightsOpt,
     console,
     errors,
@@ -74,11 +76,13 @@ def bench(
         bool,
         typer.Option(
             "--optimize",
-            help="Search dtype x attention x compile x batch for the "
+            help="Search runtime x dtype x attention x compile x batch for the "
             "fastest configuration that still passes compare.",
         ),
     ] = False,
     budget: BudgetOpt = None,
+    runtime: RuntimeOpt = "torch",
+    runtimes: RuntimesOpt = None,
     min_seconds: MinSecondsOpt = 2.0,
     warmup_seconds: Annotated[float, typer.Option(min=0.0, help="Warm-up per batch size.")] = 1.0,
     fix: FixOpt = None,
@@ -136,16 +140,24 @@ def bench(
     if old is not None:
         check_baseline(old, baseline, model, dtype, attn, compile)
     window = Window(warmup_seconds=warmup_seconds, min_seconds=min_seconds)
-    check_budget(budget, optimize)
+    seconds = check_budget(budget, optimize)
+    if runtimes is not None and not optimize:
+        raise VitportError("--runtimes lists what --optimize searches; use --runtime NAME alone")
     if optimize:
         check_optimize_alone(
             dtype=dtype, attention=attn, compiled=compile, fixes=fixes, e2e=e2e,
             csv=csv_out is not None, markdown=markdown is not None, baseline=baseline is not None,
+            runtime=runtime,
         )  # fmt: skip
         return bench_optimize(model, images, device, sizes or [1, 8], window, image_size,
-                              weights, trust_remote_code, cuda_shim, json_out, budget)  # fmt: skip
+                              weights, trust_remote_code, cuda_shim, json_out, seconds,
+                              runtimes)  # fmt: skip
+    if runtime != "torch" and (attn != "default" or compile):
+        raise VitportError(
+            f"--runtime {runtime} runs the exported graph; drop --attn and --compile"
+        )
     encoder = load_model(model, device, dtype, image_size, weights, trust_remote_code, cuda_shim,
-                         fixes)  # fmt: skip
+                         fixes, runtime)  # fmt: skip
     configure(encoder, attn, compile)
     with progress("benchmarking ...") as activity:
         result = run_bench(encoder, sizes, window, attention=attn, compiled=compile,
@@ -213,24 +225,32 @@ def bench_e2e(encoder, paths, workers, batch_size) -> None:
 
 
 def bench_optimize(model, images, device, sizes, window, image_size, weights, trust_remote_code,
-                   cuda_shim, json_out, budget=None) -> None:  # fmt: skip
+                   cuda_shim, json_out, budget=None, runtimes=None) -> None:  # fmt: skip
     import json
 
     from vitport.bench.optimize import optimize as run_optimize
     from vitport.cli.bench_tables import optimize_table
     from vitport.device import resolve_device
+    from vitport.runtimes import get_runtime, parse_runtimes
 
+    names = parse_runtimes(runtimes) or None
+    for name in names or []:
+        missing = get_runtime(name).missing()
+        if missing:
+            raise VitportError(missing)
     target = resolve_device(device)
     loaded, _ = read_inputs(images, image_size or 224)
     base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
     with progress("optimising ...") as activity:
-        result = run_optimize(base, target, loaded, sizes, window, budget=budget,
+        result = run_optimize(base, target, loaded, sizes, window, budget=budget, runtimes=names,
                               progress=steps(activity))  # fmt: skip
     show(optimize_table(result))
+    for line in result.runtimes_skipped:
+        console.print(f"[dim]runtime skipped: {esc(line)}[/dim]", highlight=False)
     if result.skipped:
         console.print(
             f"[yellow]budget reached:[/yellow] {count(len(result.skipped), 'configuration')} not tried "
-            f"({', '.join(result.skipped)})",
+            f"({', '.join(result.skipped)}); to include them, raise --budget or give --budget none",
             highlight=False,
         )
     best = result.best()

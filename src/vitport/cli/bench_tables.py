@@ -12,8 +12,13 @@ def bench_table(result) -> Table:
     """The seeds' performance table: per batch size latency percentiles, img/s, roofline."""
     table = Table(
         title=(
-            f"{escape(result.spec)} on {result.device} ({result.dtype}, attention {result.attention}"
-            f"{', compiled' if result.compiled else ''}), "
+            f"{escape(result.spec)} on {result.device} ({result.dtype}, "
+            + (
+                f"runtime {result.runtime}"
+                if result.runtime != "torch"
+                else f"attention {result.attention}{', compiled' if result.compiled else ''}"
+            )
+            + "), "
             f"{result.image_size[0]}x{result.image_size[1]}"
         )
     )

@@ -17,6 +17,7 @@ from vitport.cli.app import (
     ModelOpt,
     OverwriteOpt,
     RemoteCodeOpt,
+    RuntimeOpt,
     WeightsOpt,
     console,
     errors,
@@ -93,6 +94,7 @@ def compare(
     weights: WeightsOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     cuda_shim: CudaShimOpt = False,
+    runtime: RuntimeOpt = "torch",
 ) -> None:
     """Is the port faithful? The device's output against a reference, with the noise floor.
 
@@ -133,7 +135,12 @@ def compare(
     loaded, problems = read_inputs(images, image_size or 224, golden)
     base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
 
-    make_candidate = candidate_factory(base, target, cand_dtype, inject_fault)
+    if runtime != "torch" and localize:
+        raise VitportError(
+            f"--localize hooks the torch modules, which {runtime} does not run; compare "
+            f"--runtime {runtime} without --localize, or localise with --runtime torch"
+        )
+    make_candidate = candidate_factory(base, target, cand_dtype, inject_fault, runtime)
     candidate, detail = make_candidate(fixes)
     notes = [*base.notes, *([f"candidate: {detail}"] if detail else [])]
     if problems:

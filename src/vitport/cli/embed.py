@@ -14,6 +14,7 @@ from vitport.cli.app import (
     ImageSizeOpt,
     ModelOpt,
     RemoteCodeOpt,
+    RuntimeOpt,
     WeightsOpt,
     console,
     esc,
@@ -45,6 +46,7 @@ def embed(
     weights: WeightsOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     fix: FixOpt = None,
+    runtime: RuntimeOpt = "torch",
     outputs: Annotated[
         str | None,
         typer.Option(
@@ -86,7 +88,7 @@ def embed(
         summary = run_embed(
             sources, model, out, device=device, dtype=dtype, batch_size=batch_size,
             workers=workers, image_size=image_size, weights=weights,
-            trust_remote_code=trust_remote_code, fixes=parse_fixes(fix), outputs=outputs,
+            trust_remote_code=trust_remote_code, fixes=parse_fixes(fix), runtime=runtime, outputs=outputs,
             shard_size=shard_size, column=column, overwrite=overwrite, engine=engine,
             ray_address=ray_address, shard=shard,
             progress=lambda m: activity.update(esc(m)),

@@ -18,18 +18,17 @@ def enable_cuda_shim(wanted: bool) -> None:
 
 
 def load_model(spec: str, device: str, dtype: str, image_size: int | None, weights: Path | None,
-               trust_remote_code: bool, cuda_shim: bool, fixes: list[str] = ()):  # fmt: skip
-    """Shared by every command: the shim first, then the one door, then the fixes."""
-    import vitport
-    from vitport.fixes import apply_fixes
+               trust_remote_code: bool, cuda_shim: bool, fixes: list[str] = (),
+               runtime: str = "torch"):  # fmt: skip
+    """Shared by every command: the shim first, then the one door, then the fixes, then the
+    runtime that will run it (see vitport.runtimes.load_on)."""
+    from vitport.runtimes import load_on
 
     enable_cuda_shim(cuda_shim)
     with progress(f"loading {esc(spec)} ..."):
-        encoder = vitport.load(
-            spec, device, dtype, image_size=image_size, weights=weights,
-            trust_remote_code=trust_remote_code,
-        )  # fmt: skip
-    for report in apply_fixes(encoder, fixes):
+        encoder, reports = load_on(spec, device, dtype, runtime, fixes, image_size=image_size,
+                                   weights=weights, trust_remote_code=trust_remote_code)  # fmt: skip
+    for report in reports:
         errors.print(f"[dim]fix {report.name}: {esc(report.detail)}[/dim]", soft_wrap=True)
     return encoder
 

@@ -107,7 +107,7 @@ def report(
         return
     if model is None:
         raise VitportError("vitport report needs --model SPEC (or --from DIR/report.json)")
-    check_budget(budget, optimize)
+    seconds = check_budget(budget, optimize)
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
     gold = load_reference_file(golden) if golden is not None else None
@@ -120,7 +120,7 @@ def report(
             reference_dtype=reference_dtype, batch_sizes=tuple(sizes) if sizes else None,
             window=Window(min_seconds=min_seconds), fixes=tuple(fixes), image_size=image_size,
             weights=str(weights) if weights else None, trust_remote_code=trust_remote_code,
-            optimize=optimize, budget=budget,
+            optimize=optimize, budget=seconds,
         )  # fmt: skip
         data = build_report(options, loaded, gold, log)
     path = write_report(data, out, lang)

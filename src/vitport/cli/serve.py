@@ -16,6 +16,7 @@ from vitport.cli.app import (
     ImageSizeOpt,
     ModelOpt,
     RemoteCodeOpt,
+    RuntimeOpt,
     WeightsOpt,
     errors,
     esc,
@@ -103,6 +104,7 @@ def serve(
             "compare (rel_error=2%, cls.cos_worst=0.9999).",
         ),
     ] = None,  # fmt: skip
+    runtime: RuntimeOpt = "torch",
     inject_fault: Annotated[
         str | None,
         typer.Option(
@@ -173,7 +175,7 @@ def serve(
         max_queue=max_queue, max_body_bytes=max_body_bytes,
         max_images_per_request=max_images_per_request, timeout=timeout, allow_urls=allow_urls,
         reference=reference, check=not no_check, thresholds=tuple(threshold or ()),
-        inject_fault=inject_fault, drain_seconds=drain_seconds,
+        inject_fault=inject_fault, drain_seconds=drain_seconds, runtime=runtime,
     )  # fmt: skip
     check_options(config, engine)
     handler = logging.StreamHandler()
@@ -229,6 +231,11 @@ def check_options(config, engine: str) -> None:
         raise VitportError(f"vitport serve needs {exc.name}: pip install 'vitport[serve]'") from exc
     parse_dtype(config.dtype)
     parse_fixes(list(config.fixes))
+    from vitport.runtimes import get_runtime
+
+    missing = get_runtime(config.runtime).missing()
+    if missing:
+        raise VitportError(missing)
     if config.inject_fault:
         parse_fault(config.inject_fault)
     try:

@@ -42,6 +42,7 @@ class Side:
     fixes: tuple[str, ...] = ()
     path: str = ""
     description: dict[str, str] = field(default_factory=dict)
+    runtime: str = "torch"
 
 
 @dataclass
@@ -254,6 +255,7 @@ def compare(
             dtype_name(candidate.dtype),
             tuple(fixes),
             description=candidate.device.describe(),
+            runtime=candidate.runtime,
         ),  # fmt: skip
         reference=ref_side,
         inputs=names,
@@ -328,17 +330,30 @@ def compare(
 
 
 def candidate_factory(
-    base: Encoder, device: Device, dtype: torch.dtype, fault: str | None = None
+    base: Encoder,
+    device: Device,
+    dtype: torch.dtype,
+    fault: str | None = None,
+    runtime: str = "torch",
 ) -> Callable[[Sequence[str]], tuple[Encoder, str]]:
     """make(fixes) -> a fresh copy of `base` on the candidate device, with the planted fault
-    (if any) and the fixes applied, and one line saying what was changed."""
+    (if any) and the fixes applied, run by `runtime`, and one line saying what was changed."""
     from vitport.faults import inject
     from vitport.fixes import apply_fixes
+    from vitport.runtimes import build, get_runtime
+
+    exported = not get_runtime(runtime).torch_module  # built from the fp32 model, run at dtype
 
     def make(fixes: Sequence[str]) -> tuple[Encoder, str]:
-        candidate = base.to(device, dtype)
+        candidate = base.to(device, torch.float32 if exported else dtype)
         done = [inject(candidate, fault)] if fault else []
         done += [r.detail for r in apply_fixes(candidate, list(fixes))]
+        if runtime != "torch":
+            if fault:  # the export cache knows the weights and fixes, not a planted fault
+                candidate.weights_sha256 += f"+{fault}"
+            built = build(candidate, runtime, dtype)
+            candidate = built.encoder
+            done.append(f"run by {runtime} (built in {built.build_seconds:.1f} s)")
         return candidate, "; ".join(done)
 
     return make
@@ -394,6 +409,8 @@ def _is_cpu_fp32(reference: Encoder | Features) -> bool:
 
 def describe_side(side: Side) -> str:
     text = f"{side.device} {side.dtype}"
+    if side.runtime != "torch":
+        text += f" on {side.runtime}"
     if side.fixes:
         text += f" + {', '.join(side.fixes)}"
     if side.kind == "golden":

@@ -115,6 +115,7 @@ def settings_of(encoder: Encoder, outputs: dict[str, list[int]], inputs: Sequenc
         "device": str(encoder.device),
         "dtype": meta["dtype"],
         "fixes": list(encoder.fixes),
+        "runtime": encoder.runtime,
         "preprocessing": named_resample(meta["preprocess"]),
         "outputs": outputs,
         "shard_size": shard_size,
@@ -170,6 +171,7 @@ def embed(
     weights: str | Path | None = None,
     trust_remote_code: bool = False,
     fixes: Sequence[str] = (),
+    runtime: str = "torch",
     outputs: str | Sequence[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     column: str | None = None,
@@ -183,10 +185,10 @@ def embed(
     """Embed every image of `sources` with `model` into `out` (see the module docstring).
 
     Every argument, source and the output directory are checked before the model loads."""
-    import vitport
     from vitport.embed.store import check_out
-    from vitport.fixes import apply_fixes, parse_fixes
+    from vitport.fixes import parse_fixes
     from vitport.outputs import check_dir
+    from vitport.runtimes import load_on
 
     if shard_size < 1:
         raise VitportError(f"--shard-size must be at least 1, not {shard_size}")
@@ -210,9 +212,8 @@ def embed(
         encoder = model
     else:
         progress(f"loading {model}")
-        encoder = vitport.load(model, device, dtype, image_size=image_size, weights=weights,
-                               trust_remote_code=trust_remote_code)  # fmt: skip
-        apply_fixes(encoder, list(fixes))
+        encoder, _ = load_on(model, device, dtype, runtime, fixes, image_size=image_size,
+                             weights=weights, trust_remote_code=trust_remote_code)  # fmt: skip
     names = parse_outputs(outputs, encoder)
     dims = output_dims(encoder, names)
     store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))

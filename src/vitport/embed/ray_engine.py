@@ -48,13 +48,11 @@ class Encode:
 
     def __init__(self, spec: str, device: str, dtype: str, image_size: int, fixes: list[str],
                  outputs: list[str], weights: str | None = None,
-                 trust_remote_code: bool = False) -> None:  # fmt: skip
-        import vitport
-        from vitport.fixes import apply_fixes
+                 trust_remote_code: bool = False, runtime: str = "torch") -> None:  # fmt: skip
+        from vitport.runtimes import load_on
 
-        self.encoder = vitport.load(spec, device, dtype, image_size=image_size, weights=weights,
-                                    trust_remote_code=trust_remote_code)  # fmt: skip
-        apply_fixes(self.encoder, fixes)
+        self.encoder, _ = load_on(spec, device, dtype, runtime, fixes, image_size=image_size,
+                                  weights=weights, trust_remote_code=trust_remote_code)  # fmt: skip
         self.outputs = outputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -103,7 +101,8 @@ def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]
             fn_constructor_kwargs={
                 "spec": encoder.spec, "device": encoder.device.type,
                 "dtype": encoder.meta()["dtype"], "image_size": encoder.image_size[0],
-                "fixes": list(encoder.fixes), "outputs": list(dims), **load_options,
+                "fixes": list(encoder.fixes), "outputs": list(dims), "runtime": encoder.runtime,
+                **load_options,
             },
             max_restarts=0,  # a lost actor fails the run; running it again resumes
             **encoder.device.ray_actor_options(),

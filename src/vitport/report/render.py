@@ -205,7 +205,11 @@ def throughput(measurement: dict[str, Any]) -> float:
 
 
 def config_label(config: dict[str, Any]) -> str:
-    return f"{config['dtype']} {config['attention']}" + (" compiled" if config["compiled"] else "")
+    """The same words as bench's Config.label, from the report's JSON (older ones: torch)."""
+    from vitport.bench.optimize import Config
+
+    return Config(config["dtype"], config["attention"], config["compiled"],
+                  config.get("runtime", "torch")).label()  # fmt: skip
 
 
 def limits_text(result: CompareResult) -> str:
@@ -347,9 +351,16 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
                 speeds.append(f"{throughput(m):.1f}" if m else "-")
             ok = {True: s["yes"], False: s["no"], None: "error"}[trial["faithful"]]
             err = error if trial["worst_rel_error"] is not None else "-"
-            rows.append([config_label(trial["config"]), ok, err, *speeds])
-        out += table([s["configuration"], s["faithful_col"], s["rel_worst"],
-                      *[f"img/s bs{b}" for b in sizes]], rows, "llr" + "r" * len(sizes))  # fmt: skip
+            runtime = trial["config"].get("runtime", "torch")
+            if trial["config"]["compiled"]:
+                runtime = "torch.compile"
+            rows.append([runtime, config_label(trial["config"]), ok, err, *speeds])
+        out += table(["runtime", s["configuration"], s["faithful_col"], s["rel_worst"],
+                      *[f"img/s bs{b}" for b in sizes]], rows, "lllr" + "r" * len(sizes))  # fmt: skip
+        for line in search.get("runtimes_skipped", []):
+            out += [f"- runtime skipped: {line}"]
+        if search.get("runtimes_skipped"):
+            out += [""]
 
     out += [f"## {s['accuracy']}", ""]
     ref = cmp["reference"]

@@ -149,9 +149,9 @@ RUNTIMES = {
                 _torch, True),
         Runtime("compile", ("cpu", "cuda", "npu", "xpu"), ("fp32", "bf16", "fp16"), (), "",
                 _compile, True),
-        Runtime("onnxruntime", ("cpu",), ("fp32",), ("onnxruntime", "onnx"),
-                "pip install 'vitport[onnx]'", _onnxruntime, False),
-        Runtime("openvino", ("cpu",), ("fp32", "bf16"), ("openvino", "onnx"),
+        Runtime("onnxruntime", ("cpu",), ("fp32",), ("onnxruntime",),
+                "pip install onnx onnxruntime", _onnxruntime, False),
+        Runtime("openvino", ("cpu",), ("fp32", "bf16"), ("openvino",),
                 "pip install 'vitport[openvino]'", _openvino, False),
         Runtime("tensorrt", ("cuda",), ("fp32", "fp16", "bf16"), ("torch_tensorrt",),
                 "pip install 'vitport[tensorrt]'", _tensorrt, False),
@@ -246,3 +246,28 @@ def available(
         else:
             chosen.append(name)
     return chosen, skipped
+
+
+def load_on(
+    spec: str,
+    device: str,
+    dtype: str,
+    runtime: str = "torch",
+    fixes: Sequence[str] = (),
+    **load_options,
+) -> tuple[Encoder, list]:
+    """Load `spec`, apply `fixes`, and build it for `runtime` (another runtime than torch is
+    built from the fp32 model, at `dtype`): the one way every command gets the model it runs.
+    Returns the encoder and the fixes' reports."""
+    import vitport
+    from vitport.fixes import apply_fixes
+
+    kind = get_runtime(runtime)
+    reason = kind.missing()
+    if reason:
+        raise VitportError(reason)
+    encoder = vitport.load(spec, device, dtype if kind.torch_module else "fp32", **load_options)
+    reports = apply_fixes(encoder, list(fixes))
+    if runtime != "torch":
+        encoder = build(encoder, runtime, parse_dtype(dtype)).encoder
+    return encoder, reports

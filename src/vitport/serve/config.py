@@ -22,6 +22,7 @@ class ServeConfig:
     devices: tuple[str, ...] = ()
     dtype: str = "fp32"
     fixes: tuple[str, ...] = ()
+    runtime: str = "torch"
     image_size: int | None = None
     weights: str | None = None
     trust_remote_code: bool = False

@@ -123,7 +123,7 @@ class Service:
         fixes = parse_fixes(list(cfg.fixes))
         base = vitport.load(cfg.model, "cpu", "fp32", image_size=cfg.image_size,
                             weights=cfg.weights, trust_remote_code=cfg.trust_remote_code)  # fmt: skip
-        self.encoders = [candidate_factory(base, d, dtype, cfg.inject_fault)(fixes)[0]
+        self.encoders = [candidate_factory(base, d, dtype, cfg.inject_fault, cfg.runtime)(fixes)[0]
                          for d in devices]  # fmt: skip
         if cfg.check:
             self.state = "checking"
@@ -344,6 +344,7 @@ class Service:
             "devices": [str(e.device) for e in self.encoders] or list(cfg.device_list),
             "dtype": cfg.dtype,
             "fixes": list(cfg.fixes),
+            "runtime": cfg.runtime,
             "outputs": self.output_shapes,
             "max_batch_size": self.batcher.max_batch if self.batcher else cfg.max_batch_size,
             "batch_size_from": self.batch_source,
