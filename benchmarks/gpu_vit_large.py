@@ -22,7 +22,11 @@ from timm.models._hub import save_for_hf
 import vitport
 from vitport.bench.configure import configure
 from vitport.bench.run import Window, bench
+from vitport.compare.run import features_of
+from vitport.compare.verdict import judge_features, thresholds_for
 from vitport.device import resolve_device
+from vitport.images import default_inputs
+from vitport.runtimes import RUNTIMES, build
 
 MARK = "<!-- gpu_vit_large -->"
 
@@ -74,6 +78,31 @@ def main() -> None:
         vendor = f"{100 * row['vendor_mfu']:.1f}%" if row["vendor_mfu"] is not None else "n/a"
         lines.append(f"| {run.batch_size} | {row['images_per_second']:.1f} | {theirs:.1f} | "
                      f"{mfu} | {vendor} |")  # fmt: skip
+    lines += ["", "Runtimes at bf16 (each built from the fp32 model, checked against CPU fp32 with "
+              "the bf16 limits, timed with the same timer):", "",
+              "| runtime | " + " | ".join(f"img/s bs{b}" for b in sizes) + " | verdict | build s |",
+              "| --- | " + " | ".join("---:" for _ in sizes) + " | --- | ---: |"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_hf(timm.create_model(name, **args), tmp, model_args=args)
+        fp32 = vitport.load(tmp, device=str(device), dtype="fp32")
+    reference = features_of(fp32.to(resolve_device("cpu")), default_inputs()[:4], 2)
+    for runtime in RUNTIMES:
+        if RUNTIMES[runtime].not_applicable(device.type, "bf16") or RUNTIMES[runtime].missing():
+            continue
+        try:
+            built = build(fp32, runtime, torch.bfloat16)
+            judged = judge_features(reference.groups(),
+                                    features_of(built.encoder, default_inputs()[:4], 2).groups(),
+                                    thresholds_for("bf16"))  # fmt: skip
+            runs = bench(built.encoder, sizes, window, measure_roofline=False).rows()
+            speeds = " | ".join(f"{r['images_per_second']:.1f}" for r in runs)
+            lines.append(f"| {runtime} | {speeds} | {'PASS' if judged else 'FAIL'} | "
+                         f"{built.build_seconds:.1f} |")  # fmt: skip
+        except Exception as exc:  # one row, and the table goes on
+            reason = (
+                str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+            )
+            lines.append(f"| {runtime} | could not run: {reason} |")
     section = "\n".join(lines[1:]) + "\n"
     if not opts.smoke:
         section = write_section(MARK, lines[1:])

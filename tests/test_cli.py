@@ -293,12 +293,13 @@ def _empty_results() -> dict[str, tuple]:
 
     from vitport.embed.dedup import Pairs
 
-    side = NS(device="cpu", dtype="fp32", fixes=[], kind="device", path=None)
+    side = NS(device="cpu", dtype="fp32", fixes=[], kind="device", path=None, runtime="torch")
     compare = NS(spec="demo:x", candidate=side, reference=side, inputs=[], groups={}, floor={},
                  floor_ratio={}, passed=True, worst_rel_error=0.0, trials=[],
                  localization=NS(points=[], blocks=lambda: [], culprit=None),
                  localization_reference="cpu fp32")  # fmt: skip
     bench = NS(spec="demo:x", device="cpu", dtype="fp32", attention="sdpa", compiled=False,
+               runtime="torch",
                image_size=(224, 224), best=lambda: None, rows=lambda: [], batch_sizes=[],
                trials=[], images=0, batch_size=1, workers=0, images_per_second=0.0,
                breakdown=lambda: {})  # fmt: skip

@@ -64,7 +64,7 @@ def _compile(encoder: Encoder, cache: Path) -> Callable:
 def onnx_file(encoder: Encoder, cache: Path) -> Path:
     """The encoder exported to ONNX (its fp32 module, dynamic batch), cached by weights, fixes
     and size: one build serves every batch size."""
-    from vitport.convert.onnx import export_graph
+    from vitport.runtimes.onnx import export_graph
 
     h, w = encoder.image_size
     key = f"{encoder.weights_sha256[:16]}-{h}x{w}-{'+'.join(encoder.fixes) or 'plain'}"
@@ -134,8 +134,7 @@ def _tensorrt(encoder: Encoder, cache: Path) -> Callable:
 
 
 def _torchair(encoder: Encoder, cache: Path) -> Callable:
-    import torch_npu  # noqa: F401  (torchair comes with it)
-    import torchair
+    import torchair  # ships in torch-npu, which the NPU device has imported already
 
     backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
     encoder.module.compile(backend=backend, dynamic=False)
@@ -155,7 +154,7 @@ RUNTIMES = {
                 "pip install 'vitport[openvino]'", _openvino, False),
         Runtime("tensorrt", ("cuda",), ("fp32", "fp16", "bf16"), ("torch_tensorrt",),
                 "pip install 'vitport[tensorrt]'", _tensorrt, False),
-        Runtime("torchair", ("npu",), ("fp32", "fp16", "bf16"), ("torch_npu",),
+        Runtime("torchair", ("npu",), ("fp32", "fp16", "bf16"), (),
                 "install torch-npu with CANN (torchair ships in it)", _torchair, True),
     )
 }  # fmt: skip
