@@ -85,7 +85,9 @@ def main() -> None:
         f"Command: `python benchmarks/runtimes_cpu.py`. torch {torch.__version__}, "
         f"{cpu.describe().get('name')}, 2 cores; demo:dinov2-small, 224x224, the 10 default "
         f"inputs for the verdict (against CPU fp32, the dtype's limits). One run of {table_seconds:.0f} s "
-        "for the table; build s is the build (export, compile) plus the first calls.",
+        "for the table; build s is the build (export, compile) plus the first calls. ONNX exports "
+        "are cached per weights, fixes and image size (~/.cache/vitport/runtimes), so a row's "
+        "build s is a cache hit where an earlier run exported the same model.",
         "",
         *rows,
         "",

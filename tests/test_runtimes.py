@@ -194,3 +194,30 @@ def test_torchair_agrees_with_torch_on_the_npu(demo, inputs, tmp_path):
     judged = judge_features(reference.groups(), features_of(built.encoder, inputs, 2).groups(),
                             thresholds_for("fp32"))  # fmt: skip
     assert judged, judged.verdict.failures
+
+
+def test_a_runtime_that_cannot_build_is_one_row_and_the_search_goes_on(
+    monkeypatch, tiny_dir, photos
+):
+    from vitport.bench.optimize import optimize
+    from vitport.cli.bench_tables import optimize_table
+
+    def broken(encoder, cache):
+        raise RuntimeError("unsupported operator aten::_fancy_attention\nmore detail")
+
+    monkeypatch.setitem(RUNTIMES, "broken", Runtime("broken", ("cpu",), ("fp32",), (), "",
+                                                    broken, False))  # fmt: skip
+    base = vitport.load(str(tiny_dir("dinov2")))
+    result = optimize(base, resolve_device("cpu"), photos[:2], [1], FAST, dtypes=("fp32",),
+                      attentions=("default", "eager"), compile_options=(False,),
+                      runtimes=("broken", "torch"))  # fmt: skip
+    row = next(t for t in result.trials if t.config.runtime == "broken")
+    assert row.faithful is None and "unsupported operator aten::_fancy_attention" in row.error
+    assert "more detail" not in row.error
+    others = [t for t in result.trials if t.config.runtime == "torch"]
+    assert len(others) == 2 and all(t.measurements for t in others)  # the others all ran
+    from rich.console import Console
+
+    console = Console(width=500, record=True)
+    console.print(optimize_table(result))
+    assert "could not run: broken could not build" in console.export_text()

@@ -433,3 +433,19 @@ def test_golden_reference_and_two_device_workers(model_dir, files, tmp_path, tin
     with running(tmp_path, str(other), "--reference", str(golden), ready=False) as server:
         assert server.proc.wait(120) == 2, server.output()
         assert "error:" in server.output()
+
+
+def test_serve_runs_another_runtime(model_dir, files, tmp_path):
+    """--runtime onnxruntime: the self-check judges the runtime itself, and it serves."""
+    from vitport.runtimes import RUNTIMES
+
+    if RUNTIMES["onnxruntime"].missing():
+        pytest.skip(RUNTIMES["onnxruntime"].missing())
+    want = expected(model_dir, files[:4])["pooled"]
+    with running(tmp_path, str(model_dir), "--runtime", "onnxruntime",
+                 "--max-batch-size", "4") as server:  # fmt: skip
+        about = httpx.get(f"{server.url}/v1/models").json()["data"][0]["vitport"]
+        assert about["runtime"] == "onnxruntime" and about["self_check"]["passed"]
+        body = {"input": [b64(f) for f in files[:4]], "encoding_format": "float"}
+        got = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=60).json()["data"]
+        assert cosines([g["embedding"] for g in got], want).min() >= 0.9999

@@ -250,7 +250,8 @@ def _trial(
         output = infer(candidate, images, batch_size=4).features
         trial.build_seconds = time.perf_counter() - began  # the build, and the first calls
     except (VitportError, RuntimeError, torch.OutOfMemoryError) as exc:
-        trial.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        trial.error = first if isinstance(exc, VitportError) else f"{type(exc).__name__}: {first}"
         return trial
     judged = judge_features(reference.groups(), output.groups(), thresholds_for(config.dtype))
     trial.faithful = bool(judged)

@@ -52,16 +52,17 @@ def optimize_table(result) -> Table:
     table.add_column("configuration")
     table.add_column("faithful")
     table.add_column("worst rel err (%)", justify="right")
+    table.add_column("build s", justify="right")
     for batch in result.batch_sizes:
         table.add_column(f"img/s bs{batch}", justify="right")
     best = result.best()
     errors = pct_column([t.worst_rel_error for t in result.trials])
     for trial, error in zip(result.trials, errors, strict=True):
-        faithful = {True: "yes", False: "no", None: "error"}[trial.faithful]
+        faithful = {True: "yes", False: "no", None: "could not run"}[trial.faithful]
         if trial.faithful is False and trial.failed_checks:
             faithful += f" ({trial.failed_checks[0]})"
         if trial.error:
-            faithful = f"error: {trial.error[:60]}"
+            faithful = f"could not run: {trial.error[:60]}"
         speeds = [
             f"{trial.speed(b):.1f}" if trial.speed(b) is not None else "-"
             for b in result.batch_sizes
@@ -71,6 +72,7 @@ def optimize_table(result) -> Table:
             trial.config.label(),
             faithful,
             "-" if trial.worst_rel_error is None else error,
+            f"{trial.build_seconds:.1f}",
             *speeds,
             style=style,
         )

@@ -349,7 +349,7 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             for b in sizes:
                 m = trial["measurements"].get(str(b))
                 speeds.append(f"{throughput(m):.1f}" if m else "-")
-            ok = {True: s["yes"], False: s["no"], None: "error"}[trial["faithful"]]
+            ok = {True: s["yes"], False: s["no"], None: "could not run"}[trial["faithful"]]
             err = error if trial["worst_rel_error"] is not None else "-"
             runtime = trial["config"].get("runtime", "torch")
             if trial["config"]["compiled"]:
