@@ -42,6 +42,10 @@ def test_every_section_with_numbers_from_the_run(data, tmp_path):
     )
     assert "img/s" in first_lines[1]
     assert "Fastest faithful configuration" in readme
+    runtimes = {t["config"]["runtime"] for t in data["optimize"]["trials"]}
+    assert "torch" in runtimes and "| runtime |" in readme
+    assert any(f"| {r} |" in readme for r in runtimes - {"torch"}) or runtimes == {"torch"}
+    assert "runtime skipped: tensorrt" in readme
     best = data["optimize"]["best"]
     assert f"at batch {best['batch_size']}," in readme
     for row in data["bench"]["rows"]:

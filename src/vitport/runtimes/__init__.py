@@ -32,7 +32,7 @@ class Runtime:
     packages: tuple[str, ...]  # what must be importable
     install: str  # the pip install that adds it
     build: Build
-    torch_module: bool  # the torch module itself runs (so hooks, fixes and attention apply)
+    torch_module: bool  # built from the torch module in the run's dtype; else exported from fp32
 
     def missing(self) -> str | None:
         """Why it is not installed, with the cure; None when it is."""
@@ -109,6 +109,8 @@ def openvino_forward(encoder: Encoder, cache: Path, precision: str) -> Callable:
     import openvino as ov
 
     core = ov.Core()
+    # no CACHE_DIR: with it, OpenVINO 2026.4 returned NaN for a bf16 compile after an f32 one
+    # of the same model (seen here); compiling the cached ONNX takes about 2 s on the demo
     model = core.read_model(str(onnx_file(encoder, cache)))
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()
@@ -123,14 +125,17 @@ def openvino_forward(encoder: Encoder, cache: Path, precision: str) -> Callable:
 def _tensorrt(encoder: Encoder, cache: Path) -> Callable:
     import torch_tensorrt
 
+    from vitport.runtimes.onnx import RawGraph
+
     h, w = encoder.image_size
     shape = torch_tensorrt.Input(min_shape=(1, 3, h, w), opt_shape=(8, 3, h, w),
-                                 max_shape=(64, 3, h, w), dtype=torch.float32)  # fmt: skip
-    # the fp32 module; TensorRT may lower it only to the precision asked for, nothing else
-    module = torch_tensorrt.compile(encoder.module, ir="dynamo", inputs=[shape],
-                                    enabled_precisions={encoder.dtype},
-                                    use_explicit_typing=False)  # fmt: skip
-    return lambda _module, pixels: encoder.forward_fn(module, pixels.float())
+                                 max_shape=(64, 3, h, w), dtype=encoder.dtype)  # fmt: skip
+    # the graph in the run's dtype, and TensorRT allowed that precision only
+    options = {"enabled_precisions": {encoder.dtype}, "cache_built_engines": True,
+               "reuse_cached_engines": True, "engine_cache_dir": str(cache / "tensorrt")}  # fmt: skip
+    engine = torch_tensorrt.compile(RawGraph(encoder).eval(), ir="dynamo", inputs=[shape],
+                                    **options)  # fmt: skip
+    return lambda _module, pixels: _outputs(encoder, engine(pixels.to(encoder.dtype)))
 
 
 def _torchair(encoder: Encoder, cache: Path) -> Callable:
@@ -153,7 +158,7 @@ RUNTIMES = {
         Runtime("openvino", ("cpu",), ("fp32", "bf16"), ("openvino",),
                 "pip install 'vitport[openvino]'", _openvino, False),
         Runtime("tensorrt", ("cuda",), ("fp32", "fp16", "bf16"), ("torch_tensorrt",),
-                "pip install 'vitport[tensorrt]'", _tensorrt, False),
+                "pip install 'vitport[tensorrt]'", _tensorrt, True),
         Runtime("torchair", ("npu",), ("fp32", "fp16", "bf16"), (),
                 "install torch-npu with CANN (torchair ships in it)", _torchair, True),
     )
