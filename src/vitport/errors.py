@@ -39,3 +39,9 @@ class OutOfMemoryError(VitportError):
 
 class GoldenMismatchError(VitportError):
     """A golden Features file does not match the run it is compared with."""
+
+
+class ClusterError(VitportError):
+    """The cluster lost what the run needed, or made no progress: what was written stays."""
+
+    exit_code = 1

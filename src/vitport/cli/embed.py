@@ -72,6 +72,13 @@ def embed(
         str | None,
         typer.Option(help="I/N: this process writes every N-th shard from I (SLURM arrays)."),
     ] = None,
+    stall_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="With --engine ray: end the run (exit 1, shards kept) after this many seconds "
+            "without a finished batch, saying what the cluster waits for. Default: 300."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Embed whole image collections: one row per image, resumable, losing nothing.
@@ -90,7 +97,7 @@ def embed(
             workers=workers, image_size=image_size, weights=weights,
             trust_remote_code=trust_remote_code, fixes=parse_fixes(fix), runtime=runtime, outputs=outputs,
             shard_size=shard_size, column=column, overwrite=overwrite, engine=engine,
-            ray_address=ray_address, shard=shard,
+            ray_address=ray_address, shard=shard, stall_timeout=stall_timeout,
             progress=lambda m: activity.update(esc(m)),
             on_batch=lambda done, total: activity.tick(done, total, "embedding"),
         )  # fmt: skip

@@ -179,6 +179,7 @@ def embed(
     engine: str = "local",
     ray_address: str | None = None,
     shard: str | None = None,
+    stall_timeout: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
     on_batch: Callable[[int, int], None] = lambda done, total: None,
 ) -> EmbedSummary:
@@ -194,6 +195,9 @@ def embed(
         raise VitportError(f"--shard-size must be at least 1, not {shard_size}")
     if engine not in ("local", "ray"):
         raise VitportError(f"--engine {engine}: use local or ray")
+    if stall_timeout is not None and (engine != "ray" or stall_timeout <= 0):
+        raise VitportError(f"--stall-timeout {stall_timeout:g}: give seconds above 0, "
+                           "with --engine ray")  # fmt: skip
     worker, of = parse_shard(shard)
     if overwrite and of > 1:
         raise VitportError(
@@ -227,12 +231,12 @@ def embed(
     batch_size = batch_size or 1
     start = time.perf_counter()
     if engine == "ray":
-        from vitport.embed.ray_engine import run_ray
+        from vitport.embed.ray_engine import DEFAULT_STALL_TIMEOUT, run_ray
 
         load_options = {"weights": str(weights) if weights else None,
                         "trust_remote_code": trust_remote_code}  # fmt: skip
         timing = run_ray(encoder, inputs, store, todo, dims, batch_size, ray_address, on_batch,
-                         load_options)  # fmt: skip
+                         load_options, stall_timeout or DEFAULT_STALL_TIMEOUT)  # fmt: skip
     else:
         timing = run_local(encoder, inputs, store, todo, dims, batch_size, workers, on_batch)
     seconds = time.perf_counter() - start

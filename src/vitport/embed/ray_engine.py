@@ -5,8 +5,10 @@ contract, the errors table and resuming are those of the local engine."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,7 @@ import numpy as np
 from vitport.embed.shards import ShardCollector, Timing, features_of
 from vitport.embed.store import Store
 from vitport.encoder import Encoder
-from vitport.errors import VitportError
+from vitport.errors import ClusterError, VitportError
 from vitport.stream import Failure, ImageInputs, Input
 
 
@@ -90,12 +92,34 @@ def _quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+MAX_RESTARTS = 4  # a model actor lost with its node starts again on another, this often
+MAX_TASK_RETRIES = -1  # the batch it held is sent again until it runs (a node's death takes
+# Ray a while to notice; --stall-timeout ends a run that makes no progress)
+DEFAULT_STALL_TIMEOUT = 300.0
+
+
+def cpu_shares(nodes: Sequence[dict], resource: str | None) -> float:
+    """The CPUs one model actor and one reading task each ask for: 1, or less where a node
+    holding its model actors would otherwise have no CPU left for a reading task (which is how a
+    one-CPU node hangs: the actor holds the CPU and every read waits for it forever)."""
+    share = 1.0
+    for node in nodes:
+        cpus = node["Resources"].get("CPU", 0.0)
+        if not node["Alive"] or cpus <= 0:
+            continue
+        actors = 1 if resource is None else int(node["Resources"].get(resource, 0))
+        share = min(share, cpus / (actors + 1))
+    return share
+
+
 def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]],
-              batch_size: int, actors: int, load_options: dict[str, Any]):  # fmt: skip
-    """Reading tasks that decode and preprocess, feeding actors that hold the model."""
+              batch_size: int, actors: int, cpus: float, load_options: dict[str, Any]):  # fmt: skip
+    """Reading tasks that decode and preprocess, feeding actors that hold the model; Ray starts
+    a lost actor again elsewhere and retries what it held."""
     return (
         ray.data.from_items(rows)
-        .map_batches(Decode(encoder.preprocess, encoder.image_size), batch_size=batch_size)
+        .map_batches(Decode(encoder.preprocess, encoder.image_size), batch_size=batch_size,
+                     num_cpus=cpus)  # fmt: skip
         .map_batches(
             Encode, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={
@@ -104,16 +128,94 @@ def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]
                 "fixes": list(encoder.fixes), "outputs": list(dims), "runtime": encoder.runtime,
                 **load_options,
             },
-            max_restarts=0,  # a lost actor fails the run; running it again resumes
-            **encoder.device.ray_actor_options(),
+            max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+            **{**encoder.device.ray_actor_options(), "num_cpus": cpus},
         )
     )  # fmt: skip
+
+
+def _node(node: dict) -> str:
+    return f"node {node['NodeID'][:8]} ({node['NodeManagerAddress']})"
+
+
+def lost_nodes(ray, alive_at_start: set[str]) -> list[str]:
+    return [_node(n) for n in ray.nodes() if n["NodeID"] in alive_at_start and not n["Alive"]]
+
+
+def waiting(ray) -> str:
+    """What the cluster is waiting for, in words: "19 tasks or actors waiting for 1 CPU each;
+    the cluster has 0 of 1 CPU free"."""
+    demands: list[str] = []
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        for demand in status.resource_demands.ray_task_actor_demand:
+            for request in demand.bundles_by_count:
+                bundle = {k: v for k, v in request.bundle.items() if k != "memory"}
+                each = ", ".join(f"{v:g} {k}" for k, v in sorted(bundle.items()))
+                demands.append(f"{request.count} tasks or actors waiting for {each} each")
+    except Exception:  # an older or newer Ray without this status: say what is free only
+        pass
+    total, free = ray.cluster_resources(), ray.available_resources()
+    have = ", ".join(f"{free.get(k, 0.0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU", "NPU")
+                     if k in total)  # fmt: skip
+    return "; ".join(
+        [*demands, f"the cluster has {have} free" if have else "the cluster has no CPU"]
+    )
+
+
+def _batches(dataset: Any, stall_timeout: float, stalled: Callable[[], str]) -> Iterator[dict]:
+    """The dataset's batches, read on a thread so that a run making no progress for
+    `stall_timeout` seconds ends with `stalled()`'s words rather than waiting forever."""
+    handed: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def feed() -> None:
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                while not stop.is_set():
+                    try:
+                        handed.put(("batch", batch), timeout=1)
+                        break
+                    except queue.Full:
+                        continue
+            handed.put(("end", None))
+        except BaseException as exc:  # handed to the caller, which raises it
+            if not stop.is_set():
+                handed.put(("error", exc))
+
+    thread = threading.Thread(target=feed, name="vitport-ray-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                kind, value = handed.get(timeout=stall_timeout)
+            except queue.Empty:
+                raise ClusterError(stalled()) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+GIVE_UP = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError",
+           "OwnerDiedError", "WorkerCrashedError", "ObjectReconstructionFailedError")  # fmt: skip
+
+
+def _gave_up(exc: BaseException, lost: list[str]) -> bool:
+    names = {type(exc).__name__, *(type(c).__name__ for c in (exc.__cause__,) if c)}
+    return bool(lost) or bool(names & set(GIVE_UP))
 
 
 def run_ray(
     encoder: Encoder, inputs: Sequence[Input], store: Store, todo: Sequence[int],
     dims: dict[str, list[int]], batch_size: int, address: str | None,
     on_batch: Callable[[int, int], None], load_options: dict[str, Any] | None = None,
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT,
 ) -> Timing:  # fmt: skip
     """`load_options`: the weights and trust_remote_code each actor loads the model with."""
     _quiet_ray()
@@ -131,6 +233,13 @@ def run_ray(
                      configure_logging=False)  # fmt: skip
         except Exception as exc:  # ConnectionError, RuntimeError, ...: all mean "no cluster"
             raise VitportError(f"cannot start or join Ray at {address or 'local'}: {exc}") from exc
+    collector = ShardCollector(store, inputs, dims)
+
+    def kept() -> str:
+        done = sum(store.done(k) for k in range(store.num_shards))
+        return (f"the {done} shard(s) written to {store.dir} are kept; "
+                "run the same command again to resume")  # fmt: skip
+
     try:
         _quiet_ray()  # Ray sets its loggers up again in init
         context = ray.data.DataContext.get_current()
@@ -140,25 +249,56 @@ def run_ray(
         rows = [{"index": i, "id": inputs[i].id, "path": inputs[i].path, "row": inputs[i].row,
                  "column": inputs[i].column, "problem": inputs[i].problem}
                 for i in order]  # fmt: skip
+        nodes = ray.nodes()
+        alive = {n["NodeID"] for n in nodes if n["Alive"]}
         actors = _actors(encoder)
-        with warnings.catch_warnings():  # max_restarts has no named parameter in Ray Data yet
+        cpus = cpu_shares(nodes, encoder.device.ray_resource)
+        with warnings.catch_warnings():  # Ray Data 2.60 has no named max_restarts yet
             warnings.simplefilter("ignore")
-            dataset = _pipeline(ray, rows, encoder, dims, batch_size, actors, load_options or {})
-        collector = ShardCollector(store, inputs, dims)
+            dataset = _pipeline(ray, rows, encoder, dims, batch_size, actors, cpus,
+                                load_options or {})  # fmt: skip
+
+        def stalled() -> str:
+            lost = lost_nodes(ray, alive)
+            gone = f" after losing {', '.join(lost)}" if lost else ""
+            return (f"no progress for {stall_timeout:g} s{gone}: {waiting(ray)}; "
+                    f"{kept()}")  # fmt: skip
+
         done = 0
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for k, index in enumerate(batch["index"].tolist()):
-                item = inputs[index]
-                if batch["reason"][k]:
-                    collector.fail(index, Failure(index, item.id, item.path,
-                                                  str(batch["reason"][k]),
-                                                  str(batch["message"][k])))  # fmt: skip
-                else:
-                    size = (int(batch["width"][k]), int(batch["height"][k]))
-                    collector.add(index, size, {n: batch[n][k] for n in dims})
-                done += 1
-            on_batch(done, len(order))
-        return Timing(workers=actors, notes=[f"Ray Data: {actors} model actor(s)"])
+        try:
+            for batch in _batches(dataset, stall_timeout, stalled):
+                for k, index in enumerate(batch["index"].tolist()):
+                    item = inputs[index]
+                    if batch["reason"][k]:
+                        collector.fail(index, Failure(index, item.id, item.path,
+                                                      str(batch["reason"][k]),
+                                                      str(batch["message"][k])))  # fmt: skip
+                    else:
+                        size = (int(batch["width"][k]), int(batch["height"][k]))
+                        collector.add(index, size, {n: batch[n][k] for n in dims})
+                    done += 1
+                on_batch(done, len(order))
+        except ClusterError:
+            raise
+        except Exception as exc:
+            lost = lost_nodes(ray, alive)
+            if not _gave_up(exc, lost):
+                raise
+            what = f"lost {', '.join(lost)}" if lost else "lost a worker"
+            raise ClusterError(f"Ray {what} and gave up ({type(exc).__name__}: "
+                               f"{_first_line(exc)}); {kept()}") from exc  # fmt: skip
+        notes = [f"Ray Data: {actors} model actor(s), {cpus:g} CPU each and per reading task"]
+        lost = lost_nodes(ray, alive)
+        if lost:
+            notes.append(f"Ray lost {', '.join(lost)} during the run; its model actors were "
+                         "started again and its batches retried")  # fmt: skip
+        return Timing(workers=actors, notes=notes)
     finally:
         if started:
             ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= 240 else line[:240] + "…"

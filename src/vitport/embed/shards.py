@@ -28,12 +28,22 @@ class ShardCollector:
     def __init__(self, store: Store, inputs: Sequence[Input], dims: dict[str, list[int]]):
         self.store, self.inputs, self.dims = store, inputs, dims
         self.open: dict[int, ShardRows] = {}
+        self.seen: set[int] = set()  # a batch Ray ran twice is taken once
+        self.written = 0
 
     def _rows(self, index: int) -> ShardRows:
         shard = index // self.store.shard_size
         return self.open.setdefault(shard, ShardRows(shard, outputs={n: [] for n in self.dims}))
 
+    def _first_time(self, index: int) -> bool:
+        if index in self.seen:
+            return False
+        self.seen.add(index)
+        return True
+
     def add(self, index: int, size: tuple[int, int], values: dict[str, np.ndarray]) -> None:
+        if not self._first_time(index):
+            return
         rows, item = self._rows(index), self.inputs[index]
         rows.ids.append(item.id)
         rows.paths.append(item.path)
@@ -46,6 +56,8 @@ class ShardCollector:
         self._flush(rows.shard)
 
     def fail(self, index: int, failure) -> None:
+        if not self._first_time(index):
+            return
         rows = self._rows(index)
         rows.failures.append(failure._replace(index=index))
         self._flush(rows.shard)
@@ -55,6 +67,7 @@ class ShardCollector:
         if rows.count == len(self.store.shard_range(shard)):
             self.store.write_shard(rows, self.dims)
             del self.open[shard]
+            self.written += 1
 
 
 def features_of(encoder: Encoder, pixels: torch.Tensor, names: Sequence[str]) -> list[dict]:
