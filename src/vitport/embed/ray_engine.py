@@ -5,10 +5,11 @@ contract, the errors table and resuming are those of the local engine."""
 
 from __future__ import annotations
 
-import queue
+import ctypes
 import threading
+import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -165,41 +166,45 @@ def waiting(ray) -> str:
     )
 
 
-def _batches(dataset: Any, stall_timeout: float, stalled: Callable[[], str]) -> Iterator[dict]:
-    """The dataset's batches, read on a thread so that a run making no progress for
-    `stall_timeout` seconds ends with `stalled()`'s words rather than waiting forever."""
-    handed: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
+class _Stalled(BaseException):  # past `except Exception` in Ray Data, like a Ctrl-C
+    """Raised in the thread reading the dataset, so that Ray Data shuts its execution down."""
 
-    def feed() -> None:
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                while not stop.is_set():
-                    try:
-                        handed.put(("batch", batch), timeout=1)
-                        break
-                    except queue.Full:
-                        continue
-            handed.put(("end", None))
-        except BaseException as exc:  # handed to the caller, which raises it
-            if not stop.is_set():
-                handed.put(("error", exc))
 
-    thread = threading.Thread(target=feed, name="vitport-ray-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            try:
-                kind, value = handed.get(timeout=stall_timeout)
-            except queue.Empty:
-                raise ClusterError(stalled()) from None
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
+class Watchdog:
+    """Ends a run that makes no progress: after `timeout` seconds without `progress()`, it
+    raises _Stalled in the thread that entered it (Ray Data's wait for output is a Python loop,
+    so the exception arrives there and Ray Data cleans up as after a Ctrl-C)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.fired = False
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self, thread: int) -> None:
+        while not self.done.wait(1.0):
+            if time.monotonic() - self.last < self.timeout:
+                continue
+            with self.lock:
+                if not self.done.is_set():
+                    self.fired = True
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread),
+                                                               ctypes.py_object(_Stalled))  # fmt: skip
+            return
+
+    def __enter__(self) -> Watchdog:
+        watcher = threading.Thread(target=self._watch, args=(threading.get_ident(),),
+                                   name="vitport-ray-watchdog", daemon=True)  # fmt: skip
+        watcher.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        with self.lock:
+            self.done.set()
 
 
 GIVE_UP = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError",
@@ -266,20 +271,22 @@ def run_ray(
 
         done = 0
         try:
-            for batch in _batches(dataset, stall_timeout, stalled):
-                for k, index in enumerate(batch["index"].tolist()):
-                    item = inputs[index]
-                    if batch["reason"][k]:
-                        collector.fail(index, Failure(index, item.id, item.path,
-                                                      str(batch["reason"][k]),
-                                                      str(batch["message"][k])))  # fmt: skip
-                    else:
-                        size = (int(batch["width"][k]), int(batch["height"][k]))
-                        collector.add(index, size, {n: batch[n][k] for n in dims})
-                    done += 1
-                on_batch(done, len(order))
-        except ClusterError:
-            raise
+            with Watchdog(stall_timeout) as watchdog:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    watchdog.progress()
+                    for k, index in enumerate(batch["index"].tolist()):
+                        item = inputs[index]
+                        if batch["reason"][k]:
+                            collector.fail(index, Failure(index, item.id, item.path,
+                                                          str(batch["reason"][k]),
+                                                          str(batch["message"][k])))  # fmt: skip
+                        else:
+                            size = (int(batch["width"][k]), int(batch["height"][k]))
+                            collector.add(index, size, {n: batch[n][k] for n in dims})
+                        done += 1
+                    on_batch(done, len(order))
+        except _Stalled:
+            raise ClusterError(stalled()) from None
         except Exception as exc:
             lost = lost_nodes(ray, alive)
             if not _gave_up(exc, lost):
