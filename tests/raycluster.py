@@ -20,9 +20,9 @@ import psutil
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-# the head's GCS declares a silent node dead after ~1.5 s, not Ray's default ~15 s: the same
+# the head's GCS declares a silent node dead after ~3-9 s, not Ray's default ~15-30 s: the same
 # path, sooner (a user's cluster takes Ray's own time to notice a lost node)
-FAST_DETECTION = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+FAST_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
                   "RAY_health_check_failure_threshold": "3"}  # fmt: skip
 
 
@@ -52,18 +52,20 @@ class Cluster:
         assert done.returncode == 0, done.stdout + done.stderr
 
     def start(self) -> Cluster:
-        self._ray("get-auth-token", "--generate")
-        common = ("--temp-dir", self.temp, "--disable-usage-stats")
-        self._ray("start", "--head", f"--port={self.port}", "--num-cpus=0",
-                  "--include-dashboard=false", "--resources", json.dumps({"head": 1}), *common)  # fmt: skip
-        workers = [subprocess.Popen([RAY, "start", f"--address={self.address}", f"--num-cpus={cpus}",
-                                     "--resources", json.dumps({f"worker_{k}": 1}), *common],
-                                    env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-                   for k, cpus in enumerate(self.worker_cpus)]  # fmt: skip
-        for worker in workers:
-            output, _ = worker.communicate(timeout=180)
-            assert worker.returncode == 0, output
+        """`ray start` for the head, then each worker in turn (two raylets starting at once on
+        two busy cores can time out); a cluster that fails to start is stopped."""
+        try:
+            self._ray("get-auth-token", "--generate")
+            common = ("--temp-dir", self.temp, "--disable-usage-stats")
+            self._ray("start", "--head", f"--port={self.port}", "--num-cpus=0",
+                      "--include-dashboard=false", "--resources", json.dumps({"head": 1}),
+                      *common)  # fmt: skip
+            for k, cpus in enumerate(self.worker_cpus):
+                self._ray("start", f"--address={self.address}", f"--num-cpus={cpus}",
+                          "--resources", json.dumps({f"worker_{k}": 1}), *common)  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _processes(self) -> set[psutil.Process]:
@@ -93,7 +95,9 @@ class Cluster:
         raise AssertionError(f"no process {title!r} on this cluster within {timeout} s")
 
     def stop(self) -> None:
-        for p in self._processes():
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        for _ in range(3):  # again, for anything started while the first pass killed
+            for p in self._processes():
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            time.sleep(0.5)
         shutil.rmtree(self.temp, ignore_errors=True)

@@ -17,7 +17,7 @@ from vitport.errors import ClusterError
 
 pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'vitport[ray]'")
 
-from raycluster import Cluster  # noqa: E402
+from raycluster import Cluster, free_port  # noqa: E402
 
 MODEL = "demo:dinov2-small"  # a real ViT-S/14: slow enough on a CPU to be killed mid-run
 IMAGES = 64
@@ -145,3 +145,75 @@ def test_stall_timeout_is_for_the_ray_engine(collection, tmp_path):
     with pytest.raises(VitportError, match="above 0"):
         embed([str(collection)], MODEL, tmp_path / "o", device="cpu", engine="ray",
               stall_timeout=0)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_serve_replaces_a_replica_lost_with_its_node(tiny_dir, tmp_path):
+    """`serve --engine ray` with two replicas: SIGKILL the node of one while clients ask. Every
+    request is answered (200, or an error status), none hangs; /health says degraded until Ray
+    Serve has replaced the replica, then ok with both running and serving the same vectors."""
+    pytest.importorskip("ray.serve")
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from PIL import Image
+
+    model = tiny_dir("dinov2")
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 40, 90)).save(buffer, format="PNG")
+    body = {"input": [base64.b64encode(buffer.getvalue()).decode()], "encoding_format": "float"}
+    cluster = Cluster([2, 2]).start()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "vitport", "serve", "--model", str(model),
+                               "--device", "cpu", "--engine", "ray", "--ray-address",
+                               cluster.address, "--replicas", "2", "--port", str(port)],
+                              env=cluster.env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def output() -> str:
+        return (tmp_path / "serve.log").read_text()[-3000:]
+
+    def health() -> dict:
+        try:
+            return httpx.get(f"{url}/health", timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def until(what, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not what():
+            assert server.poll() is None, output()
+            assert time.monotonic() < deadline, output()
+            time.sleep(0.5)
+
+    try:
+        until(lambda: health().get("replicas_running") == 2, 300)
+        assert health()["status"] == "ok" and health()["replicas_wanted"] == 2
+        want = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).json()
+        want = np.asarray(want["data"][0]["embedding"])
+
+        def ask(_: int) -> int:
+            return httpx.post(f"{url}/v1/embeddings", json=body, timeout=150).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            asked = [pool.submit(ask, k) for k in range(40)]
+            time.sleep(0.5)
+            cluster.node_holding("ServeReplica:vitport").kill()
+            codes = [a.result() for a in asked]  # a hung request would raise a timeout here
+        assert codes.count(200) >= len(codes) // 2, codes
+        assert all(c == 200 or c >= 500 for c in codes), codes
+        until(lambda: health().get("status") == "degraded", 60)
+        until(lambda: health().get("replicas_running") == 2 and health()["status"] == "ok", 300)
+        got = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).json()
+        np.testing.assert_allclose(got["data"][0]["embedding"], want, atol=1e-5)
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        cluster.stop()
+        log.close()

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -96,12 +97,15 @@ def error_response(error: ServeError) -> JSONResponse:
 
 
 def create_app(config: ServeConfig | None = None, *, service: Service | None = None,
-               background: bool = True) -> FastAPI:  # fmt: skip
+               background: bool = True,
+               capacity: Callable[[], dict[str, Any]] | None = None) -> FastAPI:  # fmt: skip
     """The vitport serving app, to run with uvicorn or mount in another ASGI app.
 
     The model loads, is self-checked and warmed up at start-up (the app's lifespan): in a
     thread while /health already answers and /ready says 503 (`background`), or before the
-    app takes any request (``background=False``, as Ray Serve replicas do)."""
+    app takes any request (``background=False``, as Ray Serve replicas do). `capacity` says
+    how much of a deployment serves (Ray Serve's replicas): /health and /ready carry it, and
+    /health says "degraded" while replicas are missing."""
     if service is None:
         if config is None:
             raise ValueError("create_app needs a ServeConfig or a Service")
@@ -138,14 +142,19 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         count(service, request.url.path, "bad_request")
         return error_response(ServeError(400, "bad-request", message, param=where))
 
+    async def deployment() -> dict[str, Any]:
+        return await asyncio.to_thread(capacity) if capacity else {}
+
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "state": service.state}
+    async def health() -> dict[str, Any]:
+        replicas = await deployment()
+        status = "degraded" if replicas.get("degraded") else "ok"
+        return {"status": status, "state": service.state, **replicas}
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
         if service.ready:
-            return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "ready", **await deployment()})
         detail = str(service.error) if service.error else service.state
         return JSONResponse({"status": service.state, "detail": detail}, status_code=503)
 

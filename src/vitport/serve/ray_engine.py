@@ -9,6 +9,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from typing import Any
 
 from vitport.device import Device
@@ -19,11 +20,42 @@ log = logging.getLogger("vitport.serve")
 APP_NAME = "vitport"
 
 
-def replica_app(config: ServeConfig) -> Any:
+class Capacity:
+    """How much of the deployment serves, from Ray Serve's controller (asked at most every
+    2 s): the replicas by state and, where their number is fixed, how many are wanted.
+    A replica lost with its node shows as missing here until Ray Serve has replaced it."""
+
+    def __init__(self, wanted: int | None) -> None:
+        self.wanted = wanted
+        self.asked, self.last = 0.0, {}
+
+    def __call__(self) -> dict[str, Any]:
+        if time.monotonic() - self.asked > 2.0:
+            self.last, self.asked = self._ask(), time.monotonic()
+        return self.last
+
+    def _ask(self) -> dict[str, Any]:
+        from ray import serve
+
+        try:
+            app = serve.status().applications[APP_NAME]
+            deployment = next(iter(app.deployments.values()))
+        except Exception as exc:  # the controller is away: say so, do not fail the probe
+            return {"replicas": {}, "degraded": True, "detail": f"Ray Serve status: {exc}"}
+        states = {str(k).split(".")[-1]: int(v) for k, v in deployment.replica_states.items()}
+        running = states.get("RUNNING", 0)
+        status = str(deployment.status).split(".")[-1]
+        short = self.wanted is not None and running < self.wanted
+        return {"replicas": states, "replicas_running": running,
+                "replicas_wanted": self.wanted, "deployment_status": status,
+                "degraded": short or status not in ("HEALTHY", "UPSCALING", "DOWNSCALING")}  # fmt: skip
+
+
+def replica_app(config: ServeConfig, wanted: int | None = None) -> Any:
     """Built on each replica: the app, loading and self-checking before it takes traffic."""
     from vitport.serve.app import create_app
 
-    return create_app(config, background=False)
+    return create_app(config, background=False, capacity=Capacity(wanted))
 
 
 def device_type(config: ServeConfig) -> str:
@@ -64,17 +96,22 @@ def deploy(config: ServeConfig, host: str, port: int, *, replicas: int | None = 
     }
     if max_queued_requests is not None:
         options["max_queued_requests"] = max_queued_requests
+    wanted = None
     if autoscaling:
         options["autoscaling_config"] = autoscaling
     else:
-        options["num_replicas"] = replicas or default_replicas(kind, config)
+        wanted = options["num_replicas"] = replicas or default_replicas(kind, config)
 
     def build() -> Any:  # Ray Serve calls a zero-argument builder on each replica
-        return replica_app(replica_config)
+        return replica_app(replica_config, wanted)
 
     ingress = serve.ingress(build)
     deployment = serve.deployment(ingress(), **options)
-    serve.start(http_options={"host": host, "port": port})
+    # one proxy, on the head node (one machine can hold several nodes); a request the proxy
+    # holds longer than the service's own timeout plus a margin is answered, never left open
+    serve.start(proxy_location="HeadOnly",
+                http_options={"host": host, "port": port,
+                              "request_timeout_s": config.timeout + 30})  # fmt: skip
     return serve.run(deployment.bind(), name=APP_NAME, route_prefix="/")
 
 
