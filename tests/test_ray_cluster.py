@@ -77,11 +77,11 @@ def check_exactly_once(out: Path, local: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cpus", [2, 1], ids=["two-cpus-per-node", "one-cpu-per-node"])
-def test_a_killed_node_does_not_stop_the_run(cpus, collection, local, tmp_path):
-    """Two CPUs per node: the actor restarts on the survivor. One CPU per node: its reading
-    tasks still find a CPU beside the restarted actor (where Ray's defaults hang forever)."""
-    cluster = Cluster([cpus, cpus]).start()
+def test_a_killed_node_does_not_stop_the_run(collection, local, tmp_path):
+    """One CPU per node, the hardest case: the model actor restarts on the surviving node, its
+    batches are retried, and reading tasks still find a CPU beside it (with Ray's default
+    requests they wait for it forever); every input once, the features those of a local run."""
+    cluster = Cluster([1, 1]).start()
     try:
         out = tmp_path / "out"
         code, output = embed_and_kill(cluster, collection, out, "--stall-timeout", "120")
@@ -89,6 +89,7 @@ def test_a_killed_node_does_not_stop_the_run(cpus, collection, local, tmp_path):
         cluster.stop()
     assert code == 0, output
     assert "Ray lost node" in output and "started again" in output, output
+    assert "0.5 CPU each" in output, output
     check_exactly_once(out, local)
 
 
