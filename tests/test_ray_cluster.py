@@ -218,3 +218,32 @@ def test_serve_replaces_a_replica_lost_with_its_node(tiny_dir, tmp_path):
             server.kill()
         cluster.stop()
         log.close()
+
+
+def test_when_ray_gives_up_the_line_says_so_and_the_shards_stay(collection, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """An actor Ray will not restart: exit 1, one line naming what was lost, shards kept."""
+    import ray
+
+    from vitport.embed import ray_engine
+
+    out = tmp_path / "out"
+    embed([str(collection)], MODEL, out, device="cpu", batch_size=4, shard_size=SHARD)
+    for extra in sorted(out.glob("part-*.parquet"))[1:]:
+        extra.unlink()
+
+    class Lost:
+        def iter_batches(self, **_):
+            raise ray.exceptions.ActorDiedError()
+            yield
+
+    monkeypatch.setattr(ray_engine, "_pipeline", lambda *a, **k: Lost())
+    monkeypatch.setattr(ray_engine, "NODE_DEATH_WAIT", 0)
+    with pytest.raises(ClusterError) as caught:
+        embed([str(collection)], MODEL, out, device="cpu", batch_size=4, shard_size=SHARD,
+              engine="ray")  # fmt: skip
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.exit_code == 1
+    assert message.startswith("Ray lost a worker and gave up (ActorDiedError"), message
+    assert "the 1 shard(s) written" in message and "run the same command again" in message
+    assert len(read(out)) == SHARD

@@ -97,6 +97,7 @@ MAX_RESTARTS = 4  # a model actor lost with its node starts again on another, th
 MAX_TASK_RETRIES = -1  # the batch it held is sent again until it runs (a node's death takes
 # Ray a while to notice; --stall-timeout ends a run that makes no progress)
 DEFAULT_STALL_TIMEOUT = 300.0
+NODE_DEATH_WAIT = 30  # seconds to learn which node was lost, when Ray gives up first
 
 
 def cpu_shares(nodes: Sequence[dict], resource: str | None) -> float:
@@ -291,6 +292,11 @@ def run_ray(
             lost = lost_nodes(ray, alive)
             if not _gave_up(exc, lost):
                 raise
+            for _ in range(NODE_DEATH_WAIT):  # Ray may give up before it declares the node dead
+                if lost:
+                    break
+                time.sleep(1)
+                lost = lost_nodes(ray, alive)
             what = f"lost {', '.join(lost)}" if lost else "lost a worker"
             raise ClusterError(f"Ray {what} and gave up ({type(exc).__name__}: "
                                f"{_first_line(exc)}); {kept()}") from exc  # fmt: skip
