@@ -215,3 +215,21 @@ def test_a_peak_the_model_outruns_gives_no_mfu(sleepy, monkeypatch):
     fine = bench(sleepy, [1], FAST)
     assert 0 < fine.rows()[0]["mfu"] < 1
     assert not any(n.startswith("MFU not shown") for n in fine.notes)
+
+
+def test_compiled_encoder_builds_one_graph_for_every_batch_of_two_or_more(tiny_dir):
+    from torch._dynamo.utils import counters
+
+    from vitport.bench.configure import configure
+
+    base = vitport.load(str(tiny_dir("dinov2")))
+    pixels = torch.randn(8, 3, *base.image_size)
+    want = base.encode(pixels).patches
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = configure(base.to(), "default", compiled=True)
+    for batch in (4, 2, 8, 3):
+        out = compiled.encode(pixels[:batch])
+        assert torch.allclose(out.patches, want[:batch], atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

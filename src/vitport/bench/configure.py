@@ -87,8 +87,10 @@ def set_attention(encoder: Encoder, kind: str) -> None:
 
 
 def compile_encoder(encoder: Encoder, mode: str | None = None) -> None:
-    """torch.compile the module in place (names and hooks stay as they are)."""
-    encoder.module.compile(mode=mode)
+    """torch.compile the module in place (names and hooks stay as they are). The batch size is
+    dynamic from the start: one graph serves every batch of 2 or more (dynamo gives batch 1 a
+    graph of its own), where the default would compile the first size statically as well."""
+    encoder.module.compile(mode=mode, dynamic=True)
 
 
 def configure(encoder: Encoder, attention: str = "default", compiled: bool = False) -> Encoder:
