@@ -33,11 +33,16 @@ def main() -> None:
     device = resolve_device("cpu")
     base = vitport.load("demo:dinov2-small")
     result = optimize(
-        base, device, default_inputs(), sizes, window,
-        dtypes=("fp32", "bf16"), attentions=("default", "eager", "sdpa"),
+        base,
+        device,
+        default_inputs(),
+        sizes,
+        window,
+        dtypes=("fp32", "bf16"),
+        attentions=("default", "eager", "sdpa"),
         compile_options=(False,) if args.quick else (False, True),
         progress=lambda m: print(m, flush=True),
-    )  # fmt: skip
+    )
     best = result.best()
     speedup = result.speedup()
     lines = [

@@ -51,11 +51,20 @@ def main() -> None:
         images = photo_folder(root / "photos", copies)
         for workers in (int(w) for w in args.workers.split(",")):
             out = root / f"out-{workers}"
-            summary = embed([str(root / "photos")], encoder, out, batch_size=args.batch_size,
-                            workers=workers, shard_size=64)  # fmt: skip
+            summary = embed(
+                [str(root / "photos")],
+                encoder,
+                out,
+                batch_size=args.batch_size,
+                workers=workers,
+                shard_size=64,
+            )
             rows.append((workers, summary))
-            print(f"workers {workers}: {summary.images_per_second:.2f} img/s "
-                  f"({summary.bottleneck()})", flush=True)  # fmt: skip
+            print(
+                f"workers {workers}: {summary.images_per_second:.2f} img/s "
+                f"({summary.bottleneck()})",
+                flush=True,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     best_workers, best = max(rows, key=lambda r: r[1].images_per_second)

@@ -35,8 +35,9 @@ def timm_style(model_name: str, args: dict, device: torch.device, batch: int, st
     """timm benchmark.py's method: 10 warm-up + `steps` timed steps, synchronised at the edges."""
     model = timm.create_model(model_name, **args).to(device=device, dtype=torch.bfloat16).eval()
     model = torch.compile(model)
-    x = torch.randn(batch, 3, args["img_size"], args["img_size"], device=device,
-                    dtype=torch.bfloat16)  # fmt: skip
+    x = torch.randn(
+        batch, 3, args["img_size"], args["img_size"], device=device, dtype=torch.bfloat16
+    )
     with torch.inference_mode():
         for _ in range(10):
             model(x)
@@ -67,21 +68,32 @@ def main() -> None:
         min_seconds=0.5 if opts.smoke else 5.0, warmup_seconds=0.5 if opts.smoke else 5.0
     )
     ours = bench(encoder, sizes, window, attention="sdpa", compiled=True)
-    lines = [MARK, f"## GPU: ViT-L/14 @224 bf16 vs timm-style loop ({datetime.date.today()})", "",
-             f"Device: {ours.device_description.get('name')}. Command: "
-             f"`python benchmarks/gpu_vit_large.py{' --smoke' if opts.smoke else ''}`.", "",
-             "| batch | vitport img/s | timm-style img/s | MFU (measured peak) | MFU (vendor) |",
-             "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        MARK,
+        f"## GPU: ViT-L/14 @224 bf16 vs timm-style loop ({datetime.date.today()})",
+        "",
+        f"Device: {ours.device_description.get('name')}. Command: "
+        f"`python benchmarks/gpu_vit_large.py{' --smoke' if opts.smoke else ''}`.",
+        "",
+        "| batch | vitport img/s | timm-style img/s | MFU (measured peak) | MFU (vendor) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for run, row in zip(ours.runs, ours.rows(), strict=True):
         theirs = timm_style(name, args, device.torch_device, run.batch_size)
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
         vendor = f"{100 * row['vendor_mfu']:.1f}%" if row["vendor_mfu"] is not None else "n/a"
-        lines.append(f"| {run.batch_size} | {row['images_per_second']:.1f} | {theirs:.1f} | "
-                     f"{mfu} | {vendor} |")  # fmt: skip
-    lines += ["", "Runtimes at bf16 (each built from the fp32 model, checked against CPU fp32 with "
-              "the bf16 limits, timed with the same timer):", "",
-              "| runtime | " + " | ".join(f"img/s bs{b}" for b in sizes) + " | verdict | build s |",
-              "| --- | " + " | ".join("---:" for _ in sizes) + " | --- | ---: |"]  # fmt: skip
+        lines.append(
+            f"| {run.batch_size} | {row['images_per_second']:.1f} | {theirs:.1f} | "
+            f"{mfu} | {vendor} |"
+        )
+    lines += [
+        "",
+        "Runtimes at bf16 (each built from the fp32 model, checked against CPU fp32 with "
+        "the bf16 limits, timed with the same timer):",
+        "",
+        "| runtime | " + " | ".join(f"img/s bs{b}" for b in sizes) + " | verdict | build s |",
+        "| --- | " + " | ".join("---:" for _ in sizes) + " | --- | ---: |",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         save_for_hf(timm.create_model(name, **args), tmp, model_args=args)
         fp32 = vitport.load(tmp, device=str(device), dtype="fp32")
@@ -91,13 +103,17 @@ def main() -> None:
             continue
         try:
             built = build(fp32, runtime, torch.bfloat16)
-            judged = judge_features(reference.groups(),
-                                    features_of(built.encoder, default_inputs()[:4], 2).groups(),
-                                    thresholds_for("bf16"))  # fmt: skip
+            judged = judge_features(
+                reference.groups(),
+                features_of(built.encoder, default_inputs()[:4], 2).groups(),
+                thresholds_for("bf16"),
+            )
             runs = bench(built.encoder, sizes, window, measure_roofline=False).rows()
             speeds = " | ".join(f"{r['images_per_second']:.1f}" for r in runs)
-            lines.append(f"| {runtime} | {speeds} | {'PASS' if judged else 'FAIL'} | "
-                         f"{built.build_seconds:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {runtime} | {speeds} | {'PASS' if judged else 'FAIL'} | "
+                f"{built.build_seconds:.1f} |"
+            )
         except Exception as exc:  # one row, and the table goes on
             reason = (
                 str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__

@@ -81,8 +81,20 @@ def size_mb(path: Path) -> float:
 
 
 def dump(out: Path, dtype: str, fault: str = "") -> float:
-    args = [sys.executable, str(HERE / "msprobe_dump.py"), "--model", MODEL, "--out", str(out),
-            "--dtype", dtype, "--images", str(IMAGES), "--batch-size", str(IMAGES)]  # fmt: skip
+    args = [
+        sys.executable,
+        str(HERE / "msprobe_dump.py"),
+        "--model",
+        MODEL,
+        "--out",
+        str(out),
+        "--dtype",
+        dtype,
+        "--images",
+        str(IMAGES),
+        "--batch-size",
+        str(IMAGES),
+    ]
     return checked(args + (["--fault", fault] if fault else []))
 
 
@@ -97,9 +109,18 @@ def msprobe_side(reference: Path, work: Path, dtype: str, fault: str) -> dict:
     disk = size_mb(candidate)
     result = work / "compare"
     result.mkdir()
-    seconds += checked([str(BIN / "msprobe"), "compare", "--target_path",
-                        str(candidate / "step0"), "--golden_path", str(reference / "step0"),
-                        "--output_path", str(result)])  # fmt: skip
+    seconds += checked(
+        [
+            str(BIN / "msprobe"),
+            "compare",
+            "--target_path",
+            str(candidate / "step0"),
+            "--golden_path",
+            str(reference / "step0"),
+            "--output_path",
+            str(result),
+        ]
+    )
     rows = list(csv.DictReader(next(result.glob("*.csv")).open()))
     outputs = [
         r for r in rows if r["NPU Name"].startswith("Module.") and ".output." in r["NPU Name"]
@@ -114,14 +135,32 @@ def msprobe_side(reference: Path, work: Path, dtype: str, fault: str) -> dict:
     bad = [r for r in outputs if flagged(r)]
     shutil.rmtree(candidate)
     first = bad[0]["NPU Name"] if bad else None
-    return {"seconds": seconds, "forwards": 1.0, "disk_mb": disk, "first": first,
-            "flagged": len(bad), "rows": len(outputs)}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "forwards": 1.0,
+        "disk_mb": disk,
+        "first": first,
+        "flagged": len(bad),
+        "rows": len(outputs),
+    }
 
 
 def vitport_side(reference: Path, work: Path, dtype: str, fault: str) -> dict:
     counts, result = work / "counts.json", work / "result.json"
-    args = ["compare", "--model", MODEL, "--device", "cpu", "--dtype", dtype, "--reference",
-            str(reference), "--localize", "--json", str(result)]  # fmt: skip
+    args = [
+        "compare",
+        "--model",
+        MODEL,
+        "--device",
+        "cpu",
+        "--dtype",
+        dtype,
+        "--reference",
+        str(reference),
+        "--localize",
+        "--json",
+        str(result),
+    ]
     if fault:
         args += ["--inject-fault", fault]
     code = COUNTING.replace("COUNTS", repr(str(counts))).replace("ARGS", repr(args))
@@ -131,8 +170,13 @@ def vitport_side(reference: Path, work: Path, dtype: str, fault: str) -> dict:
     data = json.loads(result.read_text())
     calls = json.loads(counts.read_text())
     loc = data["localization"]
-    return {"seconds": seconds, "forwards": (calls["block"] + calls["part"] / 2) / 12,
-            "culprit": loc["culprit"], "passed": data["passed"], "reason": loc["reason"]}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "forwards": (calls["block"] + calls["part"] / 2) / 12,
+        "culprit": loc["culprit"],
+        "passed": data["passed"],
+        "reason": loc["reason"],
+    }
 
 
 def main() -> None:
@@ -236,11 +280,17 @@ def main() -> None:
             "- vitport names no culprit (the planted error is within the noise of the dtype, "
             "and the verdict says whether it matters): " + ", ".join(missed) + "."
         )
-    reverse = [f"{d} {f}" for d, f, p, m, v in rows
-               if p is not None and named(v["culprit"], p) != "yes" and named(m["first"], p) == "yes"]  # fmt: skip
+    reverse = [
+        f"{d} {f}"
+        for d, f, p, m, v in rows
+        if p is not None and named(v["culprit"], p) != "yes" and named(m["first"], p) == "yes"
+    ]
     if reverse:
-        lines.append("- The reverse (msprobe names the planted block, vitport does not): "
-                     + ", ".join(reverse) + ".")  # fmt: skip
+        lines.append(
+            "- The reverse (msprobe names the planted block, vitport does not): "
+            + ", ".join(reverse)
+            + "."
+        )
     print(write_section(MARK, lines))
 
 

@@ -59,10 +59,19 @@ def main() -> None:
     images = default_inputs()
     window = Window()
     began = time.perf_counter()
-    table = optimize(base, cpu, images, SIZES, window, dtypes=("fp32", "bf16"),
-                     attentions=("default",), compile_options=(False, True),
-                     runtimes=("torch", "compile", "onnxruntime", "openvino"), budget=None,
-                     progress=print)  # fmt: skip
+    table = optimize(
+        base,
+        cpu,
+        images,
+        SIZES,
+        window,
+        dtypes=("fp32", "bf16"),
+        attentions=("default",),
+        compile_options=(False, True),
+        runtimes=("torch", "compile", "onnxruntime", "openvino"),
+        budget=None,
+        progress=print,
+    )
     table_seconds = time.perf_counter() - began
     trials = {t.config: t for t in table.trials}
     eager = trials[TABLE[0]]

@@ -56,8 +56,22 @@ def rss_mib(pid: int) -> float:
 @contextlib.contextmanager
 def server(batch: int, log: Path):
     port = free_port()
-    cmd = [sys.executable, "-m", "vitport", "serve", "--model", MODEL, "--device", "cpu",
-           "--port", str(port), "--max-batch-size", str(batch), "--max-queue", "4096"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitport",
+        "serve",
+        "--model",
+        MODEL,
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(batch),
+        "--max-queue",
+        "4096",
+    ]
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -96,9 +110,14 @@ async def drive(url: str, bodies: list[dict], concurrency: int, requests: int) -
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     lat = np.array(latencies)
-    return {"concurrency": concurrency, "requests": requests, "failed": failures,
-            "img_s": requests / wall, "p50": float(np.percentile(lat, 50)),
-            "p99": float(np.percentile(lat, 99))}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "failed": failures,
+        "img_s": requests / wall,
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+    }
 
 
 def main() -> None:
@@ -155,8 +174,10 @@ def main() -> None:
     ]
     for name, group in (("batched", rows), ("unbatched (--max-batch-size 1)", naive_rows)):
         for r in group:
-            lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['failed']} | "
-                         f"{r['img_s']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {r['concurrency']} | {r['requests']} | {r['failed']} | "
+                f"{r['img_s']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} |"
+            )
     gain = saturated / naive_rows[-1]["img_s"]
     lines += [
         "",

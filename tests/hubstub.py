@@ -68,16 +68,30 @@ class StubHub:
             return self.error(request, 404, "RepoNotFound", "Repository not found")
         if self.modes[repo] == "gated":
             return self.error(request, 401, "GatedRepo", "Access to this model is restricted")
-        files = {p.relative_to(self.repos[repo]).as_posix(): p
-                 for p in sorted(self.repos[repo].rglob("*")) if p.is_file()}  # fmt: skip
+        files = {
+            p.relative_to(self.repos[repo]).as_posix(): p
+            for p in sorted(self.repos[repo].rglob("*"))
+            if p.is_file()
+        }
         if tree:
-            entries = [{"type": "file", "path": name, "size": p.stat().st_size,
-                        "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
-                       for name, p in files.items()]  # fmt: skip
+            entries = [
+                {
+                    "type": "file",
+                    "path": name,
+                    "size": p.stat().st_size,
+                    "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+                }
+                for name, p in files.items()
+            ]
             return self.send(request, 200, json.dumps(entries).encode(), "application/json", body)
         if info:
-            payload = {"id": repo, "modelId": repo, "sha": SHA, "private": False,
-                       "siblings": [{"rfilename": name} for name in files]}  # fmt: skip
+            payload = {
+                "id": repo,
+                "modelId": repo,
+                "sha": SHA,
+                "private": False,
+                "siblings": [{"rfilename": name} for name in files],
+            }
             return self.send(request, 200, json.dumps(payload).encode(), "application/json", body)
         name = resolve.group(3)
         if name not in files:
@@ -100,8 +114,14 @@ class StubHub:
             request.wfile.write(data)
 
     @staticmethod
-    def send(request: BaseHTTPRequestHandler, status: int, data: bytes, kind: str, body: bool,
-             cut: bool = False) -> None:  # fmt: skip
+    def send(
+        request: BaseHTTPRequestHandler,
+        status: int,
+        data: bytes,
+        kind: str,
+        body: bool,
+        cut: bool = False,
+    ) -> None:
         request.send_response(status)
         request.send_header("Content-Type", kind)
         request.send_header("Content-Length", str(len(data)))

@@ -22,8 +22,11 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 # the head's GCS declares a silent node dead after ~3-9 s, not Ray's default ~15-30 s: the same
 # path, sooner (a user's cluster takes Ray's own time to notice a lost node)
-FAST_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
-                  "RAY_health_check_failure_threshold": "3"}  # fmt: skip
+FAST_DETECTION = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "3000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 
 def free_port() -> int:
@@ -38,8 +41,12 @@ class Cluster:
         # its own temp dir: no other test's ray.init() finds this cluster, and stop() finds its
         # processes by it (a short path: Ray's socket paths must fit in 107 characters)
         self.temp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-                    **FAST_DETECTION}  # fmt: skip
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            **FAST_DETECTION,
+        }
         self.worker_cpus = worker_cpus
 
     @property
@@ -47,8 +54,9 @@ class Cluster:
         return f"127.0.0.1:{self.port}"
 
     def _ray(self, *args: str) -> None:
-        done = subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True,
-                              timeout=180)  # fmt: skip
+        done = subprocess.run(
+            [RAY, *args], env=self.env, capture_output=True, text=True, timeout=180
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
     def start(self) -> Cluster:
@@ -57,12 +65,25 @@ class Cluster:
         try:
             self._ray("get-auth-token", "--generate")
             common = ("--temp-dir", self.temp, "--disable-usage-stats")
-            self._ray("start", "--head", f"--port={self.port}", "--num-cpus=0",
-                      "--include-dashboard=false", "--resources", json.dumps({"head": 1}),
-                      *common)  # fmt: skip
+            self._ray(
+                "start",
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=0",
+                "--include-dashboard=false",
+                "--resources",
+                json.dumps({"head": 1}),
+                *common,
+            )
             for k, cpus in enumerate(self.worker_cpus):
-                self._ray("start", f"--address={self.address}", f"--num-cpus={cpus}",
-                          "--resources", json.dumps({f"worker_{k}": 1}), *common)  # fmt: skip
+                self._ray(
+                    "start",
+                    f"--address={self.address}",
+                    f"--num-cpus={cpus}",
+                    "--resources",
+                    json.dumps({f"worker_{k}": 1}),
+                    *common,
+                )
         except BaseException:
             self.stop()
             raise

@@ -78,9 +78,16 @@ def test_outputs_schema(sleepy):
     result = bench(sleepy, [1, 2], FAST, measure_roofline=False)
     rows = list(csv.DictReader(io.StringIO(result.to_csv())))
     assert list(rows[0]) == [
-        "model", "infer_img_size", "infer_samples_per_sec", "infer_step_time",
-        "infer_batch_size", "param_count", "infer_gmacs", "infer_device", "infer_dtype",
-    ]  # fmt: skip
+        "model",
+        "infer_img_size",
+        "infer_samples_per_sec",
+        "infer_step_time",
+        "infer_batch_size",
+        "param_count",
+        "infer_gmacs",
+        "infer_device",
+        "infer_dtype",
+    ]
     assert [int(r["infer_batch_size"]) for r in rows] == [1, 2]
     data = json.loads(json.dumps(result.to_dict()))
     assert data["schema_version"] == 1 and len(data["runs"][0]["measurement"]["times"]) >= 5
@@ -104,9 +111,17 @@ def test_optimize_keeps_only_faithful_configurations(tiny_dir, photos):
     from vitport.device import resolve_device
 
     base = vitport.load(str(tiny_dir("dinov2")))
-    result = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
-                      attentions=("default", "eager"), compile_options=(False,),
-                      runtimes=("torch",))  # fmt: skip
+    result = optimize(
+        base,
+        resolve_device("cpu"),
+        photos,
+        [2],
+        FAST,
+        dtypes=("fp32", "bf16"),
+        attentions=("default", "eager"),
+        compile_options=(False,),
+        runtimes=("torch",),
+    )
     labels = [t.config for t in result.trials]
     assert labels[0] == BASELINE and len(labels) == 4
     for trial in result.trials:
@@ -124,15 +139,34 @@ def test_optimize_runs_likely_winners_first_and_stops_at_the_budget(tiny_dir, ph
 
     base = vitport.load(str(tiny_dir("dinov2")))
     seen: list[str] = []
-    result = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
-                      attentions=("eager", "default"), compile_options=(False,), budget=1e-3,
-                      runtimes=("torch",), progress=seen.append)  # fmt: skip
+    result = optimize(
+        base,
+        resolve_device("cpu"),
+        photos,
+        [2],
+        FAST,
+        dtypes=("fp32", "bf16"),
+        attentions=("eager", "default"),
+        compile_options=(False,),
+        budget=1e-3,
+        runtimes=("torch",),
+        progress=seen.append,
+    )
     assert [t.config for t in result.trials] == [BASELINE]  # the baseline always runs
     assert result.skipped[0] == "bf16 default" and len(result.skipped) == 3
     assert OptimizeResult.from_dict(result.to_dict()).skipped == result.skipped
-    whole = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32", "bf16"),
-                     attentions=("eager", "default"), compile_options=(False,),
-                     runtimes=("torch",), progress=seen.append)  # fmt: skip
+    whole = optimize(
+        base,
+        resolve_device("cpu"),
+        photos,
+        [2],
+        FAST,
+        dtypes=("fp32", "bf16"),
+        attentions=("eager", "default"),
+        compile_options=(False,),
+        runtimes=("torch",),
+        progress=seen.append,
+    )
     assert [t.config.label() for t in whole.trials] == [
         "fp32 default",
         "bf16 default",
@@ -146,17 +180,36 @@ def test_cli_bench(monkeypatch, capsys, tiny_dir, tmp_path):
     from vitport.cli import main
 
     out = tmp_path / "b.json"
-    monkeypatch.setattr(sys, "argv", ["vitport", "bench", "--model", str(tiny_dir("vit")),
-                        "--device", "cpu", "--batch-sizes", "1,2", "--min-seconds", "0.2",
-                        "--warmup-seconds", "0.1", "--json", str(out),
-                        "--csv", str(tmp_path / "b.csv")])  # fmt: skip
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "vitport",
+            "bench",
+            "--model",
+            str(tiny_dir("vit")),
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "1,2",
+            "--min-seconds",
+            "0.2",
+            "--warmup-seconds",
+            "0.1",
+            "--json",
+            str(out),
+            "--csv",
+            str(tmp_path / "b.csv"),
+        ],
+    )
     monkeypatch.setenv("COLUMNS", "200")
     main()
     text = capsys.readouterr().out
     assert "p99 ms" in text and "MFU" in text and "GFLOPs per image" in text
     assert json.loads(out.read_text())["rows"][1]["batch_size"] == 2
-    monkeypatch.setattr(sys, "argv", ["vitport", "bench", "--model", str(tiny_dir("vit")),
-                        "--batch-sizes", "0,x"])  # fmt: skip
+    monkeypatch.setattr(
+        sys, "argv", ["vitport", "bench", "--model", str(tiny_dir("vit")), "--batch-sizes", "0,x"]
+    )
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2

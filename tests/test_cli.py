@@ -40,9 +40,16 @@ def test_infer_prints_shapes_and_saves_features(monkeypatch, capsys, tiny_dir, t
     bad.write_bytes(b"not an image at all")
     out_file = tmp_path / "f.safetensors"
     code, out, err = run(
-        monkeypatch, capsys, "infer", "--model", str(tiny_dir("dinov2_with_registers")),
-        str(good), str(bad), "--out", str(out_file),
-    )  # fmt: skip
+        monkeypatch,
+        capsys,
+        "infer",
+        "--model",
+        str(tiny_dir("dinov2_with_registers")),
+        str(good),
+        str(bad),
+        "--out",
+        str(out_file),
+    )
     assert code == 0, err
     assert "registers" in out and "4 x 32" in out and "1 x 4 x 32" in out
     assert "broken.jpg" in err and "skipped" in err
@@ -131,19 +138,43 @@ def test_baseline_from_another_configuration_is_refused(monkeypatch, capsys, tmp
     import json
 
     baseline = tmp_path / "b.json"
-    code, _, err = run(monkeypatch, capsys, "bench", "--model", str(tiny_dir("vit")), "--device",
-                       "cpu", "--batch-sizes", "1", "--min-seconds", "0.05", "--warmup-seconds",
-                       "0", "--json", str(baseline))  # fmt: skip
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "bench",
+        "--model",
+        str(tiny_dir("vit")),
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "1",
+        "--min-seconds",
+        "0.05",
+        "--warmup-seconds",
+        "0",
+        "--json",
+        str(baseline),
+    )
     assert code == 0, err
     assert json.loads(baseline.read_text())["dtype"] == "fp32"
-    code, _, err = run(monkeypatch, capsys, "bench", "--model", str(tiny_dir("vit")), "--dtype",
-                       "bf16", "--baseline", str(baseline))  # fmt: skip
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "bench",
+        "--model",
+        str(tiny_dir("vit")),
+        "--dtype",
+        "bf16",
+        "--baseline",
+        str(baseline),
+    )
     assert code == 2 and "compare like with like" in err
 
 
 def test_out_must_be_a_file(monkeypatch, capsys, tmp_path, tiny_dir):
-    code, _, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--out",
-                       str(tmp_path))  # fmt: skip
+    code, _, err = run(
+        monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--out", str(tmp_path)
+    )
     assert code == 2 and "is a directory" in err
 
 
@@ -197,8 +228,9 @@ def test_missing_or_non_image_inputs_are_refused_before_the_load(
     )
     assert f"no images found in {not_images} (2 other files skipped: " in line
     assert ".jpg" in line and ".png" in line and ".webp" in line
-    code, _, err = run(monkeypatch, capsys, "bench", "--model", "demo:dinov2-small", "--json",
-                       str(foreign))  # fmt: skip
+    code, _, err = run(
+        monkeypatch, capsys, "bench", "--model", "demo:dinov2-small", "--json", str(foreign)
+    )
     assert "exists and was not written by vitport" in one_line_refusal(code, err)
 
 
@@ -211,11 +243,20 @@ def test_embed_refuses_a_foreign_out_or_no_images_before_the_load(
     out = tmp_path / "out"
     out.mkdir()
     (out / "thesis.docx").write_text("a user's file")
-    code, _, err = run(monkeypatch, capsys, "embed", str(image), "--model", "demo:dinov2-small",
-                       "--out", str(out))  # fmt: skip
+    code, _, err = run(
+        monkeypatch, capsys, "embed", str(image), "--model", "demo:dinov2-small", "--out", str(out)
+    )
     assert "holds files vitport did not write" in one_line_refusal(code, err)
-    code, _, err = run(monkeypatch, capsys, "embed", str(not_images), "--model",
-                       "demo:dinov2-small", "--out", str(tmp_path / "new"))  # fmt: skip
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "embed",
+        str(not_images),
+        "--model",
+        "demo:dinov2-small",
+        "--out",
+        str(tmp_path / "new"),
+    )
     assert "no images found in" in one_line_refusal(code, err)
 
 
@@ -244,13 +285,13 @@ def test_infer_counts_non_image_files_of_a_directory(monkeypatch, capsys, tiny_d
     photos.mkdir()
     Image.new("RGB", (40, 30), "red").save(photos / "good.png")
     (photos / "ok").write_text("no suffix")
-    code, out, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")),
-                         str(photos))  # fmt: skip
+    code, out, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), str(photos))
     assert code == 0, err
     assert f"skipped {photos / 'ok'}: not an image" in err
     assert "1 image encoded, 1 skipped (not-an-image 1): listed above" in " ".join(out.split())
-    code, _, _ = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--strict",
-                     str(photos))  # fmt: skip
+    code, _, _ = run(
+        monkeypatch, capsys, "infer", "--model", str(tiny_dir("vit")), "--strict", str(photos)
+    )
     assert code == 1
 
 
@@ -260,8 +301,9 @@ def test_compare_counts_skipped_inputs(monkeypatch, capsys, tiny_dir, tmp_path):
     for colour in ("red", "blue"):
         Image.new("RGB", (40, 30), colour).save(photos / f"{colour}.png")
     (photos / "notes.txt").write_text("text")
-    code, out, err = run(monkeypatch, capsys, "compare", "--model", str(tiny_dir("vit")),
-                         str(photos))  # fmt: skip
+    code, out, err = run(
+        monkeypatch, capsys, "compare", "--model", str(tiny_dir("vit")), str(photos)
+    )
     assert code == 0, err
     assert "notes.txt: not an image" in err
     assert "2 inputs compared, 1 skipped (not-an-image 1): listed above" in " ".join(out.split())
@@ -275,8 +317,9 @@ def test_infer_latency_column_and_footer_say_what_they_are(monkeypatch, capsys, 
         Image.new("RGB", (40, 30), colour).save(tmp_path / f"{colour}.png")
     images = [str(tmp_path / "red.png"), str(tmp_path / "blue.png")]
     model = str(tiny_dir("vit"))
-    code, out, err = run(monkeypatch, capsys, "infer", "--model", model, "--batch-size", "2",
-                         *images)  # fmt: skip
+    code, out, err = run(
+        monkeypatch, capsys, "infer", "--model", model, "--batch-size", "2", *images
+    )
     assert code == 0, err
     text = " ".join(out.split())
     assert "ms/image (batch ÷ n)" in text
@@ -294,28 +337,58 @@ def _empty_results() -> dict[str, tuple]:
     from vitport.embed.dedup import Pairs
 
     side = NS(device="cpu", dtype="fp32", fixes=[], kind="device", path=None, runtime="torch")
-    compare = NS(spec="demo:x", candidate=side, reference=side, inputs=[], groups={}, floor={},
-                 floor_ratio={}, passed=True, worst_rel_error=0.0, trials=[],
-                 localization=NS(points=[], blocks=lambda: [], culprit=None),
-                 localization_reference="cpu fp32")  # fmt: skip
-    bench = NS(spec="demo:x", device="cpu", dtype="fp32", attention="sdpa", compiled=False,
-               runtime="torch",
-               image_size=(224, 224), best=lambda: None, rows=lambda: [], batch_sizes=[],
-               trials=[], images=0, batch_size=1, workers=0, images_per_second=0.0,
-               breakdown=lambda: {})  # fmt: skip
+    compare = NS(
+        spec="demo:x",
+        candidate=side,
+        reference=side,
+        inputs=[],
+        groups={},
+        floor={},
+        floor_ratio={},
+        passed=True,
+        worst_rel_error=0.0,
+        trials=[],
+        localization=NS(points=[], blocks=lambda: [], culprit=None),
+        localization_reference="cpu fp32",
+    )
+    bench = NS(
+        spec="demo:x",
+        device="cpu",
+        dtype="fp32",
+        attention="sdpa",
+        compiled=False,
+        runtime="torch",
+        image_size=(224, 224),
+        best=lambda: None,
+        rows=lambda: [],
+        batch_sizes=[],
+        trials=[],
+        images=0,
+        batch_size=1,
+        workers=0,
+        images_per_second=0.0,
+        breakdown=lambda: {},
+    )
     features = NS(meta={"dtype": "fp32"}, shapes=lambda: {}, names=[], pooled=[])
     return {
-        "accuracy_table": (compare,), "per_input_table": (compare,),
-        "localization_table": (compare,), "trials_table": (compare,),
+        "accuracy_table": (compare,),
+        "per_input_table": (compare,),
+        "localization_table": (compare,),
+        "trials_table": (compare,),
         "conversion_table": (NS(inputs=[], image_size=224, checks=[]),),
         "shapes_table": ("demo:x", NS(image_size=(224, 224), device="cpu"), features),
         "per_image_table": (
             NS(features=features, original_sizes=[], per_image_ms=[], batch_sizes=[]),
         ),
-        "fixes_table": ([],), "thresholds_table": ("fp32", []), "sources_table": ([],),
-        "device_table": ({},), "pairs_table": (Pairs([], [], np.zeros(0), "torch", 0.95, 6), 20),
-        "bench_table": (bench,), "optimize_table": (bench,), "e2e_table": (bench,),
-    }  # fmt: skip
+        "fixes_table": ([],),
+        "thresholds_table": ("fp32", []),
+        "sources_table": ([],),
+        "device_table": ({},),
+        "pairs_table": (Pairs([], [], np.zeros(0), "torch", 0.95, 6), 20),
+        "bench_table": (bench,),
+        "optimize_table": (bench,),
+        "e2e_table": (bench,),
+    }
 
 
 def test_every_table_renders_with_no_rows(monkeypatch, capsys):
@@ -329,9 +402,12 @@ def test_every_table_renders_with_no_rows(monkeypatch, capsys):
     from vitport.cli.display import show
     from vitport.cli.fit import fit
 
-    builders = {name: fn for module in (tables, bench_tables, infer_tables)
-                for name, fn in inspect.getmembers(module, inspect.isfunction)
-                if fn.__module__ == module.__name__ and "Table" in str(fn.__annotations__.get("return"))}  # fmt: skip
+    builders = {
+        name: fn
+        for module in (tables, bench_tables, infer_tables)
+        for name, fn in inspect.getmembers(module, inspect.isfunction)
+        if fn.__module__ == module.__name__ and "Table" in str(fn.__annotations__.get("return"))
+    }
     arguments = _empty_results()
     assert set(builders) == set(arguments)  # a new builder needs its empty case here
     monkeypatch.setenv("COLUMNS", "30")

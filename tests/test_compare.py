@@ -26,9 +26,14 @@ def run_compare(base, photos, fault=None, dtype="fp32", reference=None, **kwargs
     )
     candidate, _ = make([])
     return compare(
-        base, candidate, reference if reference is not None else base, photos,
-        thresholds_for(dtype), make_candidate=make, **kwargs,
-    )  # fmt: skip
+        base,
+        candidate,
+        reference if reference is not None else base,
+        photos,
+        thresholds_for(dtype),
+        make_candidate=make,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize(
@@ -82,8 +87,9 @@ def test_aimv2_has_no_gelu_and_says_so(tiny_dir, photos):
 
 def test_result_round_trips_through_json(tiny_dir, photos):
     base = vitport.load(str(tiny_dir("vit_classifier")))
-    result = run_compare(base, photos, fault="gelu-tanh@0", localize_points=True,
-                         trial_fixes=[("erf-gelu",)])  # fmt: skip
+    result = run_compare(
+        base, photos, fault="gelu-tanh@0", localize_points=True, trial_fixes=[("erf-gelu",)]
+    )
     data = json.loads(json.dumps(result.to_dict()))
     back = CompareResult.from_dict(data)
     assert back.to_dict() == result.to_dict()
@@ -127,13 +133,35 @@ def cli(monkeypatch, capsys, *args):
 def test_cli_exit_codes_gate_ci(monkeypatch, capsys, tiny_dir, tmp_path):
     model = str(tiny_dir("vit"))
     report = tmp_path / "c.json"
-    code, out, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                         "--dtype", "bf16", "--json", str(report))  # fmt: skip
+    code, out, err = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--json",
+        str(report),
+    )
     assert code == 0, err
     assert "PASS" in out and "x floor" in out
     assert json.loads(report.read_text())["passed"] is True
-    code, out, _ = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                       "--dtype", "bf16", "-t", "rel_error=1e-9")  # fmt: skip
+    code, out, _ = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "-t",
+        "rel_error=1e-9",
+    )
     assert code == 1 and "FAIL" in out and "needs < 1e-07%" in out  # limits in their unit
     code, _, err = cli(monkeypatch, capsys, "compare", "--model", model, "-t", "bogus=1")
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -147,13 +175,32 @@ def test_cli_golden_from_another_machine(monkeypatch, capsys, tiny_dir, tmp_path
     golden = tmp_path / "a.safetensors"
     code, _, err = cli(monkeypatch, capsys, "infer", "--model", model, "--out", str(golden))
     assert code == 0, err
-    code, out, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                         "--reference", str(golden))  # fmt: skip
+    code, out, err = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--reference",
+        str(golden),
+    )
     assert code == 0, err
     title = " ".join(out.split())  # the title wraps at the table's width, by path length
     assert "golden file" in title and "10 inputs" in title
-    code, out, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                         "--reference", str(golden), "--localize")  # fmt: skip
+    code, out, err = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--reference",
+        str(golden),
+        "--localize",
+    )
     assert code == 2 and "holds final outputs only" in err and "--with-blocks" in err
 
 
@@ -175,8 +222,20 @@ def test_improvement_wording():
 
 def test_cli_per_input_table(monkeypatch, capsys, tiny_dir):
     model = str(tiny_dir("vit"))
-    code, out, _ = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                       "--dtype", "bf16", "--per-input", "--batch-size", "2")  # fmt: skip
+    code, out, _ = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--per-input",
+        "--batch-size",
+        "2",
+    )
     assert code == 0
     assert "per input" in out and "random:0:1:224" in out and "skimage:astronaut" in out
 
@@ -240,8 +299,20 @@ def test_older_json_without_the_dtype_floor_still_reads(tiny_dir, photos):
 
 def test_cli_tables_give_relative_errors_in_percent(monkeypatch, capsys, tiny_dir):
     model = str(tiny_dir("vit"))
-    code, out, err = cli(monkeypatch, capsys, "--wide", "compare", "--model", model, "--device",
-                         "cpu", "--inject-fault", "gelu-tanh@1", "--localize", "--try-fixes")  # fmt: skip
+    code, out, err = cli(
+        monkeypatch,
+        capsys,
+        "--wide",
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--inject-fault",
+        "gelu-tanh@1",
+        "--localize",
+        "--try-fixes",
+    )
     assert code in (0, 1), err
     for header in ("vec rel worst (%)", "floor rel err (%)", "accumulated (%)", "local (%)"):
         assert header in out, header

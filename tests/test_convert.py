@@ -36,8 +36,9 @@ def timm_dir(path: Path, name: str, **args) -> Path:
     import timm
     from timm.models._hub import save_for_hf
 
-    save_for_hf(randomize(timm.create_model(name, **args)), path, model_args=args,
-                safe_serialization=True)  # fmt: skip
+    save_for_hf(
+        randomize(timm.create_model(name, **args)), path, model_args=args, safe_serialization=True
+    )
     return path
 
 
@@ -47,9 +48,11 @@ def hf_dir(path: Path, model: str, config: str, **kwargs) -> Path:
     cfg = getattr(transformers, config)(**kwargs)
     randomize(getattr(transformers, model)(cfg)).save_pretrained(path)
     transformers.BitImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(path)  # fmt: skip
+        size={"shortest_edge": 32},
+        crop_size={"height": 28, "width": 28},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(path)
     return path
 
 
@@ -57,8 +60,16 @@ def hub_state(registers: bool) -> dict[str, torch.Tensor]:
     """A DINOv2 torch-hub checkpoint: timm's DINOv2 layout plus mask_token (and registers)."""
     import timm
 
-    model = randomize(timm.create_model("vit_small_patch14_dinov2", embed_dim=128, depth=2,
-                                        num_heads=2, img_size=28, init_values=1.0))  # fmt: skip
+    model = randomize(
+        timm.create_model(
+            "vit_small_patch14_dinov2",
+            embed_dim=128,
+            depth=2,
+            num_heads=2,
+            img_size=28,
+            init_values=1.0,
+        )
+    )
     state = dict(model.state_dict())
     state["mask_token"] = torch.zeros(1, 128)
     if registers:
@@ -72,10 +83,20 @@ def test_giant_swiglu_hub_checkpoint(tmp_path):
     """ViT-g's fused SwiGLU (w12, w3) becomes transformers' weights_in / weights_out."""
     import timm
 
-    model = randomize(timm.create_model("vit_giant_patch14_dinov2", embed_dim=128, depth=2,
-                                        num_heads=2, img_size=28, mlp_ratio=5.375))  # fmt: skip
-    state = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v
-             for k, v in model.state_dict().items()}  # fmt: skip
+    model = randomize(
+        timm.create_model(
+            "vit_giant_patch14_dinov2",
+            embed_dim=128,
+            depth=2,
+            num_heads=2,
+            img_size=28,
+            mlp_ratio=5.375,
+        )
+    )
+    state = {
+        k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v
+        for k, v in model.state_dict().items()
+    }
     state["mask_token"] = torch.zeros(1, 128)
     torch.save(state, tmp_path / "dinov2_vitg14.pth")
     result = convert(str(tmp_path / "dinov2_vitg14.pth"), "hf", tmp_path / "hf")
@@ -91,18 +112,31 @@ def test_arch_names_the_head_count(sources, tmp_path):
         convert(str(sources["hub"]), "hf", tmp_path / "x", arch="no_such_vit")
 
 
-APPLE_NAMES = (("patch_embed.proj", "preprocessor.patchifier.proj"),
-               ("patch_embed.norm", "preprocessor.patchifier.norm"),
-               ("pos_embed", "preprocessor.pos_embed"), ("norm1", "norm_1"), ("norm2", "norm_2"),
-               ("fc1_g", "fc1"), ("fc1_x", "fc3"))  # fmt: skip
+APPLE_NAMES = (
+    ("patch_embed.proj", "preprocessor.patchifier.proj"),
+    ("patch_embed.norm", "preprocessor.patchifier.norm"),
+    ("pos_embed", "preprocessor.pos_embed"),
+    ("norm1", "norm_1"),
+    ("norm2", "norm_2"),
+    ("fc1_g", "fc1"),
+    ("fc1_x", "fc3"),
+)
 
 
 def apple_dir(path: Path) -> Path:
     """Apple's original AIMv2 release: preprocessor.* / trunk.* keys and an `aimv2` config."""
     import timm
 
-    model = randomize(timm.create_model("aimv2_large_patch14_224", embed_dim=32, depth=2,
-                                        num_heads=2, img_size=28, mlp_ratio=2.75))  # fmt: skip
+    model = randomize(
+        timm.create_model(
+            "aimv2_large_patch14_224",
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            img_size=28,
+            mlp_ratio=2.75,
+        )
+    )
     state = {}
     for key, value in model.state_dict().items():
         for old, new in APPLE_NAMES:
@@ -117,10 +151,20 @@ def apple_dir(path: Path) -> Path:
         state[key] = value.contiguous()
     path.mkdir(parents=True)
     save_file(state, str(path / "model.safetensors"))
-    config = {"architectures": ["AIMv2Model"], "model_type": "aimv2", "hidden_size": 32,
-              "intermediate_size": 88, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "image_size": 28, "patch_size": 14, "rms_norm_eps": 1e-5, "qkv_bias": False,
-              "use_bias": False, "num_channels": 3}  # fmt: skip
+    config = {
+        "architectures": ["AIMv2Model"],
+        "model_type": "aimv2",
+        "hidden_size": 32,
+        "intermediate_size": 88,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+        "rms_norm_eps": 1e-5,
+        "qkv_bias": False,
+        "use_bias": False,
+        "num_channels": 3,
+    }
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -130,19 +174,48 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sources")
     torch.manual_seed(0)
     made = {
-        "timm-dinov2-reg": timm_dir(root / "timm-reg", "vit_small_patch14_reg4_dinov2",
-                                    embed_dim=32, depth=2, num_heads=2, img_size=28,
-                                    init_values=1.0),
-        "timm-vit-head": timm_dir(root / "timm-vit", "vit_base_patch16_224", embed_dim=32,
-                                  depth=2, num_heads=2, img_size=32, patch_size=16, num_classes=5),
-        "hf-dinov2": hf_dir(root / "hf-dinov2", "Dinov2Model", "Dinov2Config", hidden_size=32,
-                            num_hidden_layers=2, num_attention_heads=2, image_size=28,
-                            patch_size=14),
-        "hf-vit-pooler": hf_dir(root / "hf-vit", "ViTModel", "ViTConfig", hidden_size=32,
-                                num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                image_size=28, patch_size=14),
+        "timm-dinov2-reg": timm_dir(
+            root / "timm-reg",
+            "vit_small_patch14_reg4_dinov2",
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            img_size=28,
+            init_values=1.0,
+        ),
+        "timm-vit-head": timm_dir(
+            root / "timm-vit",
+            "vit_base_patch16_224",
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            img_size=32,
+            patch_size=16,
+            num_classes=5,
+        ),
+        "hf-dinov2": hf_dir(
+            root / "hf-dinov2",
+            "Dinov2Model",
+            "Dinov2Config",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        "hf-vit-pooler": hf_dir(
+            root / "hf-vit",
+            "ViTModel",
+            "ViTConfig",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=28,
+            patch_size=14,
+        ),
         "apple": apple_dir(root / "apple"),
-    }  # fmt: skip
+    }
     for registers in (False, True):
         path = root / f"dinov2_hub{'_reg' if registers else ''}.pth"
         torch.save(hub_state(registers), path)
@@ -172,9 +245,13 @@ def loads_without_vitport(directory: Path, layout: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "via"),
-    [("timm-dinov2-reg", "hf"), ("timm-vit-head", "hf"), ("hf-dinov2", "timm"),
-     ("hf-vit-pooler", "timm")],
-)  # fmt: skip
+    [
+        ("timm-dinov2-reg", "hf"),
+        ("timm-vit-head", "hf"),
+        ("hf-dinov2", "timm"),
+        ("hf-vit-pooler", "timm"),
+    ],
+)
 def test_round_trip_restores_every_tensor(sources, tmp_path, name, via):
     there = convert(str(sources[name]), via, tmp_path / "there")
     assert there.passed and there.checks[0].judgement.worst_rel_error < 1e-5
@@ -216,8 +293,10 @@ def test_foreign_release_to_transformers(sources, tmp_path, name):
     compute what timm, reading the original layout itself, computes."""
     out = tmp_path / "hf"
     result = convert(str(sources[name]), "hf", out)
-    assert result.source_layout == {"hub": "dinov2-hub", "hub-reg": "dinov2-hub",
-                                    "apple": "aimv2-apple"}[name]  # fmt: skip
+    assert (
+        result.source_layout
+        == {"hub": "dinov2-hub", "hub-reg": "dinov2-hub", "apple": "aimv2-apple"}[name]
+    )
     assert result.passed and result.checks[0].judgement.worst_rel_error < 1e-5
     loads_without_vitport(out, "hf")
     record = json.loads((out / "conversion.json").read_text())
@@ -227,8 +306,11 @@ def test_foreign_release_to_transformers(sources, tmp_path, name):
     assert record["verification"]["passed"] is True
     assert record["verification"]["checks"][0]["groups"]  # the numbers, not only the verdict
     config = json.loads((out / "config.json").read_text())
-    expected = {"hub": "Dinov2Model", "hub-reg": "Dinov2WithRegistersModel",
-                "apple": "Aimv2VisionModel"}[name]  # fmt: skip
+    expected = {
+        "hub": "Dinov2Model",
+        "hub-reg": "Dinov2WithRegistersModel",
+        "apple": "Aimv2VisionModel",
+    }[name]
     assert config["architectures"] == [expected]
     if name == "hub":
         assert config["num_attention_heads"] == 2  # 128 wide / DINOv2's head width of 64
@@ -286,8 +368,9 @@ def test_onnx_dynamic_batch_runs_at_another_batch_size(sources, tmp_path):
 def test_onnx_static_fixes_batch_and_size(sources, tmp_path):
     import onnx
 
-    result = convert(str(sources["hf-dinov2"]), "onnx", tmp_path / "onnx", static=True,
-                     batch_size=2)  # fmt: skip
+    result = convert(
+        str(sources["hf-dinov2"]), "onnx", tmp_path / "onnx", static=True, batch_size=2
+    )
     assert [c.batch_size for c in result.checks] == [2] and result.passed
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
@@ -319,12 +402,21 @@ def broken_hub(tmp_path: Path, edit) -> str:
     ("edit", "named"),
     [
         (lambda s: s.pop("blocks.1.norm1.weight"), "blocks.1.norm1.weight"),
-        (lambda s: s.update({"blocks.0.attn.extra.weight": torch.zeros(2)}), "blocks.0.attn.extra.weight"),
-        (lambda s: s.update({"blocks.1.mlp.fc1.weight": torch.zeros(500, 128)}), "blocks.1.mlp.fc1.weight"),
-        (lambda s: s.update({"blocks.1.attn.qkv.weight": torch.zeros(380, 128)}), "blocks.1.attn.qkv.weight"),
+        (
+            lambda s: s.update({"blocks.0.attn.extra.weight": torch.zeros(2)}),
+            "blocks.0.attn.extra.weight",
+        ),
+        (
+            lambda s: s.update({"blocks.1.mlp.fc1.weight": torch.zeros(500, 128)}),
+            "blocks.1.mlp.fc1.weight",
+        ),
+        (
+            lambda s: s.update({"blocks.1.attn.qkv.weight": torch.zeros(380, 128)}),
+            "blocks.1.attn.qkv.weight",
+        ),
     ],
     ids=["missing", "unknown", "wrong-shape", "qkv-not-splittable"],
-)  # fmt: skip
+)
 def test_broken_source_refused_naming_the_tensor(tmp_path, edit, named):
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match=named.replace(".", r"\.")) as info:
@@ -399,8 +491,18 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 def test_cli_prints_the_proof_and_writes(sources, tmp_path, capsys, monkeypatch):
     out = tmp_path / "hf"
     record = tmp_path / "record.json"
-    code, stdout, _ = run_cli(monkeypatch, capsys, "convert", str(sources["hub-reg"]), "--to",
-                              "hf", "--out", str(out), "--json", str(record))  # fmt: skip
+    code, stdout, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "convert",
+        str(sources["hub-reg"]),
+        "--to",
+        "hf",
+        "--out",
+        str(out),
+        "--json",
+        str(record),
+    )
     assert code == 0
     assert "same function" in stdout and "registers" in stdout and "pass" in stdout
     assert json.loads(record.read_text())["verification"]["passed"] is True
@@ -440,14 +542,25 @@ def test_onnx_straight_from_a_foreign_checkpoint(sources, tmp_path):
     assert result.passed and result.source_layout == "aimv2-apple"
 
 
-def test_cli_changed_function_exit_1_with_the_table_and_record(sources, tmp_path, capsys,
-                                                               monkeypatch):  # fmt: skip
+def test_cli_changed_function_exit_1_with_the_table_and_record(
+    sources, tmp_path, capsys, monkeypatch
+):
     import vitport.convert as convert_module
 
     monkeypatch.setattr(convert_module, "table_for", lambda *_: _broken_table(_swap_qk))
     out, record = tmp_path / "o", tmp_path / "record.json"
-    code, stdout, err = run_cli(monkeypatch, capsys, "convert", str(sources["hub"]), "--to", "hf",
-                                "--out", str(out), "--json", str(record))  # fmt: skip
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        "convert",
+        str(sources["hub"]),
+        "--to",
+        "hf",
+        "--out",
+        str(out),
+        "--json",
+        str(record),
+    )
     assert code == 1 and "FAIL" in stdout and "blocks.0.attn.qkv.weight" in err
     assert not out.exists()
     assert json.loads(record.read_text())["verification"]["passed"] is False
@@ -456,8 +569,9 @@ def test_cli_changed_function_exit_1_with_the_table_and_record(sources, tmp_path
 def test_cli_existing_out_is_refused(sources, tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
     out.mkdir()
-    code, _, err = run_cli(monkeypatch, capsys, "convert", str(sources["apple"]), "--to", "hf",
-                           "--out", str(out))  # fmt: skip
+    code, _, err = run_cli(
+        monkeypatch, capsys, "convert", str(sources["apple"]), "--to", "hf", "--out", str(out)
+    )
     assert code == 2 and "--overwrite" in err
 
 
@@ -505,8 +619,14 @@ def register_tiny_reg() -> None:
 
     @register_model
     def vit_tiny_test_patch14_reg4(pretrained: bool = False, **kwargs):
-        args = dict(patch_size=14, init_values=1e-5, reg_tokens=4, no_embed_class=True,
-                    num_classes=0, **TINY_REG_ARGS)  # fmt: skip
+        args = dict(
+            patch_size=14,
+            init_values=1e-5,
+            reg_tokens=4,
+            no_embed_class=True,
+            num_classes=0,
+            **TINY_REG_ARGS,
+        )
         return _create_vision_transformer(TINY_REG, pretrained=pretrained, **{**args, **kwargs})
 
 
@@ -517,8 +637,11 @@ def grid518(tmp_path) -> tuple[torch.nn.Module, Path, Path]:
     import timm
     from timm.models._hub import save_for_hf
 
-    model = randomize(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False,
-                                        img_size=518, **TINY_REG_ARGS)).eval()  # fmt: skip
+    model = randomize(
+        timm.create_model(
+            "vit_small_patch14_reg4_dinov2", pretrained=False, img_size=518, **TINY_REG_ARGS
+        )
+    ).eval()
     assert model.pos_embed.shape[1] == 37 * 37
     weights = tmp_path / "seed002.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
@@ -540,8 +663,18 @@ def test_timm_weights_to_hf_and_back_at_its_own_grid(grid518, tmp_path, capsys, 
     """convert timm:NAME --weights FILE --to hf, and back: 518 px, 1,370 positions, bit-exact."""
     register_tiny_reg()
     model, weights, _ = grid518
-    code, stdout, err = run_cli(monkeypatch, capsys, "convert", f"timm:{TINY_REG}", "--weights",
-                                str(weights), "--to", "hf", "--out", str(tmp_path / "hf"))  # fmt: skip
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        "convert",
+        f"timm:{TINY_REG}",
+        "--weights",
+        str(weights),
+        "--to",
+        "hf",
+        "--out",
+        str(tmp_path / "hf"),
+    )
     assert code == 0, err
     assert "same function" in stdout
     record = json.loads((tmp_path / "hf" / "conversion.json").read_text())
@@ -603,8 +736,9 @@ def test_image_size_resampling_is_recorded_as_another_function(grid518, tmp_path
 
 def test_infer_names_the_grid_it_resampled_from(grid518, capsys, monkeypatch):
     _, _, directory = grid518
-    code, stdout, err = run_cli(monkeypatch, capsys, "infer", "-m", str(directory),
-                                "--image-size", "224")  # fmt: skip
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "infer", "-m", str(directory), "--image-size", "224"
+    )
     assert code == 0, err
     assert "224x224 input" in stdout and "resampled from the checkpoint's 37x37" in stdout
 

@@ -224,9 +224,13 @@ def test_bad_arguments(encoder, paths, kwargs):
 def test_bottleneck_phrasings():
     def made(**stages: float) -> E2EResult:
         return E2EResult(
-            images=10, skipped=[], batch_size=2, workers=2, wall_seconds=1.0,
+            images=10,
+            skipped=[],
+            batch_size=2,
+            workers=2,
+            wall_seconds=1.0,
             stages=StageTimes(**stages),
-        )  # fmt: skip
+        )
 
     waiting = made(decode=3.0, preprocess=1.0, data_wait=0.62, model=0.3)
     assert waiting.bottleneck() == (

@@ -13,8 +13,17 @@ def test_names_with_brackets_are_printed_as_written(monkeypatch, capsys, tiny_di
 
     photo = tmp_path / "scan [final].jpg"
     sample_images(1)[0].image.save(photo)
-    code, out, err = run(monkeypatch, capsys, "infer", "--model", str(tiny_dir("dinov2")),
-                         "--device", "cpu", str(photo), str(tmp_path / "gone [red].jpg"))  # fmt: skip
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "infer",
+        "--model",
+        str(tiny_dir("dinov2")),
+        "--device",
+        "cpu",
+        str(photo),
+        str(tmp_path / "gone [red].jpg"),
+    )
     assert code == 0, err
     assert "scan [final].jpg" in out and "gone [red].jpg: file not found" in err
 
@@ -39,8 +48,9 @@ def test_modelscope_hint_keeps_its_brackets(monkeypatch, capsys):
     assert code == 2 and "pip install 'vitport[modelscope]'" in err
 
 
-def test_infer_out_never_replaces_a_file_vitport_did_not_write(monkeypatch, capsys, tiny_dir,
-                                                               tmp_path):  # fmt: skip
+def test_infer_out_never_replaces_a_file_vitport_did_not_write(
+    monkeypatch, capsys, tiny_dir, tmp_path
+):
     model = str(tiny_dir("dinov2"))
     theirs = tmp_path / "model.safetensors"
     theirs.write_bytes(b"someone's weights")
@@ -51,15 +61,17 @@ def test_infer_out_never_replaces_a_file_vitport_did_not_write(monkeypatch, caps
     for _ in range(2):  # vitport's own file is simply replaced
         code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(ours))
         assert code == 0, err
-    code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(theirs),
-                       "--overwrite")  # fmt: skip
+    code, _, err = run(
+        monkeypatch, capsys, "infer", "--model", model, "--out", str(theirs), "--overwrite"
+    )
     assert code == 0, err
 
 
 def test_report_out_never_replaces_a_users_readme(monkeypatch, capsys, tiny_dir, tmp_path):
     (tmp_path / "README.md").write_text("my project")
-    code, _, err = run(monkeypatch, capsys, "report", "--model", str(tiny_dir("vit")), "--out",
-                       str(tmp_path))  # fmt: skip
+    code, _, err = run(
+        monkeypatch, capsys, "report", "--model", str(tiny_dir("vit")), "--out", str(tmp_path)
+    )
     assert code == 2 and "did not write" in err
     assert (tmp_path / "README.md").read_text() == "my project"
 
@@ -67,10 +79,12 @@ def test_report_out_never_replaces_a_users_readme(monkeypatch, capsys, tiny_dir,
 def test_outputs_are_checked_before_the_model_loads(monkeypatch, capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    for args in (["compare", "--json", str(blocker / "c.json")],
-                 ["bench", "--csv", str(blocker / "b.csv")],
-                 ["bench", "--markdown", str(blocker / "b.md")],
-                 ["infer", "--out", str(blocker / "g.safetensors")]):  # fmt: skip
+    for args in (
+        ["compare", "--json", str(blocker / "c.json")],
+        ["bench", "--csv", str(blocker / "b.csv")],
+        ["bench", "--markdown", str(blocker / "b.md")],
+        ["infer", "--out", str(blocker / "g.safetensors")],
+    ):
         # the model does not exist: a check after loading would say so instead
         code, out, err = run(monkeypatch, capsys, args[0], "--model", "./no-such-model", *args[1:])
         assert code == 2 and "cannot write" in err and "PASS" not in out, (args, err)
@@ -102,17 +116,49 @@ def test_golden_files_match_images_by_content(monkeypatch, capsys, tiny_dir, tmp
         im.image.save(second / f"copy-{2 - i}.png")  # other names, other order
     golden = tmp_path / "g.safetensors"
     monkeypatch.chdir(first)
-    code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(golden),
-                       "0.png", "1.png", "2.png")  # fmt: skip
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "infer",
+        "--model",
+        model,
+        "--out",
+        str(golden),
+        "0.png",
+        "1.png",
+        "2.png",
+    )
     assert code == 0, err
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                         "--reference", str(golden), str(second))  # fmt: skip
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--reference",
+        str(golden),
+        str(second),
+    )
     assert code == 0 and "PASS" in out, err
     photos[0].image.transpose(0).save(first / "0.png")  # same name, other pixels
     monkeypatch.chdir(first)
-    code, out, err = run(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                         "--reference", str(golden), "0.png", "1.png", "2.png")  # fmt: skip
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--reference",
+        str(golden),
+        "0.png",
+        "1.png",
+        "2.png",
+    )
     assert code == 2 and "image 0.png is not the one" in err
 
 
@@ -121,8 +167,15 @@ def test_weights_cut_short_are_one_line_naming_the_file(monkeypatch, capsys, tin
 
     from test_convert import timm_dir
 
-    timm_model = timm_dir(tmp_path / "timm-source", "vit_base_patch16_224", embed_dim=32, depth=1,
-                          num_heads=2, img_size=32, patch_size=16)  # fmt: skip
+    timm_model = timm_dir(
+        tmp_path / "timm-source",
+        "vit_base_patch16_224",
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        img_size=32,
+        patch_size=16,
+    )
     for name, source in (("hf", tiny_dir("dinov2")), ("timm", timm_model)):
         model = tmp_path / name
         shutil.copytree(source, model)
@@ -146,11 +199,19 @@ def peak_rss_mb(args: list[str]) -> float:
 
     import vitport
 
-    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-               "capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+    wrapper = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+        "capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "vitport", *args],
-                         env=env, capture_output=True, text=True, check=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, sys.executable, "-m", "vitport", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
     return int(out.stdout.strip()) / 1024
 
 
@@ -166,16 +227,24 @@ def test_infer_memory_is_flat_in_the_number_of_images(tiny_dir, tmp_path):
         folder.mkdir()
         for i in range(count):
             os.link(photo, folder / f"{i:03d}.jpg")
-    args = ["infer", "--model", str(tiny_dir("dinov2")), "--device", "cpu", "--workers", "0",
-            "--batch-size", "8"]  # fmt: skip
+    args = [
+        "infer",
+        "--model",
+        str(tiny_dir("dinov2")),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+    ]
     few = peak_rss_mb([*args, str(tmp_path / "n30")])
     many = peak_rss_mb([*args, str(tmp_path / "n300")])
     # decoding all 300 first would hold 900 MB of pixels; streaming holds one batch
     assert many < few + 150, (few, many)
 
 
-def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, tiny_dir,
-                                                          tmp_path):  # fmt: skip
+def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, tiny_dir, tmp_path):
     from vitport import __version__
     from vitport.images import sample_images
 
@@ -186,12 +255,28 @@ def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, t
     photo = tmp_path / "ok.jpg"
     sample_images(1)[0].image.save(photo)
     model = str(tiny_dir("dinov2"))
-    code, out, err = run(monkeypatch, capsys, "--quiet", "infer", "--model", model, str(photo),
-                         str(tmp_path / "typo.jpg"))  # fmt: skip
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "--quiet",
+        "infer",
+        "--model",
+        model,
+        str(photo),
+        str(tmp_path / "typo.jpg"),
+    )
     assert code == 0 and "1 image encoded, 1 skipped (missing 1)" in out
     assert "img/s" not in err  # no progress bar
-    code, _, _ = run(monkeypatch, capsys, "infer", "--model", model, "--strict", str(photo),
-                     str(tmp_path / "typo.jpg"))  # fmt: skip
+    code, _, _ = run(
+        monkeypatch,
+        capsys,
+        "infer",
+        "--model",
+        model,
+        "--strict",
+        str(photo),
+        str(tmp_path / "typo.jpg"),
+    )
     assert code == 1
 
 
@@ -209,16 +294,39 @@ def test_tables_fit_80_columns_without_cutting_a_number(monkeypatch, capsys, tin
         return capsys.readouterr().out
 
     model = str(tiny_dir("dinov2"))
-    bench = narrow("bench", "--model", model, "--device", "cpu", "--batch-sizes", "1,2",
-                   "--min-seconds", "0.1", "--warmup-seconds", "0.05")  # fmt: skip
+    bench = narrow(
+        "bench",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "1,2",
+        "--min-seconds",
+        "0.1",
+        "--warmup-seconds",
+        "0.05",
+    )
     compare = narrow("compare", "--model", model, "--device", "cpu", "--dtype", "bf16")
     for text in (bench, compare):
         assert "…" not in text
         table_lines = [line for line in text.splitlines() if set(line) & set("│┃┏┗└┡")]
         assert table_lines and max(len(line) for line in table_lines) <= 80
     assert "not shown at this width" in bench and "img/s" in bench and "p50" in bench
-    wide = narrow("--wide", "bench", "--model", model, "--device", "cpu", "--batch-sizes", "1",
-                  "--min-seconds", "0.1", "--warmup-seconds", "0.05")  # fmt: skip
+    wide = narrow(
+        "--wide",
+        "bench",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "1",
+        "--min-seconds",
+        "0.1",
+        "--warmup-seconds",
+        "0.05",
+    )
     assert "not shown" not in wide and "vendor" in wide
 
 
@@ -236,8 +344,17 @@ def test_small_ones(monkeypatch, capsys, tiny_dir, tmp_path):
     for limit in ("rel_error=-1", "cos_worst=2", "logits.top1=1"):
         code, _, err = run(monkeypatch, capsys, "compare", "--model", model, "-t", limit)
         assert code == 2 and "can never pass" in err, (limit, err)
-    code, _, err = run(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                       "-t", "logits.rel_error=0.5")  # fmt: skip
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "-t",
+        "logits.rel_error=0.5",
+    )
     assert code == 0 and "has no logits output" in err
     golden = tmp_path / "g.safetensors"
     assert run(monkeypatch, capsys, "infer", "--model", model, "--out", str(golden))[0] == 0
@@ -268,8 +385,12 @@ def test_nonfinite_groups_names_the_outputs_with_nan_or_inf():
 
     from vitport import Features
 
-    feats = Features(patches=torch.zeros(2, 4, 8), grid=(2, 2), pooled=torch.zeros(2, 8),
-                     cls=torch.tensor([[0.0, float("inf")], [1.0, 2.0]]))  # fmt: skip
+    feats = Features(
+        patches=torch.zeros(2, 4, 8),
+        grid=(2, 2),
+        pooled=torch.zeros(2, 8),
+        cls=torch.tensor([[0.0, float("inf")], [1.0, 2.0]]),
+    )
     assert feats.nonfinite_groups() == ["cls"]
     feats.patches[1, 0, 0] = float("nan")
     assert set(feats.nonfinite_groups()) == {"cls", "patches"}
@@ -299,8 +420,12 @@ def test_version_answers_without_importing_torch():
 
     from vitport import __version__
 
-    got = subprocess.run([sys.executable, "-X", "importtime", "-m", "vitport", "--version"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    got = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "vitport", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert got.returncode == 0 and got.stdout.strip() == f"vitport {__version__}"
     imported = re.findall(r"\|\s*([\w.]+)\s*$", got.stderr, re.M)
     assert "vitport.cli" in imported and "torch" not in imported

@@ -51,8 +51,13 @@ def bad_inputs(directory: Path) -> dict[str, str]:
     corrupt = bytearray(good)
     corrupt[200:2000] = b"\x00" * 1800
     (directory / "garbled.jpg").write_bytes(bytes(corrupt[:400]))
-    return {"empty.jpg": "empty", "notes.png": "not-an-image", "cut.jpg": "truncated",
-            "huge.png": "too-large", "garbled.jpg": "corrupt"}  # fmt: skip
+    return {
+        "empty.jpg": "empty",
+        "notes.png": "not-an-image",
+        "cut.jpg": "truncated",
+        "huge.png": "too-large",
+        "garbled.jpg": "corrupt",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +86,24 @@ def test_good_rows_and_an_error_row_with_its_reason_for_each_bad_input(
     source = tmp_path / "mixed"
     save_photos(source)
     expected = bad_inputs(source)
-    summary = embed([str(source)], str(model_dir), tmp_path / "out", device="cpu",
-                    batch_size=3, workers=0, shard_size=4)  # fmt: skip
+    summary = embed(
+        [str(source)],
+        str(model_dir),
+        tmp_path / "out",
+        device="cpu",
+        batch_size=3,
+        workers=0,
+        shard_size=4,
+    )
     assert summary.embedded == len(PHOTOS) and summary.errors == len(expected)
     assert summary.embedded + summary.errors == summary.inputs and summary.complete
-    assert summary.error_reasons == {"corrupt": 1, "empty": 1, "not-an-image": 1, "too-large": 1,
-                                     "truncated": 1}  # fmt: skip
+    assert summary.error_reasons == {
+        "corrupt": 1,
+        "empty": 1,
+        "not-an-image": 1,
+        "too-large": 1,
+        "truncated": 1,
+    }
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
     assert {e["id"]: e["reason"] for e in errors} == expected
     assert all(e["message"] and e["path"].endswith(e["id"]) for e in errors)
@@ -107,37 +124,61 @@ def test_features_equal_infer_on_the_same_images(model_dir, photos, tmp_path):
     from vitport.images import read_images
     from vitport.infer import infer
 
-    embed([str(photos)], str(model_dir), tmp_path / "out", device="cpu", batch_size=2,
-          workers=2, outputs="cls,pooled,registers,patches")  # fmt: skip
+    embed(
+        [str(photos)],
+        str(model_dir),
+        tmp_path / "out",
+        device="cpu",
+        batch_size=2,
+        workers=2,
+        outputs="cls,pooled,registers,patches",
+    )
     data = read(tmp_path / "out", arrays=True)
     encoder = vitport.load(str(model_dir))
     images, _ = read_images([photos / Path(i) for i in data["id"]])
     feats = infer(encoder, images, batch_size=2).features
     torch.testing.assert_close(torch.from_numpy(data["cls"]), feats.cls, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(data["registers"]), feats.registers,
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.from_numpy(data["registers"]), feats.registers, atol=1e-5, rtol=1e-5
+    )
     assert data["registers"].shape == (len(PHOTOS), 4, 32)  # the shape from the metadata
     from safetensors.numpy import load_file
 
     patches = load_file(str(tmp_path / "out" / "patches-00000.safetensors"))
-    torch.testing.assert_close(torch.from_numpy(patches[data["id"][0]]), feats.patches[0],
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.from_numpy(patches[data["id"][0]]), feats.patches[0], atol=1e-5, rtol=1e-5
+    )
     w, h = images[0].image.size
     assert (data["width"][0], data["height"][0]) == (w, h)
 
 
 def test_parquet_and_list_sources(model_dir, photos, tmp_path):
     files = sorted(photos.rglob("*.jpg"))
-    table = pa.table({
-        "path": [str(p.relative_to(photos)) for p in files],
-        "image": [p.read_bytes() for p in files[:-1]] + [b""],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "path": [str(p.relative_to(photos)) for p in files],
+            "image": [p.read_bytes() for p in files[:-1]] + [b""],
+        }
+    )
     pq.write_table(table, photos / "index.parquet")
     try:
-        by_path = embed([str(photos / "index.parquet")], str(model_dir), tmp_path / "a",
-                        device="cpu", batch_size=4, workers=0)  # fmt: skip
-        by_bytes = embed([str(photos / "index.parquet")], str(model_dir), tmp_path / "b",
-                         device="cpu", batch_size=4, workers=2, column="image")  # fmt: skip
+        by_path = embed(
+            [str(photos / "index.parquet")],
+            str(model_dir),
+            tmp_path / "a",
+            device="cpu",
+            batch_size=4,
+            workers=0,
+        )
+        by_bytes = embed(
+            [str(photos / "index.parquet")],
+            str(model_dir),
+            tmp_path / "b",
+            device="cpu",
+            batch_size=4,
+            workers=2,
+            column="image",
+        )
     finally:
         (photos / "index.parquet").unlink()
     assert by_path.embedded == len(files) and by_bytes.embedded == len(files) - 1
@@ -155,8 +196,9 @@ def test_parquet_and_list_sources(model_dir, photos, tmp_path):
     assert listed.embedded == 3
 
 
-def test_another_model_or_setting_is_refused_naming_the_difference(model_dir, photos, tmp_path,
-                                                                    tiny_dir):  # fmt: skip
+def test_another_model_or_setting_is_refused_naming_the_difference(
+    model_dir, photos, tmp_path, tiny_dir
+):
     out = tmp_path / "out"
     embed([str(photos)], str(model_dir), out, device="cpu", batch_size=4)
     with pytest.raises(VitportError, match="another weights sha256"):
@@ -165,8 +207,9 @@ def test_another_model_or_setting_is_refused_naming_the_difference(model_dir, ph
         embed([str(photos)], str(model_dir), out, device="cpu", dtype="bf16", batch_size=4)
     with pytest.raises(VitportError, match="another outputs"):
         embed([str(photos)], str(model_dir), out, device="cpu", outputs="pooled", batch_size=4)
-    again = embed([str(photos)], str(tiny_dir("dinov2")), out, device="cpu", batch_size=4,
-                  overwrite=True)  # fmt: skip
+    again = embed(
+        [str(photos)], str(tiny_dir("dinov2")), out, device="cpu", batch_size=4, overwrite=True
+    )
     assert again.complete and again.skipped_done == 0
 
 
@@ -180,13 +223,28 @@ def test_a_directory_vitport_did_not_write_is_never_touched(model_dir, photos, t
 
 
 def test_two_shard_halves_equal_one_whole_run(model_dir, photos, tmp_path):
-    whole = embed([str(photos)], str(model_dir), tmp_path / "whole", device="cpu",
-                  batch_size=2, shard_size=2)  # fmt: skip
-    first = embed([str(photos)], str(model_dir), tmp_path / "split", device="cpu",
-                  batch_size=2, shard_size=2, shard="0/2")  # fmt: skip
+    whole = embed(
+        [str(photos)], str(model_dir), tmp_path / "whole", device="cpu", batch_size=2, shard_size=2
+    )
+    first = embed(
+        [str(photos)],
+        str(model_dir),
+        tmp_path / "split",
+        device="cpu",
+        batch_size=2,
+        shard_size=2,
+        shard="0/2",
+    )
     assert not first.complete and first.embedded == 4
-    second = embed([str(photos)], str(model_dir), tmp_path / "split", device="cpu",
-                   batch_size=2, shard_size=2, shard="1/2")  # fmt: skip
+    second = embed(
+        [str(photos)],
+        str(model_dir),
+        tmp_path / "split",
+        device="cpu",
+        batch_size=2,
+        shard_size=2,
+        shard="1/2",
+    )
     assert second.complete and whole.complete
     assert read(tmp_path / "split").equals(read(tmp_path / "whole"))
 
@@ -219,10 +277,25 @@ def test_disk_full_keeps_written_shards_and_resumes(model_dir, photos, tmp_path,
 def test_ray_engine_writes_the_same_rows(model_dir, photos, tmp_path):
     pytest.importorskip("ray")
     local = tmp_path / "local"
-    embed([str(photos)], str(model_dir), local, device="cpu", batch_size=2, shard_size=4,
-          outputs="cls,pooled,registers")  # fmt: skip
-    summary = embed([str(photos)], str(model_dir), tmp_path / "ray", device="cpu",
-                    batch_size=2, shard_size=4, engine="ray", outputs="cls,pooled,registers")  # fmt: skip
+    embed(
+        [str(photos)],
+        str(model_dir),
+        local,
+        device="cpu",
+        batch_size=2,
+        shard_size=4,
+        outputs="cls,pooled,registers",
+    )
+    summary = embed(
+        [str(photos)],
+        str(model_dir),
+        tmp_path / "ray",
+        device="cpu",
+        batch_size=2,
+        shard_size=4,
+        engine="ray",
+        outputs="cls,pooled,registers",
+    )
     assert summary.complete and summary.engine == "ray"
     a, b = read(local, arrays=True), read(tmp_path / "ray", arrays=True)
     assert a["id"] == b["id"] and a["width"] == b["width"]
@@ -230,8 +303,9 @@ def test_ray_engine_writes_the_same_rows(model_dir, photos, tmp_path):
         np.testing.assert_allclose(a[name], b[name], atol=1e-5)
 
 
-def test_dedup_finds_the_copy_and_blocks_agree_with_brute_force(model_dir, photos, tmp_path,
-                                                                monkeypatch):  # fmt: skip
+def test_dedup_finds_the_copy_and_blocks_agree_with_brute_force(
+    model_dir, photos, tmp_path, monkeypatch
+):
     from vitport.embed import dedup
 
     source = tmp_path / "dups"
@@ -270,15 +344,48 @@ def test_cli_embed_and_dedup(model_dir, photos, tmp_path, monkeypatch, capsys):
     from test_cli import run
 
     out = tmp_path / "out"
-    code, stdout, _ = run(monkeypatch, capsys, "embed", str(photos), "--model", str(model_dir),
-                          "--out", str(out), "--device", "cpu", "--batch-size", "2", "--quiet")  # fmt: skip
+    code, stdout, _ = run(
+        monkeypatch,
+        capsys,
+        "embed",
+        str(photos),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--quiet",
+    )
     assert code == 0 and f"{len(PHOTOS)} embedded, 0 in errors.parquet" in stdout
-    code, stdout, _ = run(monkeypatch, capsys, "dedup", str(out), "--threshold", "0.0",
-                          "--out", str(tmp_path / "pairs.parquet"))  # fmt: skip
+    code, stdout, _ = run(
+        monkeypatch,
+        capsys,
+        "dedup",
+        str(out),
+        "--threshold",
+        "0.0",
+        "--out",
+        str(tmp_path / "pairs.parquet"),
+    )
     assert code == 0 and "pairs with cosine" in stdout
     assert pq.read_table(tmp_path / "pairs.parquet").column_names == ["id_a", "id_b", "cosine"]
-    code, _, err = run(monkeypatch, capsys, "embed", str(photos), "--model", str(model_dir),
-                       "--out", str(out), "--dtype", "bf16", "--batch-size", "2")  # fmt: skip
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "embed",
+        str(photos),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--dtype",
+        "bf16",
+        "--batch-size",
+        "2",
+    )
     assert code == 2 and "another dtype" in err and len(err.strip().splitlines()) == 1
 
 
@@ -286,13 +393,30 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A real SIGKILL of the process while it writes; the same command again finishes the job."""
     source = tmp_path / "many"
     save_photos(source, copies=6)  # 36 photos, 18 shards of 2
-    command = [sys.executable, "-m", "vitport", "embed", str(source), "--model",
-               "demo:dinov2-small", "--device", "cpu", "--batch-size", "1", "--workers", "1",
-               "--shard-size", "2", "--quiet", "--out"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "vitport",
+        "embed",
+        str(source),
+        "--model",
+        "demo:dinov2-small",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "1",
+        "--workers",
+        "1",
+        "--shard-size",
+        "2",
+        "--quiet",
+        "--out",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1])}
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*command, str(killed)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [*command, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while not list(killed.glob("part-0000[2-9].parquet")):
         assert process.poll() is None, "the run ended before it could be killed"
@@ -350,18 +474,22 @@ def test_non_image_files_of_a_directory_are_rows_of_errors_parquet(model_dir, tm
     Image.new("RGB", (40, 30), "red").save(source / "a.png")
     (source / "ok").write_text("no suffix")
     (source / "notes.txt").write_text("text")
-    summary = embed([str(source)], str(model_dir), tmp_path / "out", device="cpu",
-                    batch_size=2, workers=0)  # fmt: skip
+    summary = embed(
+        [str(source)], str(model_dir), tmp_path / "out", device="cpu", batch_size=2, workers=0
+    )
     assert (summary.inputs, summary.embedded, summary.errors) == (3, 1, 2)
     assert summary.error_reasons == {"not-an-image": 2}
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
-    assert {e["id"]: e["reason"] for e in errors} == {"notes.txt": "not-an-image",
-                                                      "ok": "not-an-image"}  # fmt: skip
+    assert {e["id"]: e["reason"] for e in errors} == {
+        "notes.txt": "not-an-image",
+        "ok": "not-an-image",
+    }
     assert all("not an image" in e["message"] for e in errors)
 
 
-def test_the_manifest_names_the_resampling_and_older_manifests_still_resume(model_dir, photos,
-                                                                            tmp_path):  # fmt: skip
+def test_the_manifest_names_the_resampling_and_older_manifests_still_resume(
+    model_dir, photos, tmp_path
+):
     out = tmp_path / "out"
     embed([str(photos)], str(model_dir), out, device="cpu", batch_size=4)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -372,22 +500,44 @@ def test_the_manifest_names_the_resampling_and_older_manifests_still_resume(mode
     assert again.complete and again.skipped_done == len(PHOTOS) and again.written_now == 0
 
 
-def test_cli_embed_says_which_batch_size_it_chose_and_why(model_dir, tmp_path, monkeypatch,
-                                                          capsys):  # fmt: skip
+def test_cli_embed_says_which_batch_size_it_chose_and_why(model_dir, tmp_path, monkeypatch, capsys):
     from test_cli import run
 
     source = tmp_path / "three"
     save_photos(source, names=PHOTOS[:3])
-    code, stdout, err = run(monkeypatch, capsys, "embed", str(source), "--model", str(model_dir),
-                            "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet")  # fmt: skip
+    code, stdout, err = run(
+        monkeypatch,
+        capsys,
+        "embed",
+        str(source),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert code == 0, err
     assert stdout.startswith("\n3 embedded, 0 in errors.parquet, of 3 inputs")  # a blank line
     chosen = next(line for line in stdout.splitlines() if line.startswith("batch "))
     # 1 and 2 measured; 4 would be larger than the 3 images, so it is not tried
     assert "the fastest of 1, 2 in a short sweep on cpu" in chosen, stdout
     assert "larger batches than the 3 images to embed gain nothing" in stdout.replace("\n", " ")
-    code, stdout, _ = run(monkeypatch, capsys, "embed", str(source / "astronaut.jpg"), "--model",
-                          str(model_dir), "--out", str(tmp_path / "one"), "--device", "cpu",
-                          "--batch-size", "1", "--quiet")  # fmt: skip
+    code, stdout, _ = run(
+        monkeypatch,
+        capsys,
+        "embed",
+        str(source / "astronaut.jpg"),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "one"),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "1",
+        "--quiet",
+    )
     assert code == 0 and "of 1 input (" in stdout and "this run: 1 input in" in stdout
     assert "batch 1: given (--batch-size)" in stdout

@@ -129,9 +129,14 @@ def test_profiler_counts_cpu_sdpa():
 def tiny_dinov2(attn: str):
     transformers = pytest.importorskip("transformers")
     config = transformers.Dinov2Config(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4,
-        image_size=28, patch_size=14, attn_implementation=attn,
-    )  # fmt: skip
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=4,
+        image_size=28,
+        patch_size=14,
+        attn_implementation=attn,
+    )
     torch.manual_seed(0)
     return transformers.Dinov2Model(config).eval()
 
@@ -150,9 +155,15 @@ def test_formula_agrees_with_profiler_on_tiny_timm_vit():
 
     torch.manual_seed(0)
     module = VisionTransformer(
-        img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4,
-        num_classes=0, reg_tokens=2,
-    ).eval()  # fmt: skip
+        img_size=32,
+        patch_size=16,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=4,
+        num_classes=0,
+        reg_tokens=2,
+    ).eval()
     arch = Architecture(64, 2, 2, 256, gated_mlp=False, patch_size=16)
     counted = count_flops_by_profiler(module, torch.randn(1, 3, 32, 32))
     assert counted == pytest.approx(flops_per_image(arch, (32, 32), 1 + 2).total, rel=0.02)
@@ -162,9 +173,14 @@ def test_formula_agrees_with_profiler_on_tiny_gated_aimv2():
     transformers = pytest.importorskip("transformers")
     # use_head=False: the attention-pooling head is outside the formula by design
     config = transformers.Aimv2VisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=28, patch_size=14, use_head=False,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        use_head=False,
+    )
     torch.manual_seed(0)
     module = transformers.Aimv2VisionModel(config).eval()
     arch = Architecture(64, 2, 2, 128, gated_mlp=True, patch_size=14)
@@ -172,8 +188,9 @@ def test_formula_agrees_with_profiler_on_tiny_gated_aimv2():
     assert counted == pytest.approx(flops_per_image(arch, (28, 28), 0).total, rel=0.02)
 
 
-@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "dinov3_vit", "vit",
-                                    "timm_vit_reg4"])  # fmt: skip
+@pytest.mark.parametrize(
+    "family", ["dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "timm_vit_reg4"]
+)
 def test_every_family_matches_the_profiler(family, tiny_dir):
     """The config-based count equals torch's FLOP counter on each family's real forward."""
     import vitport

@@ -20,23 +20,45 @@ from vitport.golden import GoldenBlocks, golden_blocks
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1])}
-    return subprocess.run([sys.executable, "-m", "vitport", *args], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vitport", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A 4-block DINOv2 with weights large enough that a fault shows (see test_convert)."""
-    return hf_dir(tmp_path_factory.mktemp("m") / "dinov2", "Dinov2Model", "Dinov2Config",
-                  hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=28,
-                  patch_size=14)  # fmt: skip
+    return hf_dir(
+        tmp_path_factory.mktemp("m") / "dinov2",
+        "Dinov2Model",
+        "Dinov2Config",
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
 
 
 @pytest.fixture(scope="module")
 def golden(model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("golden") / "gpu.safetensors"
-    got = cli("infer", "--model", str(model), "--device", "cpu", "--out", str(path),
-              "--with-blocks", "--batch-size", "4")  # fmt: skip
+    got = cli(
+        "infer",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--out",
+        str(path),
+        "--with-blocks",
+        "--batch-size",
+        "4",
+    )
     assert got.returncode == 0, got.stderr
     assert "with block states at 5 points" in got.stdout  # embeddings + 4 blocks
     return path
@@ -53,8 +75,20 @@ def test_the_file_holds_block_states_named_and_sized(golden, model):
 
 def test_a_fault_in_another_process_is_named_with_its_part(golden, model, tmp_path):
     record = tmp_path / "cmp.json"
-    got = cli("compare", "--model", str(model), "--device", "cpu", "--reference", str(golden),
-              "--localize", "--inject-fault", "gelu-tanh@2", "--json", str(record))  # fmt: skip
+    got = cli(
+        "compare",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--reference",
+        str(golden),
+        "--localize",
+        "--inject-fault",
+        "gelu-tanh@2",
+        "--json",
+        str(record),
+    )
     assert got.returncode in (0, 1), got.stderr
     loc = json.loads(record.read_text())["localization"]
     assert loc["culprit"] == "encoder.layer.2.mlp"
@@ -69,8 +103,20 @@ def test_a_fault_in_another_process_is_named_with_its_part(golden, model, tmp_pa
 
 def test_a_bf16_golden_file_still_localises_a_fault_above_bf16_noise(model, tmp_path):
     golden = tmp_path / "bf16.safetensors"
-    got = cli("infer", "--model", str(model), "--device", "cpu", "--dtype", "bf16", "--out",
-              str(golden), "--with-blocks", "--batch-size", "4")  # fmt: skip
+    got = cli(
+        "infer",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--out",
+        str(golden),
+        "--with-blocks",
+        "--batch-size",
+        "4",
+    )
     assert got.returncode == 0, got.stderr
     assert GoldenBlocks.open(golden).dtype == "bf16"
     script = f"""
@@ -89,8 +135,9 @@ result = compare(base, candidate, golden, images, thresholds_for("bf16"), locali
 print(json.dumps(result.localization.to_dict()))
 """
     env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     loc = json.loads(out.stdout.strip().splitlines()[-1])
     assert loc["culprit"].startswith("encoder.layer.1")
@@ -104,8 +151,9 @@ def test_refusals(golden, model, tiny_dir, tmp_path):
     no_blocks = cli("compare", "--model", str(model), "--reference", str(plain), "--localize")
     assert no_blocks.returncode == 2 and "--with-blocks" in no_blocks.stderr
 
-    other = cli("compare", "--model", str(tiny_dir("dinov2")), "--reference", str(golden),
-                "--localize")  # fmt: skip
+    other = cli(
+        "compare", "--model", str(tiny_dir("dinov2")), "--reference", str(golden), "--localize"
+    )
     assert other.returncode == 2 and "another model" in other.stderr
 
     # the same weights, but a file whose hook points do not match this model's
@@ -124,6 +172,14 @@ def test_refusals(golden, model, tiny_dir, tmp_path):
     ):
         golden_blocks(features, vitport.load(str(model)))
 
-    big = cli("infer", "--model", str(model), "--out", str(tmp_path / "big.safetensors"),
-              "--with-blocks", "--max-bytes", "1000")  # fmt: skip
+    big = cli(
+        "infer",
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "big.safetensors"),
+        "--with-blocks",
+        "--max-bytes",
+        "1000",
+    )
     assert big.returncode == 2 and "would take" in big.stderr and "--max-bytes" in big.stderr

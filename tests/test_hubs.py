@@ -90,15 +90,27 @@ def test_cut_download_is_reported_never_loaded_and_a_later_run_succeeds(hub, mon
 def test_hf_endpoint_mirror_from_the_shell(hub, tmp_path):
     """A user's HF_ENDPOINT (seed 002's mirror advice) reaches the mirror, in a fresh process."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"),
-               PYTHONPATH=str(Path(vitport.__file__).parents[1]))  # fmt: skip
-    got = subprocess.run([sys.executable, "-m", "vitport", "infer", "--model", "hf:org/tiny",
-                          "--device", "cpu"], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(tmp_path / "hf-home"),
+        PYTHONPATH=str(Path(vitport.__file__).parents[1]),
+    )
+    got = subprocess.run(
+        [sys.executable, "-m", "vitport", "infer", "--model", "hf:org/tiny", "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert got.returncode == 0, got.stderr
     assert "hf:org/tiny" in got.stdout
-    missing = subprocess.run([sys.executable, "-m", "vitport", "infer", "--model", "hf:org/nope"],
-                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, "-m", "vitport", "infer", "--model", "hf:org/nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2
     assert [line for line in missing.stderr.splitlines() if line.startswith("error:")] == [
         "error: no repository 'org/nope' on the Hugging Face hub; check the name"

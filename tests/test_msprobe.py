@@ -28,8 +28,13 @@ def dinov2(path: Path, layers: int = 4, hidden: int = 32, seed: int = 1) -> Path
     """A DINOv2 with weights large enough that a fault shows (see test_convert.randomize)."""
     import transformers
 
-    cfg = transformers.Dinov2Config(hidden_size=hidden, num_hidden_layers=layers,
-                                    num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = transformers.Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
     randomize(transformers.Dinov2Model(cfg), seed).save_pretrained(path)
     bit_processor(28, 32).save_pretrained(path)
     return path
@@ -38,8 +43,11 @@ def dinov2(path: Path, layers: int = 4, hidden: int = 32, seed: int = 1) -> Path
 def start_dump(model: Path, out: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(DUMP_SCRIPT), "--model", str(model), "--out", str(out), *args],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,20 @@ def dumps(tmp_path_factory, tiny_dir) -> dict[str, Path]:
 
 def compare_json(monkeypatch, capsys, tmp_path, model, reference, *args):
     out = tmp_path / "result.json"
-    code, stdout, err = cli(monkeypatch, capsys, "compare", "--model", str(model), "--device",
-                            "cpu", "--reference", str(reference), "--json", str(out), *args)  # fmt: skip
+    code, stdout, err = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--reference",
+        str(reference),
+        "--json",
+        str(out),
+        *args,
+    )
     assert code in (0, 1), err
     return json.loads(out.read_text()), stdout
 
@@ -85,8 +105,16 @@ def compare_json(monkeypatch, capsys, tmp_path, model, reference, *args):
 def test_planted_fault_is_named_from_the_dump(
     level, fault, culprit, dumps, monkeypatch, capsys, tmp_path
 ):
-    result, out = compare_json(monkeypatch, capsys, tmp_path, dumps["model"], dumps[level],
-                               "--localize", "--inject-fault", fault)  # fmt: skip
+    result, out = compare_json(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        dumps["model"],
+        dumps[level],
+        "--localize",
+        "--inject-fault",
+        fault,
+    )
     loc = result["localization"]
     assert loc["culprit"] == culprit, loc["reason"]
     assert result["reference"]["kind"] == "msprobe"
@@ -98,8 +126,17 @@ def test_planted_fault_is_named_from_the_dump(
 
 
 def test_fix_trials_run_from_the_dump(dumps, monkeypatch, capsys, tmp_path):
-    result, out = compare_json(monkeypatch, capsys, tmp_path, dumps["model"], dumps["l0"],
-                               "--localize", "--try-fixes", "--inject-fault", "gelu-tanh@1")  # fmt: skip
+    result, out = compare_json(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        dumps["model"],
+        dumps["l0"],
+        "--localize",
+        "--try-fixes",
+        "--inject-fault",
+        "gelu-tanh@1",
+    )
     trials = {"+".join(t["fixes"]): t for t in result["trials"]}
     worst = max(g["worst"]["rel_error"] for g in result["groups"].values())
     cured = max(g["worst"]["rel_error"] for g in trials["erf-gelu"]["groups"].values())
@@ -123,8 +160,19 @@ def test_step_and_proc_folders_are_accepted(dumps, monkeypatch, capsys, tmp_path
 
 
 def refusal(monkeypatch, capsys, model, reference, *args) -> str:
-    code, _, err = cli(monkeypatch, capsys, "compare", "--model", str(model), "--device", "cpu",
-                       "--reference", str(reference), "--localize", *args)  # fmt: skip
+    code, _, err = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--reference",
+        str(reference),
+        "--localize",
+        *args,
+    )
     assert code == 2, err
     line = " ".join(err.split())
     assert "Traceback" not in err
@@ -197,9 +245,23 @@ def test_images_beside_a_dump_and_a_folder_without_one_are_refused(
 
 def test_report_reads_a_dump(dumps, monkeypatch, capsys, tmp_path):
     out = tmp_path / "report"
-    code, _, err = cli(monkeypatch, capsys, "report", "--model", str(dumps["model"]), "--device",
-                       "cpu", "--golden", str(dumps["l0"]), "--out", str(out), "--batch-sizes",
-                       "1", "--min-seconds", "0.05")  # fmt: skip
+    code, _, err = cli(
+        monkeypatch,
+        capsys,
+        "report",
+        "--model",
+        str(dumps["model"]),
+        "--device",
+        "cpu",
+        "--golden",
+        str(dumps["l0"]),
+        "--out",
+        str(out),
+        "--batch-sizes",
+        "1",
+        "--min-seconds",
+        "0.05",
+    )
     assert code == 0, err
     data = json.loads((out / "report.json").read_text())
     assert data["command"]["reference"] == "msprobe"
@@ -211,22 +273,54 @@ def test_msprobe_compare_reads_vitport_dumps(dumps, monkeypatch, capsys, tmp_pat
     """A CPU fp32 and a bf16 dump written by vitport; the real msprobe compare pairs them."""
     model = dumps["model"]
     for dtype in ("fp32", "bf16"):
-        code, _, err = cli(monkeypatch, capsys, "infer", "--model", str(model), "--device", "cpu",
-                           "--dtype", dtype, "--with-blocks", "--out", str(tmp_path / dtype),
-                           "--format", "msprobe", "--block-images", "4", "--batch-size", "2")  # fmt: skip
+        code, _, err = cli(
+            monkeypatch,
+            capsys,
+            "infer",
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+            "--with-blocks",
+            "--out",
+            str(tmp_path / dtype),
+            "--format",
+            "msprobe",
+            "--block-images",
+            "4",
+            "--batch-size",
+            "2",
+        )
         assert code == 0, err
     result = tmp_path / "compare"
     result.mkdir()
     run = subprocess.run(
-        [str(Path(sys.executable).parent / "msprobe"), "compare", "--target_path", str(tmp_path / "bf16" / "step0"),
-         "--golden_path", str(tmp_path / "fp32" / "step0"), "--output_path", str(result)],
-        capture_output=True, text=True, timeout=600, env=ENV,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "msprobe"),
+            "compare",
+            "--target_path",
+            str(tmp_path / "bf16" / "step0"),
+            "--golden_path",
+            str(tmp_path / "fp32" / "step0"),
+            "--output_path",
+            str(result),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = list(csv.DictReader(next(result.glob("compare_result_*.csv")).open()))
     ours = json.loads((tmp_path / "fp32" / "step0" / "rank0" / "dump.json").read_text())["data"]
-    named = {r["NPU Name"].split(".forward.")[0] + ".forward." + r["NPU Name"].split(".forward.")[1].split(".")[0]
-             for r in rows}  # fmt: skip
+    named = {
+        r["NPU Name"].split(".forward.")[0]
+        + ".forward."
+        + r["NPU Name"].split(".forward.")[1].split(".")[0]
+        for r in rows
+    }
     assert named == set(ours)
     assert all(r["NPU Name"] == r["Bench Name"] for r in rows)
     block_out = [r for r in rows if r["NPU Name"].endswith("Dinov2Layer.forward.0.output.0")]
@@ -237,12 +331,34 @@ def test_msprobe_compare_reads_vitport_dumps(dumps, monkeypatch, capsys, tmp_pat
 
 
 def test_vitport_reads_its_own_dump(dumps, monkeypatch, capsys, tmp_path):
-    code, _, err = cli(monkeypatch, capsys, "infer", "--model", str(dumps["model"]), "--device",
-                       "cpu", "--out", str(tmp_path / "ours"), "--format", "msprobe",
-                       "--block-images", "4", "--batch-size", "2")  # fmt: skip
+    code, _, err = cli(
+        monkeypatch,
+        capsys,
+        "infer",
+        "--model",
+        str(dumps["model"]),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "ours"),
+        "--format",
+        "msprobe",
+        "--block-images",
+        "4",
+        "--batch-size",
+        "2",
+    )
     assert code == 0, err
-    result, _ = compare_json(monkeypatch, capsys, tmp_path, dumps["model"], tmp_path / "ours",
-                             "--localize", "--inject-fault", "gelu-tanh@2")  # fmt: skip
+    result, _ = compare_json(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        dumps["model"],
+        tmp_path / "ours",
+        "--localize",
+        "--inject-fault",
+        "gelu-tanh@2",
+    )
     assert result["localization"]["culprit"] == "encoder.layer.2.mlp"
 
 
@@ -265,6 +381,14 @@ def test_a_dump_of_a_wrapping_model_maps_by_prefix(dumps, monkeypatch, capsys, t
     data = json.loads((proc / "dump.json").read_text())
     data["data"] = {k.replace("Module.", "Module.backbone.", 1): v for k, v in data["data"].items()}
     (proc / "dump.json").write_text(json.dumps(data))
-    result, _ = compare_json(monkeypatch, capsys, tmp_path, dumps["model"], proc, "--localize",
-                             "--inject-fault", "gelu-tanh@2")  # fmt: skip
+    result, _ = compare_json(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        dumps["model"],
+        proc,
+        "--localize",
+        "--inject-fault",
+        "gelu-tanh@2",
+    )
     assert result["localization"]["culprit"] == "encoder.layer.2.mlp"

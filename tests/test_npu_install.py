@@ -41,8 +41,9 @@ def run(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
     source = str(Path(vitport.__file__).parents[1])
     env["PYTHONPATH"] = os.pathsep.join([str(root), source])
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")

@@ -46,11 +46,32 @@ def local(collection, tmp_path_factory) -> dict:
 def embed_and_kill(cluster: Cluster, collection: Path, out: Path, *args: str):
     """`vitport embed --engine ray` as a user runs it; once the first shard is written, SIGKILL
     the raylet of the node that holds the model actor."""
-    cmd = [sys.executable, "-m", "vitport", "embed", str(collection), "--model", MODEL,
-           "--device", "cpu", "--engine", "ray", "--ray-address", cluster.address,
-           "--out", str(out), "--batch-size", "4", "--shard-size", str(SHARD), "--quiet", *args]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitport",
+        "embed",
+        str(collection),
+        "--model",
+        MODEL,
+        "--device",
+        "cpu",
+        "--engine",
+        "ray",
+        "--ray-address",
+        cluster.address,
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--shard-size",
+        str(SHARD),
+        "--quiet",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not (out / "part-00000.parquet").exists():
@@ -107,8 +128,16 @@ def test_no_progress_ends_in_one_line_and_keeps_the_shards(collection, tmp_path)
     try:
         start = time.monotonic()
         with pytest.raises(ClusterError) as caught:
-            embed([str(collection)], MODEL, out, device="cpu", batch_size=4, shard_size=SHARD,
-                  engine="ray", stall_timeout=8)  # fmt: skip
+            embed(
+                [str(collection)],
+                MODEL,
+                out,
+                device="cpu",
+                batch_size=4,
+                shard_size=SHARD,
+                engine="ray",
+                stall_timeout=8,
+            )
         seconds = time.monotonic() - start
     finally:
         ray.shutdown()
@@ -144,8 +173,7 @@ def test_stall_timeout_is_for_the_ray_engine(collection, tmp_path):
     with pytest.raises(VitportError, match="--stall-timeout.*--engine ray"):
         embed([str(collection)], MODEL, tmp_path / "o", device="cpu", stall_timeout=10)
     with pytest.raises(VitportError, match="above 0"):
-        embed([str(collection)], MODEL, tmp_path / "o", device="cpu", engine="ray",
-              stall_timeout=0)  # fmt: skip
+        embed([str(collection)], MODEL, tmp_path / "o", device="cpu", engine="ray", stall_timeout=0)
 
 
 @pytest.mark.slow
@@ -169,10 +197,29 @@ def test_serve_replaces_a_replica_lost_with_its_node(tiny_dir, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "vitport", "serve", "--model", str(model),
-                               "--device", "cpu", "--engine", "ray", "--ray-address",
-                               cluster.address, "--replicas", "2", "--port", str(port)],
-                              env=cluster.env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vitport",
+            "serve",
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--engine",
+            "ray",
+            "--ray-address",
+            cluster.address,
+            "--replicas",
+            "2",
+            "--port",
+            str(port),
+        ],
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
     def output() -> str:
         return (tmp_path / "serve.log").read_text()[-3000:]
@@ -221,8 +268,7 @@ def test_serve_replaces_a_replica_lost_with_its_node(tiny_dir, tmp_path):
         log.close()
 
 
-def test_when_ray_gives_up_the_line_says_so_and_the_shards_stay(collection, tmp_path,
-                                                                  monkeypatch):  # fmt: skip
+def test_when_ray_gives_up_the_line_says_so_and_the_shards_stay(collection, tmp_path, monkeypatch):
     """An actor Ray will not restart: exit 1, one line naming what was lost, shards kept."""
     import ray
 
@@ -241,8 +287,15 @@ def test_when_ray_gives_up_the_line_says_so_and_the_shards_stay(collection, tmp_
     monkeypatch.setattr(ray_engine, "_pipeline", lambda *a, **k: Lost())
     monkeypatch.setattr(ray_engine, "NODE_DEATH_WAIT", 0)
     with pytest.raises(ClusterError) as caught:
-        embed([str(collection)], MODEL, out, device="cpu", batch_size=4, shard_size=SHARD,
-              engine="ray")  # fmt: skip
+        embed(
+            [str(collection)],
+            MODEL,
+            out,
+            device="cpu",
+            batch_size=4,
+            shard_size=SHARD,
+            engine="ray",
+        )
     message = str(caught.value)
     assert "\n" not in message and caught.value.exit_code == 1
     assert message.startswith("Ray lost a worker and gave up (ActorDiedError"), message

@@ -30,10 +30,23 @@ def wheel(requirement: str) -> zipfile.ZipFile:
     if not found:
         CACHE.mkdir(parents=True, exist_ok=True)
         got = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "--python-version", "3.11", "-d", str(CACHE), requirement],
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "-d",
+                str(CACHE),
+                requirement,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         found = sorted(CACHE.glob(f"{stem}-{version}-*.whl"))
         if got.returncode or not found:
             pytest.skip(f"PyPI unreachable, cannot fetch {requirement}: {got.stderr[-200:]}")
@@ -101,8 +114,11 @@ def npu() -> Sources:
 def stand_in_functions() -> list[str]:
     """The torch.npu functions the stand-in provides (`names`, its call log, is not one)."""
     members = vars(FakeNpu)
-    return sorted(n for n, v in members.items()
-                  if not n.startswith("_") and inspect.isfunction(v) and n != "names")  # fmt: skip
+    return sorted(
+        n
+        for n, v in members.items()
+        if not n.startswith("_") and inspect.isfunction(v) and n != "names"
+    )
 
 
 @pytest.mark.parametrize("name", stand_in_functions())

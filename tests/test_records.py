@@ -29,8 +29,13 @@ def test_to_dict_keeps_field_order_and_writes_tuples_as_lists():
     outer = Outer(3, Inner("a", (2, 4)), tags=("x",))
     data = records.to_dict(outer)
     assert list(data) == ["count", "inner", "ratio", "tags", "notes"]
-    assert data == {"count": 3, "inner": {"name": "a", "size": [2, 4]}, "ratio": 0.5,
-                    "tags": ["x"], "notes": []}  # fmt: skip
+    assert data == {
+        "count": 3,
+        "inner": {"name": "a", "size": [2, 4]},
+        "ratio": 0.5,
+        "tags": ["x"],
+        "notes": [],
+    }
     assert records.to_dict(outer, count=str)["count"] == "3"
 
 

@@ -16,15 +16,30 @@ from vitport.report import ReportOptions, build_report, read_report, write_repor
 from vitport.report.plots import DPI, FIGSIZE
 
 QUICK = Window(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0)
-SECTIONS = ["1. Introduction", "2. Environment", "3. Weights", "4. Dependencies",
-            "5. Inference sample", "6. Performance", "7. Accuracy", "8. Precision fixes",
-            "9. Error by block", "10. Notes"]  # fmt: skip
+SECTIONS = [
+    "1. Introduction",
+    "2. Environment",
+    "3. Weights",
+    "4. Dependencies",
+    "5. Inference sample",
+    "6. Performance",
+    "7. Accuracy",
+    "8. Precision fixes",
+    "9. Error by block",
+    "10. Notes",
+]
 
 
 @pytest.fixture(scope="module")
 def data(tiny_dir):
-    options = ReportOptions(str(tiny_dir("vit_classifier")), "cpu", "bf16", batch_sizes=(1, 2),
-                            window=QUICK, optimize=True)  # fmt: skip
+    options = ReportOptions(
+        str(tiny_dir("vit_classifier")),
+        "cpu",
+        "bf16",
+        batch_sizes=(1, 2),
+        window=QUICK,
+        optimize=True,
+    )
     return build_report(options, sample_images(4))
 
 
@@ -86,14 +101,43 @@ def test_cli_report_and_from(monkeypatch, capsys, tiny_dir, tmp_path):
     from vitport.cli import main
 
     out = tmp_path / "r"
-    monkeypatch.setattr(sys, "argv", ["vitport", "report", "--model", str(tiny_dir("dinov2")),
-                        "--device", "cpu", "--out", str(out), "--batch-sizes", "1",
-                        "--min-seconds", "0.05", "--lang", "zh"])  # fmt: skip
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "vitport",
+            "report",
+            "--model",
+            str(tiny_dir("dinov2")),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--batch-sizes",
+            "1",
+            "--min-seconds",
+            "0.05",
+            "--lang",
+            "zh",
+        ],
+    )
     main()
     assert "report written" in capsys.readouterr().out
     assert "# " in (out / "README.md").read_text()
-    monkeypatch.setattr(sys, "argv", ["vitport", "report", "--from", str(out / "report.json"),
-                        "--out", str(tmp_path / "again"), "--lang", "zh"])  # fmt: skip
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "vitport",
+            "report",
+            "--from",
+            str(out / "report.json"),
+            "--out",
+            str(tmp_path / "again"),
+            "--lang",
+            "zh",
+        ],
+    )
     main()
     assert (tmp_path / "again" / "README.md").read_text() == (out / "README.md").read_text()
     monkeypatch.setattr(sys, "argv", ["vitport", "report", "--from", str(tmp_path / "nope.json")])

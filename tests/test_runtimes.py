@@ -38,8 +38,9 @@ def test_installed_cpu_runtime_agrees_with_torch(name, demo, inputs, tmp_path):
     reference = features_of(demo, inputs, 4)
     built = build(demo, name, torch.float32, tmp_path)
     assert built.encoder.runtime == name and built.build_seconds > 0
-    judged = judge_features(reference.groups(), features_of(built.encoder, inputs, 2).groups(),
-                            thresholds_for("fp32"))  # fmt: skip
+    judged = judge_features(
+        reference.groups(), features_of(built.encoder, inputs, 2).groups(), thresholds_for("fp32")
+    )
     assert judged, judged.verdict.failures
     assert (tmp_path / "onnx").is_dir()  # the export is cached for the next build
 
@@ -50,8 +51,9 @@ def test_openvino_lowered_precision_under_an_fp32_label_is_unfaithful(demo, inpu
     caught by the fp32 limits, not mistaken for fp32."""
     reference = features_of(demo, inputs, 4)
     planted = dataclasses.replace(demo, forward_fn=openvino_forward(demo, tmp_path, "bf16"))
-    judged = judge_features(reference.groups(), features_of(planted, inputs, 4).groups(),
-                            thresholds_for("fp32"))  # fmt: skip
+    judged = judge_features(
+        reference.groups(), features_of(planted, inputs, 4).groups(), thresholds_for("fp32")
+    )
     lowered = torch.randn(1, 3, 224, 224)
     same = openvino_forward(demo, tmp_path, "f32")(None, lowered).tokens
     other = openvino_forward(demo, tmp_path, "bf16")(None, lowered).tokens
@@ -77,10 +79,14 @@ def fake_runtimes(monkeypatch, original):
 
         return make
 
-    for name, build_fn in (("slow-exact", slowed(0.02)), ("fast-exact", slowed(0.0)),
-                           ("fast-wrong", slowed(0.0, noise=0.2))):  # fmt: skip
-        monkeypatch.setitem(RUNTIMES, name, Runtime(name, ("cpu",), ("fp32",), (), "",
-                                                    build_fn, False))  # fmt: skip
+    for name, build_fn in (
+        ("slow-exact", slowed(0.02)),
+        ("fast-exact", slowed(0.0)),
+        ("fast-wrong", slowed(0.0, noise=0.2)),
+    ):
+        monkeypatch.setitem(
+            RUNTIMES, name, Runtime(name, ("cpu",), ("fp32",), (), "", build_fn, False)
+        )
 
 
 def test_search_picks_the_faster_faithful_runtime_and_never_an_unfaithful_one(
@@ -97,9 +103,17 @@ def test_search_picks_the_faster_faithful_runtime_and_never_an_unfaithful_one(
         return original(module, pixels)
 
     base.forward_fn = slow_torch
-    result = optimize(base, resolve_device("cpu"), photos, [2], FAST, dtypes=("fp32",),
-                      attentions=("default",), compile_options=(False,),
-                      runtimes=("torch", "slow-exact", "fast-exact", "fast-wrong"))  # fmt: skip
+    result = optimize(
+        base,
+        resolve_device("cpu"),
+        photos,
+        [2],
+        FAST,
+        dtypes=("fp32",),
+        attentions=("default",),
+        compile_options=(False,),
+        runtimes=("torch", "slow-exact", "fast-exact", "fast-wrong"),
+    )
     by_runtime = {t.config.runtime: t for t in result.trials}
     assert set(by_runtime) == {"torch", "slow-exact", "fast-exact", "fast-wrong"}
     assert by_runtime["fast-wrong"].faithful is False and not by_runtime["fast-wrong"].measurements
@@ -113,8 +127,17 @@ def test_skipped_runtimes_are_listed_with_why(tiny_dir, photos):
     from vitport.bench.optimize import optimize
 
     base = vitport.load(str(tiny_dir("dinov2")))
-    result = optimize(base, resolve_device("cpu"), photos[:2], [1], FAST, dtypes=("fp32",),
-                      attentions=("default",), compile_options=(False,), budget=1e-3)  # fmt: skip
+    result = optimize(
+        base,
+        resolve_device("cpu"),
+        photos[:2],
+        [1],
+        FAST,
+        dtypes=("fp32",),
+        attentions=("default",),
+        compile_options=(False,),
+        budget=1e-3,
+    )
     skipped = " | ".join(result.runtimes_skipped)
     assert "tensorrt" in skipped and "torchair" in skipped
     assert "tensorrt runs on cuda, not cpu" in skipped or "tensorrt needs" in skipped
@@ -140,24 +163,74 @@ def test_cli_bench_compare_and_embed_run_a_runtime(monkeypatch, capsys, tiny_dir
     model = str(tiny_dir("dinov2"))
     name = CPU_RUNTIMES[0]
     out = tmp_path / "b.json"
-    code, text, err = cli(monkeypatch, capsys, "bench", "--model", model, "--device", "cpu",
-                          "--runtime", name, "--batch-sizes", "1,2", "--min-seconds", "0.05",
-                          "--warmup-seconds", "0", "--json", str(out))  # fmt: skip
+    code, text, err = cli(
+        monkeypatch,
+        capsys,
+        "bench",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--runtime",
+        name,
+        "--batch-sizes",
+        "1,2",
+        "--min-seconds",
+        "0.05",
+        "--warmup-seconds",
+        "0",
+        "--json",
+        str(out),
+    )
     assert code == 0, err
     assert json.loads(out.read_text())["runtime"] == name and f"runtime {name}" in text
-    code, text, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                          "--runtime", name, "--json", str(tmp_path / "c.json"))  # fmt: skip
+    code, text, err = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--runtime",
+        name,
+        "--json",
+        str(tmp_path / "c.json"),
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "c.json").read_text())["candidate"]["runtime"] == name
-    code, _, err = cli(monkeypatch, capsys, "compare", "--model", model, "--device", "cpu",
-                       "--runtime", name, "--localize")  # fmt: skip
+    code, _, err = cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--runtime",
+        name,
+        "--localize",
+    )
     assert code == 2 and "--localize hooks the torch modules" in " ".join(err.split())
     folder = tmp_path / "photos"
     folder.mkdir()
     for im in photos[:3]:
         im.image.save(folder / f"{im.name.split(':')[-1]}.png")
-    code, _, err = cli(monkeypatch, capsys, "embed", str(folder), "--model", model, "--device",
-                       "cpu", "--runtime", name, "--out", str(tmp_path / "emb"), "-q")  # fmt: skip
+    code, _, err = cli(
+        monkeypatch,
+        capsys,
+        "embed",
+        str(folder),
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--runtime",
+        name,
+        "--out",
+        str(tmp_path / "emb"),
+        "-q",
+    )
     assert code == 0, err
     summary = vitport.embed.read(tmp_path / "emb")
     assert len(summary) == 3
@@ -167,8 +240,9 @@ def test_cli_refuses_unknown_and_missing_runtimes(monkeypatch, capsys, tiny_dir)
     model = str(tiny_dir("dinov2"))
     code, _, err = cli(monkeypatch, capsys, "bench", "--model", model, "--runtime", "tvm")
     assert code == 2 and "--runtime tvm is unknown" in err
-    code, _, err = cli(monkeypatch, capsys, "bench", "--model", model, "--device", "cpu",
-                       "--runtime", "tensorrt")  # fmt: skip
+    code, _, err = cli(
+        monkeypatch, capsys, "bench", "--model", model, "--device", "cpu", "--runtime", "tensorrt"
+    )
     line = " ".join(err.split())
     assert code == 2 and ("pip install 'vitport[tensorrt]'" in line or "runs on cuda" in line)
 
@@ -179,8 +253,9 @@ def test_tensorrt_agrees_with_torch_on_the_gpu(demo, inputs, tmp_path):
         pytest.skip(RUNTIMES["tensorrt"].missing())
     reference = features_of(demo, inputs, 4)
     built = build(demo.to(resolve_device("cuda")), "tensorrt", torch.float32, tmp_path)
-    judged = judge_features(reference.groups(), features_of(built.encoder, inputs, 2).groups(),
-                            thresholds_for("fp32"))  # fmt: skip
+    judged = judge_features(
+        reference.groups(), features_of(built.encoder, inputs, 2).groups(), thresholds_for("fp32")
+    )
     assert judged, judged.verdict.failures
 
 
@@ -191,8 +266,9 @@ def test_torchair_agrees_with_torch_on_the_npu(demo, inputs, tmp_path):
         pytest.skip(f"torchair needs an Ascend NPU: {str(exc).splitlines()[0]}")
     reference = features_of(demo, inputs, 4)
     built = build(demo.to(device), "torchair", torch.float32, tmp_path)
-    judged = judge_features(reference.groups(), features_of(built.encoder, inputs, 2).groups(),
-                            thresholds_for("fp32"))  # fmt: skip
+    judged = judge_features(
+        reference.groups(), features_of(built.encoder, inputs, 2).groups(), thresholds_for("fp32")
+    )
     assert judged, judged.verdict.failures
 
 
@@ -205,12 +281,21 @@ def test_a_runtime_that_cannot_build_is_one_row_and_the_search_goes_on(
     def broken(encoder, cache):
         raise RuntimeError("unsupported operator aten::_fancy_attention\nmore detail")
 
-    monkeypatch.setitem(RUNTIMES, "broken", Runtime("broken", ("cpu",), ("fp32",), (), "",
-                                                    broken, False))  # fmt: skip
+    monkeypatch.setitem(
+        RUNTIMES, "broken", Runtime("broken", ("cpu",), ("fp32",), (), "", broken, False)
+    )
     base = vitport.load(str(tiny_dir("dinov2")))
-    result = optimize(base, resolve_device("cpu"), photos[:2], [1], FAST, dtypes=("fp32",),
-                      attentions=("default", "eager"), compile_options=(False,),
-                      runtimes=("broken", "torch"))  # fmt: skip
+    result = optimize(
+        base,
+        resolve_device("cpu"),
+        photos[:2],
+        [1],
+        FAST,
+        dtypes=("fp32",),
+        attentions=("default", "eager"),
+        compile_options=(False,),
+        runtimes=("broken", "torch"),
+    )
     row = next(t for t in result.trials if t.config.runtime == "broken")
     assert row.faithful is None and "unsupported operator aten::_fancy_attention" in row.error
     assert "more detail" not in row.error

@@ -67,8 +67,19 @@ def wait_ready(server: Server, timeout: float = 180) -> None:
 def running(tmp_path: Path, model: str, *args: str, ready: bool = True):
     port = free_port()
     log = tmp_path / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "vitport", "serve", "--model", model, "--device", "cpu",
-           "--port", str(port), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitport",
+        "serve",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        *args,
+    ]
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ))
     server = Server(proc, f"http://127.0.0.1:{port}", log)
@@ -120,9 +131,18 @@ def files() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    with running(tmp_path_factory.mktemp("serve"), str(model_dir), "--max-batch-size", "8",
-                 "--max-wait-ms", "20", "--max-body-bytes", "300000",
-                 "--max-images-per-request", "16") as server:  # fmt: skip
+    with running(
+        tmp_path_factory.mktemp("serve"),
+        str(model_dir),
+        "--max-batch-size",
+        "8",
+        "--max-wait-ms",
+        "20",
+        "--max-body-bytes",
+        "300000",
+        "--max-images-per-request",
+        "16",
+    ) as server:
         yield server
 
 
@@ -131,16 +151,16 @@ def test_openai_client_in_both_encodings_matches_infer(server, model_dir, files)
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     want = expected(model_dir, files[:4])
-    inputs = [b64(files[0]), f"data:image/png;base64,{b64(files[1])}", b64(files[2]),
-              b64(files[3])]  # fmt: skip
+    inputs = [b64(files[0]), f"data:image/png;base64,{b64(files[1])}", b64(files[2]), b64(files[3])]
     default = client.embeddings.create(model=str(model_dir), input=inputs)  # base64 on the wire
     floats = client.embeddings.create(model=str(model_dir), input=inputs, encoding_format="float")
     for reply in (default, floats):
         assert [d.index for d in reply.data] == [0, 1, 2, 3] and reply.usage.prompt_tokens == 4
         assert cosines([d.embedding for d in reply.data], want["pooled"]).min() >= 0.9999
     for output in ("cls", "registers", "patches"):
-        reply = client.embeddings.create(model=str(model_dir), input=inputs[:2],
-                                         extra_body={"output": output})  # fmt: skip
+        reply = client.embeddings.create(
+            model=str(model_dir), input=inputs[:2], extra_body={"output": output}
+        )
         assert cosines([d.embedding for d in reply.data], want[output][:2]).min() >= 0.9999
     one = client.embeddings.create(model=str(model_dir), input=inputs[0])
     assert len(one.data) == 1 and len(one.data[0].embedding) == want["pooled"].shape[1]
@@ -168,8 +188,12 @@ def test_multipart_json_and_arrow(server, model_dir, files):
     data = reply.json()["data"]
     assert [d["id"] for d in data] == ["photo0.png", "photo1.png", "photo2.png"]
     assert cosines([d["cls"] for d in data], want["cls"]).min() >= 0.9999
-    arrow = httpx.post(f"{server.url}/v1/embed", files=parts, params={"outputs": "pooled,cls"},
-                       headers={"Accept": "application/vnd.apache.arrow.stream"})  # fmt: skip
+    arrow = httpx.post(
+        f"{server.url}/v1/embed",
+        files=parts,
+        params={"outputs": "pooled,cls"},
+        headers={"Accept": "application/vnd.apache.arrow.stream"},
+    )
     assert arrow.headers["content-type"].startswith("application/vnd.apache.arrow.stream")
     table = pa.ipc.open_stream(arrow.content).read_all()
     assert table.column_names == ["id", "path", "width", "height", "pooled", "cls"]
@@ -264,8 +288,17 @@ def test_every_bad_input_gets_its_4xx_while_good_requests_succeed(server, model_
 
 def test_full_queue_answers_429_with_retry_after(model_dir, tmp_path):
     big = [png(im.image) for im in random_images(8, size=512, seed=1)]
-    with running(tmp_path, str(model_dir), "--max-queue", "8", "--max-batch-size", "8",
-                 "--max-wait-ms", "50", "--no-check") as server:  # fmt: skip
+    with running(
+        tmp_path,
+        str(model_dir),
+        "--max-queue",
+        "8",
+        "--max-batch-size",
+        "8",
+        "--max-wait-ms",
+        "50",
+        "--no-check",
+    ) as server:
 
         def ask(_: int) -> httpx.Response:
             body = {"input": [b64(d) for d in big]}
@@ -279,8 +312,7 @@ def test_full_queue_answers_429_with_retry_after(model_dir, tmp_path):
         assert (
             int(full.headers["retry-after"]) >= 1 and full.json()["error"]["code"] == "queue-full"
         )
-        too_many = httpx.post(f"{server.url}/v1/embeddings",
-                              json={"input": [b64(big[0])] * 9})  # fmt: skip
+        too_many = httpx.post(f"{server.url}/v1/embeddings", json={"input": [b64(big[0])] * 9})
         assert too_many.status_code == 413  # could never fit: not a retry
         assert (
             server.metric('vitport_requests_total{endpoint="/v1/embeddings",outcome="queue_full"}')
@@ -290,8 +322,9 @@ def test_full_queue_answers_429_with_retry_after(model_dir, tmp_path):
 
 def test_sigterm_under_load_answers_every_accepted_request(model_dir, files, tmp_path):
     want = expected(model_dir, files[:24])["pooled"]
-    with running(tmp_path, str(model_dir), "--max-batch-size", "64", "--max-wait-ms", "1500",
-                 "--no-check") as server:  # fmt: skip
+    with running(
+        tmp_path, str(model_dir), "--max-batch-size", "64", "--max-wait-ms", "1500", "--no-check"
+    ) as server:
         url = f"{server.url}/v1/embeddings"
 
         def ask(k: int) -> tuple[int, list[float] | None]:
@@ -318,15 +351,25 @@ def test_sigterm_under_load_answers_every_accepted_request(model_dir, files, tmp
 
 
 def test_timeout_and_a_gone_client_leave_no_work(model_dir, files, tmp_path):
-    with running(tmp_path, str(model_dir), "--max-batch-size", "64", "--max-wait-ms", "1500",
-                 "--timeout", "0.3", "--no-check") as server:  # fmt: skip
+    with running(
+        tmp_path,
+        str(model_dir),
+        "--max-batch-size",
+        "64",
+        "--max-wait-ms",
+        "1500",
+        "--timeout",
+        "0.3",
+        "--no-check",
+    ) as server:
         url = f"{server.url}/v1/embeddings"
         reply = httpx.post(url, json={"input": [b64(files[0])]})
         assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
         time.sleep(1.6)
         assert server.metric("vitport_batch_size_count") == 0  # its work was dropped
-    with running(tmp_path, str(model_dir), "--max-batch-size", "64", "--max-wait-ms", "2000",
-                 "--no-check") as server:  # fmt: skip
+    with running(
+        tmp_path, str(model_dir), "--max-batch-size", "64", "--max-wait-ms", "2000", "--no-check"
+    ) as server:
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{server.url}/v1/embeddings", json={"input": [b64(files[0])]}, timeout=0.2)
         time.sleep(2.5)
@@ -337,8 +380,15 @@ def test_timeout_and_a_gone_client_leave_no_work(model_dir, files, tmp_path):
 
 def test_failing_self_check_stays_not_ready_and_exits_1(model_dir, tmp_path):
     # a tiny random model's planted fault is small: a tight limit makes it fail for sure
-    with running(tmp_path, str(model_dir), "--inject-fault", "gelu-tanh@1", "-t",
-                 "rel_error=1e-6", ready=False) as server:  # fmt: skip
+    with running(
+        tmp_path,
+        str(model_dir),
+        "--inject-fault",
+        "gelu-tanh@1",
+        "-t",
+        "rel_error=1e-6",
+        ready=False,
+    ) as server:
         seen = set()
         deadline = time.monotonic() + 180
         while server.proc.poll() is None and time.monotonic() < deadline:
@@ -358,8 +408,11 @@ def test_urls_need_allow_urls_and_never_reach_private_addresses(model_dir, files
     for host in ("127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "::1", "192.168.0.9"):
         assert blocked_address(host), host
     with running(tmp_path, str(model_dir), "--allow-urls", "--no-check") as server:
-        for target in ("http://127.0.0.1:9/x.png", "http://169.254.169.254/latest",
-                       f"{server.url}/metrics"):  # fmt: skip
+        for target in (
+            "http://127.0.0.1:9/x.png",
+            "http://169.254.169.254/latest",
+            f"{server.url}/metrics",
+        ):
             reply = httpx.post(f"{server.url}/v1/embeddings", json={"input": [target]})
             assert reply.status_code == 400 and reply.json()["error"]["code"] == "url-not-allowed"
             assert "non-public address" in reply.json()["error"]["message"]
@@ -367,8 +420,12 @@ def test_urls_need_allow_urls_and_never_reach_private_addresses(model_dir, files
 
 def test_bad_options_are_one_line_before_the_model_loads(tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "vitport", "serve", *args],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "vitport", "serve", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -393,8 +450,11 @@ def test_ray_serve_deployment_gives_the_same_embeddings(model_dir, files, tmp_pa
     pytest.importorskip("ray.serve")
     want = expected(model_dir, files[:3])["pooled"]
     with running(tmp_path, str(model_dir), "--engine", "ray", "--max-batch-size", "4") as server:
-        body = {"model": str(model_dir), "input": [b64(f) for f in files[:3]],
-                "encoding_format": "float"}  # fmt: skip
+        body = {
+            "model": str(model_dir),
+            "input": [b64(f) for f in files[:3]],
+            "encoding_format": "float",
+        }
         reply = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=60)
         assert reply.status_code == 200, reply.text
         got = [d["embedding"] for d in reply.json()["data"]]
@@ -408,13 +468,35 @@ def test_ray_serve_deployment_gives_the_same_embeddings(model_dir, files, tmp_pa
 
 def test_golden_reference_and_two_device_workers(model_dir, files, tmp_path, tiny_dir):
     golden = tmp_path / "gpu.safetensors"
-    made = subprocess.run([sys.executable, "-m", "vitport", "infer", "--model", str(model_dir),
-                           "--device", "cpu", "--out", str(golden)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitport",
+            "infer",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--out",
+            str(golden),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert made.returncode == 0, made.stderr
     want = expected(model_dir, files[:8])["pooled"]
-    with running(tmp_path, str(model_dir), "--reference", str(golden), "--devices", "cpu,cpu",
-                 "--max-batch-size", "2") as server:  # fmt: skip
+    with running(
+        tmp_path,
+        str(model_dir),
+        "--reference",
+        str(golden),
+        "--devices",
+        "cpu,cpu",
+        "--max-batch-size",
+        "2",
+    ) as server:
         about = httpx.get(f"{server.url}/v1/models").json()["data"][0]["vitport"]
         assert about["devices"] == ["cpu", "cpu"]
         assert about["self_check"]["passed"] and "golden file" in about["self_check"]["reference"]
@@ -442,8 +524,9 @@ def test_serve_runs_another_runtime(model_dir, files, tmp_path):
     if RUNTIMES["onnxruntime"].missing():
         pytest.skip(RUNTIMES["onnxruntime"].missing())
     want = expected(model_dir, files[:4])["pooled"]
-    with running(tmp_path, str(model_dir), "--runtime", "onnxruntime",
-                 "--max-batch-size", "4") as server:  # fmt: skip
+    with running(
+        tmp_path, str(model_dir), "--runtime", "onnxruntime", "--max-batch-size", "4"
+    ) as server:
         about = httpx.get(f"{server.url}/v1/models").json()["data"][0]["vitport"]
         assert about["runtime"] == "onnxruntime" and about["self_check"]["passed"]
         body = {"input": [b64(f) for f in files[:4]], "encoding_format": "float"}

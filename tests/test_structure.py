@@ -53,8 +53,9 @@ def imports_of(name: str, source: str, known: Mapping[str, Path]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            targets += [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
-                        for a in node.names]  # fmt: skip
+            targets += [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            ]
     found = set()
     for target in targets:
         while target and target not in known:
@@ -149,10 +150,13 @@ def calls_of(source: str, callee: str) -> list[str]:
 
 def attribute_users(attr: str) -> set[str]:
     return {
-        name for name, path in modules().items()
-        if any(isinstance(n, ast.Attribute) and n.attr == attr
-               for n in ast.walk(ast.parse(path.read_text())))
-    }  # fmt: skip
+        name
+        for name, path in modules().items()
+        if any(
+            isinstance(n, ast.Attribute) and n.attr == attr
+            for n in ast.walk(ast.parse(path.read_text()))
+        )
+    }
 
 
 # ------------------------------------------------------------------ the checks themselves
@@ -193,11 +197,13 @@ def test_one_function_replaces_files():
     }
     assert callers == {"vitport.outputs:write_atomic"}
     renamed = [
-        name for name, path in modules().items()
+        name
+        for name, path in modules().items()
         for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.module == "os"
+        if isinstance(node, ast.ImportFrom)
+        and node.module == "os"
         and any(alias.name == "replace" for alias in node.names)
-    ]  # fmt: skip
+    ]
     assert renamed == []  # os.replace under another name would escape the count above
 
 

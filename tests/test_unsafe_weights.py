@@ -35,8 +35,15 @@ def check(code: int, err: str, path: Path) -> None:
 
 
 def test_timm_weights_file(evil, monkeypatch, capsys):
-    code, _, err = run(monkeypatch, capsys, "infer", "--model", "timm:vit_small_patch14_dinov2",
-                       "--weights", str(evil))  # fmt: skip
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "infer",
+        "--model",
+        "timm:vit_small_patch14_dinov2",
+        "--weights",
+        str(evil),
+    )
     check(code, err, evil)
 
 
@@ -50,6 +57,7 @@ def test_transformers_directory(evil, tiny_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_convert_source(evil, tmp_path, monkeypatch, capsys):
-    code, _, err = run(monkeypatch, capsys, "convert", str(evil), "--to", "hf", "--out",
-                       str(tmp_path / "out"))  # fmt: skip
+    code, _, err = run(
+        monkeypatch, capsys, "convert", str(evil), "--to", "hf", "--out", str(tmp_path / "out")
+    )
     check(code, err, evil)

@@ -286,7 +286,10 @@ def test_limits_print_in_their_metrics_unit():
 
 
 def test_unused_limits_names_the_groups_the_model_lacks():
-    limits = [Threshold("rel_error", 0.1), Threshold("top1", 0.9, "logits"),
-              Threshold("cos_worst", 0.99, "cls")]  # fmt: skip
+    limits = [
+        Threshold("rel_error", 0.1),
+        Threshold("top1", 0.9, "logits"),
+        Threshold("cos_worst", 0.99, "cls"),
+    ]
     assert unused_limits(limits, ["patches", "cls", "pooled"]) == [limits[1]]
     assert unused_limits(limits, {"cls": 1, "logits": 2}) == []

@@ -37,8 +37,12 @@ try:
 except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-_HOMES = {"Encoder": "vitport.encoder", "Features": "vitport.encoder",
-          "TokenLayout": "vitport.encoder", "load": "vitport.families"}  # fmt: skip
+_HOMES = {
+    "Encoder": "vitport.encoder",
+    "Features": "vitport.encoder",
+    "TokenLayout": "vitport.encoder",
+    "load": "vitport.families",
+}
 
 
 def __getattr__(name: str) -> Any:

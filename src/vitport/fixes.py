@@ -328,11 +328,17 @@ def _erf_gelu(encoder: Encoder) -> FixReport:
         return isinstance(module, ExactGELU) or _computes_exact_gelu(module, encoder.device)
 
     return _replace_modules(
-        encoder, "erf-gelu", found, exact, lambda _: ExactGELU(npu),
+        encoder,
+        "erf-gelu",
+        found,
+        exact,
+        lambda _: ExactGELU(npu),
         already="already exact",
-        did=lambda n, old, _: f"replaced {_plural(n, 'GELU module')} ({old}) "
-        f"with exact erf GELU ({kernel} approximate='none')",
-    )  # fmt: skip
+        did=lambda n, old, _: (
+            f"replaced {_plural(n, 'GELU module')} ({old}) "
+            f"with exact erf GELU ({kernel} approximate='none')"
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- layernorm-fp32
@@ -428,11 +434,16 @@ def _layernorm_fp32(encoder: Encoder) -> FixReport:
         raise _nothing("layernorm-fp32", "no norm module found in the blocks or the final norm")
     dtype, where = encoder.dtype, encoder.device.torch_device
     return _replace_modules(
-        encoder, "layernorm-fp32", found, lambda m: _computes_in_fp32(m, dtype, where),
-        _fp32_norm, already="already float32",
-        did=lambda n, old, new: f"replaced {_plural(n, 'norm module')} ({old}) "
-        f"with float32 norms ({new})",
-    )  # fmt: skip
+        encoder,
+        "layernorm-fp32",
+        found,
+        lambda m: _computes_in_fp32(m, dtype, where),
+        _fp32_norm,
+        already="already float32",
+        did=lambda n, old, new: (
+            f"replaced {_plural(n, 'norm module')} ({old}) with float32 norms ({new})"
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- attention-fp32
@@ -455,11 +466,17 @@ def _attention_fp32(encoder: Encoder) -> FixReport:
         return wide or isinstance(module, FP32Attention)
 
     return _replace_modules(
-        encoder, "attention-fp32", found, done, FP32Attention,
+        encoder,
+        "attention-fp32",
+        found,
+        done,
+        FP32Attention,
         already=f"already float32 (the model runs in {dtype_name(encoder.dtype)})",
-        did=lambda n, old, _: f"wrapped {_plural(n, 'attention module')} ({old}) "
-        "to run in float32 (inputs and weights upcast, output cast back)",
-    )  # fmt: skip
+        did=lambda n, old, _: (
+            f"wrapped {_plural(n, 'attention module')} ({old}) "
+            "to run in float32 (inputs and weights upcast, output cast back)"
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- math-sdpa

@@ -183,8 +183,10 @@ def golden_file_parts(
             f"block states for {count(len(images), 'image')} would take {size / 1e9:.2f} GB, over "
             f"--max-bytes {max_bytes / 1e9:.2f} GB; lower --block-images or raise --max-bytes"
         )
-    batches = (encoder.preprocess([im.image for im in images[i : i + batch_size]])
-               for i in range(0, len(images), batch_size))  # fmt: skip
+    batches = (
+        encoder.preprocess([im.image for im in images[i : i + batch_size]])
+        for i in range(0, len(images), batch_size)
+    )
     states = record_block_states(encoder, batches, dtype)
     header = {
         "block_points": json.dumps(block_points(encoder)),
@@ -212,8 +214,12 @@ class GoldenBlocks:
             header = f.metadata() or {}
         if "block_points" not in header:
             return None
-        return cls(str(path), json.loads(header["block_points"]),
-                   json.loads(header["block_images"]), header.get("block_dtype", ""))  # fmt: skip
+        return cls(
+            str(path),
+            json.loads(header["block_points"]),
+            json.loads(header["block_images"]),
+            header.get("block_dtype", ""),
+        )
 
     @property
     def parts(self) -> dict[int, dict[str, str]]:

@@ -52,10 +52,14 @@ def hooked_forward(
 ) -> None:
     """One forward with `on_input(index, args, kwargs)` before and `on_output(index, output)`
     after every block."""
-    before = [(block, lambda _m, args, kwargs, i=index: on_input(i, args, kwargs))
-              for index, block in enumerate(encoder.blocks)]  # fmt: skip
-    after = [(block, lambda _m, _args, _kwargs, output, i=index: on_output(i, output))
-             for index, block in enumerate(encoder.blocks)]  # fmt: skip
+    before = [
+        (block, lambda _m, args, kwargs, i=index: on_input(i, args, kwargs))
+        for index, block in enumerate(encoder.blocks)
+    ]
+    after = [
+        (block, lambda _m, _args, _kwargs, output, i=index: on_output(i, output))
+        for index, block in enumerate(encoder.blocks)
+    ]
     with hooked(after, before), torch.inference_mode():
         encoder.forward_fn(encoder.module, pixels.to(encoder.device.torch_device, encoder.dtype))
 

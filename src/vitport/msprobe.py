@@ -144,8 +144,9 @@ def find_dump_json(path: Path) -> Path:
         raise VitportError(f"msprobe dump {path} not found; give msprobe's dump_path")
     if (path / DUMP_JSON).is_file():
         return path
-    found = sorted({p.parent for pattern in ("*/dump.json", "*/*/dump.json")
-                    for p in path.glob(pattern)})  # fmt: skip
+    found = sorted(
+        {p.parent for pattern in ("*/dump.json", "*/*/dump.json") for p in path.glob(pattern)}
+    )
     if not found:
         raise VitportError(
             f"no {DUMP_JSON} under {path}; give msprobe's dump_path, a step*/ folder or a "
@@ -310,15 +311,26 @@ def bind(dump: Dump, encoder: Encoder, check_weights: bool = True) -> DumpBlocks
             "blocks; dump whole forward calls"
         )
     dtype = dtype_name(parse_dtype(str(first_out.get("dtype", "torch.float32"))))
-    blocks = DumpBlocks(dump, [EMBEDDINGS, *mine], dump.pixel_inputs().names, dtype,
-                        str(dump.folder), prefix, None, sizes=sizes)  # fmt: skip
+    blocks = DumpBlocks(
+        dump,
+        [EMBEDDINGS, *mine],
+        dump.pixel_inputs().names,
+        dtype,
+        str(dump.folder),
+        prefix,
+        None,
+        sizes=sizes,
+    )
     final = names[id(encoder.final_norm)] if encoder.final_norm is not None else None
     if final is not None and len(dump.calls.get(blocks.dump_path(final), [])) == batches:
         blocks.final = final
     for index in range(len(mine)):
         found = {kind: names[id(m)] for kind, m in encoder.block_parts(index).items()}
-        found = {k: n for k, n in found.items()
-                 if len(dump.calls.get(blocks.dump_path(n), [])) == batches}  # fmt: skip
+        found = {
+            k: n
+            for k, n in found.items()
+            if len(dump.calls.get(blocks.dump_path(n), [])) == batches
+        }
         if found:
             blocks.parts[index] = found
     if check_weights:
@@ -392,7 +404,7 @@ def reference_features(blocks: DumpBlocks, base: Encoder) -> Features:
             "source": "msprobe dump",
             "level": blocks.dump.level,
             "path": str(blocks.dump.folder),
-        },  # fmt: skip
+        },
     )
     features.meta[SOURCE] = str(blocks.dump.folder)
     return features
@@ -472,12 +484,13 @@ class _Recorder:
             "input_kwargs": {k: self._field(v, f"{key}.input.{k}") for k, v in kwargs.items()},
             "output": self._field(
                 output if isinstance(output, (tuple, list)) else [output], f"{key}.output"
-            ),  # fmt: skip
+            ),
         }
         if key.endswith(".forward.0"):  # parameters once per module, not once per call
             params = dict(module.named_parameters(recurse=False))
-            record["parameters"] = {p: self._save(t, f"{key}.parameters.{p}.pt")
-                                    for p, t in params.items()}  # fmt: skip
+            record["parameters"] = {
+                p: self._save(t, f"{key}.parameters.{p}.pt") for p, t in params.items()
+            }
         else:
             record["parameters"] = {}
         self.data[key] = record

@@ -140,8 +140,9 @@ class ImageInputs(Dataset):
             pixels = self.preprocess([image])[0]
             pixels = pixels if self.dtype is None else pixels.to(self.dtype)
         except Exception as exc:  # one odd image must not stop the run
-            failure = Failure(index, item.id, item.path, "preprocess",
-                              f"preprocessing failed: {_one_line(exc)}")  # fmt: skip
+            failure = Failure(
+                index, item.id, item.path, "preprocess", f"preprocessing failed: {_one_line(exc)}"
+            )
             return Item(index, None, image.size, t1 - t0, time.perf_counter() - t1, failure)
         digest = content_sha256(image) if self.digests else ""
         return Item(index, pixels, image.size, t1 - t0, time.perf_counter() - t1, None, digest)

@@ -45,16 +45,34 @@ def check_e2e(paths: Sequence[object] | None) -> None:
 
 
 def check_optimize_alone(
-    *, dtype: str, attention: str, compiled: bool, fixes: Sequence[str], e2e: bool,
-    csv: bool, markdown: bool, baseline: bool, runtime: str = "torch",
-) -> None:  # fmt: skip
+    *,
+    dtype: str,
+    attention: str,
+    compiled: bool,
+    fixes: Sequence[str],
+    e2e: bool,
+    csv: bool,
+    markdown: bool,
+    baseline: bool,
+    runtime: str = "torch",
+) -> None:
     """--optimize chooses dtype, attention and compile itself and writes JSON only: refuse the
     settings it would override and the outputs it does not write."""
-    clashing = [flag for flag, given in (
-        ("--dtype", dtype != "fp32"), ("--attn", attention != "default"), ("--compile", compiled),
-        ("--fix", bool(fixes)), ("--e2e", e2e), ("--csv", csv), ("--markdown", markdown),
-        ("--baseline", baseline), ("--runtime (use --runtimes)", runtime != "torch"),
-    ) if given]  # fmt: skip
+    clashing = [
+        flag
+        for flag, given in (
+            ("--dtype", dtype != "fp32"),
+            ("--attn", attention != "default"),
+            ("--compile", compiled),
+            ("--fix", bool(fixes)),
+            ("--e2e", e2e),
+            ("--csv", csv),
+            ("--markdown", markdown),
+            ("--baseline", baseline),
+            ("--runtime (use --runtimes)", runtime != "torch"),
+        )
+        if given
+    ]
     if clashing:
         raise VitportError(
             f"--optimize chooses dtype, attention and compile itself and writes --json only; "

@@ -134,8 +134,13 @@ def likely_winners_first(configs: Sequence[Config]) -> list[Config]:
     an engine), then torch.compile (compilation costs the most); within each, 16-bit before
     fp32 and fused attention before eager."""
     rest = [c for c in configs if c != BASELINE]
-    rest.sort(key=lambda c: (COST_ORDER[c.cost_kind], DTYPE_ODDS.get(c.dtype, 9),
-                             ATTENTION_ODDS.get(c.attention, 9)))  # fmt: skip
+    rest.sort(
+        key=lambda c: (
+            COST_ORDER[c.cost_kind],
+            DTYPE_ODDS.get(c.dtype, 9),
+            ATTENTION_ODDS.get(c.attention, 9),
+        )
+    )
     return [BASELINE, *rest] if BASELINE in configs else rest
 
 
@@ -221,18 +226,34 @@ def optimize(
         eta = f", about {_duration(left)} left" if any(spent.values()) else ""
         progress(f"[{number}/{len(configs)}{eta}] {config.label()}: checking it is faithful")
         began = time.perf_counter()
-        trials.append(_trial(base, device, images, reference, config, batch_sizes, window,
-                             lambda m, label=config.label(): progress(f"{label}: {m}")))  # fmt: skip
+        trials.append(
+            _trial(
+                base,
+                device,
+                images,
+                reference,
+                config,
+                batch_sizes,
+                window,
+                lambda m, label=config.label(): progress(f"{label}: {m}"),
+            )
+        )
         spent[config.cost_kind].append(time.perf_counter() - began)
-    return OptimizeResult(trials, list(batch_sizes), skipped, runtimes_skipped, budget,
-                          time.perf_counter() - start)  # fmt: skip
+    return OptimizeResult(
+        trials, list(batch_sizes), skipped, runtimes_skipped, budget, time.perf_counter() - start
+    )
 
 
 def _trial(
-    base: Encoder, device: Device, images: Sequence[LoadedImage], reference: Features,
-    config: Config, batch_sizes: Sequence[int], window: Window,
+    base: Encoder,
+    device: Device,
+    images: Sequence[LoadedImage],
+    reference: Features,
+    config: Config,
+    batch_sizes: Sequence[int],
+    window: Window,
     progress: Callable[[str], None],
-) -> Trial:  # fmt: skip
+) -> Trial:
     """One configuration: faithful against the reference? Then (if so) its speed by batch."""
     trial = Trial(config, faithful=None, worst_rel_error=None)
     if config.compiled:

@@ -34,7 +34,7 @@ CSV_COLUMNS = [
     "infer_gmacs",
     "infer_device",
     "infer_dtype",
-]  # fmt: skip  (timm benchmark.py's names)
+]  # timm benchmark.py's names
 MARKDOWN_HEAD = (
     "| batch | p50 ms | p90 ms | p99 ms | mean ± std ms | ms/img | img/s | TFLOP/s | MFU |"
 )
@@ -214,9 +214,12 @@ def task_spec(encoder: Encoder, batch_size: int, attention: str, compiled: bool)
 
 
 def bench_batch(
-    encoder: Encoder, batch_size: int, window: Window, attention: str = "default",
+    encoder: Encoder,
+    batch_size: int,
+    window: Window,
+    attention: str = "default",
     compiled: bool = False,
-) -> BatchRun:  # fmt: skip
+) -> BatchRun:
     """Time one batch size; raises OutOfMemoryError when the device runs out."""
     device = encoder.device
     device.empty_cache()
@@ -226,8 +229,9 @@ def bench_batch(
     def call() -> object:
         return encoder.encode(pixels)
 
-    measurement = measure(call, device, task_spec(encoder, batch_size, attention, compiled),
-                          **window.kwargs())  # fmt: skip
+    measurement = measure(
+        call, device, task_spec(encoder, batch_size, attention, compiled), **window.kwargs()
+    )
     return BatchRun(measurement, device.peak_memory())
 
 
@@ -361,6 +365,7 @@ def regressions(old: BenchResult, new: BenchResult, min_noise: float = 0.02) -> 
         noise = max(then.relative_iqr, now.relative_iqr, min_noise)
         change = now.images_per_second / then.images_per_second - 1
         if change < -noise and not math.isclose(change, 0.0):
-            found.append(Regression(run.batch_size, then.images_per_second,
-                                    now.images_per_second, noise))  # fmt: skip
+            found.append(
+                Regression(run.batch_size, then.images_per_second, now.images_per_second, noise)
+            )
     return found

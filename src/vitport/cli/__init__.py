@@ -10,9 +10,19 @@ from vitport.cli import bench, compare, convert, embed, infer, info, report, ser
 from vitport.cli.app import Command, app, main, reflow_help
 
 for command in (
-    infer.infer, compare.compare, info.fixes, bench.bench, report.report, info.thresholds,
-    info.models, info.devices, convert.convert, embed.embed, embed.dedup, serve.serve,
-):  # fmt: skip
+    infer.infer,
+    compare.compare,
+    info.fixes,
+    bench.bench,
+    report.report,
+    info.thresholds,
+    info.models,
+    info.devices,
+    convert.convert,
+    embed.embed,
+    embed.dedup,
+    serve.serve,
+):
     app.command(cls=Command)(command)
 reflow_help()
 

@@ -36,8 +36,12 @@ FLAG_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 def refuse_flag_values(params: list, args: list[str], upto_command: bool = False) -> None:
     """`--strict true a.jpg` is refused in one line, not read as an image called 'true': flags
     take no value. upto_command: look only before the command (the app's own options)."""
-    flags = {name for param in params if isinstance(param, TyperOption) and param.is_flag
-             for name in (*param.opts, *param.secondary_opts)}  # fmt: skip
+    flags = {
+        name
+        for param in params
+        if isinstance(param, TyperOption) and param.is_flag
+        for name in (*param.opts, *param.secondary_opts)
+    }
     for flag, value in zip(args, args[1:], strict=False):
         if flag == "--" or (upto_command and not flag.startswith("-")):
             break
@@ -122,10 +126,11 @@ MODEL_SPECS = (
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m",
+        "--model",
+        "-m",
         help=f"Model spec: {MODEL_SPECS}.",
     ),
-]  # fmt: skip
+]
 DeviceOpt = Annotated[
     str, typer.Option("--device", "-d", help="auto, cpu, cuda[:N], npu[:N], xpu or mps.")
 ]

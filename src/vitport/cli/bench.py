@@ -31,8 +31,16 @@ from vitport.cli.inputs import find_inputs, load_model, read_inputs
 from vitport.errors import VitportError
 from vitport.format import count
 
-BENCH_DROP = ("samples", "MFU vendor", "p95 ms", "p90 ms", "mean ± std ms", "peak mem",
-              "TFLOP/s", "ms/img")  # fmt: skip
+BENCH_DROP = (
+    "samples",
+    "MFU vendor",
+    "p95 ms",
+    "p90 ms",
+    "mean ± std ms",
+    "peak mem",
+    "TFLOP/s",
+    "ms/img",
+)
 
 
 def parse_batch_sizes(text: str) -> list[int] | None:
@@ -145,23 +153,42 @@ def bench(
         raise VitportError("--runtimes lists what --optimize searches; use --runtime NAME alone")
     if optimize:
         check_optimize_alone(
-            dtype=dtype, attention=attn, compiled=compile, fixes=fixes, e2e=e2e,
-            csv=csv_out is not None, markdown=markdown is not None, baseline=baseline is not None,
+            dtype=dtype,
+            attention=attn,
+            compiled=compile,
+            fixes=fixes,
+            e2e=e2e,
+            csv=csv_out is not None,
+            markdown=markdown is not None,
+            baseline=baseline is not None,
             runtime=runtime,
-        )  # fmt: skip
-        return bench_optimize(model, images, device, sizes or [1, 8], window, image_size,
-                              weights, trust_remote_code, cuda_shim, json_out, seconds,
-                              runtimes)  # fmt: skip
+        )
+        return bench_optimize(
+            model,
+            images,
+            device,
+            sizes or [1, 8],
+            window,
+            image_size,
+            weights,
+            trust_remote_code,
+            cuda_shim,
+            json_out,
+            seconds,
+            runtimes,
+        )
     if runtime != "torch" and (attn != "default" or compile):
         raise VitportError(
             f"--runtime {runtime} runs the exported graph; drop --attn and --compile"
         )
-    encoder = load_model(model, device, dtype, image_size, weights, trust_remote_code, cuda_shim,
-                         fixes, runtime)  # fmt: skip
+    encoder = load_model(
+        model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes, runtime
+    )
     configure(encoder, attn, compile)
     with progress("benchmarking ...") as activity:
-        result = run_bench(encoder, sizes, window, attention=attn, compiled=compile,
-                           progress=steps(activity))  # fmt: skip
+        result = run_bench(
+            encoder, sizes, window, attention=attn, compiled=compile, progress=steps(activity)
+        )
     show(bench_table(result), BENCH_DROP)
     best = result.best()
     peak = result.peak
@@ -224,8 +251,20 @@ def bench_e2e(encoder, paths, workers, batch_size) -> None:
         errors.print(f"[yellow]skipped[/yellow] {esc(name)}: {esc(reason)}", soft_wrap=True)
 
 
-def bench_optimize(model, images, device, sizes, window, image_size, weights, trust_remote_code,
-                   cuda_shim, json_out, budget=None, runtimes=None) -> None:  # fmt: skip
+def bench_optimize(
+    model,
+    images,
+    device,
+    sizes,
+    window,
+    image_size,
+    weights,
+    trust_remote_code,
+    cuda_shim,
+    json_out,
+    budget=None,
+    runtimes=None,
+) -> None:
     import json
 
     from vitport.bench.optimize import optimize as run_optimize
@@ -242,8 +281,16 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
     loaded, _ = read_inputs(images, image_size or 224)
     base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
     with progress("optimising ...") as activity:
-        result = run_optimize(base, target, loaded, sizes, window, budget=budget, runtimes=names,
-                              progress=steps(activity))  # fmt: skip
+        result = run_optimize(
+            base,
+            target,
+            loaded,
+            sizes,
+            window,
+            budget=budget,
+            runtimes=names,
+            progress=steps(activity),
+        )
     show(optimize_table(result))
     for line in result.runtimes_skipped:
         console.print(f"[dim]runtime skipped: {esc(line)}[/dim]", highlight=False)
@@ -267,7 +314,7 @@ def bench_optimize(model, images, device, sizes, window, image_size, weights, tr
                 f"same batch"
                 if speedup
                 else ""
-            )  # fmt: skip
+            )
         )
     if json_out is not None:
         from vitport.outputs import write_text

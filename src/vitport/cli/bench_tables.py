@@ -22,8 +22,21 @@ def bench_table(result) -> Table:
             f"{result.image_size[0]}x{result.image_size[1]}"
         )
     )
-    for column in ("batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ± std ms", "ms/img",
-                   "img/s", "TFLOP/s", "MFU", "MFU vendor", "peak mem", "samples"):  # fmt: skip
+    for column in (
+        "batch",
+        "p50 ms",
+        "p90 ms",
+        "p95 ms",
+        "p99 ms",
+        "mean ± std ms",
+        "ms/img",
+        "img/s",
+        "TFLOP/s",
+        "MFU",
+        "MFU vendor",
+        "peak mem",
+        "samples",
+    ):
         table.add_column(column, justify="right")
     best = result.best()
     for row in result.rows():
@@ -81,8 +94,10 @@ def optimize_table(result) -> Table:
 
 def e2e_table(result) -> Table:
     """bench --e2e: milliseconds per image in each stage from file to features."""
-    table = Table(title=f"end to end: {count(result.images, 'image')}, batch {result.batch_size}, "
-                  f"{count(result.workers, 'worker')}, {result.images_per_second:.1f} img/s")  # fmt: skip
+    table = Table(
+        title=f"end to end: {count(result.images, 'image')}, batch {result.batch_size}, "
+        f"{count(result.workers, 'worker')}, {result.images_per_second:.1f} img/s"
+    )
     table.add_column("stage")
     table.add_column("ms per image", justify="right")
     for stage, value in result.breakdown().items():

@@ -28,8 +28,13 @@ from vitport.cli.inputs import load_model, read_inputs
 from vitport.errors import VitportError
 
 ACCURACY_DROP = (
-    "mse", "vec rel worst (%)", "cos mean", "floor rel err (%)", "max abs", "rel err mean (%)",
-)  # fmt: skip
+    "mse",
+    "vec rel worst (%)",
+    "cos mean",
+    "floor rel err (%)",
+    "max abs",
+    "rel err mean (%)",
+)
 
 
 def compare(
@@ -158,11 +163,20 @@ def compare(
         parts = reference_model(base, resolve_device(part_reference))
     with progress("comparing ...") as activity:
         result = run_compare(
-            base, candidate, ref, loaded, thresholds_for(cand_dtype, overrides),
-            localize_points=localize, trial_fixes=trials, make_candidate=make_candidate,
-            batch_size=batch_size, fixes=fixes, progress=steps(activity),
-            notes=notes, part_reference=parts,
-        )  # fmt: skip
+            base,
+            candidate,
+            ref,
+            loaded,
+            thresholds_for(cand_dtype, overrides),
+            localize_points=localize,
+            trial_fixes=trials,
+            make_candidate=make_candidate,
+            batch_size=batch_size,
+            fixes=fixes,
+            progress=steps(activity),
+            notes=notes,
+            part_reference=parts,
+        )
     for t in unused_limits(overrides, result.groups):
         errors.print(
             f"[yellow]warning:[/yellow] -t {esc(t.spec())}: {esc(model)} has no {t.group} "

@@ -85,11 +85,20 @@ def convert(
     with progress("converting ...") as activity:
         try:
             result = run_convert(
-                source, to, out, from_layout=from_layout, arch=arch, image_size=image_size,
-                weights=weights, overwrite=overwrite, opset=opset, static=static, batch_size=batch_size,
+                source,
+                to,
+                out,
+                from_layout=from_layout,
+                arch=arch,
+                image_size=image_size,
+                weights=weights,
+                overwrite=overwrite,
+                opset=opset,
+                static=static,
+                batch_size=batch_size,
                 trust_remote_code=trust_remote_code,
                 progress=steps(activity),
-            )  # fmt: skip
+            )
         except VerificationFailed as exc:
             show(conversion_table(exc.result), ("max abs",))
             if json_out is not None:
@@ -109,8 +118,11 @@ def convert(
         console.print(f"[dim]{group} not compared: {esc(why)}[/dim]", soft_wrap=True)
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {esc(note)}")
-    verdict = "[green]same function[/green]" if result.same_function else (
-        "[yellow]resampled function[/yellow] (verified against the resampled source)")  # fmt: skip
+    verdict = (
+        "[green]same function[/green]"
+        if result.same_function
+        else ("[yellow]resampled function[/yellow] (verified against the resampled source)")
+    )
     console.print(
         f"{verdict}: written to [bold]{esc(result.out)}[/bold] ({', '.join(result.files)})"
     )

@@ -90,17 +90,33 @@ def embed(
     from vitport.embed import embed as run_embed
     from vitport.fixes import parse_fixes
 
-    with progress("loading", bar=True, eta=True, stderr=True, speed_from_first_tick=True,
-                  quiet=quiet) as activity:  # fmt: skip
+    with progress(
+        "loading", bar=True, eta=True, stderr=True, speed_from_first_tick=True, quiet=quiet
+    ) as activity:
         summary = run_embed(
-            sources, model, out, device=device, dtype=dtype, batch_size=batch_size,
-            workers=workers, image_size=image_size, weights=weights,
-            trust_remote_code=trust_remote_code, fixes=parse_fixes(fix), runtime=runtime, outputs=outputs,
-            shard_size=shard_size, column=column, overwrite=overwrite, engine=engine,
-            ray_address=ray_address, shard=shard, stall_timeout=stall_timeout,
+            sources,
+            model,
+            out,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            workers=workers,
+            image_size=image_size,
+            weights=weights,
+            trust_remote_code=trust_remote_code,
+            fixes=parse_fixes(fix),
+            runtime=runtime,
+            outputs=outputs,
+            shard_size=shard_size,
+            column=column,
+            overwrite=overwrite,
+            engine=engine,
+            ray_address=ray_address,
+            shard=shard,
+            stall_timeout=stall_timeout,
             progress=lambda m: activity.update(esc(m)),
             on_batch=lambda done, total: activity.tick(done, total, "embedding"),
-        )  # fmt: skip
+        )
     dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in summary.outputs.items())
     reasons = ", ".join(f"{reason} {n}" for reason, n in summary.error_reasons.items())
     console.print()  # apart from the progress and the libraries' own output above

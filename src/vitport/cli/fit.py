@@ -52,8 +52,13 @@ def fit(table: Table, width: int | None, drop_order: tuple[str, ...] = ()) -> Ta
         note = f"not shown at this width: {', '.join(dropped)} (vitport --wide shows them)"
         fitted.caption = f"{table.caption}; {note}" if table.caption else note
     for column in columns:
-        fitted.add_column(column.header, justify=column.justify, overflow="fold",
-                          no_wrap=column.no_wrap, width=widths.get(id(column)))  # fmt: skip
+        fitted.add_column(
+            column.header,
+            justify=column.justify,
+            overflow="fold",
+            no_wrap=column.no_wrap,
+            width=widths.get(id(column)),
+        )
     cells = [list(c.cells) for c in columns]
     for index, row in enumerate(table.rows):
         fitted.add_row(*(c[index] for c in cells), style=row.style)

@@ -114,8 +114,9 @@ def infer(
         result = run_infer(encoder, loaded, batch_size)
     else:
         with progress("encoding", bar=True, stderr=True) as activity:
-            result = infer_inputs(encoder, file_inputs(paths), batch_size, workers,
-                                  activity.tick, skipped)  # fmt: skip
+            result = infer_inputs(
+                encoder, file_inputs(paths), batch_size, workers, activity.tick, skipped
+            )
         report_problems(result.problems[len(skipped) :])
     problems = result.problems
     feats = result.features
@@ -135,8 +136,10 @@ def infer(
 
         recorded = block_images or len(feats.names)
         chosen = loaded[:recorded] if paths is None else read_images(feats.names[:recorded])[0]
-        batches = (encoder.preprocess([im.image for im in chosen[i : i + batch_size]])
-                   for i in range(0, len(chosen), batch_size))  # fmt: skip
+        batches = (
+            encoder.preprocess([im.image for im in chosen[i : i + batch_size]])
+            for i in range(0, len(chosen), batch_size)
+        )
         with progress("writing the msprobe dump ..."):
             folder = write_dump(encoder, batches, out)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -156,8 +159,9 @@ def infer(
                 chosen = (
                     loaded[:recorded] if paths is None else read_images(feats.names[:recorded])[0]
                 )
-                extra, header = golden_file_parts(encoder, chosen, batch_size, blocks_fp32,
-                                                  int(max_bytes))  # fmt: skip
+                extra, header = golden_file_parts(
+                    encoder, chosen, batch_size, blocks_fp32, int(max_bytes)
+                )
         path = feats.save(out, extra, header)
         size = path.stat().st_size
         blocks = f", with block states at {len(extra)} points" if extra else ""

@@ -17,17 +17,33 @@ def enable_cuda_shim(wanted: bool) -> None:
         errors.print(f"[dim]{enable()}[/dim]")
 
 
-def load_model(spec: str, device: str, dtype: str, image_size: int | None, weights: Path | None,
-               trust_remote_code: bool, cuda_shim: bool, fixes: list[str] = (),
-               runtime: str = "torch"):  # fmt: skip
+def load_model(
+    spec: str,
+    device: str,
+    dtype: str,
+    image_size: int | None,
+    weights: Path | None,
+    trust_remote_code: bool,
+    cuda_shim: bool,
+    fixes: list[str] = (),
+    runtime: str = "torch",
+):
     """Shared by every command: the shim first, then the one door, then the fixes, then the
     runtime that will run it (see vitport.runtimes.load_on)."""
     from vitport.runtimes import load_on
 
     enable_cuda_shim(cuda_shim)
     with progress(f"loading {esc(spec)} ..."):
-        encoder, reports = load_on(spec, device, dtype, runtime, fixes, image_size=image_size,
-                                   weights=weights, trust_remote_code=trust_remote_code)  # fmt: skip
+        encoder, reports = load_on(
+            spec,
+            device,
+            dtype,
+            runtime,
+            fixes,
+            image_size=image_size,
+            weights=weights,
+            trust_remote_code=trust_remote_code,
+        )
     for report in reports:
         errors.print(f"[dim]fix {report.name}: {esc(report.detail)}[/dim]", soft_wrap=True)
     return encoder

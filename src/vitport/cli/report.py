@@ -116,12 +116,20 @@ def report(
     with progress(f"report on {esc(model)}", elapsed=True) as activity:
         log = RunLog(echo=lambda m: activity.update(esc(m)))
         options = ReportOptions(
-            spec=model, device=device, dtype=dtype, reference=reference,
-            reference_dtype=reference_dtype, batch_sizes=tuple(sizes) if sizes else None,
-            window=Window(min_seconds=min_seconds), fixes=tuple(fixes), image_size=image_size,
-            weights=str(weights) if weights else None, trust_remote_code=trust_remote_code,
-            optimize=optimize, budget=seconds,
-        )  # fmt: skip
+            spec=model,
+            device=device,
+            dtype=dtype,
+            reference=reference,
+            reference_dtype=reference_dtype,
+            batch_sizes=tuple(sizes) if sizes else None,
+            window=Window(min_seconds=min_seconds),
+            fixes=tuple(fixes),
+            image_size=image_size,
+            weights=str(weights) if weights else None,
+            trust_remote_code=trust_remote_code,
+            optimize=optimize,
+            budget=seconds,
+        )
         data = build_report(options, loaded, gold, log)
     path = write_report(data, out, lang)
     for line in headline(data, STRINGS[lang]):

@@ -36,7 +36,7 @@ def serve(
             help="Several devices behind one queue, one worker each: npu:0,npu:1 "
             "or cuda:0,cuda:1 (with --engine ray: one replica each)."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     dtype: DtypeOpt = "fp32",
     fix: FixOpt = None,
     image_size: ImageSizeOpt = None,
@@ -50,7 +50,7 @@ def serve(
         typer.Option(
             min=1, help="Images per device batch; default: bench's auto size, measured at start-up."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     max_wait_ms: Annotated[
         float, typer.Option(min=0.0, help="How long a batch waits to fill after its first image.")
     ] = 5.0,
@@ -69,7 +69,7 @@ def serve(
         typer.Option(
             min=0.001, help="Seconds a request may take; beyond it, 504 and its work is dropped."
         ),
-    ] = 60.0,  # fmt: skip
+    ] = 60.0,
     allow_urls: Annotated[
         bool,
         typer.Option(
@@ -77,7 +77,7 @@ def serve(
             help="Accept http(s) URLs as inputs (never to "
             "private, loopback or link-local addresses).",
         ),
-    ] = False,  # fmt: skip
+    ] = False,
     reference: Annotated[
         str,
         typer.Option(
@@ -86,7 +86,7 @@ def serve(
             help="What the self-check compares with: a device "
             "(cpu, in fp32) or a golden file from vitport infer --out.",
         ),
-    ] = "cpu",  # fmt: skip
+    ] = "cpu",
     no_check: Annotated[
         bool,
         typer.Option(
@@ -94,7 +94,7 @@ def serve(
             help="Skip the self-check (a faster start; /v1/models "
             "then says the port is unchecked).",
         ),
-    ] = False,  # fmt: skip
+    ] = False,
     threshold: Annotated[
         list[str] | None,
         typer.Option(
@@ -103,7 +103,7 @@ def serve(
             help="Override a self-check limit, as in vitport "
             "compare (rel_error=2%, cls.cos_worst=0.9999).",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     runtime: RuntimeOpt = "torch",
     inject_fault: Annotated[
         str | None,
@@ -111,13 +111,13 @@ def serve(
             help="Plant a known fault KIND@BLOCK in the served model (gelu-tanh@7): the "
             "self-check must catch it."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     drain_seconds: Annotated[
         float,
         typer.Option(
             min=0.0, help="On SIGTERM/SIGINT, how long accepted requests may take to finish."
         ),
-    ] = 30.0,  # fmt: skip
+    ] = 30.0,
     engine: Annotated[
         str, typer.Option(help="local (uvicorn, this process) or ray (Ray Serve replicas).")
     ] = "local",
@@ -132,19 +132,19 @@ def serve(
         typer.Option(
             help="--engine ray: MIN:MAX replicas, autoscaled by Ray Serve on ongoing requests."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     max_ongoing_requests: Annotated[
         int | None,
         typer.Option(
             min=1, help="--engine ray: Ray Serve's per-replica limit; default --max-queue."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     max_queued_requests: Annotated[
         int | None,
         typer.Option(
             min=1, help="--engine ray: requests Ray queues per caller before it answers 503."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     weights: WeightsOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     cuda_shim: CudaShimOpt = False,
@@ -167,16 +167,30 @@ def serve(
     from vitport.serve.config import ServeConfig
 
     config = ServeConfig(
-        model=model, device=device, dtype=dtype, image_size=image_size,
+        model=model,
+        device=device,
+        dtype=dtype,
+        image_size=image_size,
         devices=tuple(d.strip() for d in (devices or "").split(",") if d.strip()),
-        fixes=tuple(f for f in (fix or "").split(",") if f), weights=str(weights) if weights else None,
-        trust_remote_code=trust_remote_code, model_name=model_name or "",
-        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, workers=workers,
-        max_queue=max_queue, max_body_bytes=max_body_bytes,
-        max_images_per_request=max_images_per_request, timeout=timeout, allow_urls=allow_urls,
-        reference=reference, check=not no_check, thresholds=tuple(threshold or ()),
-        inject_fault=inject_fault, drain_seconds=drain_seconds, runtime=runtime,
-    )  # fmt: skip
+        fixes=tuple(f for f in (fix or "").split(",") if f),
+        weights=str(weights) if weights else None,
+        trust_remote_code=trust_remote_code,
+        model_name=model_name or "",
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        workers=workers,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        max_images_per_request=max_images_per_request,
+        timeout=timeout,
+        allow_urls=allow_urls,
+        reference=reference,
+        check=not no_check,
+        thresholds=tuple(threshold or ()),
+        inject_fault=inject_fault,
+        drain_seconds=drain_seconds,
+        runtime=runtime,
+    )
     check_options(config, engine)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     vitport: %(message)s"))
@@ -187,10 +201,16 @@ def serve(
     if engine == "ray":
         from vitport.serve import ray_engine
 
-        ray_engine.run(config, host, port, ray_address, replicas=replicas,
-                       autoscaling=parse_autoscale(autoscale),
-                       max_ongoing_requests=max_ongoing_requests,
-                       max_queued_requests=max_queued_requests)  # fmt: skip
+        ray_engine.run(
+            config,
+            host,
+            port,
+            ray_address,
+            replicas=replicas,
+            autoscaling=parse_autoscale(autoscale),
+            max_ongoing_requests=max_ongoing_requests,
+            max_queued_requests=max_queued_requests,
+        )
         return
     check_port(host, port)
     from vitport.serve.server import serve as run_server
@@ -208,8 +228,10 @@ def serve(
     if service.error is not None:
         raise service.error
     if server.drained is False:
-        errors.print(f"[red]error:[/red] {service.in_flight} requests were still in flight "
-                     f"after --drain-seconds {drain_seconds:g}")  # fmt: skip
+        errors.print(
+            f"[red]error:[/red] {service.in_flight} requests were still in flight "
+            f"after --drain-seconds {drain_seconds:g}"
+        )
         raise typer.Exit(1)
 
 
@@ -257,8 +279,10 @@ def check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise VitportError(f"cannot listen on {esc(host)}:{port} ({exc.strerror}); choose "
-                               "another --port or --host") from exc  # fmt: skip
+            raise VitportError(
+                f"cannot listen on {esc(host)}:{port} ({exc.strerror}); choose "
+                "another --port or --host"
+            ) from exc
 
 
 def parse_autoscale(text: str | None) -> dict | None:

@@ -23,9 +23,17 @@ GROUP_LABELS = {
 
 
 ACCURACY_COLUMNS = (
-    "output", "rel err mean (%)", "rel err worst (%)", "vec rel worst (%)", "max abs", "mse",
-    "cos mean", "cos worst token", "floor rel err (%)", "x floor",
-)  # fmt: skip
+    "output",
+    "rel err mean (%)",
+    "rel err worst (%)",
+    "vec rel worst (%)",
+    "max abs",
+    "mse",
+    "cos mean",
+    "cos worst token",
+    "floor rel err (%)",
+    "x floor",
+)
 
 
 def accuracy_table(result: CompareResult) -> Table:
@@ -42,8 +50,9 @@ def accuracy_table(result: CompareResult) -> Table:
     for column in ACCURACY_COLUMNS:
         table.add_column(column, justify="left" if column == "output" else "right")
     groups = result.groups
-    floors = [result.floor[name].mean["rel_error"] if name in result.floor else None
-              for name in groups]  # fmt: skip
+    floors = [
+        result.floor[name].mean["rel_error"] if name in result.floor else None for name in groups
+    ]
     columns = [
         [GROUP_LABELS.get(name, name) for name in groups],
         pct_column([g.mean["rel_error"] for g in groups.values()]),
@@ -69,8 +78,9 @@ def per_input_table(result: CompareResult) -> Table:
     for name, group in result.groups.items():
         table.add_column(GROUP_LABELS.get(name, name), justify="right")
         errors = pct_column([m["rel_error"] for m in group.per_input])
-        columns.append([f"{e} ({m['cos_worst']:.5f})"
-                        for e, m in zip(errors, group.per_input, strict=True)])  # fmt: skip
+        columns.append(
+            [f"{e} ({m['cos_worst']:.5f})" for e, m in zip(errors, group.per_input, strict=True)]
+        )
     for i, image in enumerate(result.inputs):
         table.add_row(escape(image), *[column[i] for column in columns])
     return table
@@ -98,9 +108,14 @@ def task_lines(result: CompareResult) -> list[str]:
 def verdict_text(result: CompareResult) -> Text:
     """PASS with the limits met, or FAIL with each failing value and its limit, in their units."""
     if result.passed:
-        checks = ", ".join(sorted({f"{c.metric} {'>' if c.higher_is_better else '<'} "
-                                   f"{limit(c.metric, c.limit)}"
-                                   for c in result.verdict.checks}))  # fmt: skip
+        checks = ", ".join(
+            sorted(
+                {
+                    f"{c.metric} {'>' if c.higher_is_better else '<'} {limit(c.metric, c.limit)}"
+                    for c in result.verdict.checks
+                }
+            )
+        )
         return Text.assemble(("PASS", "bold green"), f"  faithful at {checks}")
     text = Text.assemble(("FAIL", "bold red"), "  ")
     for check in result.verdict.failures:
@@ -135,9 +150,11 @@ def localization_table(result: CompareResult) -> Table:
     columns = [
         pct_column([p.accumulated for p in rows]),
         pct_column([p.local for p in rows]),
-        *[pct_column([parts.get(p.block, {}).get(k) for p in rows if p.block is not None])
-          for k in kinds],
-    ]  # fmt: skip
+        *[
+            pct_column([parts.get(p.block, {}).get(k) for p in rows if p.block is not None])
+            for k in kinds
+        ],
+    ]
     in_block = 0
     for i, point in enumerate(rows):
         label = point.name if point.block is None else f"block {point.block}"
@@ -148,8 +165,9 @@ def localization_table(result: CompareResult) -> Table:
         if point.block is not None:
             cells = [column[in_block] for column in columns[2:]]
             in_block += 1
-        table.add_row(label, columns[0][i], columns[1][i], *cells,
-                      style="bold red" if hit else None)  # fmt: skip
+        table.add_row(
+            label, columns[0][i], columns[1][i], *cells, style="bold red" if hit else None
+        )
     return table
 
 
@@ -168,8 +186,13 @@ def trials_table(result: CompareResult) -> Table:
     columns = [pct_column([run[g].worst["rel_error"] for run, _ in runs]) for g in groups]
     worst = pct_column([w for _, w in runs])
     before = result.worst_rel_error
-    table.add_row("none (as ported)", *[c[0] for c in columns], worst[0], "",
-                  "PASS" if result.passed else "FAIL")  # fmt: skip
+    table.add_row(
+        "none (as ported)",
+        *[c[0] for c in columns],
+        worst[0],
+        "",
+        "PASS" if result.passed else "FAIL",
+    )
     i = 0  # the row of runs, among those that ran
     for trial in result.trials:
         label = " + ".join(trial.fixes)
@@ -177,9 +200,13 @@ def trials_table(result: CompareResult) -> Table:
             table.add_row(label, *["-"] * len(groups), "-", "-", Text(trial.detail, style="dim"))
             continue
         i += 1
-        table.add_row(label, *[c[i] for c in columns], worst[i],
-                      improvement(before, trial.worst_rel_error),
-                      "PASS" if trial.verdict else "FAIL")  # fmt: skip
+        table.add_row(
+            label,
+            *[c[i] for c in columns],
+            worst[i],
+            improvement(before, trial.worst_rel_error),
+            "PASS" if trial.verdict else "FAIL",
+        )
     return table
 
 
@@ -193,9 +220,16 @@ def conversion_table(result) -> Table:
     for check in result.checks:
         failed = {c.group for c in check.judgement.verdict.failures}
         for name, group in check.judgement.groups.items():
-            rows.append((check.label, GROUP_LABELS.get(name, name), group.worst["rel_error"],
-                         num(group.worst["max_abs"]), f"{group.worst['cos_worst']:.7f}",
-                         "[red]FAIL[/red]" if name in failed else "[green]pass[/green]"))  # fmt: skip
+            rows.append(
+                (
+                    check.label,
+                    GROUP_LABELS.get(name, name),
+                    group.worst["rel_error"],
+                    num(group.worst["max_abs"]),
+                    f"{group.worst['cos_worst']:.7f}",
+                    "[red]FAIL[/red]" if name in failed else "[green]pass[/green]",
+                )
+            )
         for name in check.skipped:
             rows.append((check.label, GROUP_LABELS.get(name, name), None, "-", "-", "not compared"))
     errors = pct_column([r[2] for r in rows if r[2] is not None])

@@ -107,8 +107,13 @@ def localize(
                 if name not in order:
                     order.append(name)
                 cache[name] = out.detach()
-                teacher_force(twins[name], move(args, device, dtype), move(kwargs, device, dtype),
-                              out, local[name])  # fmt: skip
+                teacher_force(
+                    twins[name],
+                    move(args, device, dtype),
+                    move(kwargs, device, dtype),
+                    out,
+                    local[name],
+                )
 
             return hook
 
@@ -136,8 +141,9 @@ def localize(
 
         hooks = [(module, reference_hook(name)) for name, _, _, module in points]
         with hooked(hooks, [(reference.blocks[0], embeddings_hook)]), torch.inference_mode():
-            reference.forward_fn(reference.module, pixels.to(reference.device.torch_device,
-                                                              reference.dtype))  # fmt: skip
+            reference.forward_fn(
+                reference.module, pixels.to(reference.device.torch_device, reference.dtype)
+            )
         hooks = [(twins[name], candidate_hook(name)) for name, *_ in points]
         with hooked(hooks, [(candidate.blocks[0], candidate_embeddings)]), torch.inference_mode():
             candidate.forward_fn(candidate.module, pixels.to(device, dtype))
@@ -199,8 +205,12 @@ def judge_points(points: list[PointError]) -> Localization:
             kind_medians=medians,
         )
     if all(p.local == 0 and p.accumulated == 0 for p in points):
-        return Localization(points, None, "candidate and reference agree exactly at every point",
-                            kind_medians=medians)  # fmt: skip
+        return Localization(
+            points,
+            None,
+            "candidate and reference agree exactly at every point",
+            kind_medians=medians,
+        )
     worst = max((k for k in medians if k != "embeddings"), key=lambda k: medians[k], default=None)
     reason = "no single point stands out: the error is spread evenly over the blocks"
     if worst is not None and medians[worst] > ABSOLUTE_FLOOR:
@@ -224,8 +234,9 @@ def localize_golden(
     recorded input as well; else the parts of the culprit block are teacher-forced against
     `part_reference` in this process."""
     points = block_points(candidate)
-    parts = {name: (index, kind) for index, found in golden.parts.items()
-             for kind, name in found.items()}  # fmt: skip
+    parts = {
+        name: (index, kind) for index, found in golden.parts.items() for kind, name in found.items()
+    }
     accumulated = {p: ErrorSum() for p in [*points, *parts]}
     local = {p: ErrorSum() for p in [*points, *parts]}
     device, dtype = candidate.device.torch_device, candidate.dtype
@@ -261,8 +272,9 @@ def localize_golden(
 
             return hook
 
-        with hooked([(twins[n], part_output(n)) for n in parts],
-                    [(twins[n], part_input(n)) for n in parts]):  # fmt: skip
+        with hooked(
+            [(twins[n], part_output(n)) for n in parts], [(twins[n], part_input(n)) for n in parts]
+        ):
             hooked_forward(candidate, pixels, on_input, on_output)
         with torch.inference_mode():
             for index, block in enumerate(candidate.blocks):
@@ -278,8 +290,15 @@ def localize_golden(
         last, start = (start, stop), stop
 
     def point(name: str, block: int | None, kind: str) -> PointError:
-        return PointError(name, block, kind, accumulated[name].rel_error, local[name].rel_error,
-                          accumulated[name].max_abs, local[name].max_abs)  # fmt: skip
+        return PointError(
+            name,
+            block,
+            kind,
+            accumulated[name].rel_error,
+            local[name].rel_error,
+            accumulated[name].max_abs,
+            local[name].max_abs,
+        )
 
     errors = [point(EMBEDDINGS, None, "embeddings")]
     for index, name in enumerate(points[1:]):
@@ -296,8 +315,9 @@ def localize_golden(
     parts_found = _parts_of(candidate, part_reference, golden, culprit.block, calls, points, last)
     worst = max(parts_found, key=lambda p: p.local, default=None)
     if worst is None or worst.local <= ABSOLUTE_FLOOR:
-        return Localization(found.points + parts_found, found.culprit, found.reason,
-                            found.kind_medians)  # fmt: skip
+        return Localization(
+            found.points + parts_found, found.culprit, found.reason, found.kind_medians
+        )
     listing = ", ".join(f"{p.kind} {pct(p.local)}" for p in parts_found)
     reason = (
         f"{found.reason}; inside block {culprit.block}, against {part_reference.device} "
@@ -308,9 +328,14 @@ def localize_golden(
 
 
 def _parts_of(
-    candidate: Encoder, reference: Encoder, golden: GoldenBlocks, block: int,
-    calls: dict[int, tuple[tuple, dict]], points: list[str], rows: tuple[int, int],
-) -> list[PointError]:  # fmt: skip
+    candidate: Encoder,
+    reference: Encoder,
+    golden: GoldenBlocks,
+    block: int,
+    calls: dict[int, tuple[tuple, dict]],
+    points: list[str],
+    rows: tuple[int, int],
+) -> list[PointError]:
     """The culprit block's parts on the last batch: the reference block runs on the golden
     input, and each of the candidate's parts runs on what the reference's twin part received."""
     names = {id(m): n for n, m in reference.module.named_modules()}
@@ -324,8 +349,13 @@ def _parts_of(
 
     def hook(name: str):
         def run(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            teacher_force(twins[name], move(args, device, dtype), move(kwargs, device, dtype),
-                          first_tensor(output), sums[name])  # fmt: skip
+            teacher_force(
+                twins[name],
+                move(args, device, dtype),
+                move(kwargs, device, dtype),
+                first_tensor(output),
+                sums[name],
+            )
 
         return run
 
@@ -334,5 +364,7 @@ def _parts_of(
         given = golden.read(points[block], *rows).to(ref_device, ref_dtype)
         args, kwargs = with_hidden(*move(calls[block], ref_device, ref_dtype), given)
         reference.blocks[block](*args, **kwargs)
-    return [PointError(name, block, kinds[name], 0.0, s.rel_error, 0.0, s.max_abs)
-            for name, s in sums.items()]  # fmt: skip
+    return [
+        PointError(name, block, kinds[name], 0.0, s.rel_error, 0.0, s.max_abs)
+        for name, s in sums.items()
+    ]

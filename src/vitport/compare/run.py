@@ -106,9 +106,10 @@ class CompareResult:
         """The passing single fix that at least halves the worst relative error, the one that
         lowers it most, if one does."""
         better = [
-            t for t in self.trials
+            t
+            for t in self.trials
             if t.verdict and len(t.fixes) == 1 and t.worst_rel_error < 0.5 * self.worst_rel_error
-        ]  # fmt: skip
+        ]
         return min(better, key=lambda t: t.worst_rel_error, default=None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,8 +179,10 @@ def input_batches(
 
 
 def features_of(encoder: Encoder, inputs: Inputs, batch_size: int) -> Features:
-    parts = [encoder.encode(pixels, names).to("cpu", torch.float32)
-             for pixels, names in input_batches(encoder, inputs, batch_size)]  # fmt: skip
+    parts = [
+        encoder.encode(pixels, names).to("cpu", torch.float32)
+        for pixels, names in input_batches(encoder, inputs, batch_size)
+    ]
     return Features.concat(parts)
 
 
@@ -226,8 +229,12 @@ def compare(
     else:
         progress(f"reference on {reference.device} ({dtype_name(reference.dtype)})")
         ref_feats = features_of(reference, images, batch_size)
-        ref_side = Side("run", str(reference.device), dtype_name(reference.dtype),
-                        description=reference.device.describe())  # fmt: skip
+        ref_side = Side(
+            "run",
+            str(reference.device),
+            dtype_name(reference.dtype),
+            description=reference.device.describe(),
+        )
     names = list(images.names) if isinstance(images, PixelInputs) else [im.name for im in images]
     progress(f"candidate on {candidate.device} ({dtype_name(candidate.dtype)})")
     out_feats = features_of(candidate, images, batch_size)
@@ -256,7 +263,7 @@ def compare(
             tuple(fixes),
             description=candidate.device.describe(),
             runtime=candidate.runtime,
-        ),  # fmt: skip
+        ),
         reference=ref_side,
         inputs=names,
         groups=groups,
@@ -285,8 +292,9 @@ def compare(
             where = (
                 f"the golden file's block states ({blocks.dtype}, {count(len(chosen), 'image')})"
             )
-        result.localization = localize_golden(candidate, blocks, pixel_batches(base, chosen, 2),
-                                              part_reference=parts)  # fmt: skip
+        result.localization = localize_golden(
+            candidate, blocks, pixel_batches(base, chosen, 2), part_reference=parts
+        )
         if blocks.parts:
             result.localization_reference = (
                 f"{where}, every block's parts teacher-forced on the dump's"

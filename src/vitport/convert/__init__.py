@@ -96,8 +96,9 @@ def open_source(
             preprocessing=pre,
             processor_file=processor if processor and processor.is_file() else None,
         )
-    encoder = vitport.load(source, image_size=image_size, weights=weights,
-                           trust_remote_code=trust_remote_code)  # fmt: skip
+    encoder = vitport.load(
+        source, image_size=image_size, weights=weights, trust_remote_code=trust_remote_code
+    )
     layout = "timm" if encoder.family == "timm" else "hf"
     if from_layout is not None and from_layout != layout:
         raise SpecError(f"{source} loads as a {layout} checkpoint, not --from {from_layout}")
@@ -175,8 +176,9 @@ def convert(
 
         def produce(result_dir: Path) -> ConversionResult:
             progress(f"reading {source}")
-            src = open_source(source, Path(work), from_layout, arch, trust_remote_code, weights,
-                              image_size)  # fmt: skip
+            src = open_source(
+                source, Path(work), from_layout, arch, trust_remote_code, weights, image_size
+            )
             if to == "onnx":
                 from vitport.convert.onnx import export_onnx
 
@@ -184,8 +186,16 @@ def convert(
                     src, result_dir, image_size, opset, static, batch_size, progress
                 )
             else:
-                result = _convert_layout(src, to, result_dir, arch, image_size, progress,
-                                         mapping_override, default_inputs)  # fmt: skip
+                result = _convert_layout(
+                    src,
+                    to,
+                    result_dir,
+                    arch,
+                    image_size,
+                    progress,
+                    mapping_override,
+                    default_inputs,
+                )
             result.out = str(out)
             result.notes[:0] = [n for n in src.function.notes if "resampled" not in n]
             if image_size is not None:  # asked for: the converted checkpoint is resampled
@@ -213,8 +223,11 @@ def _record_resampling(result: ConversionResult, function: Encoder) -> None:
         return
     side = function.resampled_from[0]
     grid = function.image_size[0] // function.layout.patch_size
-    result.resampled = {"from_grid": [side, side], "to_grid": [grid, grid],
-                        "image_size": function.image_size[0]}  # fmt: skip
+    result.resampled = {
+        "from_grid": [side, side],
+        "to_grid": [grid, grid],
+        "image_size": function.image_size[0],
+    }
     result.notes.append(
         f"--image-size {function.image_size[0]} resampled the checkpoint's {side}x{side} position "
         f"embeddings to {grid}x{grid}: the result computes that resampled function, not the "
@@ -250,8 +263,10 @@ def _write_onnx_file(
     result.files = sorted([out.name, *(p.name for p in beside.values())])
     record = json.dumps(result.to_dict(), indent=2)
     write_atomic(beside["conversion.json"], lambda tmp: tmp.write_text(record))
-    write_atomic(beside["preprocessor_config.json"],
-                 lambda tmp: shutil.copyfile(scratch / "preprocessor_config.json", tmp))  # fmt: skip
+    write_atomic(
+        beside["preprocessor_config.json"],
+        lambda tmp: shutil.copyfile(scratch / "preprocessor_config.json", tmp),
+    )
     write_atomic(out, lambda tmp: shutil.move(scratch / "model.onnx", tmp))
     return result
 
@@ -342,8 +357,15 @@ def _convert_layout(
     progress(f"mapping {len(src.state)} tensors with {table.name}")
     expected = expected_shapes(to, src.arch, timm_name)
     converted: Converted = apply(table, src.state, expected)
-    write_checkpoint(directory, to, src.arch, converted.tensors, src.preprocessing, timm_name,
-                     src.processor_file if to == "hf" else None)  # fmt: skip
+    write_checkpoint(
+        directory,
+        to,
+        src.arch,
+        converted.tensors,
+        src.preprocessing,
+        timm_name,
+        src.processor_file if to == "hf" else None,
+    )
 
     size = image_size or src.arch.image_size
     progress(f"verifying: the {to} checkpoint against the source at {size}px")

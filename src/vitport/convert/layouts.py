@@ -241,8 +241,13 @@ def loaded_arch(encoder: Encoder) -> Architecture:
     model_type = config.model_type
     if model_type == "aimv2":
         config = config.vision_config
-    families = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2-registers", "vit": "vit",
-                "aimv2_vision_model": "aimv2", "aimv2": "aimv2"}  # fmt: skip
+    families = {
+        "dinov2": "dinov2",
+        "dinov2_with_registers": "dinov2-registers",
+        "vit": "vit",
+        "aimv2_vision_model": "aimv2",
+        "aimv2": "aimv2",
+    }
     if model_type not in families:
         raise SpecError(
             f"vitport converts DINOv2, ViT and AIMv2 checkpoints; {encoder.spec} is {model_type}"
@@ -368,8 +373,12 @@ def hf_config(arch: Architecture) -> Any:
                 f"hidden size; this model has {arch.mlp_hidden} for {arch.hidden_size}"
             )
         ratio = int(ratio)
-        kwargs = {**common, "mlp_ratio": ratio, "layer_norm_eps": arch.norm_eps,
-                  "use_swiglu_ffn": arch.gated_mlp}  # fmt: skip
+        kwargs = {
+            **common,
+            "mlp_ratio": ratio,
+            "layer_norm_eps": arch.norm_eps,
+            "use_swiglu_ffn": arch.gated_mlp,
+        }
         if arch.family == "dinov2":
             config, cls = transformers.Dinov2Config(**kwargs), "Dinov2Model"
         else:
@@ -379,16 +388,22 @@ def hf_config(arch: Architecture) -> Any:
             cls = "Dinov2WithRegistersModel"
     elif arch.family == "vit":
         config = transformers.ViTConfig(
-            **common, intermediate_size=arch.mlp_hidden, layer_norm_eps=arch.norm_eps,
+            **common,
+            intermediate_size=arch.mlp_hidden,
+            layer_norm_eps=arch.norm_eps,
             num_labels=arch.num_classes,
-        )  # fmt: skip
+        )
         cls = "ViTForImageClassification"  # no pooler: timm has none to fill it
     else:
         common.pop("qkv_bias")
         config = transformers.Aimv2VisionConfig(
-            **common, intermediate_size=arch.mlp_hidden, rms_norm_eps=arch.norm_eps,
-            qkv_bias=arch.qkv_bias, mlp_bias=False, use_head=False,
-        )  # fmt: skip
+            **common,
+            intermediate_size=arch.mlp_hidden,
+            rms_norm_eps=arch.norm_eps,
+            qkv_bias=arch.qkv_bias,
+            mlp_bias=False,
+            use_head=False,
+        )
         cls = "Aimv2VisionModel"
     config.architectures = [cls]
     return config

@@ -80,10 +80,16 @@ def export_onnx(
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                EncoderGraph(encoder, groups).eval(), (example,), str(path), dynamo=False,
-                input_names=[INPUT], output_names=groups, dynamic_axes=dynamic,
-                opset_version=opset, do_constant_folding=True,
-            )  # fmt: skip
+                EncoderGraph(encoder, groups).eval(),
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=[INPUT],
+                output_names=groups,
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
         except Exception as exc:  # the exporter raises many types
             raise VitportError(
                 f"torch.onnx could not export {src.spec} at opset {opset} "
@@ -104,11 +110,7 @@ def export_onnx(
             for i, name in enumerate(groups)
         }
         onnx_feats = Features(grid=reference.grid, **tensors)
-        checks.append(
-            compare_functions(
-                f"onnx b={batch}", reference, onnx_feats, batch_size=batch
-            )  # fmt: skip
-        )
+        checks.append(compare_functions(f"onnx b={batch}", reference, onnx_feats, batch_size=batch))
     notes = (
         [f"static export: batch {batch_size} and {size[0]}x{size[1]} are fixed"] if static else []
     )
@@ -125,7 +127,7 @@ def export_onnx(
             "static": static,
             "outputs": groups,
             "input": INPUT,
-        },  # fmt: skip
+        },
         inputs=[im.name for im in usable],
         image_size=size[0],
         checks=checks,

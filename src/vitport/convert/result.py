@@ -89,7 +89,7 @@ class ConversionResult:
                 "path": self.source,
                 "sha256": self.source_sha256,
                 "layout": self.source_layout,
-            },  # fmt: skip
+            },
             "target": {"layout": self.target, "path": self.out, "files": self.files},
             "family": self.family,
             "arch": self.arch,

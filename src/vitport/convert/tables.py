@@ -156,11 +156,18 @@ APPLE_HF_AIMV2 = Table(
 )
 
 # The hub layout is the same with or without registers; the registers rule fires when they exist.
-HUB_HF_DINOV2_REG = replace(HUB_HF_DINOV2, name="dinov2-hub-to-hf/dinov2-registers",
-                            family="dinov2-registers")  # fmt: skip
+HUB_HF_DINOV2_REG = replace(
+    HUB_HF_DINOV2, name="dinov2-hub-to-hf/dinov2-registers", family="dinov2-registers"
+)
 
-_FORWARD = (TIMM_HF_DINOV2, TIMM_HF_DINOV2_REG, HUB_HF_DINOV2, HUB_HF_DINOV2_REG, TIMM_HF_VIT,
-            APPLE_HF_AIMV2)  # fmt: skip
+_FORWARD = (
+    TIMM_HF_DINOV2,
+    TIMM_HF_DINOV2_REG,
+    HUB_HF_DINOV2,
+    HUB_HF_DINOV2_REG,
+    TIMM_HF_VIT,
+    APPLE_HF_AIMV2,
+)
 _INVERSES = (
     TIMM_HF_DINOV2.inverse("hf-to-timm/dinov2"),
     TIMM_HF_DINOV2_REG.inverse("hf-to-timm/dinov2-registers"),

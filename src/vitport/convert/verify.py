@@ -134,8 +134,12 @@ def culprit(
     return "no block differs alone: the embeddings, the final norm or the output heads do"
 
 
-_KEYWORDS = {"attention": ("attn",), "mlp": ("mlp",), "norm1": ("norm1", "norm_1"),
-             "norm2": ("norm2", "norm_2")}  # fmt: skip
+_KEYWORDS = {
+    "attention": ("attn",),
+    "mlp": ("mlp",),
+    "norm1": ("norm1", "norm_1"),
+    "norm2": ("norm2", "norm_2"),
+}
 
 
 def _source_tensors(origin: Mapping[str, Sequence[str]], index: int, part: str) -> list[str]:

@@ -71,8 +71,11 @@ class EmbedSummary:
         return f"model-bound: {100 * model:.0f}% of the time in the model"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**records.to_dict(self), "images_per_second": self.images_per_second,
-                "bottleneck": self.bottleneck()}  # fmt: skip
+        return {
+            **records.to_dict(self),
+            "images_per_second": self.images_per_second,
+            "bottleneck": self.bottleneck(),
+        }
 
 
 def default_outputs(encoder: Encoder) -> list[str]:
@@ -105,8 +108,9 @@ def output_dims(encoder: Encoder, outputs: Sequence[str]) -> dict[str, list[int]
     return {name: list(probe[name].shape[1:]) for name in outputs}
 
 
-def settings_of(encoder: Encoder, outputs: dict[str, list[int]], inputs: Sequence[Input],
-                shard_size: int) -> dict[str, Any]:  # fmt: skip
+def settings_of(
+    encoder: Encoder, outputs: dict[str, list[int]], inputs: Sequence[Input], shard_size: int
+) -> dict[str, Any]:
     meta = encoder.meta()
     return {
         "model": encoder.spec,
@@ -131,8 +135,13 @@ def auto_batch_size(
     or past the number of images to embed), with a short measuring window; and why, in words."""
     from vitport.bench.run import AUTO_MAX_BATCH, Window, sweep
 
-    runs, out_of_memory = sweep(encoder, None, Window(1, 0.2, 3, 0.5), progress=progress,
-                                max_batch=min(max(images, 1), AUTO_MAX_BATCH))  # fmt: skip
+    runs, out_of_memory = sweep(
+        encoder,
+        None,
+        Window(1, 0.2, 3, 0.5),
+        progress=progress,
+        max_batch=min(max(images, 1), AUTO_MAX_BATCH),
+    )
     best = max(runs, key=lambda r: r.measurement.images_per_second)
     tried = ", ".join(str(r.batch_size) for r in runs)
     why = (
@@ -196,8 +205,9 @@ def embed(
     if engine not in ("local", "ray"):
         raise VitportError(f"--engine {engine}: use local or ray")
     if stall_timeout is not None and (engine != "ray" or stall_timeout <= 0):
-        raise VitportError(f"--stall-timeout {stall_timeout:g}: give seconds above 0, "
-                           "with --engine ray")  # fmt: skip
+        raise VitportError(
+            f"--stall-timeout {stall_timeout:g}: give seconds above 0, with --engine ray"
+        )
     worker, of = parse_shard(shard)
     if overwrite and of > 1:
         raise VitportError(
@@ -216,8 +226,16 @@ def embed(
         encoder = model
     else:
         progress(f"loading {model}")
-        encoder, _ = load_on(model, device, dtype, runtime, fixes, image_size=image_size,
-                             weights=weights, trust_remote_code=trust_remote_code)  # fmt: skip
+        encoder, _ = load_on(
+            model,
+            device,
+            dtype,
+            runtime,
+            fixes,
+            image_size=image_size,
+            weights=weights,
+            trust_remote_code=trust_remote_code,
+        )
     names = parse_outputs(outputs, encoder)
     dims = output_dims(encoder, names)
     store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))
@@ -233,10 +251,22 @@ def embed(
     if engine == "ray":
         from vitport.embed.ray_engine import DEFAULT_STALL_TIMEOUT, run_ray
 
-        load_options = {"weights": str(weights) if weights else None,
-                        "trust_remote_code": trust_remote_code}  # fmt: skip
-        timing = run_ray(encoder, inputs, store, todo, dims, batch_size, ray_address, on_batch,
-                         load_options, stall_timeout or DEFAULT_STALL_TIMEOUT)  # fmt: skip
+        load_options = {
+            "weights": str(weights) if weights else None,
+            "trust_remote_code": trust_remote_code,
+        }
+        timing = run_ray(
+            encoder,
+            inputs,
+            store,
+            todo,
+            dims,
+            batch_size,
+            ray_address,
+            on_batch,
+            load_options,
+            stall_timeout or DEFAULT_STALL_TIMEOUT,
+        )
     else:
         timing = run_local(encoder, inputs, store, todo, dims, batch_size, workers, on_batch)
     seconds = time.perf_counter() - start
@@ -266,10 +296,15 @@ def embed(
 
 
 def run_local(
-    encoder: Encoder, inputs: Sequence[Input], store: Store, todo: Sequence[int],
-    dims: dict[str, list[int]], batch_size: int, workers: int,
+    encoder: Encoder,
+    inputs: Sequence[Input],
+    store: Store,
+    todo: Sequence[int],
+    dims: dict[str, list[int]],
+    batch_size: int,
+    workers: int,
     on_batch: Callable[[int, int], None],
-) -> Timing:  # fmt: skip
+) -> Timing:
     """DataLoader workers decode and preprocess; the main process runs the model and writes."""
     from vitport import stream
 

@@ -107,16 +107,27 @@ def near_duplicates(
         return Pairs([], [], np.zeros(0, np.float32), method, threshold, len(ids))
     rows, cols, sims = find(vectors, threshold)
     order = np.lexsort((cols, rows))
-    return Pairs([ids[i] for i in rows[order]], [ids[j] for j in cols[order]],
-                 sims[order].astype(np.float32), method, threshold, len(ids))  # fmt: skip
+    return Pairs(
+        [ids[i] for i in rows[order]],
+        [ids[j] for j in cols[order]],
+        sims[order].astype(np.float32),
+        method,
+        threshold,
+        len(ids),
+    )
 
 
 def write_pairs(pairs: Pairs, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"id_a": pa.array(pairs.a, pa.string()), "id_b": pa.array(pairs.b, pa.string()),
-                      "cosine": pa.array(pairs.cosine, pa.float32())})  # fmt: skip
+    table = pa.table(
+        {
+            "id_a": pa.array(pairs.a, pa.string()),
+            "id_b": pa.array(pairs.b, pa.string()),
+            "cosine": pa.array(pairs.cosine, pa.float32()),
+        }
+    )
     try:
         write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     except OSError as exc:

@@ -29,10 +29,17 @@ class Decode:
         self.shape = (3, *image_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = [Input(str(i), str(p), int(r), str(c), str(known))
-                  for i, p, r, c, known in zip(batch["id"], batch["path"], batch["row"],
-                                               batch["column"], batch["problem"],
-                                               strict=True)]  # fmt: skip
+        inputs = [
+            Input(str(i), str(p), int(r), str(c), str(known))
+            for i, p, r, c, known in zip(
+                batch["id"],
+                batch["path"],
+                batch["row"],
+                batch["column"],
+                batch["problem"],
+                strict=True,
+            )
+        ]
         reader = ImageInputs(inputs, self.preprocess)
         items = [reader[k] for k in range(len(inputs))]
         zero = np.zeros(self.shape, np.float32)
@@ -49,13 +56,30 @@ class Decode:
 class Encode:
     """An actor holding the model, loaded once through vitport.load on its own worker."""
 
-    def __init__(self, spec: str, device: str, dtype: str, image_size: int, fixes: list[str],
-                 outputs: list[str], weights: str | None = None,
-                 trust_remote_code: bool = False, runtime: str = "torch") -> None:  # fmt: skip
+    def __init__(
+        self,
+        spec: str,
+        device: str,
+        dtype: str,
+        image_size: int,
+        fixes: list[str],
+        outputs: list[str],
+        weights: str | None = None,
+        trust_remote_code: bool = False,
+        runtime: str = "torch",
+    ) -> None:
         from vitport.runtimes import load_on
 
-        self.encoder, _ = load_on(spec, device, dtype, runtime, fixes, image_size=image_size,
-                                  weights=weights, trust_remote_code=trust_remote_code)  # fmt: skip
+        self.encoder, _ = load_on(
+            spec,
+            device,
+            dtype,
+            runtime,
+            fixes,
+            image_size=image_size,
+            weights=weights,
+            trust_remote_code=trust_remote_code,
+        )
         self.outputs = outputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,26 +138,42 @@ def cpu_shares(nodes: Sequence[dict], resource: str | None) -> float:
     return share
 
 
-def _pipeline(ray, rows: list[dict], encoder: Encoder, dims: dict[str, list[int]],
-              batch_size: int, actors: int, cpus: float, load_options: dict[str, Any]):  # fmt: skip
+def _pipeline(
+    ray,
+    rows: list[dict],
+    encoder: Encoder,
+    dims: dict[str, list[int]],
+    batch_size: int,
+    actors: int,
+    cpus: float,
+    load_options: dict[str, Any],
+):
     """Reading tasks that decode and preprocess, feeding actors that hold the model; Ray starts
     a lost actor again elsewhere and retries what it held."""
     return (
         ray.data.from_items(rows)
-        .map_batches(Decode(encoder.preprocess, encoder.image_size), batch_size=batch_size,
-                     num_cpus=cpus)  # fmt: skip
         .map_batches(
-            Encode, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            Decode(encoder.preprocess, encoder.image_size), batch_size=batch_size, num_cpus=cpus
+        )
+        .map_batches(
+            Encode,
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={
-                "spec": encoder.spec, "device": encoder.device.type,
-                "dtype": encoder.meta()["dtype"], "image_size": encoder.image_size[0],
-                "fixes": list(encoder.fixes), "outputs": list(dims), "runtime": encoder.runtime,
+                "spec": encoder.spec,
+                "device": encoder.device.type,
+                "dtype": encoder.meta()["dtype"],
+                "image_size": encoder.image_size[0],
+                "fixes": list(encoder.fixes),
+                "outputs": list(dims),
+                "runtime": encoder.runtime,
                 **load_options,
             },
-            max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+            max_restarts=MAX_RESTARTS,
+            max_task_retries=MAX_TASK_RETRIES,
             **{**encoder.device.ray_actor_options(), "num_cpus": cpus},
         )
-    )  # fmt: skip
+    )
 
 
 def _node(node: dict) -> str:
@@ -160,8 +200,9 @@ def waiting(ray) -> str:
     except Exception:  # an older or newer Ray without this status: say what is free only
         pass
     total, free = ray.cluster_resources(), ray.available_resources()
-    have = ", ".join(f"{free.get(k, 0.0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU", "NPU")
-                     if k in total)  # fmt: skip
+    have = ", ".join(
+        f"{free.get(k, 0.0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU", "NPU") if k in total
+    )
     return "; ".join(
         [*demands, f"the cluster has {have} free" if have else "the cluster has no CPU"]
     )
@@ -193,13 +234,18 @@ class Watchdog:
             with self.lock:
                 if not self.done.is_set():
                     self.fired = True
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread),
-                                                               ctypes.py_object(_Stalled))  # fmt: skip
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(thread), ctypes.py_object(_Stalled)
+                    )
             return
 
     def __enter__(self) -> Watchdog:
-        watcher = threading.Thread(target=self._watch, args=(threading.get_ident(),),
-                                   name="vitport-ray-watchdog", daemon=True)  # fmt: skip
+        watcher = threading.Thread(
+            target=self._watch,
+            args=(threading.get_ident(),),
+            name="vitport-ray-watchdog",
+            daemon=True,
+        )
         watcher.start()
         return self
 
@@ -208,8 +254,15 @@ class Watchdog:
             self.done.set()
 
 
-GIVE_UP = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError",
-           "OwnerDiedError", "WorkerCrashedError", "ObjectReconstructionFailedError")  # fmt: skip
+GIVE_UP = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "ObjectLostError",
+    "OwnerDiedError",
+    "WorkerCrashedError",
+    "ObjectReconstructionFailedError",
+)
 
 
 def _gave_up(exc: BaseException, lost: list[str]) -> bool:
@@ -218,11 +271,17 @@ def _gave_up(exc: BaseException, lost: list[str]) -> bool:
 
 
 def run_ray(
-    encoder: Encoder, inputs: Sequence[Input], store: Store, todo: Sequence[int],
-    dims: dict[str, list[int]], batch_size: int, address: str | None,
-    on_batch: Callable[[int, int], None], load_options: dict[str, Any] | None = None,
+    encoder: Encoder,
+    inputs: Sequence[Input],
+    store: Store,
+    todo: Sequence[int],
+    dims: dict[str, list[int]],
+    batch_size: int,
+    address: str | None,
+    on_batch: Callable[[int, int], None],
+    load_options: dict[str, Any] | None = None,
     stall_timeout: float = DEFAULT_STALL_TIMEOUT,
-) -> Timing:  # fmt: skip
+) -> Timing:
     """`load_options`: the weights and trust_remote_code each actor loads the model with."""
     _quiet_ray()
     try:
@@ -235,16 +294,22 @@ def run_ray(
     started = not ray.is_initialized()
     if started:
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)  # fmt: skip
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         except Exception as exc:  # ConnectionError, RuntimeError, ...: all mean "no cluster"
             raise VitportError(f"cannot start or join Ray at {address or 'local'}: {exc}") from exc
     collector = ShardCollector(store, inputs, dims)
 
     def kept() -> str:
         done = sum(store.done(k) for k in range(store.num_shards))
-        return (f"the {done} shard(s) written to {store.dir} are kept; "
-                "run the same command again to resume")  # fmt: skip
+        return (
+            f"the {done} shard(s) written to {store.dir} are kept; "
+            "run the same command again to resume"
+        )
 
     try:
         _quiet_ray()  # Ray sets its loggers up again in init
@@ -252,23 +317,31 @@ def run_ray(
         context.execution_options.preserve_order = True  # shards complete in order
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        rows = [{"index": i, "id": inputs[i].id, "path": inputs[i].path, "row": inputs[i].row,
-                 "column": inputs[i].column, "problem": inputs[i].problem}
-                for i in order]  # fmt: skip
+        rows = [
+            {
+                "index": i,
+                "id": inputs[i].id,
+                "path": inputs[i].path,
+                "row": inputs[i].row,
+                "column": inputs[i].column,
+                "problem": inputs[i].problem,
+            }
+            for i in order
+        ]
         nodes = ray.nodes()
         alive = {n["NodeID"] for n in nodes if n["Alive"]}
         actors = _actors(encoder)
         cpus = cpu_shares(nodes, encoder.device.ray_resource)
         with warnings.catch_warnings():  # Ray Data 2.60 has no named max_restarts yet
             warnings.simplefilter("ignore")
-            dataset = _pipeline(ray, rows, encoder, dims, batch_size, actors, cpus,
-                                load_options or {})  # fmt: skip
+            dataset = _pipeline(
+                ray, rows, encoder, dims, batch_size, actors, cpus, load_options or {}
+            )
 
         def stalled() -> str:
             lost = lost_nodes(ray, alive)
             gone = f" after losing {', '.join(lost)}" if lost else ""
-            return (f"no progress for {stall_timeout:g} s{gone}: {waiting(ray)}; "
-                    f"{kept()}")  # fmt: skip
+            return f"no progress for {stall_timeout:g} s{gone}: {waiting(ray)}; {kept()}"
 
         done = 0
         try:
@@ -278,9 +351,16 @@ def run_ray(
                     for k, index in enumerate(batch["index"].tolist()):
                         item = inputs[index]
                         if batch["reason"][k]:
-                            collector.fail(index, Failure(index, item.id, item.path,
-                                                          str(batch["reason"][k]),
-                                                          str(batch["message"][k])))  # fmt: skip
+                            collector.fail(
+                                index,
+                                Failure(
+                                    index,
+                                    item.id,
+                                    item.path,
+                                    str(batch["reason"][k]),
+                                    str(batch["message"][k]),
+                                ),
+                            )
                         else:
                             size = (int(batch["width"][k]), int(batch["height"][k]))
                             collector.add(index, size, {n: batch[n][k] for n in dims})
@@ -298,13 +378,16 @@ def run_ray(
                 time.sleep(1)
                 lost = lost_nodes(ray, alive)
             what = f"lost {', '.join(lost)}" if lost else "lost a worker"
-            raise ClusterError(f"Ray {what} and gave up ({type(exc).__name__}: "
-                               f"{_first_line(exc)}); {kept()}") from exc  # fmt: skip
+            raise ClusterError(
+                f"Ray {what} and gave up ({type(exc).__name__}: {_first_line(exc)}); {kept()}"
+            ) from exc
         notes = [f"Ray Data: {actors} model actor(s), {cpus:g} CPU each and per reading task"]
         lost = lost_nodes(ray, alive)
         if lost:
-            notes.append(f"Ray lost {', '.join(lost)} during the run; its model actors were "
-                         "started again and its batches retried")  # fmt: skip
+            notes.append(
+                f"Ray lost {', '.join(lost)} during the run; its model actors were "
+                "started again and its batches retried"
+            )
         return Timing(workers=actors, notes=notes)
     finally:
         if started:

@@ -45,8 +45,9 @@ def _holds_bytes(kind, pa) -> bool:
     """A binary column, or a struct with a `bytes` field (how Hugging Face datasets store images)."""
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         return True
-    return pa.types.is_struct(kind) and any(kind.field(i).name == "bytes"
-                                            for i in range(kind.num_fields))  # fmt: skip
+    return pa.types.is_struct(kind) and any(
+        kind.field(i).name == "bytes" for i in range(kind.num_fields)
+    )
 
 
 def _list_inputs(path: Path) -> list[Input]:

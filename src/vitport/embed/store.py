@@ -31,8 +31,17 @@ from vitport.stream import Failure
 MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"
 STATE = ".vitport"  # per-shard error tables, before they are gathered into errors.parquet
-IDENTITY = ("weights_sha256", "family", "dtype", "fixes", "preprocessing", "outputs",
-            "shard_size", "inputs_sha256", "inputs")  # fmt: skip
+IDENTITY = (
+    "weights_sha256",
+    "family",
+    "dtype",
+    "fixes",
+    "preprocessing",
+    "outputs",
+    "shard_size",
+    "inputs_sha256",
+    "inputs",
+)
 
 
 def part_name(shard: int) -> str:
@@ -127,13 +136,16 @@ class Store:
     def write_shard(self, rows: ShardRows, dims: Mapping[str, list[int]]) -> None:
         """Errors, patches, then the part file, each atomically; the part marks it done."""
         try:
-            write_atomic(self.dir / STATE / f"errors-{rows.shard:05d}.parquet",
-                         lambda p: _write_errors(rows.failures, p))  # fmt: skip
+            write_atomic(
+                self.dir / STATE / f"errors-{rows.shard:05d}.parquet",
+                lambda p: _write_errors(rows.failures, p),
+            )
             if rows.patches:
                 from safetensors.numpy import save_file
 
-                write_atomic(self.dir / patches_name(rows.shard),
-                             lambda p: save_file(rows.patches, str(p)))  # fmt: skip
+                write_atomic(
+                    self.dir / patches_name(rows.shard), lambda p: save_file(rows.patches, str(p))
+                )
             write_atomic(self.dir / part_name(rows.shard), lambda p: _write_part(rows, dims, p))
             self.gather_errors()
             self.write_manifest()
@@ -150,8 +162,11 @@ class Store:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        parts = [self.dir / STATE / f"errors-{k:05d}.parquet"
-                 for k in range(self.num_shards) if self.done(k)]  # fmt: skip
+        parts = [
+            self.dir / STATE / f"errors-{k:05d}.parquet"
+            for k in range(self.num_shards)
+            if self.done(k)
+        ]
         tables = [pq.read_table(p) for p in parts]
         table = pa.concat_tables(tables) if tables else _errors_table([])
         write_atomic(self.dir / ERRORS, lambda p: pq.write_table(table, p))
@@ -179,8 +194,13 @@ class Store:
                 embedded += pq.ParquetFile(self.dir / part_name(k)).metadata.num_rows
                 error_file = self.dir / STATE / f"errors-{k:05d}.parquet"
                 errors += pq.ParquetFile(error_file).metadata.num_rows
-        return {"inputs": self.num_inputs, "embedded": embedded, "errors": errors,
-                "shards": self.num_shards, "shards_done": shards}  # fmt: skip
+        return {
+            "inputs": self.num_inputs,
+            "embedded": embedded,
+            "errors": errors,
+            "shards": self.num_shards,
+            "shards_done": shards,
+        }
 
     def write_manifest(self) -> dict[str, Any]:
         from vitport import __version__
@@ -193,8 +213,7 @@ class Store:
             "shards": {"total": counts["shards"], "done": counts["shards_done"]},
             "complete": counts["embedded"] + counts["errors"] == self.num_inputs,
         }
-        write_atomic(self.dir / MANIFEST,
-                     lambda p: p.write_text(json.dumps(manifest, indent=2)))  # fmt: skip
+        write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
         return manifest
 
 
@@ -288,10 +307,18 @@ def rows_table(rows: ShardRows, dims: Mapping[str, list[int]]):
     vector column per output in `dims` (its shape in the field's metadata)."""
     import pyarrow as pa
 
-    fields = [pa.field("id", pa.string()), pa.field("path", pa.string()),
-              pa.field("width", pa.int32()), pa.field("height", pa.int32())]  # fmt: skip
-    columns: list[Any] = [rows.ids, rows.paths, [w for w, _ in rows.sizes],
-                          [h for _, h in rows.sizes]]  # fmt: skip
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+    columns: list[Any] = [
+        rows.ids,
+        rows.paths,
+        [w for w, _ in rows.sizes],
+        [h for _, h in rows.sizes],
+    ]
     for name, shape in dims.items():
         width = int(np.prod(shape))
         kind = pa.list_(pa.float32(), width)
@@ -300,7 +327,9 @@ def rows_table(rows: ShardRows, dims: Mapping[str, list[int]]):
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), width))
     schema = pa.schema(fields)
     return pa.Table.from_arrays(
-        [c if isinstance(c, pa.Array) else pa.array(c, f.type) for c, f in zip(columns, fields,
-                                                                              strict=True)],
+        [
+            c if isinstance(c, pa.Array) else pa.array(c, f.type)
+            for c, f in zip(columns, fields, strict=True)
+        ],
         schema=schema,
-    )  # fmt: skip
+    )

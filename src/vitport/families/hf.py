@@ -167,9 +167,13 @@ def check_loading(info: dict[str, Any], path: Path, with_head: bool) -> list[str
 
 
 def wrap(
-    model: nn.Module, kind: HFType, path: Path, image_size: int | None, notes: list[str],
+    model: nn.Module,
+    kind: HFType,
+    path: Path,
+    image_size: int | None,
+    notes: list[str],
     logits: bool,
-) -> LoadedModel:  # fmt: skip
+) -> LoadedModel:
     """Fill the Encoder fields for a loaded transformers model."""
     if kind.vision_attr:
         backbone = getattr(model, kind.vision_attr)
@@ -187,11 +191,14 @@ def wrap(
     run = (preprocess.image_size[0] // patch, preprocess.image_size[1] // patch)
     resampled_from = native if native is not None and native != run else None
     if resampled_from is not None:
-        notes = [*notes, (
-            f"position embeddings resampled from the checkpoint's {native[0]}x{native[1]} grid "
-            f"({native[0] * patch} px) to {run[0]}x{run[1]} for {preprocess.image_size[0]} px "
-            "input (as transformers interpolates them at run time)"
-        )]  # fmt: skip
+        notes = [
+            *notes,
+            (
+                f"position embeddings resampled from the checkpoint's {native[0]}x{native[1]} grid "
+                f"({native[0] * patch} px) to {run[0]}x{run[1]} for {preprocess.image_size[0]} px "
+                "input (as transformers interpolates them at run time)"
+            ),
+        ]
     return LoadedModel(
         module=module,
         family=f"transformers/{module.config.model_type}",
@@ -311,8 +318,11 @@ def hf_preprocess(
             short = size.get("shortest_edge")
             scale = short / crop["height"] if short else 1.0
             overrides["crop_size"] = {"height": target, "width": target}
-            overrides["size"] = {"shortest_edge": round(target * scale)} if short else {
-                "height": target, "width": target}  # fmt: skip
+            overrides["size"] = (
+                {"shortest_edge": round(target * scale)}
+                if short
+                else {"height": target, "width": target}
+            )
         elif "shortest_edge" in size:
             overrides["size"] = {"shortest_edge": target}
             overrides["crop_size"] = {"height": target, "width": target}

@@ -88,8 +88,11 @@ def create(
 def state_dict_problem(text: str) -> str:
     """The first concrete problem in torch's load_state_dict error: a shape, else a missing key."""
     shape = r"torch\.Size\(\[([\d, ]*)\]\)"
-    mismatch = re.search(rf"size mismatch for ([\w.]+): copying a param with shape {shape} from "
-                         rf"checkpoint, the shape in current model is {shape}", text)  # fmt: skip
+    mismatch = re.search(
+        rf"size mismatch for ([\w.]+): copying a param with shape {shape} from "
+        rf"checkpoint, the shape in current model is {shape}",
+        text,
+    )
     if mismatch:
         name, got, want = mismatch.groups()
         return f"'{name}' has shape [{got}] in the file, the model expects [{want}]"
@@ -118,8 +121,12 @@ def tensor_shapes(name: str, state: Mapping[str, torch.Tensor] | None) -> dict[s
                 names = set(f.keys())
                 return {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in names}
         if (directory / "pytorch_model.bin").is_file():
-            found = torch.load(str(directory / "pytorch_model.bin"), map_location="cpu",
-                               weights_only=True, mmap=True)  # fmt: skip
+            found = torch.load(
+                str(directory / "pytorch_model.bin"),
+                map_location="cpu",
+                weights_only=True,
+                mmap=True,
+            )
             return {k: tuple(found[k].shape) for k in keys if k in found}
     except Exception:  # noqa: BLE001 - an unreadable file: timm's own load says what is wrong
         return {}

@@ -106,8 +106,14 @@ def measure_all(
     target = resolve_device(o.device)
     cand_dtype = parse_dtype(o.dtype)
     log(f"loading {o.spec}")
-    base = vitport.load(o.spec, "cpu", "fp32", image_size=o.image_size, weights=o.weights,
-                        trust_remote_code=o.trust_remote_code)  # fmt: skip
+    base = vitport.load(
+        o.spec,
+        "cpu",
+        "fp32",
+        image_size=o.image_size,
+        weights=o.weights,
+        trust_remote_code=o.trust_remote_code,
+    )
     make = candidate_factory(base, target, cand_dtype)
     candidate, fix_detail = make(o.fixes)
     if fix_detail:
@@ -132,16 +138,31 @@ def measure_all(
 
     log("accuracy against the reference, localisation and fixes")
     accuracy = compare(
-        base, candidate, ref, images, thresholds_for(cand_dtype),
-        localize_points=True, trial_fixes=[(n,) for n in fix_names()],
-        make_candidate=make, fixes=o.fixes, progress=log,
-    )  # fmt: skip
+        base,
+        candidate,
+        ref,
+        images,
+        thresholds_for(cand_dtype),
+        localize_points=True,
+        trial_fixes=[(n,) for n in fix_names()],
+        make_candidate=make,
+        fixes=o.fixes,
+        progress=log,
+    )
     search = None
     if o.optimize:
         log("searching for the fastest faithful configuration")
         sizes = list(o.batch_sizes or [1, 8])
-        search = optimize(base, target, images, sizes, o.window, compile_options=(False,),
-                          budget=o.budget, progress=log).to_dict()  # fmt: skip
+        search = optimize(
+            base,
+            target,
+            images,
+            sizes,
+            o.window,
+            compile_options=(False,),
+            budget=o.budget,
+            progress=log,
+        ).to_dict()
     log("done")
     height, width = candidate.image_size
     return {

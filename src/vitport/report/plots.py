@@ -48,8 +48,14 @@ def block_errors(data: dict[str, Any], path: Path, labels: dict[str, str]) -> Pa
     if not loc:
         return None
     points = [p for p in loc["points"] if p["kind"] in ("embeddings", "block", "final_norm")]
-    names = ["emb" if p["kind"] == "embeddings" else str(p["block"]) if p["block"] is not None
-             else "norm" for p in points]  # fmt: skip
+    names = [
+        "emb"
+        if p["kind"] == "embeddings"
+        else str(p["block"])
+        if p["block"] is not None
+        else "norm"
+        for p in points
+    ]
     plt, fig = _figure()
     ax = fig.add_subplot(111)
     floor = 1e-12  # zero cannot be drawn on a log axis

@@ -208,8 +208,9 @@ def config_label(config: dict[str, Any]) -> str:
     """The same words as bench's Config.label, from the report's JSON (older ones: torch)."""
     from vitport.bench.optimize import Config
 
-    return Config(config["dtype"], config["attention"], config["compiled"],
-                  config.get("runtime", "torch")).label()  # fmt: skip
+    return Config(
+        config["dtype"], config["attention"], config["compiled"], config.get("runtime", "torch")
+    ).label()
 
 
 def limits_text(result: CompareResult) -> str:
@@ -238,37 +239,58 @@ def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
     ref = f"{cmp['reference']['device']} {cmp['reference']['dtype']}"
     lines = []
     if cmp["passed"]:
-        lines.append(s["faithful"].format(device=cmd["device"], dtype=cmd["dtype"], ref=ref,
-                                          limits=limits_text(result)))  # fmt: skip
+        lines.append(
+            s["faithful"].format(
+                device=cmd["device"], dtype=cmd["dtype"], ref=ref, limits=limits_text(result)
+            )
+        )
     else:
         failures = "; ".join(
             f"{c.group}.{c.metric} = {metric_value(c.metric, c.value)} "
             f"(limit {limit(c.metric, c.limit)})"
             for c in result.verdict.failures
         )
-        lines.append(s["unfaithful"].format(device=cmd["device"], dtype=cmd["dtype"], ref=ref,
-                                            failures=failures))  # fmt: skip
+        lines.append(
+            s["unfaithful"].format(
+                device=cmd["device"], dtype=cmd["dtype"], ref=ref, failures=failures
+            )
+        )
     rows = perf["rows"]
     if rows:
         best = max(rows, key=lambda r: r["images_per_second"])
         mfu = f", MFU {share(best['mfu'])}" if best["mfu"] is not None else ""
         key = "fastest" if cmp["passed"] else "fastest_unfaithful"
-        lines.append(s[key].format(batch=best["batch_size"], ips=best["images_per_second"],
-                                   ms=best["ms_per_image"], mfu=mfu))  # fmt: skip
+        lines.append(
+            s[key].format(
+                batch=best["batch_size"],
+                ips=best["images_per_second"],
+                ms=best["ms_per_image"],
+                mfu=mfu,
+            )
+        )
     search = data.get("optimize")
     if search and search.get("best"):
         best = search["best"]
         trial = next(t for t in search["trials"] if t["config"] == best["config"])
         speed = throughput(trial["measurements"][str(best["batch_size"])])
         speedup = search.get("speedup_over_baseline")
-        lines.append(s["best_config"].format(
-            label=config_label(best["config"]), batch=best["batch_size"], ips=speed,
-            speedup=f"{speedup:.2f}x" if speedup else "n/a",
-        ))  # fmt: skip
+        lines.append(
+            s["best_config"].format(
+                label=config_label(best["config"]),
+                batch=best["batch_size"],
+                ips=speed,
+                speedup=f"{speedup:.2f}x" if speedup else "n/a",
+            )
+        )
     best_fix = result.best_trial()
     if best_fix is not None:
-        lines.append(s["cure"].format(fix=best_fix.fixes[0], before=pct(result.worst_rel_error),
-                                      after=pct(best_fix.worst_rel_error)))  # fmt: skip
+        lines.append(
+            s["cure"].format(
+                fix=best_fix.fixes[0],
+                before=pct(result.worst_rel_error),
+                after=pct(best_fix.worst_rel_error),
+            )
+        )
     return lines
 
 
@@ -285,11 +307,19 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     out += [s["generated"].format(version=data["vitport_version"], created=data["created"]), ""]
 
     out += [f"## {s['intro']}", ""]
-    out += [s["intro_text"].format(
-        spec=model["spec"], family=model["family"], params=f"{model['params'] / 1e6:.2f}M",
-        depth=model["depth"], hidden=model["hidden_size"], h=h, w=w,
-        layout=model["layout"]["description"],
-    ), ""]  # fmt: skip
+    out += [
+        s["intro_text"].format(
+            spec=model["spec"],
+            family=model["family"],
+            params=f"{model['params'] / 1e6:.2f}M",
+            depth=model["depth"],
+            hidden=model["hidden_size"],
+            h=h,
+            w=w,
+            layout=model["layout"]["description"],
+        ),
+        "",
+    ]
 
     out += [f"## {s['env']}", ""]
     out += table([s["key"], s["value"]], [[k, str(v)] for k, v in env.items()], "ll")
@@ -299,28 +329,48 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     out += [s["fetch"], "", "```bash", model["fetch"], "```", ""]
 
     out += [f"## {s['deps']}", ""]
-    versions = " ".join(f"{k}=={env[k].split('+')[0]}" for k in ("torch", "transformers", "timm")
-                        if env.get(k) and env[k] not in ("not installed", "unknown"))  # fmt: skip
+    versions = " ".join(
+        f"{k}=={env[k].split('+')[0]}"
+        for k in ("torch", "transformers", "timm")
+        if env.get(k) and env[k] not in ("not installed", "unknown")
+    )
     out += ["```bash", f"pip install vitport {versions}".strip(), "```", ""]
 
     out += [f"## {s['inference']}", ""]
     flags = " ".join(f"--fix {f}" for f in cmd["fixes"])
-    out += ["```bash", f"vitport infer --model {model['spec']} --device {cmd['device']} "
-            f"--dtype {cmd['dtype']} {flags}".strip(), "```", ""]  # fmt: skip
+    out += [
+        "```bash",
+        f"vitport infer --model {model['spec']} --device {cmd['device']} "
+        f"--dtype {cmd['dtype']} {flags}".strip(),
+        "```",
+        "",
+    ]
     out += [s["inference_text"].format(image=inf["image"], first=inf["first_call_ms"]), ""]
-    out += table([s["output"], s["shape"]],
-                 [[k, " x ".join(map(str, v))] for k, v in inf["shapes"].items()], "ll")  # fmt: skip
+    out += table(
+        [s["output"], s["shape"]],
+        [[k, " x ".join(map(str, v))] for k, v in inf["shapes"].items()],
+        "ll",
+    )
     values = ", ".join(f"{v:+.4f}" for v in inf["pooled_first"])
     out += [s["first_values"].format(values=values), ""]
 
     out += [f"## {s['perf']}", ""]
     peak = perf.get("peak")
-    peak_text = (f"{peak['tflops']:.2f} TFLOP/s ({peak['size']}³ {peak['dtype']} matmul)"
-                 if peak else "n/a")  # fmt: skip
+    peak_text = (
+        f"{peak['tflops']:.2f} TFLOP/s ({peak['size']}³ {peak['dtype']} matmul)" if peak else "n/a"
+    )
     if perf.get("vendor_tflops"):
         peak_text += f"; vendor {perf['vendor_tflops']:g} TFLOP/s"
-    out += [s["perf_text"].format(device=perf["device"], dtype=perf["dtype"], h=h, w=w,
-                                  gflops=perf["flops"]["total"] / 1e9, peak=peak_text)]  # fmt: skip
+    out += [
+        s["perf_text"].format(
+            device=perf["device"],
+            dtype=perf["dtype"],
+            h=h,
+            w=w,
+            gflops=perf["flops"]["total"] / 1e9,
+            peak=peak_text,
+        )
+    ]
     if perf["rows"]:
         first = perf["rows"][0]
         out[-1] += " " + s["first_call_note"].format(
@@ -328,14 +378,35 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
         )
     out += [""]
     rows = [
-        [str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-         f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f}", f"{r['ms_per_image']:.2f}",
-         f"{r['images_per_second']:.1f}", f"{r['achieved_tflops']:.3f}", share(r["mfu"]),
-         share(r["vendor_mfu"])]
+        [
+            str(r["batch_size"]),
+            f"{r['p50_ms']:.2f}",
+            f"{r['p90_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f}",
+            f"{r['ms_per_image']:.2f}",
+            f"{r['images_per_second']:.1f}",
+            f"{r['achieved_tflops']:.3f}",
+            share(r["mfu"]),
+            share(r["vendor_mfu"]),
+        ]
         for r in perf["rows"]
-    ]  # fmt: skip
-    out += table([s["batch"], "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "ms/img", "img/s",
-                  "TFLOP/s", "MFU", s["mfu_vendor"]], rows)  # fmt: skip
+    ]
+    out += table(
+        [
+            s["batch"],
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "mean ± std ms",
+            "ms/img",
+            "img/s",
+            "TFLOP/s",
+            "MFU",
+            s["mfu_vendor"],
+        ],
+        rows,
+    )
     if "performance" in plots:
         out += [f"![{s['perf']}]({plots['performance']})", ""]
     search = data.get("optimize")
@@ -355,8 +426,17 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             if trial["config"]["compiled"]:
                 runtime = "torch.compile"
             rows.append([runtime, config_label(trial["config"]), ok, err, *speeds])
-        out += table(["runtime", s["configuration"], s["faithful_col"], s["rel_worst"],
-                      *[f"img/s bs{b}" for b in sizes]], rows, "lllr" + "r" * len(sizes))  # fmt: skip
+        out += table(
+            [
+                "runtime",
+                s["configuration"],
+                s["faithful_col"],
+                s["rel_worst"],
+                *[f"img/s bs{b}" for b in sizes],
+            ],
+            rows,
+            "lllr" + "r" * len(sizes),
+        )
         for line in search.get("runtimes_skipped", []):
             out += [f"- runtime skipped: {line}"]
         if search.get("runtimes_skipped"):
@@ -367,9 +447,17 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     where = {"golden": "golden", "msprobe": "msprobe dump"}.get(ref["kind"])
     ref_text = f"{ref['device']} {ref['dtype']}" + (f" ({where} {ref['path']})" if where else "")
     inputs = ", ".join(cmp["inputs"][:3]) + (", …" if len(cmp["inputs"]) > 3 else "")
-    out += [s["accuracy_text"].format(device=cmd["device"], dtype=cmd["dtype"], ref=ref_text,
-                                      n=len(cmp["inputs"]), inputs=inputs,
-                                      floor=floor_text(result, s)), ""]  # fmt: skip
+    out += [
+        s["accuracy_text"].format(
+            device=cmd["device"],
+            dtype=cmd["dtype"],
+            ref=ref_text,
+            n=len(cmp["inputs"]),
+            inputs=inputs,
+            floor=floor_text(result, s),
+        ),
+        "",
+    ]
     groups = result.groups
     columns = [
         list(groups),
@@ -377,16 +465,30 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
         pct_column([g.worst["rel_error"] for g in groups.values()]),
         [f"{g.worst['cos_worst']:.6f}" for g in groups.values()],
         [num(g.worst["max_abs"]) for g in groups.values()],
-        pct_column([result.floor[n].mean["rel_error"] if n in result.floor else None
-                    for n in groups]),
+        pct_column(
+            [result.floor[n].mean["rel_error"] if n in result.floor else None for n in groups]
+        ),
         [ratio(result.floor_ratio.get(n, {}).get("rel_error")) for n in groups],
-    ]  # fmt: skip
+    ]
     rows = [list(row) for row in zip(*columns, strict=True)]
-    out += table([s["group"], s["rel_mean"], s["rel_worst"], s["cos_worst"], s["max_abs"],
-                  s["floor"], s["x_floor"]], rows)  # fmt: skip
+    out += table(
+        [
+            s["group"],
+            s["rel_mean"],
+            s["rel_worst"],
+            s["cos_worst"],
+            s["max_abs"],
+            s["floor"],
+            s["x_floor"],
+        ],
+        rows,
+    )
     verdict = s["pass"] if cmp["passed"] else s["fail"]
-    out += [f"**{s['verdict']}: {verdict}**. "
-            + s["thresholds"].format(dtype=cmd["dtype"], limits=limits_text(result)), ""]  # fmt: skip
+    out += [
+        f"**{s['verdict']}: {verdict}**. "
+        + s["thresholds"].format(dtype=cmd["dtype"], limits=limits_text(result)),
+        "",
+    ]
     if "patch_error" in plots:
         out += [f"![{s['patch_error_title']}]({plots['patch_error']})", ""]
 
@@ -394,8 +496,14 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     groups = list(result.groups)
     ran = [result.groups, *[t.groups for t in result.trials if t.groups]]
     errors = [pct_column([run[g].worst["rel_error"] for run in ran]) for g in groups]
-    rows = [[s["none"], *[column[0] for column in errors],
-             "", s["pass"] if result.passed else s["fail"]]]  # fmt: skip
+    rows = [
+        [
+            s["none"],
+            *[column[0] for column in errors],
+            "",
+            s["pass"] if result.passed else s["fail"],
+        ]
+    ]
     i = 0  # the run among those that ran
     for trial in result.trials:
         label = " + ".join(trial.fixes)
@@ -404,8 +512,14 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             continue
         i += 1
         better = improvement(result.worst_rel_error, trial.worst_rel_error)
-        rows.append([label, *[column[i] for column in errors],
-                     better, s["pass"] if trial.verdict else s["fail"]])  # fmt: skip
+        rows.append(
+            [
+                label,
+                *[column[i] for column in errors],
+                better,
+                s["pass"] if trial.verdict else s["fail"],
+            ]
+        )
     out += table(
         [s["fix"], *groups, s["better"], s["verdict"]], rows, "l" + "r" * (len(groups) + 1) + "l"
     )
@@ -414,12 +528,24 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
     if loc:
         out += [f"## {s['blocks']}", "", s["blocks_text"], ""]
         points = result.localization.blocks()
-        rows = [list(row) for row in zip(
-            [("embeddings" if p.kind == "embeddings" else
-              f"block {p.block}" if p.block is not None else p.name) for p in points],
-            pct_column([p.accumulated for p in points]), pct_column([p.local for p in points]),
-            strict=True,
-        )]  # fmt: skip
+        rows = [
+            list(row)
+            for row in zip(
+                [
+                    (
+                        "embeddings"
+                        if p.kind == "embeddings"
+                        else f"block {p.block}"
+                        if p.block is not None
+                        else p.name
+                    )
+                    for p in points
+                ],
+                pct_column([p.accumulated for p in points]),
+                pct_column([p.local for p in points]),
+                strict=True,
+            )
+        ]
         out += table([s["block"], s["accumulated"], s["local"]], rows)
         if loc["culprit"]:
             out += [s["culprit"].format(name=loc["culprit"], reason=loc["reason"]), ""]

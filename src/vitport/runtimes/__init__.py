@@ -86,8 +86,9 @@ def _onnxruntime(encoder: Encoder, cache: Path) -> Callable:
     options = ort.SessionOptions()
     # all graph optimisations are exact rewrites in fp32; none lowers precision on the CPU
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_file(encoder, cache)), options,
-                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    session = ort.InferenceSession(
+        str(onnx_file(encoder, cache)), options, providers=["CPUExecutionProvider"]
+    )
 
     def forward(_module, pixels: torch.Tensor) -> RawOutput:
         feed = {session.get_inputs()[0].name: pixels.detach().float().cpu().numpy()}
@@ -128,13 +129,19 @@ def _tensorrt(encoder: Encoder, cache: Path) -> Callable:
     from vitport.runtimes.onnx import RawGraph
 
     h, w = encoder.image_size
-    shape = torch_tensorrt.Input(min_shape=(1, 3, h, w), opt_shape=(8, 3, h, w),
-                                 max_shape=(64, 3, h, w), dtype=encoder.dtype)  # fmt: skip
+    shape = torch_tensorrt.Input(
+        min_shape=(1, 3, h, w), opt_shape=(8, 3, h, w), max_shape=(64, 3, h, w), dtype=encoder.dtype
+    )
     # the graph in the run's dtype, and TensorRT allowed that precision only
-    options = {"enabled_precisions": {encoder.dtype}, "cache_built_engines": True,
-               "reuse_cached_engines": True, "engine_cache_dir": str(cache / "tensorrt")}  # fmt: skip
-    engine = torch_tensorrt.compile(RawGraph(encoder).eval(), ir="dynamo", inputs=[shape],
-                                    **options)  # fmt: skip
+    options = {
+        "enabled_precisions": {encoder.dtype},
+        "cache_built_engines": True,
+        "reuse_cached_engines": True,
+        "engine_cache_dir": str(cache / "tensorrt"),
+    }
+    engine = torch_tensorrt.compile(
+        RawGraph(encoder).eval(), ir="dynamo", inputs=[shape], **options
+    )
     return lambda _module, pixels: _outputs(encoder, engine(pixels.to(encoder.dtype)))
 
 
@@ -149,20 +156,62 @@ def _torchair(encoder: Encoder, cache: Path) -> Callable:
 RUNTIMES = {
     r.name: r
     for r in (
-        Runtime("torch", ("cpu", "cuda", "npu", "mps", "xpu"), ("fp32", "bf16", "fp16"), (), "",
-                _torch, True),
-        Runtime("compile", ("cpu", "cuda", "npu", "xpu"), ("fp32", "bf16", "fp16"), (), "",
-                _compile, True),
-        Runtime("onnxruntime", ("cpu",), ("fp32",), ("onnxruntime",),
-                "pip install onnx onnxruntime", _onnxruntime, False),
-        Runtime("openvino", ("cpu",), ("fp32", "bf16"), ("openvino",),
-                "pip install 'vitport[openvino]'", _openvino, False),
-        Runtime("tensorrt", ("cuda",), ("fp32", "fp16", "bf16"), ("torch_tensorrt",),
-                "pip install 'vitport[tensorrt]'", _tensorrt, True),
-        Runtime("torchair", ("npu",), ("fp32", "fp16", "bf16"), (),
-                "install torch-npu with CANN (torchair ships in it)", _torchair, True),
+        Runtime(
+            "torch",
+            ("cpu", "cuda", "npu", "mps", "xpu"),
+            ("fp32", "bf16", "fp16"),
+            (),
+            "",
+            _torch,
+            True,
+        ),
+        Runtime(
+            "compile",
+            ("cpu", "cuda", "npu", "xpu"),
+            ("fp32", "bf16", "fp16"),
+            (),
+            "",
+            _compile,
+            True,
+        ),
+        Runtime(
+            "onnxruntime",
+            ("cpu",),
+            ("fp32",),
+            ("onnxruntime",),
+            "pip install onnx onnxruntime",
+            _onnxruntime,
+            False,
+        ),
+        Runtime(
+            "openvino",
+            ("cpu",),
+            ("fp32", "bf16"),
+            ("openvino",),
+            "pip install 'vitport[openvino]'",
+            _openvino,
+            False,
+        ),
+        Runtime(
+            "tensorrt",
+            ("cuda",),
+            ("fp32", "fp16", "bf16"),
+            ("torch_tensorrt",),
+            "pip install 'vitport[tensorrt]'",
+            _tensorrt,
+            True,
+        ),
+        Runtime(
+            "torchair",
+            ("npu",),
+            ("fp32", "fp16", "bf16"),
+            (),
+            "install torch-npu with CANN (torchair ships in it)",
+            _torchair,
+            True,
+        ),
     )
-}  # fmt: skip
+}
 
 
 def get_runtime(name: str) -> Runtime:

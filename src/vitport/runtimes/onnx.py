@@ -27,10 +27,18 @@ def _bicubic_antialiased(g, x, output_size, align_corners, scale_h=None, scale_w
     sizes = g.op("Concat", batch_channels, g.op("Cast", output_size, to_i=7), axis_i=0)
     empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
     corners = symbolic_helper._maybe_get_const(align_corners, "b")
-    return g.op("Resize", x, empty, empty, sizes, mode_s="cubic", cubic_coeff_a_f=-0.5,
-                antialias_i=1, exclude_outside_i=1,
-                coordinate_transformation_mode_s="align_corners" if corners else "pytorch_half_pixel",
-                )  # fmt: skip
+    return g.op(
+        "Resize",
+        x,
+        empty,
+        empty,
+        sizes,
+        mode_s="cubic",
+        cubic_coeff_a_f=-0.5,
+        antialias_i=1,
+        exclude_outside_i=1,
+        coordinate_transformation_mode_s="align_corners" if corners else "pytorch_half_pixel",
+    )
 
 
 def _rms_norm(g, x, normalized_shape, weight, eps):
@@ -86,9 +94,17 @@ def export_graph(encoder: Encoder, path: Path, opset: int = 18) -> Path:
     def write(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (example,), str(tmp), dynamo=False, input_names=[INPUT],
-                              output_names=names, opset_version=opset, do_constant_folding=True,
-                              dynamic_axes={n: {0: "batch"} for n in (INPUT, *names)})  # fmt: skip
+            torch.onnx.export(
+                graph,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                input_names=[INPUT],
+                output_names=names,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamic_axes={n: {0: "batch"} for n in (INPUT, *names)},
+            )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

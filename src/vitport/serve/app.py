@@ -23,9 +23,15 @@ from vitport.serve.service import Embedded, Entry, ServeError, Service
 
 log = logging.getLogger("vitport.serve")
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed",
-               503: "service_unavailable", 504: "timeout"}  # fmt: skip
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "client_closed",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 class EmbeddingRequest(BaseModel):
@@ -83,22 +89,34 @@ class BodyLimit:
 
     async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
         self.on_reject()
-        error = ServeError(413, "body-too-large", f"request body over {self.limit} bytes "
-                           "(--max-body-bytes); send fewer or smaller images")  # fmt: skip
+        error = ServeError(
+            413,
+            "body-too-large",
+            f"request body over {self.limit} bytes "
+            "(--max-body-bytes); send fewer or smaller images",
+        )
         await error_response(error)(scope, receive, send)
 
 
 def error_response(error: ServeError) -> JSONResponse:
-    body: dict[str, Any] = {"message": error.message, "type": ERROR_TYPES.get(error.status, "error"),
-                            "param": error.param, "code": error.code}  # fmt: skip
+    body: dict[str, Any] = {
+        "message": error.message,
+        "type": ERROR_TYPES.get(error.status, "error"),
+        "param": error.param,
+        "code": error.code,
+    }
     if error.entries:
         body["entries"] = error.entries
     return JSONResponse({"error": body}, status_code=error.status, headers=error.headers)
 
 
-def create_app(config: ServeConfig | None = None, *, service: Service | None = None,
-               background: bool = True,
-               capacity: Callable[[], dict[str, Any]] | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    config: ServeConfig | None = None,
+    *,
+    service: Service | None = None,
+    background: bool = True,
+    capacity: Callable[[], dict[str, Any]] | None = None,
+) -> FastAPI:
     """The vitport serving app, to run with uvicorn or mount in another ASGI app.
 
     The model loads, is self-checked and warmed up at start-up (the app's lifespan): in a
@@ -127,8 +145,9 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
 
     app = FastAPI(title="vitport", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes,
-                       on_reject=lambda: count(service, "any", "too-large"))  # fmt: skip
+    app.add_middleware(
+        BodyLimit, limit=cfg.max_body_bytes, on_reject=lambda: count(service, "any", "too-large")
+    )
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
@@ -170,22 +189,42 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         async with serving(service, "/v1/embeddings"):
             if body.model not in (None, "", cfg.served_name):
-                raise ServeError(404, "model_not_found", f"model {body.model!r} is not served "
-                                 f"here; this server serves {cfg.served_name!r}",
-                                 param="model")  # fmt: skip
+                raise ServeError(
+                    404,
+                    "model_not_found",
+                    f"model {body.model!r} is not served "
+                    f"here; this server serves {cfg.served_name!r}",
+                    param="model",
+                )
             if body.dimensions is not None:
-                raise ServeError(400, "bad-dimensions", "dimensions is not supported: the "
-                                 "encoder's width is fixed", param="dimensions")  # fmt: skip
+                raise ServeError(
+                    400,
+                    "bad-dimensions",
+                    "dimensions is not supported: the encoder's width is fixed",
+                    param="dimensions",
+                )
             service.check_output(body.output)
             texts = [body.input] if isinstance(body.input, str) else body.input
             entries = [Entry(f"input[{k}]", reader(t, cfg)) for k, t in enumerate(texts)]
             done = await service.embed(entries, "input", request.is_disconnected)
-            data = [{"object": "embedding", "index": k,
-                     **embedding(e, body.output, body.encoding_format)}
-                    for k, e in enumerate(done)]  # fmt: skip
-            return {"object": "list", "data": data, "model": cfg.served_name,
-                    "usage": {"prompt_tokens": len(done), "total_tokens": len(done),
-                              "images": len(done)}}  # fmt: skip
+            data = [
+                {
+                    "object": "embedding",
+                    "index": k,
+                    **embedding(e, body.output, body.encoding_format),
+                }
+                for k, e in enumerate(done)
+            ]
+            return {
+                "object": "list",
+                "data": data,
+                "model": cfg.served_name,
+                "usage": {
+                    "prompt_tokens": len(done),
+                    "total_tokens": len(done),
+                    "images": len(done),
+                },
+            }
 
     @app.post("/v1/embed")
     async def embed(request: Request, outputs: str = "pooled") -> Response:
@@ -197,14 +236,29 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
             done = await service.embed(entries, "file", request.is_disconnected)
             ids = [e.name for e in entries]
             if ARROW_STREAM in request.headers.get("accept", ""):
-                return Response(arrow_stream(ids, done, names, service.output_shapes),
-                                media_type=ARROW_STREAM)  # fmt: skip
-            data = [{"index": k, "id": ids[k], "width": e.size[0], "height": e.size[1],
-                     **{n: e.outputs[n].reshape(-1).tolist() for n in names}}
-                    for k, e in enumerate(done)]  # fmt: skip
+                return Response(
+                    arrow_stream(ids, done, names, service.output_shapes), media_type=ARROW_STREAM
+                )
+            data = [
+                {
+                    "index": k,
+                    "id": ids[k],
+                    "width": e.size[0],
+                    "height": e.size[1],
+                    **{n: e.outputs[n].reshape(-1).tolist() for n in names},
+                }
+                for k, e in enumerate(done)
+            ]
             shapes = {n: service.output_shapes[n] for n in names}
-            return JSONResponse({"object": "list", "model": cfg.served_name, "data": data,
-                                 "shapes": shapes, "usage": {"images": len(done)}})  # fmt: skip
+            return JSONResponse(
+                {
+                    "object": "list",
+                    "model": cfg.served_name,
+                    "data": data,
+                    "shapes": shapes,
+                    "usage": {"images": len(done)},
+                }
+            )
 
     return app
 
@@ -213,8 +267,15 @@ def count(service: Service, endpoint: str, outcome: str) -> None:
     service.metrics.requests.labels(endpoint, outcome).inc()
 
 
-OUTCOMES = {400: "bad_request", 404: "bad_request", 413: "too_large", 429: "queue_full",
-            499: "disconnected", 503: "unavailable", 504: "timeout"}  # fmt: skip
+OUTCOMES = {
+    400: "bad_request",
+    404: "bad_request",
+    413: "too_large",
+    429: "queue_full",
+    499: "disconnected",
+    503: "unavailable",
+    504: "timeout",
+}
 
 
 @contextlib.asynccontextmanager
@@ -248,11 +309,15 @@ async def form_entries(request: Request, cfg: ServeConfig) -> list[Entry]:
     """The multipart parts that carry files, as entries named by their file names."""
     limit = cfg.max_images_per_request
     if "multipart/form-data" not in request.headers.get("content-type", ""):
-        raise ServeError(400, "bad-request", "send the images as multipart/form-data file parts "
-                         "(curl -F file=@photo.jpg)")  # fmt: skip
+        raise ServeError(
+            400,
+            "bad-request",
+            "send the images as multipart/form-data file parts (curl -F file=@photo.jpg)",
+        )
     try:
-        form = await request.form(max_files=limit + 1, max_fields=limit + 16,
-                                  max_part_size=cfg.max_body_bytes)  # fmt: skip
+        form = await request.form(
+            max_files=limit + 1, max_fields=limit + 16, max_part_size=cfg.max_body_bytes
+        )
     except BodyTooLarge:
         raise
     except Exception as exc:  # starlette's MultiPartException / HTTPException
@@ -281,15 +346,21 @@ def embedding(done: Embedded, output: str, encoding: str) -> dict[str, Any]:
     return item
 
 
-def arrow_stream(ids: list[str], done: list[Embedded], names: list[str],
-                 shapes: dict[str, list[int]]) -> bytes:  # fmt: skip
+def arrow_stream(
+    ids: list[str], done: list[Embedded], names: list[str], shapes: dict[str, list[int]]
+) -> bytes:
     """An Arrow IPC stream with embed's Parquet columns (id, path, width, height, outputs)."""
     import pyarrow as pa
 
     from vitport.embed.store import ShardRows, rows_table
 
-    rows = ShardRows(0, ids=list(ids), paths=list(ids), sizes=[e.size for e in done],
-                     outputs={n: [e.outputs[n].numpy() for e in done] for n in names})  # fmt: skip
+    rows = ShardRows(
+        0,
+        ids=list(ids),
+        paths=list(ids),
+        sizes=[e.size for e in done],
+        outputs={n: [e.outputs[n].numpy() for e in done] for n in names},
+    )
     table = rows_table(rows, {n: shapes[n] for n in names})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:

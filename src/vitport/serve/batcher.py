@@ -49,8 +49,14 @@ class Job:
 class Batcher:
     """The queue and its device workers; thread-safe."""
 
-    def __init__(self, encoders: Sequence[Encoder], max_batch: int, max_wait_s: float,
-                 max_queue: int, metrics: Metrics) -> None:  # fmt: skip
+    def __init__(
+        self,
+        encoders: Sequence[Encoder],
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics: Metrics,
+    ) -> None:
         self.encoders = list(encoders)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -106,8 +112,12 @@ class Batcher:
 
     def start(self) -> None:
         for k, encoder in enumerate(self.encoders):
-            thread = threading.Thread(target=self._work, args=(encoder,), daemon=True,
-                                      name=f"vitport-device-{k}-{encoder.device}")  # fmt: skip
+            thread = threading.Thread(
+                target=self._work,
+                args=(encoder,),
+                daemon=True,
+                name=f"vitport-device-{k}-{encoder.device}",
+            )
             thread.start()
             self._threads.append(thread)
 

@@ -17,22 +17,33 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("vitport_requests", "HTTP requests by endpoint and outcome",
-                                ["endpoint", "outcome"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "vitport_requests",
+            "HTTP requests by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
         self.images = Counter("vitport_images", "Images by outcome", ["outcome"], registry=r)
         self.errors = Counter("vitport_errors", "Errors by reason", ["reason"], registry=r)
         self.queue_depth = Gauge(
             "vitport_queue_depth", "Images admitted and not yet on a device", registry=r
         )
         self.in_flight = Gauge("vitport_requests_in_flight", "Requests being served", registry=r)
-        self.batch_size = Histogram("vitport_batch_size", "Images per device batch",
-                                    buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
-        self.queue_wait = Histogram("vitport_queue_wait_seconds",
-                                    "Seconds a decoded image waited for its device batch",
-                                    buckets=WAIT_BUCKETS, registry=r)  # fmt: skip
-        self.device_time = Histogram("vitport_device_seconds",
-                                     "Device time of one batch (device events or synchronised)",
-                                     buckets=WAIT_BUCKETS, registry=r)  # fmt: skip
+        self.batch_size = Histogram(
+            "vitport_batch_size", "Images per device batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "vitport_queue_wait_seconds",
+            "Seconds a decoded image waited for its device batch",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.device_time = Histogram(
+            "vitport_device_seconds",
+            "Device time of one batch (device events or synchronised)",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
         self.ready = Gauge("vitport_ready", "1 when the server takes traffic", registry=r)
 
     def render(self) -> bytes:

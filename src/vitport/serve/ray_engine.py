@@ -46,9 +46,13 @@ class Capacity:
         running = states.get("RUNNING", 0)
         status = str(deployment.status).split(".")[-1]
         short = self.wanted is not None and running < self.wanted
-        return {"replicas": states, "replicas_running": running,
-                "replicas_wanted": self.wanted, "deployment_status": status,
-                "degraded": short or status not in ("HEALTHY", "UPSCALING", "DOWNSCALING")}  # fmt: skip
+        return {
+            "replicas": states,
+            "replicas_running": running,
+            "replicas_wanted": self.wanted,
+            "deployment_status": status,
+            "degraded": short or status not in ("HEALTHY", "UPSCALING", "DOWNSCALING"),
+        }
 
 
 def replica_app(config: ServeConfig, wanted: int | None = None) -> Any:
@@ -62,8 +66,10 @@ def device_type(config: ServeConfig) -> str:
     """The one device type the replicas run on (each replica sees its own device)."""
     types = {re.split(r":", d.strip().lower())[0] for d in config.device_list}
     if len(types) != 1 or "auto" in types:
-        raise VitportError("--engine ray needs one device type (--device cpu, cuda or npu); "
-                           "Ray places one replica per device")  # fmt: skip
+        raise VitportError(
+            "--engine ray needs one device type (--device cpu, cuda or npu); "
+            "Ray places one replica per device"
+        )
     return types.pop()
 
 
@@ -79,9 +85,16 @@ def default_replicas(kind: str, config: ServeConfig) -> int:
     return max(1, int(ray.cluster_resources().get(resource, 1)))
 
 
-def deploy(config: ServeConfig, host: str, port: int, *, replicas: int | None = None,
-           autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int | None = None,
-           max_queued_requests: int | None = None) -> Any:  # fmt: skip
+def deploy(
+    config: ServeConfig,
+    host: str,
+    port: int,
+    *,
+    replicas: int | None = None,
+    autoscaling: dict[str, Any] | None = None,
+    max_ongoing_requests: int | None = None,
+    max_queued_requests: int | None = None,
+) -> Any:
     """Deploy on the Ray cluster this process is connected to; the app's handle."""
     from ray import serve
 
@@ -109,14 +122,16 @@ def deploy(config: ServeConfig, host: str, port: int, *, replicas: int | None = 
     deployment = serve.deployment(ingress(), **options)
     # one proxy, on the head node (one machine can hold several nodes); a request the proxy
     # holds longer than the service's own timeout plus a margin is answered, never left open
-    serve.start(proxy_location="HeadOnly",
-                http_options={"host": host, "port": port,
-                              "request_timeout_s": config.timeout + 30})  # fmt: skip
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"host": host, "port": port, "request_timeout_s": config.timeout + 30},
+    )
     return serve.run(deployment.bind(), name=APP_NAME, route_prefix="/")
 
 
-def run(config: ServeConfig, host: str, port: int, address: str | None = None,
-        **options: Any) -> None:  # fmt: skip
+def run(
+    config: ServeConfig, host: str, port: int, address: str | None = None, **options: Any
+) -> None:
     """Deploy, serve until SIGTERM/SIGINT, then let Ray drain the replicas and shut down."""
     try:
         import ray
@@ -137,12 +152,14 @@ def run(config: ServeConfig, host: str, port: int, address: str | None = None,
         try:
             deploy(config, host, port, **options)
         except Exception as exc:  # a replica that fails to load or to pass its check
-            raise VitportError(f"Ray Serve could not start {config.served_name}: "
-                               f"{_first_line(exc)}") from exc  # fmt: skip
+            raise VitportError(
+                f"Ray Serve could not start {config.served_name}: {_first_line(exc)}"
+            ) from exc
         log.info("ready on Ray Serve at http://%s:%d", host, port)
         stop.wait()
-        log.info("draining: Ray Serve finishes accepted requests (up to %g s)",
-                 config.drain_seconds)  # fmt: skip
+        log.info(
+            "draining: Ray Serve finishes accepted requests (up to %g s)", config.drain_seconds
+        )
         serve.delete(APP_NAME)
         serve.shutdown()
     finally:

@@ -35,18 +35,28 @@ class DrainingServer(uvicorn.Server):
         seconds = self.service.config.drain_seconds
         self.drained = self.service.wait_drained(seconds)
         if not self.drained:
-            log.warning("drain: %d requests still in flight after %g s (--drain-seconds)",
-                        self.service.in_flight, seconds)  # fmt: skip
+            log.warning(
+                "drain: %d requests still in flight after %g s (--drain-seconds)",
+                self.service.in_flight,
+                seconds,
+            )
         self.should_exit = True
 
 
-def serve(service: Service, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> DrainingServer:  # fmt: skip
+def serve(
+    service: Service, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> DrainingServer:
     """Serve until a signal has drained it or start-up failed; the server, for its outcome
     (service.error holds a start-up failure)."""
     app = create_app(service=service, background=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=CLOSE_S, access_log=False)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=CLOSE_S,
+        access_log=False,
+    )
     server = DrainingServer(config, service)
     service.on_failed = lambda: setattr(server, "should_exit", True)
     server.run()

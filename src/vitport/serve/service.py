@@ -47,8 +47,15 @@ class CheckFailed(VitportError):
 class ServeError(Exception):
     """An HTTP error with its status, a short code and a one-line message."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None, entries: list[dict] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        entries: list[dict] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.param, self.headers, self.entries = param, headers or {}, entries or []
@@ -121,10 +128,18 @@ class Service:
         devices = [resolve_device(d) for d in cfg.device_list]
         dtype = parse_dtype(cfg.dtype)
         fixes = parse_fixes(list(cfg.fixes))
-        base = vitport.load(cfg.model, "cpu", "fp32", image_size=cfg.image_size,
-                            weights=cfg.weights, trust_remote_code=cfg.trust_remote_code)  # fmt: skip
-        self.encoders = [candidate_factory(base, d, dtype, cfg.inject_fault, cfg.runtime)(fixes)[0]
-                         for d in devices]  # fmt: skip
+        base = vitport.load(
+            cfg.model,
+            "cpu",
+            "fp32",
+            image_size=cfg.image_size,
+            weights=cfg.weights,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        self.encoders = [
+            candidate_factory(base, d, dtype, cfg.inject_fault, cfg.runtime)(fixes)[0]
+            for d in devices
+        ]
         if cfg.check:
             self.state = "checking"
             self.checks = [self._check(base, encoder, fixes) for encoder in self.encoders]
@@ -139,14 +154,20 @@ class Service:
         for encoder in self.encoders:  # first calls (kernel builds, compilation) off the clock
             shapes = self._warm(encoder, batch)
         self.output_shapes = shapes
-        self.batcher = Batcher(self.encoders, batch, cfg.max_wait_ms / 1000, cfg.max_queue,
-                               self.metrics)  # fmt: skip
+        self.batcher = Batcher(
+            self.encoders, batch, cfg.max_wait_ms / 1000, cfg.max_queue, self.metrics
+        )
         self.batcher.start()
         self.state = "ready"
         self.metrics.ready.set(1)
-        log.info("ready: %s on %s (%s), batches of up to %d (%s)", cfg.served_name,
-                 ", ".join(str(e.device) for e in self.encoders), cfg.dtype, batch,
-                 self.batch_source)  # fmt: skip
+        log.info(
+            "ready: %s on %s (%s), batches of up to %d (%s)",
+            cfg.served_name,
+            ", ".join(str(e.device) for e in self.encoders),
+            cfg.dtype,
+            batch,
+            self.batch_source,
+        )
 
     def _check(self, base: Any, encoder: Any, fixes: Sequence[str]) -> Any:
         """`vitport compare`'s verdict and limits for the served configuration."""
@@ -166,8 +187,10 @@ class Service:
         if isinstance(source, Features):
             images, problems = images_by_name(source.names)
             if problems:
-                raise VitportError(f"{cfg.reference}: cannot read its image {problems[0].name}: "
-                                   f"{problems[0].reason}")  # fmt: skip
+                raise VitportError(
+                    f"{cfg.reference}: cannot read its image {problems[0].name}: "
+                    f"{problems[0].reason}"
+                )
             reference = source
         else:
             images = default_inputs(encoder.image_size[0])
@@ -199,45 +222,78 @@ class Service:
         if self.state == "ready":
             return
         if self.state in ("draining", "stopped"):
-            raise ServeError(503, "draining", "the server is shutting down; retry on another "
-                             "replica", headers={"Retry-After": "1"})  # fmt: skip
+            raise ServeError(
+                503,
+                "draining",
+                "the server is shutting down; retry on another replica",
+                headers={"Retry-After": "1"},
+            )
         if self.state == "failed":
             raise ServeError(503, "not-ready", f"the server is not serving: {self.error}")
-        raise ServeError(503, "not-ready", f"the model is not ready yet ({self.state})",
-                         headers={"Retry-After": "5"})  # fmt: skip
+        raise ServeError(
+            503,
+            "not-ready",
+            f"the model is not ready yet ({self.state})",
+            headers={"Retry-After": "5"},
+        )
 
     def check_output(self, output: str) -> None:
         if output not in OUTPUTS:
-            raise ServeError(400, "bad-output", f"output {output!r} is not one of "
-                             f"{', '.join(OUTPUTS)}", param="output")  # fmt: skip
+            raise ServeError(
+                400,
+                "bad-output",
+                f"output {output!r} is not one of {', '.join(OUTPUTS)}",
+                param="output",
+            )
         if output not in self.output_shapes:
             have = ", ".join(o for o in OUTPUTS if o in self.output_shapes)
-            raise ServeError(400, "bad-output", f"{self.config.model} has no {output} output; "
-                             f"it has: {have}", param="output")  # fmt: skip
+            raise ServeError(
+                400,
+                "bad-output",
+                f"{self.config.model} has no {output} output; it has: {have}",
+                param="output",
+            )
 
-    async def embed(self, entries: Sequence[Entry], param: str,
-                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[Embedded]:  # fmt: skip
+    async def embed(
+        self,
+        entries: Sequence[Entry],
+        param: str,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> list[Embedded]:
         """Decode, batch and encode a request's images; ServeError for what fails."""
         cfg = self.config
         started = time.monotonic()
         if not entries:
             raise ServeError(400, "empty", f"{param} holds no images", param=param)
         if len(entries) > cfg.max_images_per_request:
-            raise ServeError(413, "too-many-images", f"{len(entries)} images in one request; "
-                             f"this server takes at most {cfg.max_images_per_request} "
-                             "(--max-images-per-request)", param=param)  # fmt: skip
+            raise ServeError(
+                413,
+                "too-many-images",
+                f"{len(entries)} images in one request; "
+                f"this server takes at most {cfg.max_images_per_request} "
+                "(--max-images-per-request)",
+                param=param,
+            )
         assert self.batcher is not None
         if len(entries) > self.batcher.max_queue:
-            raise ServeError(413, "too-many-images", f"{len(entries)} images in one request; "
-                             f"the queue holds {self.batcher.max_queue} (--max-queue)",
-                             param=param)  # fmt: skip
+            raise ServeError(
+                413,
+                "too-many-images",
+                f"{len(entries)} images in one request; "
+                f"the queue holds {self.batcher.max_queue} (--max-queue)",
+                param=param,
+            )
         try:
             self.batcher.admit(len(entries))
         except QueueFull as exc:
             self.metrics.errors.labels("queue-full").inc()
             self.metrics.images.labels("rejected").inc(len(entries))
-            raise ServeError(429, "queue-full", f"{exc}; retry in {exc.retry_after} s",
-                             headers={"Retry-After": str(exc.retry_after)}) from exc  # fmt: skip
+            raise ServeError(
+                429,
+                "queue-full",
+                f"{exc}; retry in {exc.retry_after} s",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from exc
         try:
             loop = asyncio.get_running_loop()
             decoded = await asyncio.gather(
@@ -252,12 +308,19 @@ class Service:
             for _, error in bad:
                 self.metrics.errors.labels(error.code).inc()
             self.metrics.images.labels("bad").inc(len(bad))
-            rows = [{"index": k, "name": entries[k].name, "code": e.code, "message": e.message}
-                    for k, e in bad]  # fmt: skip
+            rows = [
+                {"index": k, "name": entries[k].name, "code": e.code, "message": e.message}
+                for k, e in bad
+            ]
             k, first = bad[0]
             more = f" (and {len(bad) - 1} more bad entries)" if len(bad) > 1 else ""
-            raise ServeError(400, first.code, f"{param}[{k}]: {first.message}{more}",
-                             param=f"{param}[{k}]", entries=rows)  # fmt: skip
+            raise ServeError(
+                400,
+                first.code,
+                f"{param}[{k}]: {first.message}{more}",
+                param=f"{param}[{k}]",
+                entries=rows,
+            )
         ticket = Ticket()
         futures = self.batcher.submit([d.pixels for d in decoded], ticket)
         outputs = await self._wait(futures, ticket, started, disconnected)
@@ -271,8 +334,13 @@ class Service:
         except EntryError as exc:
             return exc
 
-    async def _wait(self, futures: list[Future], ticket: Ticket, started: float,
-                    disconnected: Callable[[], Awaitable[bool]] | None) -> list[dict]:  # fmt: skip
+    async def _wait(
+        self,
+        futures: list[Future],
+        ticket: Ticket,
+        started: float,
+        disconnected: Callable[[], Awaitable[bool]] | None,
+    ) -> list[dict]:
         """The futures' results; on timeout (504) or a gone client, their work is dropped."""
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         deadline = started + self.config.timeout
@@ -282,8 +350,12 @@ class Service:
                 if left <= 0:
                     self.metrics.errors.labels("timeout").inc()
                     self.metrics.images.labels("timeout").inc(len(futures))
-                    raise ServeError(504, "timeout", f"not done within {self.config.timeout:g} s "
-                                     "(--timeout); the request's work was dropped")  # fmt: skip
+                    raise ServeError(
+                        504,
+                        "timeout",
+                        f"not done within {self.config.timeout:g} s "
+                        "(--timeout); the request's work was dropped",
+                    )
                 done, _ = await asyncio.wait({gathered}, timeout=min(left, DISCONNECT_POLL_S))
                 if done:
                     return gathered.result()
@@ -352,12 +424,20 @@ class Service:
             "self_check": self.check_summary(),
         }
         if first is not None:
-            about |= {"family": first.family, "image_size": list(first.image_size),
-                      "weights_sha256": first.weights_sha256}  # fmt: skip
+            about |= {
+                "family": first.family,
+                "image_size": list(first.image_size),
+                "weights_sha256": first.weights_sha256,
+            }
         if self.auto_throughput is not None:
             about["auto_batch_images_per_second"] = round(self.auto_throughput, 2)
-        card = {"id": cfg.served_name, "object": "model", "created": self.started_at,
-                "owned_by": "vitport", "vitport": about}  # fmt: skip
+        card = {
+            "id": cfg.served_name,
+            "object": "model",
+            "created": self.started_at,
+            "owned_by": "vitport",
+            "vitport": about,
+        }
         return {"object": "list", "data": [card]}
 
     def check_summary(self) -> dict[str, Any]:
@@ -376,13 +456,18 @@ class Service:
             "limits": [t.spec() for t in first.thresholds],
             "worst_rel_error": max(r.worst_rel_error for r in self.checks),
             "devices": [
-                {"device": r.candidate.device, "passed": r.passed,
-                 "worst_rel_error": r.worst_rel_error,
-                 "failures": [f"{c.group}.{c.metric}={c.value:.6g} (limit {c.limit:g})"
-                              for c in r.verdict.failures]}
+                {
+                    "device": r.candidate.device,
+                    "passed": r.passed,
+                    "worst_rel_error": r.worst_rel_error,
+                    "failures": [
+                        f"{c.group}.{c.metric}={c.value:.6g} (limit {c.limit:g})"
+                        for c in r.verdict.failures
+                    ],
+                }
                 for r in self.checks
             ],
-        }  # fmt: skip
+        }
 
 
 def check_line(result: Any) -> str:
