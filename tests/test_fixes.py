@@ -87,7 +87,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_registry_lists_every_fix_in_a_stable_order():
     assert fix_names() == NAMES
     assert list(FIXES) == NAMES
-    assert all(FIXES[n].name == n and FIXES[n].help for n in NAMES)
+    assert all(FIXES.get(n).name == n and FIXES.get(n).help for n in NAMES)
 
 
 def test_parse_fixes_reads_lists_all_and_keeps_order():

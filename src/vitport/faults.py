@@ -21,6 +21,7 @@ from torch import nn
 from vitport.encoder import Encoder, block_parts, block_roles, is_norm
 from vitport.errors import VitportError
 from vitport.hooks import first_tensor, replace_first_tensor
+from vitport.registry import Registry
 
 
 class TanhGELU(nn.Module):
@@ -111,24 +112,23 @@ def replacing(match: Callable[[nn.Module], bool], make) -> Callable[[nn.Module],
 
 
 NO_CURE = "none (a weight error: fix the checkpoint conversion)"
-FAULTS = {
-    f.name: f
-    for f in (
-        Fault("gelu-tanh", "erf-gelu", replacing(is_gelu, lambda _m: TanhGELU())),
-        Fault("layernorm-bf16", "layernorm-fp32", replacing(is_norm, bf16_norm)),
-        Fault("mlp-scale", NO_CURE, scale_mlp),
-        Fault("norm-swap", NO_CURE, swap_norms),
-    )
-}
+FAULTS: Registry[Fault] = Registry("fault", param="inject_fault")
+for _fault in (
+    Fault("gelu-tanh", "erf-gelu", replacing(is_gelu, lambda _m: TanhGELU())),
+    Fault("layernorm-bf16", "layernorm-fp32", replacing(is_norm, bf16_norm)),
+    Fault("mlp-scale", NO_CURE, scale_mlp),
+    Fault("norm-swap", NO_CURE, swap_norms),
+):
+    FAULTS.register(_fault.name, _fault)
 
 
 def parse_fault(text: str) -> tuple[str, int]:
     name, _, block = text.partition("@")
     if name not in FAULTS or not block.isdigit():
         raise VitportError(
-            f"--inject-fault takes KIND@BLOCK with KIND one of {', '.join(FAULTS)}, e.g. gelu-tanh@7"
+            f"--inject-fault takes KIND@BLOCK with KIND one of {', '.join(FAULTS.names())}, e.g. gelu-tanh@7"
         )
-    return name, int(block)
+    return FAULTS.get(name).name, int(block)
 
 
 def inject(encoder: Encoder, text: str) -> str:
@@ -136,7 +136,7 @@ def inject(encoder: Encoder, text: str) -> str:
     name, index = parse_fault(text)
     if not 0 <= index < len(encoder.blocks):
         raise VitportError(f"block {index} does not exist: the model has {len(encoder.blocks)}")
-    fault = FAULTS[name]
+    fault = FAULTS.get(name)
     count = fault.apply(encoder.blocks[index])
     if not count:
         raise VitportError(f"fault {name} found nothing to change in block {index}")

@@ -1,0 +1,96 @@
+"""erf-gelu: every GELU in the blocks computes the exact erf formula (the NPU's own kernel on an
+NPU), for a model trained with exact GELU whose device runs an approximation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitport.device.npu import NPU_GELU, npu_gelu
+from vitport.encoder import Encoder
+from vitport.fixes.base import Fix, FixReport, kinds, nothing, plural, replace_modules, targets
+
+
+class ExactGELU(nn.Module):
+    """GELU with the exact erf formula; on an NPU through the NPU's own kernel.
+
+    The kernel is chosen when the fix is applied, from the encoder's device: apply the fix
+    after moving the encoder (re-applying refreshes the choice).
+    """
+
+    def __init__(self, npu: bool = False) -> None:
+        super().__init__()
+        self.npu = npu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.npu:
+            return npu_gelu(x)
+        return F.gelu(x, approximate="none")
+
+    def extra_repr(self) -> str:
+        return f"npu={self.npu}"
+
+
+def _is_gelu(module: nn.Module) -> bool:
+    return isinstance(module, nn.GELU) or "gelu" in type(module).__name__.lower()
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return "activation" in type(module).__module__
+
+
+@torch.no_grad()
+def _computes_exact_gelu(module: nn.Module, device: Any) -> bool:
+    """Whether a GELU module already computes the exact erf GELU on `device`, a vitport
+    Device (tanh and sigmoid
+    approximations miss it by 1e-4 and more; float32 rounding stays far below 1e-5)."""
+    x = torch.linspace(-6.0, 6.0, 1201)
+    want = F.gelu(x.double(), approximate="none").float()
+    try:
+        got = module(x.to(device.torch_device)).float().cpu()
+    except Exception:  # cannot run it here: leave the judgement to the swap
+        return False
+    return got.shape == want.shape and bool((got - want).abs().max() <= 1e-5)
+
+
+def erf_gelu(encoder: Encoder) -> FixReport:
+    found = targets(encoder, _is_gelu)
+    if not found:
+        acts = [m for b in encoder.blocks for m in b.modules() if _is_activation(m)]
+        uses = f"its activations: {kinds(acts)}" if acts else "no activation modules"
+        raise nothing(
+            "erf-gelu",
+            f"this model has no GELU module in its blocks ({uses}); the fix does not apply",
+        )
+    backend_kernel = encoder.device.exact_gelu_kernel()
+    npu = backend_kernel is not None
+    for _, module in found:
+        if isinstance(module, ExactGELU):
+            module.npu = npu
+    kernel = backend_kernel or "torch.nn.functional.gelu"
+
+    def exact(module: nn.Module) -> bool:
+        return isinstance(module, ExactGELU) or _computes_exact_gelu(module, encoder.device)
+
+    return replace_modules(
+        encoder,
+        "erf-gelu",
+        found,
+        exact,
+        lambda _: ExactGELU(npu),
+        already="already exact",
+        did=lambda n, old, _: (
+            f"replaced {plural(n, 'GELU module')} ({old}) "
+            f"with exact erf GELU ({kernel} approximate='none')"
+        ),
+    )
+
+
+FIX = Fix(
+    "erf-gelu",
+    f"replace every GELU in the blocks with exact erf GELU ({NPU_GELU} on NPU)",
+    erf_gelu,
+)
