@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+TRACEBACK_FRAME = re.compile(r'^File "')
+
 
 class VitportError(Exception):
     """Base of every error the CLI turns into one line and an exit code."""
@@ -45,3 +49,26 @@ class ClusterError(VitportError):
     """The cluster lost what the run needed, or made no progress: what was written stays."""
 
     exit_code = 1
+
+
+def one_line(error: BaseException | str, *, typed: bool = False, limit: int = 200) -> str:
+    """An exception, or a tool's output, as one line to put inside a message.
+
+    An exception gives the first non-empty line of its message; where the message holds a
+    Python traceback (a Ray task's error, a server's failed deployment), the traceback's last
+    line, which names the error. Without a message it gives its type name; with `typed`, the
+    line follows its type name ("ValueError: bad size"). A tool's output (a str, such as pip's
+    stderr) gives its last non-empty line, where tools say what failed. Whitespace runs become
+    one space, and a line over `limit` characters is cut, ending in "…".
+    """
+    text = error if isinstance(error, str) else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(error, str):
+        line = lines[-1] if lines else "no output"
+    else:
+        traceback = any(TRACEBACK_FRAME.match(line) for line in lines)
+        line = (lines[-1] if traceback else lines[0]) if lines else ""
+        name = type(error).__name__
+        line = (f"{name}: {line}" if line else name) if typed else (line or name)
+    line = " ".join(line.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitport.errors import ImageError
+from vitport.errors import ImageError, one_line
 from vitport.format import count
 
 __all__ = [
@@ -221,18 +221,12 @@ def _bomb_reason(error: BaseException) -> str:
             f"decompression bomb: {pixels} pixels exceeds the {limit} limit "
             "(PIL.Image.MAX_IMAGE_PIXELS)"
         )
-    return f"decompression bomb: {_one_line(error)}"
-
-
-def _one_line(error: BaseException) -> str:
-    """The exception's message on one line (its type name when it has no message)."""
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+    return f"decompression bomb: {one_line(error)}"
 
 
 def _decode_reason(error: BaseException, action: str = "decode") -> str:
     """One line for an error raised while opening or decoding an image."""
-    message = _one_line(error)
+    message = one_line(error)
     if "truncated" in message.lower() or "broken data stream" in message.lower():
         return f"truncated file ({message})"
     return f"cannot {action} image, the file may be corrupt ({message})"
@@ -252,7 +246,7 @@ def _check_file(path: Path) -> None:
     except PermissionError as error:
         raise _Unreadable("permission denied") from error
     except OSError as error:
-        raise _Unreadable(f"cannot access file ({_one_line(error)})") from error
+        raise _Unreadable(f"cannot access file ({one_line(error)})") from error
 
 
 def _read(path: Path) -> Image.Image:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitport.errors import ImageError
+from vitport.errors import ImageError, one_line
 from vitport.images import content_sha256, read_image, read_image_bytes, reason_category
 
 WORKER_TIMEOUT_S = 300.0
@@ -134,14 +134,18 @@ class ImageInputs(Dataset):
             message = _strip_name(str(exc), item.id if item.row >= 0 else item.path)
             return self._failed(index, item, t0, message)
         except Exception as exc:  # read_image should not raise these; never crash a long run
-            return self._failed(index, item, t0, f"could not read: {_one_line(exc)}")
+            return self._failed(index, item, t0, f"could not read: {one_line(exc, typed=True)}")
         t1 = time.perf_counter()
         try:
             pixels = self.preprocess([image])[0]
             pixels = pixels if self.dtype is None else pixels.to(self.dtype)
         except Exception as exc:  # one odd image must not stop the run
             failure = Failure(
-                index, item.id, item.path, "preprocess", f"preprocessing failed: {_one_line(exc)}"
+                index,
+                item.id,
+                item.path,
+                "preprocess",
+                f"preprocessing failed: {one_line(exc, typed=True)}",
             )
             return Item(index, None, image.size, t1 - t0, time.perf_counter() - t1, failure)
         digest = content_sha256(image) if self.digests else ""
@@ -241,7 +245,7 @@ def _timed_batches(loader: DataLoader, workers: Workers) -> Iterator[tuple[Batch
         iterator = iter(loader)
     except Exception as exc:
         if failed():
-            raise WorkersFailed(_one_line(exc)) from exc
+            raise WorkersFailed(one_line(exc, typed=True)) from exc
         raise
     while True:
         t0 = time.perf_counter()
@@ -251,7 +255,7 @@ def _timed_batches(loader: DataLoader, workers: Workers) -> Iterator[tuple[Batch
             return
         except Exception as exc:
             if failed():
-                raise WorkersFailed(_one_line(exc)) from exc
+                raise WorkersFailed(one_line(exc, typed=True)) from exc
             raise
         waited = time.perf_counter() - t0
         workers.started = True
@@ -261,8 +265,3 @@ def _timed_batches(loader: DataLoader, workers: Workers) -> Iterator[tuple[Batch
 def file_inputs(paths: Sequence[Path | str]) -> list[Input]:
     """Files as inputs, each named by its path as given."""
     return [Input(id=str(p), path=str(p)) for p in paths]
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -17,7 +17,7 @@ from vitport.bench.timing import Measurement
 from vitport.compare.verdict import judge_features, thresholds_for
 from vitport.device import Device, dtype_name, parse_dtype
 from vitport.encoder import Encoder, Features
-from vitport.errors import VitportError
+from vitport.errors import VitportError, one_line
 from vitport.format import metric_value
 from vitport.images import LoadedImage
 from vitport.infer import infer
@@ -271,8 +271,7 @@ def _trial(
         output = infer(candidate, images, batch_size=4).features
         trial.build_seconds = time.perf_counter() - began  # the build, and the first calls
     except (VitportError, RuntimeError, torch.OutOfMemoryError) as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        trial.error = first if isinstance(exc, VitportError) else f"{type(exc).__name__}: {first}"
+        trial.error = one_line(exc, typed=not isinstance(exc, VitportError))
         return trial
     judged = judge_features(reference.groups(), output.groups(), thresholds_for(config.dtype))
     trial.faithful = bool(judged)

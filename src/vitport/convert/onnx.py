@@ -15,7 +15,7 @@ from vitport.compare.run import pixel_batches
 from vitport.convert.result import ConversionResult
 from vitport.convert.verify import compare_functions, run_features
 from vitport.encoder import Encoder, Features
-from vitport.errors import VitportError
+from vitport.errors import VitportError, one_line
 from vitport.runtimes.onnx import INPUT, register_symbolics
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def export_onnx(
         except Exception as exc:  # the exporter raises many types
             raise VitportError(
                 f"torch.onnx could not export {src.spec} at opset {opset} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); try another --opset"
+                f"({one_line(exc, typed=True)}); try another --opset"
             ) from exc
     replace(src.preprocessing, size=size[0]).hf_processor().save_pretrained(str(directory))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -17,7 +17,7 @@ import numpy as np
 from vitport.embed.shards import ShardCollector, Timing, features_of
 from vitport.embed.store import Store
 from vitport.encoder import Encoder
-from vitport.errors import ClusterError, VitportError
+from vitport.errors import ClusterError, VitportError, one_line
 from vitport.stream import Failure, ImageInputs, Input
 
 
@@ -379,7 +379,7 @@ def run_ray(
                 lost = lost_nodes(ray, alive)
             what = f"lost {', '.join(lost)}" if lost else "lost a worker"
             raise ClusterError(
-                f"Ray {what} and gave up ({type(exc).__name__}: {_first_line(exc)}); {kept()}"
+                f"Ray {what} and gave up ({one_line(exc, typed=True)}); {kept()}"
             ) from exc
         notes = [f"Ray Data: {actors} model actor(s), {cpus:g} CPU each and per reading task"]
         lost = lost_nodes(ray, alive)
@@ -392,9 +392,3 @@ def run_ray(
     finally:
         if started:
             ray.shutdown()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    line = lines[0] if lines else type(exc).__name__
-    return line if len(line) <= 240 else line[:240] + "…"

@@ -25,7 +25,7 @@ from torch import nn
 
 from vitport.device import Device, parse_dtype, resolve_device
 from vitport.encoder import Encoder, find_blocks
-from vitport.errors import HubUnreachableError, SpecError, WeightsError
+from vitport.errors import HubUnreachableError, SpecError, WeightsError, one_line
 from vitport.families import hf
 from vitport.families import timm as timm_family
 from vitport.families.demo import DEMO_MODELS, demo_checkpoint_dir, demo_names
@@ -122,8 +122,8 @@ def modelscope_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id))
     except Exception as exc:  # modelscope wraps network errors in many types
         raise HubUnreachableError(
-            f"could not download '{repo_id}' from ModelScope ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); pass a local directory"
+            f"could not download '{repo_id}' from ModelScope "
+            f"({one_line(exc, typed=True, limit=160)}); pass a local directory"
         ) from exc
 
 

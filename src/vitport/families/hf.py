@@ -13,12 +13,11 @@ import torch
 from torch import nn
 
 from vitport.encoder import Architecture, Preprocess, RawOutput, TokenLayout
-from vitport.errors import UnsupportedModelError, VitportError, WeightsError
+from vitport.errors import UnsupportedModelError, VitportError, WeightsError, one_line
 from vitport.families.loaded import LoadedModel, check_image_size
 from vitport.families.weights import (
     WEIGHT_FILES,
     damaged_weights_error,
-    first_line,
     is_unsafe_pickle,
     unsafe_pickle_error,
     weights_file,
@@ -130,7 +129,7 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> Loa
                 raise damaged_weights_error(weights_file(path), exc) from exc
             if not isinstance(exc, (OSError, ValueError)):
                 raise
-            raise WeightsError(f"could not load {path}: {first_line(exc)}") from exc
+            raise WeightsError(f"could not load {path}: {one_line(exc)}") from exc
     model.eval()
     if kind is None:
         kind = HFType(model_type or "remote", has_cls=True, resizable=True)

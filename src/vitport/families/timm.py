@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vitport.encoder import Architecture, Preprocess, RawOutput, TokenLayout
-from vitport.errors import HubUnreachableError, SpecError, VitportError, WeightsError
+from vitport.errors import HubUnreachableError, SpecError, VitportError, WeightsError, one_line
 from vitport.families.loaded import LoadedModel, check_image_size
 from vitport.families.weights import damaged_weights_error, is_unsafe_pickle, unsafe_pickle_error
 
@@ -68,7 +68,7 @@ def create(
             ) from exc
         if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
             raise WeightsError(
-                f"weights do not fit timm '{name}': {state_dict_problem(text)}"
+                f"weights do not fit timm '{name}': {state_dict_problem(exc)}"
             ) from exc
         raise
     except Exception as exc:
@@ -85,8 +85,9 @@ def create(
         raise WeightsError(f"could not load timm '{name}': {exc}") from exc
 
 
-def state_dict_problem(text: str) -> str:
+def state_dict_problem(error: BaseException) -> str:
     """The first concrete problem in torch's load_state_dict error: a shape, else a missing key."""
+    text = str(error)
     shape = r"torch\.Size\(\[([\d, ]*)\]\)"
     mismatch = re.search(
         rf"size mismatch for ([\w.]+): copying a param with shape {shape} from "
@@ -101,7 +102,7 @@ def state_dict_problem(text: str) -> str:
         if block:
             keys = re.findall(r'"([^"]+)"', block.group(1))
             return f"{label.lower()} {len(keys)} tensors, first '{keys[0]}'"
-    return text.strip().splitlines()[0][:300]
+    return one_line(error, limit=300)
 
 
 def tensor_shapes(name: str, state: Mapping[str, torch.Tensor] | None) -> dict[str, tuple]:

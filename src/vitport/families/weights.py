@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from vitport.errors import WeightsError
+from vitport.errors import WeightsError, one_line
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -18,11 +18,6 @@ WEIGHT_FILES = (
 def weights_file(path: Path) -> Path:
     """The transformers weights file in directory `path` (the directory itself when none)."""
     return next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def is_unsafe_pickle(exc: BaseException) -> bool:
@@ -42,4 +37,4 @@ def damaged_weights_error(path: Path, exc: BaseException) -> WeightsError:
     cure = "download it again"
     if "demo" in path.parts:
         cure = "run again: vitport rebuilds its demo cache when its weights hash does not match"
-    return WeightsError(f"{path} is damaged (cut short or corrupt: {first_line(exc)}); {cure}")
+    return WeightsError(f"{path} is damaged (cut short or corrupt: {one_line(exc)}); {cure}")

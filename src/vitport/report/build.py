@@ -18,6 +18,7 @@ from vitport.compare.run import candidate_factory, compare
 from vitport.compare.verdict import thresholds_for
 from vitport.device import dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
+from vitport.errors import one_line
 from vitport.fixes import fix_names
 from vitport.images import LoadedImage, PixelInputs
 from vitport.infer import infer, infer_pixels
@@ -83,9 +84,7 @@ def build_report(
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         data = measure_all(options, images, golden, log)
-    unique = sorted(
-        {f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in seen}
-    )
+    unique = sorted({one_line(w.message, typed=True) for w in seen})
     data["warnings"] = unique
     data["model"]["notes"] += [f"warning seen during the run: {w}" for w in unique]
     return data

@@ -17,7 +17,7 @@ import torch
 
 from vitport.device import dtype_name, parse_dtype
 from vitport.encoder import Encoder, RawOutput
-from vitport.errors import VitportError
+from vitport.errors import VitportError, one_line
 
 Build = Callable[[Encoder, Path], Callable]  # (encoder at the run's dtype, cache dir) -> forward_fn
 
@@ -267,8 +267,7 @@ def build(
         raise
     except Exception as exc:  # an unsupported operator, a missing library, out of memory
         raise VitportError(
-            f"{name} could not build {encoder.spec}: {type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            f"{name} could not build {encoder.spec}: {one_line(exc, typed=True)}"
         ) from exc
     seconds = time.perf_counter() - began
     if name != "torch":

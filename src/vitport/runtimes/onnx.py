@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vitport.encoder import Encoder
-from vitport.errors import VitportError
+from vitport.errors import VitportError, one_line
 
 INPUT = "pixel_values"
 
@@ -111,7 +111,6 @@ def export_graph(encoder: Encoder, path: Path, opset: int = 18) -> Path:
         write_atomic(path, write)
     except Exception as exc:  # the exporter raises many types
         raise VitportError(
-            f"torch.onnx could not export {encoder.spec} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]})"
+            f"torch.onnx could not export {encoder.spec} ({one_line(exc, typed=True)})"
         ) from exc
     return path

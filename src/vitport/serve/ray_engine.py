@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from vitport.device import Device
-from vitport.errors import VitportError
+from vitport.errors import VitportError, one_line
 from vitport.serve.config import ServeConfig
 
 log = logging.getLogger("vitport.serve")
@@ -153,7 +153,7 @@ def run(
             deploy(config, host, port, **options)
         except Exception as exc:  # a replica that fails to load or to pass its check
             raise VitportError(
-                f"Ray Serve could not start {config.served_name}: {_first_line(exc)}"
+                f"Ray Serve could not start {config.served_name}: {one_line(exc)}"
             ) from exc
         log.info("ready on Ray Serve at http://%s:%d", host, port)
         stop.wait()
@@ -167,8 +167,3 @@ def run(
             signal.signal(s, handler)
         if started:
             ray.shutdown()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
