@@ -202,3 +202,43 @@ def demo_encoder():
     import vitport
 
     return vitport.load("demo:dinov2-small")
+
+
+class FakeClock:
+    """Time that moves only when a test says so: ``sleep(s)`` advances it by ``s`` and each reading
+    by one tick, so a timed region takes exactly what the test slept in it, however busy the
+    machine is. No test decides by the wall clock."""
+
+    TICK = 2.0**-20  # about a microsecond: readings stay ordered, and the sums stay exact
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        self.now += self.TICK
+        return self.now
+
+    monotonic = perf_counter
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# the modules that time regions of work: they read the fake clock in a test that asks for it
+TIMED_MODULES = (
+    "vitport.device.timer",
+    "vitport.bench.timing",
+    "vitport.stream",
+    "vitport.bench.e2e",
+)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch) -> FakeClock:
+    """A FakeClock that vitport's timers read instead of the wall clock."""
+    import importlib
+
+    clock = FakeClock()
+    for name in TIMED_MODULES:
+        monkeypatch.setattr(importlib.import_module(name), "time", clock)
+    return clock

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import sys
-import time
 
 import pytest
 import torch
@@ -20,14 +19,15 @@ SLEEP = 0.02
 
 
 @pytest.fixture
-def sleepy(tiny_dir):
-    """The tiny DINOv2 with a forward that sleeps 20 ms per call and fails above batch 8."""
+def sleepy(tiny_dir, fake_clock):
+    """The tiny DINOv2 with a forward that takes 20 ms of the fake clock per call and fails above
+    batch 8."""
     encoder = vitport.load(str(tiny_dir("dinov2")))
 
     def forward(module, pixels):
         if len(pixels) > 8:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        time.sleep(SLEEP)
+        fake_clock.sleep(SLEEP)
         tokens = torch.zeros(len(pixels), 5, 32)
         return RawOutput(tokens=tokens, pooled=tokens[:, 0])
 
@@ -38,7 +38,7 @@ def sleepy(tiny_dir):
 def test_statistics_of_a_known_run_time(sleepy):
     result = bench(sleepy, [1, 4], FAST, measure_roofline=False)
     for row in result.rows():
-        assert SLEEP * 1000 * 0.9 < row["p50_ms"] < SLEEP * 1000 * 3
+        assert row["p50_ms"] == pytest.approx(SLEEP * 1000, abs=0.01)
         assert row["images_per_second"] == pytest.approx(
             row["batch_size"] / (row["mean_ms"] / 1000)
         )
@@ -46,7 +46,7 @@ def test_statistics_of_a_known_run_time(sleepy):
         assert row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["samples"] >= 5
     one, four = result.rows()
-    assert four["images_per_second"] > 2.5 * one["images_per_second"]
+    assert four["images_per_second"] == pytest.approx(4 * one["images_per_second"], rel=1e-3)
 
 
 def test_auto_backs_off_at_out_of_memory(sleepy):

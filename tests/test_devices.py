@@ -42,7 +42,9 @@ class FakeNpu(types.ModuleType):
         self.allocated = 123_456
         self.peak = 654_321
         self.bf16 = True
+        self.clock = time  # what its events read; a test may give it a FakeClock
         calls = self.calls
+        npu = self
 
         class Event:
             def __init__(self, enable_timing: bool = False) -> None:
@@ -52,7 +54,7 @@ class FakeNpu(types.ModuleType):
 
             def record(self, stream: object = None) -> None:
                 calls.append(("event.record", None))
-                self.t = time.perf_counter()
+                self.t = npu.clock.perf_counter()
 
             def synchronize(self) -> None:
                 calls.append(("event.synchronize", None))
@@ -324,10 +326,10 @@ def test_bad_spec(spec: str) -> None:
 # --------------------------------------------------------------------------- timing
 
 
-def test_cpu_timer_measures_sleep() -> None:
+def test_cpu_timer_measures_sleep(fake_clock) -> None:
     with Device("cpu").timer() as t:
-        time.sleep(0.05)
-    assert 0.04 < t.seconds < 0.5
+        fake_clock.sleep(0.05)
+    assert t.seconds == pytest.approx(0.05, abs=1e-5)
     assert t.method == "synchronize"
 
 
@@ -344,12 +346,13 @@ def test_timer_lets_errors_through() -> None:
         _ = t.seconds
 
 
-def test_npu_timer_uses_events_and_synchronizes(fake_npu: FakeNpu) -> None:
+def test_npu_timer_uses_events_and_synchronizes(fake_npu: FakeNpu, fake_clock) -> None:
+    fake_npu.clock = fake_clock
     device = resolve_device("npu")
     with device.timer() as t:
-        time.sleep(0.05)
+        fake_clock.sleep(0.05)
     assert t.method == "events"
-    assert 0.04 < t.seconds < 0.5
+    assert t.seconds == pytest.approx(0.05, abs=1e-5)
     names = fake_npu.names()
     assert ("Event", True) in fake_npu.calls  # created with enable_timing=True
     assert names.count("event.record") == 2
@@ -360,14 +363,14 @@ def test_npu_timer_uses_events_and_synchronizes(fake_npu: FakeNpu) -> None:
 
 
 def test_npu_timer_without_events_synchronizes_both_edges(
-    fake_npu: FakeNpu, monkeypatch: pytest.MonkeyPatch
+    fake_npu: FakeNpu, monkeypatch: pytest.MonkeyPatch, fake_clock
 ) -> None:
     monkeypatch.delattr(fake_npu, "Event")
     device = resolve_device("npu")
     with device.timer() as t:
-        time.sleep(0.05)
+        fake_clock.sleep(0.05)
     assert t.method == "synchronize"
-    assert 0.04 < t.seconds < 0.5
+    assert t.seconds == pytest.approx(0.05, abs=1e-5)
     assert fake_npu.names() == ["synchronize", "synchronize"]
 
 

@@ -154,20 +154,18 @@ def test_tf32_setting_is_readable():
     assert isinstance(peak.tf32_enabled(), bool)
 
 
-def test_the_faster_of_mm_and_linear_is_measured(monkeypatch):
+def test_the_faster_of_mm_and_linear_is_measured(monkeypatch, fake_clock):
     """Neither op is the ceiling everywhere (bf16 mm has a slow fallback on some CPUs): the
     probe's faster one is what the peak times."""
     slow_calls = []
 
     def slow_mm(a, b):
         slow_calls.append(1)
-        import time
-
-        time.sleep(0.01)
+        fake_clock.sleep(0.01)  # linear takes no clock time
         return a @ b
 
     monkeypatch.setattr(peak, "MATMULS", (slow_mm, torch.nn.functional.linear))
     assert peak._faster_matmul(Device("cpu"), torch.float32, size=8) is torch.nn.functional.linear
     calls = len(slow_calls)
-    measure_peak(Device("cpu"), torch.float32, size=64, min_seconds=0.01)
+    measure_peak(Device("cpu"), torch.float32, size=64, min_seconds=0.0)
     assert len(slow_calls) == 2 * calls  # probed again, never timed

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import pytest
+from conftest import FakeClock
 
 from vitport.bench.timing import Measurement, TaskSpec, measure
 from vitport.device import Device
@@ -16,15 +16,17 @@ TICK = 1 / 128  # exact in binary, so sums of fake device times are exact too
 
 
 class Sleeper:
-    """A callable that sleeps a known time (longer on its first call) and counts its calls."""
+    """A callable that sleeps a known time on the fake clock (longer on its first call) and counts
+    its calls."""
 
-    def __init__(self, seconds: float, first: float | None = None) -> None:
+    def __init__(self, clock: FakeClock, seconds: float, first: float | None = None) -> None:
+        self.clock = clock
         self.seconds = seconds
         self.first = seconds if first is None else first
         self.calls = 0
 
     def __call__(self) -> None:
-        time.sleep(self.first if self.calls == 0 else self.seconds)
+        self.clock.sleep(self.first if self.calls == 0 else self.seconds)
         self.calls += 1
 
 
@@ -76,37 +78,38 @@ def quick(**overrides: float) -> dict[str, float]:
     return {**window, **overrides}
 
 
-# --------------------------------------------------------------------------- real sleeps
+# --------------------------------------------------------------------------- the cpu's clock
 
 
-def test_sleep_is_timed_within_generous_bounds():
-    m = measure(Sleeper(0.02), Device("cpu"), SPEC, **quick())
-    assert 0.018 <= m.median <= 0.06
+def test_sleep_is_timed_by_the_clock(fake_clock):
+    m = measure(Sleeper(fake_clock, 0.02), Device("cpu"), SPEC, **quick())
+    assert m.median == pytest.approx(0.02, abs=1e-5)  # the sleep, and one tick of the reading
     assert m.images_per_second == SPEC.batch_size / m.mean
     assert m.ms_per_image == pytest.approx(1000 * m.mean / SPEC.batch_size)
     assert m.timer == "synchronize"  # cpu: perf_counter around the call
 
 
-def test_first_call_is_timed_alone():
-    fn = Sleeper(0.005, first=0.1)
+def test_first_call_is_timed_alone(fake_clock):
+    fn = Sleeper(fake_clock, 0.005, first=0.1)
     m = measure(fn, Device("cpu"), SPEC, **quick())
-    assert m.first_call >= 0.099
-    assert m.median < 0.05
+    assert m.first_call == pytest.approx(0.1, abs=1e-5)
+    assert m.median == pytest.approx(0.005, abs=1e-5)
     assert max(m.warmup_times + m.times) < 0.1  # the slow call is in neither window
     assert fn.calls == 1 + len(m.warmup_times) + len(m.times)
 
 
-def test_window_runs_until_min_seconds():
-    fn = Sleeper(0.01)
+def test_window_runs_until_min_seconds(fake_clock):
+    fn = Sleeper(fake_clock, 0.01)
     m = measure(fn, Device("cpu"), SPEC, **quick(min_iters=1, min_seconds=0.1))
     assert sum(m.times) >= 0.1
     assert sum(m.times[:-1]) < 0.1  # it stopped as soon as both were met
     assert fn.calls == 1 + len(m.warmup_times) + len(m.times)
 
 
-def test_max_seconds_caps_the_window():
-    m = measure(Sleeper(0.01), Device("cpu"), SPEC, **quick(min_seconds=1e9, max_seconds=0.05))
-    assert 1 <= len(m.times) < 50
+def test_max_seconds_caps_the_window(fake_clock):
+    window = quick(min_seconds=1e9, max_seconds=0.05)
+    m = measure(Sleeper(fake_clock, 0.01), Device("cpu"), SPEC, **window)
+    assert len(m.times) == 5  # 0.05 s of clock, 0.01 s a call
 
 
 # --------------------------------------------------------------------------- fake device
