@@ -54,27 +54,31 @@ def wheel(requirement: str) -> zipfile.ZipFile:
 
 
 class Sources:
-    """Top-level functions and classes of a package's Python files, and what a module exports."""
+    """Top-level functions and classes of a package's Python files, and what a module exports.
+
+    Files are parsed when a lookup needs them (a wheel holds thousands), in the wheel's order."""
 
     def __init__(self, archive: zipfile.ZipFile, folder: str) -> None:
         self.archive = archive
-        self.trees = {
-            name: ast.parse(archive.read(name))
-            for name in archive.namelist()
-            if name.startswith(folder) and name.endswith(".py")
-        }
-        self.defs: dict[str, ast.FunctionDef] = {}
-        self.classes: dict[str, ast.ClassDef] = {}
-        for tree in self.trees.values():
-            for node in tree.body:
-                if isinstance(node, ast.FunctionDef):
-                    self.defs.setdefault(node.name, node)
-                elif isinstance(node, ast.ClassDef):
-                    self.classes.setdefault(node.name, node)
+        self.files = [n for n in archive.namelist() if n.startswith(folder) and n.endswith(".py")]
+        self._trees: dict[str, ast.Module] = {}
+        self._text: dict[str, bytes] = {}
+        self.defs = _FirstTopLevel(self, ast.FunctionDef, b"def ")
+        self.classes = _FirstTopLevel(self, ast.ClassDef, b"class ")
+
+    def text(self, name: str) -> bytes:
+        if name not in self._text:
+            self._text[name] = self.archive.read(name)
+        return self._text[name]
+
+    def tree(self, name: str) -> ast.Module:
+        if name not in self._trees:
+            self._trees[name] = ast.parse(self.text(name))
+        return self._trees[name]
 
     def exported(self, module: str) -> set[str]:
         names: set[str] = set()
-        for node in self.trees[module].body:
+        for node in self.tree(module).body:
             if isinstance(node, ast.ImportFrom) and node.names[0].name == "*" and node.level:
                 star = f"{module.rsplit('/', 1)[0]}/{node.module.replace('.', '/')}.py"
                 names.update(self.exported(star))  # `from .memory import *`
@@ -85,6 +89,23 @@ class Sources:
             elif isinstance(node, ast.Assign):
                 names.update(t.id for t in node.targets if isinstance(t, ast.Name))
         return names
+
+
+class _FirstTopLevel:
+    """sources.defs[name] / sources.classes[name]: the first top-level definition of ``name``."""
+
+    def __init__(self, sources: Sources, kind: type, keyword: bytes) -> None:
+        self.sources, self.kind, self.keyword = sources, kind, keyword
+
+    def __getitem__(self, name: str) -> ast.FunctionDef | ast.ClassDef:
+        needle = self.keyword + name.encode()
+        for file in self.sources.files:
+            if needle not in self.sources.text(file):
+                continue  # not defined here: no need to parse it
+            for node in self.sources.tree(file).body:
+                if isinstance(node, self.kind) and node.name == name:
+                    return node
+        raise KeyError(name)
 
 
 def accepts(real: ast.FunctionDef, stand_in) -> str | None:
