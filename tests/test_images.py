@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitport.errors import ImageError
+from vitport.errors import ImageError, UnreadableImageError
 from vitport.images import (
     IMAGE_SUFFIXES,
+    PROBLEM_CATEGORIES,
     ImageProblem,
     LoadedImage,
     find_images,
     random_images,
     read_image,
     read_images,
-    reason_category,
     sample_images,
     scan_images,
     skipped_summary,
@@ -215,7 +215,7 @@ def test_truncated_jpeg_reported_and_good_file_still_loaded(tmp_path: Path) -> N
     assert loaded[0].image.mode == "RGB"
     assert len(problems) == 1
     assert problems[0].name == str(broken)
-    assert "truncated" in problems[0].reason
+    assert "truncated" in problems[0].reason and problems[0].category == "truncated"
     with pytest.raises(ImageError, match="broken.jpg: truncated"):
         read_image(broken)
 
@@ -227,6 +227,7 @@ def test_truncated_png_reported(tmp_path: Path) -> None:
     broken.write_bytes(data[: len(data) // 2])
     _, problems = read_images([broken])
     assert len(problems) == 1 and "truncated" in problems[0].reason
+    assert problems[0].category == "truncated"
 
 
 def test_empty_file(tmp_path: Path) -> None:
@@ -234,7 +235,7 @@ def test_empty_file(tmp_path: Path) -> None:
     empty.touch()
     loaded, problems = read_images([empty])
     assert loaded == []
-    assert problems == [ImageProblem(name=str(empty), reason="empty file")]
+    assert problems == [ImageProblem(name=str(empty), reason="empty file", category="empty")]
 
 
 def test_text_file_named_jpg(tmp_path: Path) -> None:
@@ -242,8 +243,10 @@ def test_text_file_named_jpg(tmp_path: Path) -> None:
     fake.write_text("this is not a picture\n")
     _, problems = read_images([fake])
     assert problems[0].reason == "not an image (cannot identify format)"
-    with pytest.raises(ImageError, match="notes.jpg: not an image"):
+    assert problems[0].category == "not-an-image"
+    with pytest.raises(UnreadableImageError, match="notes.jpg: not an image") as caught:
         read_image(fake)
+    assert (caught.value.reason, caught.value.category) == (problems[0].reason, "not-an-image")
 
 
 def test_nonexistent_path_reported_not_dropped(tmp_path: Path) -> None:
@@ -252,7 +255,9 @@ def test_nonexistent_path_reported_not_dropped(tmp_path: Path) -> None:
     good = _save(_photo(), tmp_path / "good.png")
     loaded, problems = read_images([str(missing), good])
     assert len(loaded) == 1
-    assert problems == [ImageProblem(name=str(missing), reason="file not found")]
+    assert problems == [
+        ImageProblem(name=str(missing), reason="file not found", category="missing")
+    ]
     with pytest.raises(ImageError, match="file not found"):
         read_image(missing)
 
@@ -284,6 +289,7 @@ def test_decompression_bomb_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [item.name for item in loaded] == [str(small)]
     assert problems[0].name == str(big)
     assert problems[0].reason.startswith("decompression bomb: 10000 pixels exceeds the 1000 ")
+    assert problems[0].category == "too-large"
 
 
 def test_decompression_bomb_warning_range_also_refused(
@@ -365,11 +371,28 @@ def test_non_image_files_in_a_directory_are_counted_not_dropped(tmp_path: Path) 
     paths, problems = scan_images([tmp_path])
     assert paths == [good]
     assert [p.name for p in problems] == [str(tmp_path / "notes.txt"), str(tmp_path / "ok")]
-    assert {reason_category(p.reason) for p in problems} == {"not-an-image"}
+    assert {p.category for p in problems} == {"not-an-image"}
     loaded, read_problems = read_images([tmp_path])
     assert len(loaded) == 1 and read_problems == problems
     assert skipped_summary(problems) == "2 skipped (not-an-image 2)"
     assert skipped_summary([]) == ""
+
+
+def test_every_problem_carries_a_known_category_set_where_it_was_found(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").touch()
+    (tmp_path / "notes.jpg").write_text("text")
+    (tmp_path / "readme.txt").write_text("text")
+    (tmp_path / "cut.png").write_bytes(_save(_photo(), tmp_path / "whole.png").read_bytes()[:200])
+    _, problems = read_images([tmp_path, tmp_path / "gone.png"])
+    found = {Path(p.name).name: p.category for p in problems}
+    assert found == {
+        "empty.png": "empty",
+        "notes.jpg": "not-an-image",
+        "readme.txt": "not-an-image",
+        "cut.png": "truncated",
+        "gone.png": "missing",
+    }
+    assert set(found.values()) <= set(PROBLEM_CATEGORIES)
 
 
 def test_scan_refuses_only_missing_files_with_the_path(tmp_path: Path) -> None:
@@ -378,7 +401,7 @@ def test_scan_refuses_only_missing_files_with_the_path(tmp_path: Path) -> None:
         scan_images([missing])
     good = _save(_photo(), tmp_path / "good.png")
     paths, problems = scan_images([missing, good])
-    assert paths == [good] and problems == [ImageProblem(str(missing), "file not found")]
+    assert paths == [good] and problems == [ImageProblem(str(missing), "file not found", "missing")]
 
 
 # ------------------------------------------------------------------ built-in inputs
@@ -436,4 +459,6 @@ def test_permission_error_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(Image, "open", refuse)
     _, problems = read_images([path])
-    assert problems == [ImageProblem(name=str(path), reason="permission denied")]
+    assert problems == [
+        ImageProblem(name=str(path), reason="permission denied", category="unreadable")
+    ]

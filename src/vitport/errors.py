@@ -33,6 +33,16 @@ class ImageError(VitportError):
     """No usable image was given."""
 
 
+class UnreadableImageError(ImageError):
+    """One image that cannot be used. `reason` says why in one line; `category` is the kind of
+    problem, set where it is found (one of vitport.images.PROBLEM_CATEGORIES): serve answers
+    with it as the error code, and tables of skipped inputs count by it."""
+
+    def __init__(self, name: str, reason: str, category: str) -> None:
+        super().__init__(f"{name}: {reason}" if name else reason)
+        self.name, self.reason, self.category = name, reason, category
+
+
 class DeviceError(VitportError):
     """The requested device or dtype cannot be used here."""
 

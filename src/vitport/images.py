@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitport.errors import ImageError, one_line
+from vitport.errors import ImageError, UnreadableImageError, one_line
 from vitport.format import count
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "PROBLEM_CATEGORIES",
     "ImageProblem",
     "LoadedImage",
     "find_images",
@@ -89,20 +90,41 @@ class PixelInputs:
         return len(self.names)
 
 
+PROBLEM_CATEGORIES = (
+    "missing",  # the file does not exist
+    "empty",  # the file (or the bytes) hold nothing
+    "not-an-image",  # not an image format, or a non-image file inside a directory
+    "too-large",  # a decompression bomb, or out of memory while decoding
+    "truncated",  # the pixel data stops early
+    "corrupt",  # a decoder failed on the file
+    "preprocess",  # decoded, but the model's preprocessing failed on it
+    "unreadable",  # anything else: permissions, not a regular file, ...
+)
+"""The kinds of image problem, each set where the problem is found (never read from wording)."""
+
+
 @dataclass(frozen=True)
 class ImageProblem:
-    """An input that could not be used, with one short human-readable reason."""
+    """An input that could not be used, with one short human-readable reason and its kind
+    (one of PROBLEM_CATEGORIES)."""
 
     name: str
     reason: str
+    category: str = "unreadable"
 
 
 class _Unreadable(Exception):
-    """Internal: carries the one-line reason a file could not be read."""
+    """Internal: carries the one-line reason a file could not be read, and its category."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, category: str) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.category = reason, category
+
+    def problem(self, name: str) -> ImageProblem:
+        return ImageProblem(name, self.reason, self.category)
+
+    def error(self, name: str) -> UnreadableImageError:
+        return UnreadableImageError(name, self.reason, self.category)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,44 +231,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
 _BOMB_MESSAGE = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
 
 
-def _bomb_reason(error: BaseException) -> str:
-    """One line for a decompression bomb, with the pixel count and the limit when known."""
+def _bomb(error: BaseException) -> _Unreadable:
+    """A decompression bomb, with the pixel count and the limit when known."""
     found = _BOMB_MESSAGE.search(str(error))
-    if found:
-        pixels, limit = found.groups()
-        # PIL's error quotes twice the limit; warnings are errors here, so the limit is the value
-        if Image.MAX_IMAGE_PIXELS:
-            limit = str(Image.MAX_IMAGE_PIXELS)
-        return (
-            f"decompression bomb: {pixels} pixels exceeds the {limit} limit "
-            "(PIL.Image.MAX_IMAGE_PIXELS)"
-        )
-    return f"decompression bomb: {one_line(error)}"
+    if not found:
+        return _Unreadable(f"decompression bomb: {one_line(error)}", "too-large")
+    pixels, limit = found.groups()
+    # PIL's error quotes twice the limit; warnings are errors here, so the limit is the value
+    if Image.MAX_IMAGE_PIXELS:
+        limit = str(Image.MAX_IMAGE_PIXELS)
+    return _Unreadable(
+        f"decompression bomb: {pixels} pixels exceeds the {limit} limit "
+        "(PIL.Image.MAX_IMAGE_PIXELS)",
+        "too-large",
+    )
 
 
-def _decode_reason(error: BaseException, action: str = "decode") -> str:
-    """One line for an error raised while opening or decoding an image."""
+def _undecodable(error: BaseException, action: str = "decode") -> _Unreadable:
+    """An error raised by PIL while opening or decoding an image: truncated or corrupt."""
     message = one_line(error)
     if "truncated" in message.lower() or "broken data stream" in message.lower():
-        return f"truncated file ({message})"
-    return f"cannot {action} image, the file may be corrupt ({message})"
+        return _Unreadable(f"truncated file ({message})", "truncated")
+    return _Unreadable(f"cannot {action} image, the file may be corrupt ({message})", "corrupt")
 
 
 def _check_file(path: Path) -> None:
     """Raise _Unreadable for inputs that are not a non-empty regular file."""
     try:
         if not path.exists():
-            raise _Unreadable("file not found")
+            raise _Unreadable("file not found", "missing")
         if path.is_dir():
-            raise _Unreadable("is a directory, not an image file")
+            raise _Unreadable("is a directory, not an image file", "unreadable")
         if not path.is_file():
-            raise _Unreadable("not a regular file")
+            raise _Unreadable("not a regular file", "unreadable")
         if path.stat().st_size == 0:
-            raise _Unreadable("empty file")
+            raise _Unreadable("empty file", "empty")
     except PermissionError as error:
-        raise _Unreadable("permission denied") from error
+        raise _Unreadable("permission denied", "unreadable") from error
     except OSError as error:
-        raise _Unreadable(f"cannot access file ({one_line(error)})") from error
+        raise _Unreadable(f"cannot access file ({one_line(error)})", "unreadable") from error
 
 
 def _read(path: Path) -> Image.Image:
@@ -262,35 +285,36 @@ def _decode(source: Path | io.BytesIO) -> Image.Image:
         try:
             opened = Image.open(source)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise _Unreadable(_bomb_reason(error)) from error
+            raise _bomb(error) from error
         except UnidentifiedImageError as error:
-            raise _Unreadable("not an image (cannot identify format)") from error
+            raise _Unreadable("not an image (cannot identify format)", "not-an-image") from error
         except FileNotFoundError as error:
-            raise _Unreadable("file not found") from error
+            raise _Unreadable("file not found", "missing") from error
         except PermissionError as error:
-            raise _Unreadable("permission denied") from error
+            raise _Unreadable("permission denied", "unreadable") from error
         except IsADirectoryError as error:
-            raise _Unreadable("is a directory, not an image file") from error
+            raise _Unreadable("is a directory, not an image file", "unreadable") from error
         except Exception as error:  # any decoder failure is a reportable problem
-            raise _Unreadable(_decode_reason(error, "open")) from error
+            raise _undecodable(error, "open") from error
         with opened:
             try:
                 opened.load()
                 return to_rgb(opened)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-                raise _Unreadable(_bomb_reason(error)) from error
+                raise _bomb(error) from error
             except MemoryError as error:
-                raise _Unreadable("out of memory while decoding") from error
+                raise _Unreadable("out of memory while decoding", "too-large") from error
             except Exception as error:  # truncated or corrupt pixel data
-                raise _Unreadable(_decode_reason(error)) from error
+                raise _undecodable(error) from error
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Read one image file as upright RGB; raise ImageError("<path>: <reason>") if unusable."""
+    """Read one image file as upright RGB; raise UnreadableImageError("<path>: <reason>"),
+    with the problem's category, if unusable."""
     try:
         return _read(Path(path))
     except _Unreadable as problem:
-        raise ImageError(f"{path}: {problem.reason}") from problem.__cause__
+        raise problem.error(str(path)) from problem.__cause__
 
 
 def content_sha256(image: Image.Image) -> str:
@@ -304,35 +328,14 @@ def content_sha256(image: Image.Image) -> str:
 
 
 def read_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Decode an image held in memory (a Parquet column, say); ImageError("<name>: <reason>")."""
+    """Decode an image held in memory (a Parquet column, say); UnreadableImageError
+    ("<name>: <reason>", with the problem's category) if unusable."""
     try:
         if not data:
-            raise _Unreadable("empty file")
+            raise _Unreadable("empty file", "empty")
         return _decode(io.BytesIO(data))
     except _Unreadable as problem:
-        raise ImageError(f"{name}: {problem.reason}") from problem.__cause__
-
-
-# A reason's short category, for tables of failures: (start of the reason, category).
-REASON_CATEGORIES = (
-    ("file not found", "missing"),
-    ("empty file", "empty"),
-    ("not an image", "not-an-image"),
-    ("decompression bomb", "too-large"),
-    ("out of memory", "too-large"),
-    ("truncated", "truncated"),
-    ("cannot decode", "corrupt"),
-    ("cannot open", "corrupt"),
-    ("preprocessing failed", "preprocess"),
-)
-
-
-def reason_category(reason: str) -> str:
-    """empty, truncated, not-an-image, too-large, corrupt, missing, preprocess or unreadable."""
-    for start, category in REASON_CATEGORIES:
-        if reason.startswith(start):
-            return category
-    return "unreadable"
+        raise problem.error(name) from problem.__cause__
 
 
 def _as_list(inputs: Iterable[str | Path]) -> list[str | Path]:
@@ -357,10 +360,11 @@ def directory_files(directory: Path) -> tuple[list[Path], list[Path]]:
     return sorted(images, key=order), sorted(others, key=order)
 
 
-def not_an_image_reason(path: Path) -> str:
+def not_an_image(path: Path, name: str | None = None) -> ImageProblem:
     """Why a file inside a directory is skipped without being opened."""
     kind = f"a {path.suffix.lower()} file" if path.suffix else "a file without a suffix"
-    return f"not an image ({kind} inside a directory; only image suffixes are read)"
+    reason = f"not an image ({kind} inside a directory; only image suffixes are read)"
+    return ImageProblem(str(path) if name is None else name, reason, "not-an-image")
 
 
 def _expand(inputs: Iterable[str | Path]) -> tuple[list[tuple[str, Path]], list[ImageProblem]]:
@@ -373,7 +377,7 @@ def _expand(inputs: Iterable[str | Path]) -> tuple[list[tuple[str, Path]], list[
         if path.is_dir():
             images, others = directory_files(path)
             pairs.extend((str(found), found) for found in images)
-            skipped.extend(ImageProblem(str(other), not_an_image_reason(other)) for other in others)
+            skipped.extend(not_an_image(other) for other in others)
         else:
             pairs.append((str(item), path))
     return pairs, skipped
@@ -401,7 +405,7 @@ def _scan(inputs: Iterable[str | Path]) -> tuple[list[tuple[str, Path]], list[Im
     pairs, missing = [], []
     for name, path in expanded:
         (pairs if path.exists() else missing).append((name, path))
-    problems = [ImageProblem(name, "file not found") for name, _ in missing] + skipped
+    problems = [ImageProblem(name, "file not found", "missing") for name, _ in missing] + skipped
     if not pairs:
         raise nothing_to_read(given, problems)
     return pairs, problems
@@ -422,7 +426,7 @@ def scan_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[ImagePro
 def nothing_to_read(given: Sequence[str | Path], problems: Sequence[ImageProblem]) -> ImageError:
     """The one line for inputs that hold no image to read."""
     where = ", ".join(str(item) for item in given) or "(no inputs)"
-    missing = [p.name for p in problems if p.reason == "file not found"]
+    missing = [p.name for p in problems if p.category == "missing"]
     if problems and len(missing) == len(problems):
         return ImageError(f"file not found: {', '.join(missing)}; check the path")
     shown = ", ".join(p.name for p in problems[:3]) + (", ..." if len(problems) > 3 else "")
@@ -437,7 +441,7 @@ def skipped_summary(problems: Sequence[ImageProblem]) -> str:
     """``"3 skipped (missing 1, not-an-image 2)"``, or "" when nothing was skipped."""
     if not problems:
         return ""
-    categories = [reason_category(p.reason) for p in problems]
+    categories = [p.category for p in problems]
     counts = ", ".join(f"{c} {categories.count(c)}" for c in sorted(set(categories)))
     return f"{len(problems)} skipped ({counts})"
 
@@ -454,7 +458,7 @@ def read_images(inputs: Iterable[str | Path]) -> tuple[list[LoadedImage], list[I
         try:
             loaded.append(LoadedImage(name=name, image=_read(path)))
         except _Unreadable as problem:
-            problems.append(ImageProblem(name=name, reason=problem.reason))
+            problems.append(problem.problem(name))
     return loaded, problems
 
 

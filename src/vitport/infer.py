@@ -95,7 +95,7 @@ def infer_inputs(
     problems = list(skipped)
     done = 0
     for batch, _ in stream.stream(dataset, batch_size, pool, pin):
-        problems.extend(ImageProblem(f.path, f.message) for f in batch.failures)
+        problems.extend(ImageProblem(f.path, f.message, f.reason) for f in batch.failures)
         if batch.indices:
             pixels = batch.pixels.to(device.torch_device, non_blocking=pin)
             with device.timer() as timer:

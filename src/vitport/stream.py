@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitport.errors import ImageError, one_line
-from vitport.images import content_sha256, read_image, read_image_bytes, reason_category
+from vitport.errors import UnreadableImageError, one_line
+from vitport.images import content_sha256, read_image, read_image_bytes
 
 WORKER_TIMEOUT_S = 300.0
 """Seconds to wait for one batch from workers before giving up (a hung worker, not a slow one)."""
@@ -29,20 +29,22 @@ WORKER_TIMEOUT_S = 300.0
 class Input:
     """One image to read: a file, or (``row`` >= 0) the bytes in row ``row`` of ``column`` of
     the Parquet file ``path``. ``problem``, when set, is why it is known unusable without
-    reading it (a non-image file inside a directory): it fails with that reason."""
+    reading it (a non-image file inside a directory): it fails with that reason, counted under
+    ``problem_category``."""
 
     id: str
     path: str
     row: int = -1
     column: str = ""
     problem: str = ""
+    problem_category: str = ""
 
 
 class Failure(NamedTuple):
     index: int
     id: str
     path: str
-    reason: str  # a short category: empty, truncated, not-an-image, too-large, ...
+    reason: str  # its category, one of vitport.images.PROBLEM_CATEGORIES
     message: str
 
 
@@ -127,14 +129,14 @@ class ImageInputs(Dataset):
         item = self.inputs[index]
         t0 = time.perf_counter()
         if item.problem:
-            return self._failed(index, item, t0, item.problem)
+            return self._failed(index, item, t0, item.problem_category, item.problem)
         try:
             image = self.read(item)
-        except ImageError as exc:
-            message = _strip_name(str(exc), item.id if item.row >= 0 else item.path)
-            return self._failed(index, item, t0, message)
+        except UnreadableImageError as exc:
+            return self._failed(index, item, t0, exc.category, exc.reason)
         except Exception as exc:  # read_image should not raise these; never crash a long run
-            return self._failed(index, item, t0, f"could not read: {one_line(exc, typed=True)}")
+            message = f"could not read: {one_line(exc, typed=True)}"
+            return self._failed(index, item, t0, "unreadable", message)
         t1 = time.perf_counter()
         try:
             pixels = self.preprocess([image])[0]
@@ -152,15 +154,9 @@ class ImageInputs(Dataset):
         return Item(index, pixels, image.size, t1 - t0, time.perf_counter() - t1, None, digest)
 
     @staticmethod
-    def _failed(index: int, item: Input, t0: float, message: str) -> Item:
-        failure = Failure(index, item.id, item.path, reason_category(message), message)
+    def _failed(index: int, item: Input, t0: float, category: str, message: str) -> Item:
+        failure = Failure(index, item.id, item.path, category, message)
         return Item(index, None, (0, 0), time.perf_counter() - t0, 0.0, failure)
-
-
-def _strip_name(text: str, name: str) -> str:
-    """read_image's message without the leading ``<name>: ``."""
-    prefix = f"{name}: "
-    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def collate(items: list[Item]) -> Batch:

@@ -30,13 +30,14 @@ class Decode:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = [
-            Input(str(i), str(p), int(r), str(c), str(known))
-            for i, p, r, c, known in zip(
+            Input(str(i), str(p), int(r), str(c), str(known), str(kind))
+            for i, p, r, c, known, kind in zip(
                 batch["id"],
                 batch["path"],
                 batch["row"],
                 batch["column"],
                 batch["problem"],
+                batch["problem_category"],
                 strict=True,
             )
         ]
@@ -325,6 +326,7 @@ def run_ray(
                 "row": inputs[i].row,
                 "column": inputs[i].column,
                 "problem": inputs[i].problem,
+                "problem_category": inputs[i].problem_category,
             }
             for i in order
         ]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vitport.errors import ImageError, VitportError
-from vitport.images import ImageProblem, directory_files, not_an_image_reason, nothing_to_read
+from vitport.images import ImageProblem, directory_files, not_an_image, nothing_to_read
 from vitport.stream import Input
 
 
@@ -68,9 +68,15 @@ def _tree_inputs(root: Path) -> list[Input]:
     if not root.is_dir():
         return [Input(root.name, str(root))]
     images, others = directory_files(root)
-    entries = [(p, "") for p in images] + [(p, not_an_image_reason(p)) for p in others]
-    entries.sort(key=lambda entry: entry[0].relative_to(root).parts)
-    return [Input(p.relative_to(root).as_posix(), str(p), problem=why) for p, why in entries]
+    skipped = {path: not_an_image(path) for path in others}
+
+    def entry(path: Path) -> Input:
+        name, why = path.relative_to(root).as_posix(), skipped.get(path)
+        if why is None:
+            return Input(name, str(path))
+        return Input(name, str(path), problem=why.reason, problem_category=why.category)
+
+    return [entry(p) for p in sorted([*images, *others], key=lambda p: p.relative_to(root).parts)]
 
 
 def collect(sources: Sequence[str], column: str | None = None) -> list[Input]:
@@ -101,7 +107,10 @@ def collect(sources: Sequence[str], column: str | None = None) -> list[Input]:
             )
         seen[item.id] = item.path
     if all(item.problem for item in inputs):
-        raise nothing_to_read(sources, [ImageProblem(item.path, item.problem) for item in inputs])
+        raise nothing_to_read(
+            sources,
+            [ImageProblem(item.path, item.problem, item.problem_category) for item in inputs],
+        )
     return inputs
 
 

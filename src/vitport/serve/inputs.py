@@ -15,8 +15,8 @@ from urllib.parse import urljoin, urlsplit
 
 import torch
 
-from vitport.errors import ImageError
-from vitport.images import read_image_bytes, reason_category
+from vitport.errors import UnreadableImageError
+from vitport.images import read_image_bytes
 
 DATA_URI = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 MAX_REDIRECTS = 3
@@ -138,9 +138,8 @@ def decode(
     """Image bytes to one preprocessed pixel tensor; EntryError with the reader's category."""
     try:
         image = read_image_bytes(data, name)
-    except ImageError as exc:
-        reason = str(exc).removeprefix(f"{name}: ")
-        raise EntryError(reason_category(reason), reason) from exc
+    except UnreadableImageError as exc:
+        raise EntryError(exc.category, exc.reason) from exc
     try:
         pixels = preprocess([image])[0].to(dtype)
     except Exception as exc:  # one odd image must fail alone
