@@ -16,7 +16,7 @@ import vitport
 from vitport.bench.optimize import optimize
 from vitport.bench.run import Window
 from vitport.device import resolve_device
-from vitport.images import default_inputs
+from vitport.inputs import default_inputs
 
 MARK = "<!-- cpu_demo -->"
 

@@ -18,7 +18,7 @@ from docs_section import write_section
 import vitport
 from vitport.bench.run import Window, bench_batch
 from vitport.embed import embed
-from vitport.images import sample_images
+from vitport.inputs import sample_images
 
 MARK = "<!-- embed_throughput -->"
 

@@ -20,8 +20,8 @@ import vitport
 from vitport.compare.localize import localize, localize_golden
 from vitport.faults import inject
 from vitport.golden import GoldenBlocks, golden_file_parts
-from vitport.images import default_inputs
 from vitport.infer import infer
+from vitport.inputs import default_inputs
 
 MARK = "<!-- golden_localize -->"
 REPEATS = 3

@@ -25,7 +25,7 @@ from vitport.bench.run import Window, bench
 from vitport.compare.run import features_of
 from vitport.compare.verdict import judge_features, thresholds_for
 from vitport.device import resolve_device
-from vitport.images import default_inputs
+from vitport.inputs import default_inputs
 from vitport.runtimes import RUNTIMES, build
 
 MARK = "<!-- gpu_vit_large -->"

@@ -32,7 +32,7 @@ def main() -> None:
 
     import vitport
     from vitport.faults import inject
-    from vitport.images import sample_images
+    from vitport.inputs import sample_images
 
     encoder = vitport.load(args.model, "cpu", args.dtype)
     if args.fault:

@@ -25,7 +25,7 @@ from vitport.bench.optimize import Config, optimize
 from vitport.bench.run import Window
 from vitport.device import resolve_device
 from vitport.format import pct
-from vitport.images import default_inputs
+from vitport.inputs import default_inputs
 
 MARK = "<!-- runtimes_cpu -->"
 SIZES = [1, 8]

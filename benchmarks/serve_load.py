@@ -34,7 +34,7 @@ from docs_section import write_section
 
 import vitport
 from vitport.bench.run import Window, bench_batch
-from vitport.images import sample_images
+from vitport.inputs import sample_images
 
 MARK = "<!-- serve_load -->"
 MODEL = "demo:dinov2-small"

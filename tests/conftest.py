@@ -181,7 +181,7 @@ def tiny_dir(tmp_path_factory) -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session")
 def photos():
-    from vitport.images import sample_images
+    from vitport.inputs import sample_images
 
     return sample_images(4)
 
@@ -228,7 +228,7 @@ class FakeClock:
 TIMED_MODULES = (
     "vitport.device.timer",
     "vitport.bench.timing",
-    "vitport.stream",
+    "vitport.inputs.stream",
     "vitport.bench.e2e",
 )
 

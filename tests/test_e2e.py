@@ -157,7 +157,7 @@ def test_slow_preprocess_is_named_as_the_bottleneck(encoder, paths, monkeypatch,
 
 def spawn_workers(monkeypatch) -> None:
     """Make the DataLoader start its workers with spawn (pickling everything they need)."""
-    from vitport import stream
+    from vitport.inputs import stream
 
     made = stream.make_loader
 

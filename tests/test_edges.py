@@ -9,7 +9,7 @@ from test_cli import run
 
 
 def test_names_with_brackets_are_printed_as_written(monkeypatch, capsys, tiny_dir, tmp_path):
-    from vitport.images import sample_images
+    from vitport.inputs import sample_images
 
     photo = tmp_path / "scan [final].jpg"
     sample_images(1)[0].image.save(photo)
@@ -104,7 +104,7 @@ def test_a_damaged_demo_cache_is_rebuilt_not_loaded(demo_encoder):
 
 
 def test_golden_files_match_images_by_content(monkeypatch, capsys, tiny_dir, tmp_path):
-    from vitport.images import sample_images
+    from vitport.inputs import sample_images
 
     model = str(tiny_dir("dinov2"))
     first, second = tmp_path / "a", tmp_path / "b"
@@ -246,7 +246,7 @@ def test_infer_memory_is_flat_in_the_number_of_images(tiny_dir, tmp_path):
 
 def test_quiet_version_debug_after_the_command_and_strict(monkeypatch, capsys, tiny_dir, tmp_path):
     from vitport import __version__
-    from vitport.images import sample_images
+    from vitport.inputs import sample_images
 
     code, out, _ = run(monkeypatch, capsys, "--version")
     assert code == 0 and out.strip() == f"vitport {__version__}"

@@ -26,7 +26,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "motorcycle")
 
 
 def save_photos(directory: Path, names=PHOTOS, copies: int = 1) -> list[Path]:
-    from vitport.images import sample_images
+    from vitport.inputs import sample_images
 
     directory.mkdir(parents=True, exist_ok=True)
     images = {im.name.removeprefix("skimage:"): im.image for im in sample_images(8)}
@@ -121,8 +121,8 @@ def test_good_rows_and_an_error_row_with_its_reason_for_each_bad_input(
 
 
 def test_features_equal_infer_on_the_same_images(model_dir, photos, tmp_path):
-    from vitport.images import read_images
     from vitport.infer import infer
+    from vitport.inputs import read_images
 
     embed(
         [str(photos)],

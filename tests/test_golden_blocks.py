@@ -124,7 +124,7 @@ import json, torch, vitport
 from vitport import Features
 from vitport.compare.run import compare
 from vitport.compare.verdict import thresholds_for
-from vitport.images import images_by_name
+from vitport.inputs import images_by_name
 golden = Features.load({str(golden)!r}); golden.meta["path"] = {str(golden)!r}
 base = vitport.load({str(model)!r})
 candidate = base.to(base.device, torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Tests for vitport.images: every file a user may hand in, good or bad, generated with PIL."""
+"""Tests for vitport.inputs: every file a user may hand in, good or bad, generated with PIL."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vitport.errors import ImageError, UnreadableImageError
-from vitport.images import (
+from vitport.inputs import (
     IMAGE_SUFFIXES,
     PROBLEM_CATEGORIES,
     ImageProblem,

@@ -26,7 +26,7 @@ SHARD = 8
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory) -> Path:
-    from vitport.images import sample_images
+    from vitport.inputs import sample_images
 
     directory = tmp_path_factory.mktemp("collection")
     images = sample_images(8)

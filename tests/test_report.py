@@ -11,7 +11,7 @@ from PIL import Image
 
 from vitport.bench.run import Window
 from vitport.format import pct
-from vitport.images import sample_images
+from vitport.inputs import sample_images
 from vitport.report import ReportOptions, build_report, read_report, write_report
 from vitport.report.plots import DPI, FIGSIZE
 

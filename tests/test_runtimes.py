@@ -17,7 +17,7 @@ from vitport.compare.run import features_of
 from vitport.compare.verdict import judge_features, thresholds_for
 from vitport.device import resolve_device
 from vitport.encoder import RawOutput
-from vitport.images import default_inputs
+from vitport.inputs import default_inputs
 from vitport.runtimes import RUNTIMES, Runtime, build, openvino_forward
 
 CPU_RUNTIMES = [n for n in ("onnxruntime", "openvino") if RUNTIMES[n].missing() is None]

@@ -26,8 +26,8 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 import vitport  # noqa: E402
-from vitport.images import LoadedImage, random_images, read_image_bytes  # noqa: E402
 from vitport.infer import infer  # noqa: E402
+from vitport.inputs import LoadedImage, random_images, read_image_bytes  # noqa: E402
 
 MODEL = "dinov2_with_registers"
 

@@ -35,7 +35,7 @@ class ImageError(VitportError):
 
 class UnreadableImageError(ImageError):
     """One image that cannot be used. `reason` says why in one line; `category` is the kind of
-    problem, set where it is found (one of vitport.images.PROBLEM_CATEGORIES): serve answers
+    problem, set where it is found (one of vitport.inputs.PROBLEM_CATEGORIES): serve answers
     with it as the error code, and tables of skipped inputs count by it."""
 
     def __init__(self, name: str, reason: str, category: str) -> None:

@@ -27,7 +27,7 @@ from vitport.outputs import write_atomic
 if TYPE_CHECKING:
     from vitport.device import Device
     from vitport.encoder import Encoder, Features
-    from vitport.images import ImageProblem, LoadedImage
+    from vitport.inputs import ImageProblem, LoadedImage
 
 FORMAT_KEY = "vitport_features"  # the header entry that marks a vitport features file
 FORMAT_VERSION = "1"
@@ -275,7 +275,7 @@ def match_by_content(
 ) -> list[LoadedImage]:
     """The given images in the golden file's order, matched by the hash of their pixels: any
     directory, working directory or order will do; the same name with other pixels will not."""
-    from vitport.images import content_sha256
+    from vitport.inputs import content_sha256
 
     by_hash = {content_sha256(im.image): im for im in images}
     by_name = {im.name: im for im in images}

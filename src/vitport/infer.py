@@ -9,8 +9,8 @@ import torch
 
 from vitport.encoder import Encoder, Features
 from vitport.errors import ImageError
-from vitport.images import ImageProblem, LoadedImage
-from vitport.stream import Input
+from vitport.inputs import ImageProblem, LoadedImage
+from vitport.inputs.stream import Input
 
 
 @dataclass
@@ -55,7 +55,7 @@ def infer(
         sizes.append(len(chunk))
     if not parts:
         raise ImageError("no images to encode")
-    from vitport.images import content_sha256
+    from vitport.inputs import content_sha256
 
     return InferResult(
         features=Features.concat(parts),
@@ -84,8 +84,8 @@ def infer_inputs(
 ) -> InferResult:
     """Encode image files streamed through DataLoader workers: decoded images never pile up, so
     memory stays flat in the number of images. Unreadable ones become problems, after the
-    `skipped` ones found before reading (see vitport.images.scan_images)."""
-    from vitport import stream
+    `skipped` ones found before reading (see vitport.inputs.scan_images)."""
+    from vitport.inputs import stream
 
     device = encoder.device
     pin = device.pin_memory

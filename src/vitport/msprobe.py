@@ -26,7 +26,7 @@ from vitport.errors import GoldenMismatchError, VitportError
 from vitport.format import count
 from vitport.golden import EMBEDDINGS, SOURCE
 from vitport.hooks import hooked, replace_first_tensor
-from vitport.images import PixelInputs
+from vitport.inputs import PixelInputs
 
 if TYPE_CHECKING:
     from vitport.encoder import Encoder, Features

@@ -1,6 +1,6 @@
 """End-to-end throughput: image files to features, with DataLoader workers, and where time goes.
 
-Decoding (``vitport.images.read_image``) and preprocessing (the encoder's own processor) run
+Decoding (``vitport.inputs.read_image``) and preprocessing (the encoder's own processor) run
 in ``torch.utils.data`` workers; the main process waits for batches, copies them to the
 device and runs the model. Each stage is timed so the report can say what limits throughput.
 
@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from vitport import records, stream
+from vitport import records
 from vitport.encoder import Encoder
 from vitport.errors import ImageError, VitportError
-from vitport.stream import Batch, ImageInputs, Workers
+from vitport.inputs import stream
+from vitport.inputs.stream import Batch, ImageInputs, Workers
 
 __all__ = ["E2EResult", "StageTimes", "run_e2e"]
 

@@ -19,8 +19,8 @@ from vitport.device import Device, dtype_name, parse_dtype
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError, one_line
 from vitport.format import metric_value
-from vitport.images import LoadedImage
 from vitport.infer import infer
+from vitport.inputs import LoadedImage
 
 
 @dataclass(frozen=True)

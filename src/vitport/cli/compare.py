@@ -149,7 +149,7 @@ def compare(
     candidate, detail = make_candidate(fixes)
     notes = [*base.notes, *([f"candidate: {detail}"] if detail else [])]
     if problems:
-        from vitport.images import skipped_summary
+        from vitport.inputs import skipped_summary
 
         notes.append(f"{len(loaded)} inputs compared, {skipped_summary(problems)}: listed above")
     if golden is not None:

@@ -84,11 +84,11 @@ def infer(
     """
     from vitport.cli.infer_tables import latency_note, per_image_table, shapes_table
     from vitport.fixes import parse_fixes
-    from vitport.images import default_inputs, read_images
     from vitport.infer import infer as run_infer
     from vitport.infer import infer_inputs
+    from vitport.inputs import default_inputs, read_images
+    from vitport.inputs.stream import file_inputs
     from vitport.outputs import check_dir, check_file, is_features_file
-    from vitport.stream import file_inputs
 
     fixes = parse_fixes(fix)
     if out_format not in ("vitport", "msprobe"):
@@ -173,7 +173,7 @@ def infer(
             "check the dtype (fp16 overflows above 65504) or compare it: vitport compare"
         )
     if problems:
-        from vitport.images import skipped_summary
+        from vitport.inputs import skipped_summary
 
         console.print(
             f"{count(len(feats.names), 'image')} encoded, "

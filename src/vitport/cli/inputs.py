@@ -59,7 +59,7 @@ def report_problems(problems) -> None:
 def find_inputs(images: list[Path] | None) -> tuple[list[Path] | None, list]:
     """Before the model loads: the image files to read (directories expanded; None for the
     default inputs) and those already skipped (missing, not images), reported here."""
-    from vitport.images import scan_images
+    from vitport.inputs import scan_images
 
     if not images:
         return None, []
@@ -71,7 +71,7 @@ def find_inputs(images: list[Path] | None) -> tuple[list[Path] | None, list]:
 def read_inputs(images: list[Path] | None, size: int, golden=None):
     """The user's images; else a golden file's own images; else the default set (real photos
     plus seeded random inputs). An msprobe dump brings its own pixel inputs."""
-    from vitport.images import default_inputs, images_by_name, read_images
+    from vitport.inputs import default_inputs, images_by_name, read_images
     from vitport.msprobe import Dump
 
     if isinstance(golden, Dump):

@@ -12,7 +12,7 @@ from vitport.device import Device, resolve_device
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 from vitport.golden import GoldenBlocks, as_reference, check_golden, source_of
-from vitport.images import LoadedImage, PixelInputs
+from vitport.inputs import LoadedImage, PixelInputs
 from vitport.msprobe import Dump, DumpBlocks, is_dump, is_dump_reference, open_dump
 
 

@@ -26,7 +26,7 @@ from vitport.errors import VitportError
 from vitport.fixes import process_settings_restored
 from vitport.format import count
 from vitport.golden import source_of
-from vitport.images import LoadedImage, PixelInputs
+from vitport.inputs import LoadedImage, PixelInputs
 from vitport.msprobe import is_dump_reference
 
 SCHEMA_VERSION = 1

@@ -162,7 +162,7 @@ def convert(
     With `to="onnx"`, an `out` ending in .onnx is the model file itself, with its preprocessing
     and record beside it (NAME.preprocessor_config.json, NAME.conversion.json).
     `mapping_override` replaces the table (tests plant a broken one with it)."""
-    from vitport.images import default_inputs
+    from vitport.inputs import default_inputs
 
     if to not in TARGETS:
         raise SpecError(f"--to {to}: use one of {', '.join(TARGETS)}")

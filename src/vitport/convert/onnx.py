@@ -51,7 +51,7 @@ def export_onnx(
 ) -> ConversionResult:
     import onnxruntime as ort
 
-    from vitport.images import DEFAULT_PHOTOS, DEFAULT_RANDOM, default_inputs
+    from vitport.inputs import DEFAULT_PHOTOS, DEFAULT_RANDOM, default_inputs
 
     inputs = DEFAULT_PHOTOS + DEFAULT_RANDOM
     if static and batch_size > inputs:

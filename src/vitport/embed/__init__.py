@@ -25,7 +25,7 @@ from vitport.embed.sources import collect, fingerprint
 from vitport.embed.store import Store, named_resample
 from vitport.encoder import Encoder
 from vitport.errors import VitportError
-from vitport.stream import Input
+from vitport.inputs.stream import Input
 
 OUTPUT_NAMES = ("cls", "pooled", "registers", "patches")
 DEFAULT_SHARD_SIZE = 10_000
@@ -306,7 +306,7 @@ def run_local(
     on_batch: Callable[[int, int], None],
 ) -> Timing:
     """DataLoader workers decode and preprocess; the main process runs the model and writes."""
-    from vitport import stream
+    from vitport.inputs import stream
 
     order = [i for k in todo for i in store.shard_range(k)]
     timing = Timing(workers)

@@ -18,7 +18,7 @@ from vitport.embed.shards import ShardCollector, Timing, features_of
 from vitport.embed.store import Store
 from vitport.encoder import Encoder
 from vitport.errors import ClusterError, VitportError, one_line
-from vitport.stream import Failure, ImageInputs, Input
+from vitport.inputs.stream import Failure, ImageInputs, Input
 
 
 class Decode:

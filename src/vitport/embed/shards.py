@@ -11,7 +11,7 @@ import torch
 
 from vitport.embed.store import ShardRows, Store
 from vitport.encoder import Encoder
-from vitport.stream import Input
+from vitport.inputs.stream import Input
 
 
 @dataclass

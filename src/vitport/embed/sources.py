@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vitport.errors import ImageError, VitportError
-from vitport.images import ImageProblem, directory_files, not_an_image, nothing_to_read
-from vitport.stream import Input
+from vitport.inputs import ImageProblem, directory_files, not_an_image, nothing_to_read
+from vitport.inputs.stream import Input
 
 
 def _parquet_inputs(path: Path, column: str | None) -> list[Input]:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from vitport.errors import VitportError
+from vitport.inputs.stream import Failure
 from vitport.outputs import write_atomic
-from vitport.stream import Failure
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"

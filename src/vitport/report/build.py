@@ -20,8 +20,8 @@ from vitport.device import dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
 from vitport.errors import one_line
 from vitport.fixes import fix_names
-from vitport.images import LoadedImage, PixelInputs
 from vitport.infer import infer, infer_pixels
+from vitport.inputs import LoadedImage, PixelInputs
 from vitport.msprobe import Dump, is_dump_reference
 
 SCHEMA_VERSION = 1

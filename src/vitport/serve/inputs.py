@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlsplit
 import torch
 
 from vitport.errors import UnreadableImageError
-from vitport.images import read_image_bytes
+from vitport.inputs import read_image_bytes
 
 DATA_URI = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 MAX_REDIRECTS = 3

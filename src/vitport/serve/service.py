@@ -176,7 +176,7 @@ class Service:
         from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
         from vitport.device import parse_dtype
         from vitport.encoder import Features
-        from vitport.images import default_inputs, images_by_name
+        from vitport.inputs import default_inputs, images_by_name
 
         cfg = self.config
         try:

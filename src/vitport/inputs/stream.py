@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitport.errors import UnreadableImageError, one_line
-from vitport.images import content_sha256, read_image, read_image_bytes
+from vitport.inputs.decode import content_sha256, read_image, read_image_bytes
 
 WORKER_TIMEOUT_S = 300.0
 """Seconds to wait for one batch from workers before giving up (a hung worker, not a slow one)."""
@@ -44,7 +44,7 @@ class Failure(NamedTuple):
     index: int
     id: str
     path: str
-    reason: str  # its category, one of vitport.images.PROBLEM_CATEGORIES
+    reason: str  # its category, one of vitport.inputs.PROBLEM_CATEGORIES
     message: str
 
 
