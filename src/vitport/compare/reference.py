@@ -13,7 +13,7 @@ from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
 from vitport.golden import GoldenBlocks, as_reference, check_golden, source_of
 from vitport.inputs import LoadedImage, PixelInputs
-from vitport.msprobe import Dump, DumpBlocks, is_dump, is_dump_reference, open_dump
+from vitport.msprobe import Dump, DumpBlocks, bind, is_dump, is_dump_reference, open_dump
 
 
 def load_golden(path: str | Path) -> Features:
@@ -63,7 +63,7 @@ def bind_reference(source: Features | Dump, base: Encoder) -> Features:
     if isinstance(source, Dump):
         from vitport.msprobe import reference_features
 
-        return reference_features(source.bind(base), base)
+        return reference_features(bind(source, base), base)
     return source
 
 
@@ -86,7 +86,7 @@ def reference_inputs(
 def golden_blocks(reference: Features, candidate: Encoder) -> GoldenBlocks | DumpBlocks | None:
     """The block states of a file reference, bound to the candidate's hook points."""
     if is_dump_reference(reference):
-        return open_dump(source_of(reference)).bind(candidate, check_weights=False)
+        return bind(open_dump(source_of(reference)), candidate, check_weights=False)
     from vitport.golden import golden_blocks as file_blocks
 
     return file_blocks(reference, candidate)
