@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from vitport.cluster import ray_cluster
 from vitport.embed.shards import ShardCollector, Timing, features_of
 from vitport.embed.store import Store
 from vitport.encoder import Encoder
-from vitport.errors import ClusterError, VitportError, one_line
+from vitport.errors import ClusterError, one_line
 from vitport.inputs.stream import Failure, ImageInputs, Input
 
 
@@ -285,34 +286,21 @@ def run_ray(
 ) -> Timing:
     """`load_options`: the weights and trust_remote_code each actor loads the model with."""
     _quiet_ray()
-    try:
-        import ray
-    except ImportError as exc:
-        raise VitportError("--engine ray needs Ray Data: pip install 'vitport[ray]'") from exc
     order = [i for k in todo for i in store.shard_range(k)]
     if not order:
         return Timing(workers=0)
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
+    with ray_cluster(
+        address, needs="Ray Data", module="ray.data", extra="ray", configure_logging=False
+    ) as ray:
+        collector = ShardCollector(store, inputs, dims)
+
+        def kept() -> str:
+            done = sum(store.done(k) for k in range(store.num_shards))
+            return (
+                f"the {done} shard(s) written to {store.dir} are kept; "
+                "run the same command again to resume"
             )
-        except Exception as exc:  # ConnectionError, RuntimeError, ...: all mean "no cluster"
-            raise VitportError(f"cannot start or join Ray at {address or 'local'}: {exc}") from exc
-    collector = ShardCollector(store, inputs, dims)
 
-    def kept() -> str:
-        done = sum(store.done(k) for k in range(store.num_shards))
-        return (
-            f"the {done} shard(s) written to {store.dir} are kept; "
-            "run the same command again to resume"
-        )
-
-    try:
         _quiet_ray()  # Ray sets its loggers up again in init
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # shards complete in order
@@ -391,6 +379,3 @@ def run_ray(
                 "started again and its batches retried"
             )
         return Timing(workers=actors, notes=notes)
-    finally:
-        if started:
-            ray.shutdown()

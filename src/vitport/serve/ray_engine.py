@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from vitport.cluster import ray_cluster
 from vitport.device import Device
 from vitport.errors import VitportError, one_line
 from vitport.serve.config import ServeConfig
@@ -133,37 +134,28 @@ def run(
     config: ServeConfig, host: str, port: int, address: str | None = None, **options: Any
 ) -> None:
     """Deploy, serve until SIGTERM/SIGINT, then let Ray drain the replicas and shut down."""
-    try:
-        import ray
+    with ray_cluster(
+        address, needs="Ray Serve", module="ray.serve", extra="serve-ray", log_to_driver=True
+    ):
         from ray import serve
-    except ImportError as exc:
-        raise VitportError(
-            "--engine ray needs Ray Serve: pip install 'vitport[serve-ray]'"
-        ) from exc
-    started = not ray.is_initialized()
-    if started:
+
+        stop = threading.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=True)
-        except Exception as exc:  # ConnectionError, RuntimeError, ...: all mean "no cluster"
-            raise VitportError(f"cannot start or join Ray at {address or 'local'}: {exc}") from exc
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        try:
-            deploy(config, host, port, **options)
-        except Exception as exc:  # a replica that fails to load or to pass its check
-            raise VitportError(
-                f"Ray Serve could not start {config.served_name}: {one_line(exc)}"
-            ) from exc
-        log.info("ready on Ray Serve at http://%s:%d", host, port)
-        stop.wait()
-        log.info(
-            "draining: Ray Serve finishes accepted requests (up to %g s)", config.drain_seconds
-        )
-        serve.delete(APP_NAME)
-        serve.shutdown()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if started:
-            ray.shutdown()
+            try:
+                deploy(config, host, port, **options)
+            except Exception as exc:  # a replica that fails to load or to pass its check
+                raise VitportError(
+                    f"Ray Serve could not start {config.served_name}: {one_line(exc)}"
+                ) from exc
+            log.info("ready on Ray Serve at http://%s:%d", host, port)
+            stop.wait()
+            log.info(
+                "draining: Ray Serve finishes accepted requests (up to %g s)", config.drain_seconds
+            )
+            serve.delete(APP_NAME)
+            serve.shutdown()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
