@@ -96,7 +96,8 @@ def report(
         read_report,
         write_report,
     )
-    from vitport.report.render import STRINGS, headline
+    from vitport.report.render import headline
+    from vitport.report.strings import STRINGS
 
     if lang not in LANGS:
         raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")

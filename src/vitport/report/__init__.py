@@ -9,7 +9,8 @@ from typing import Any
 from vitport.errors import VitportError
 from vitport.report.build import SCHEMA_VERSION, ReportOptions, RunLog, build_report
 from vitport.report.plots import write_plots
-from vitport.report.render import LANGS, labels, render
+from vitport.report.render import render
+from vitport.report.strings import LANGS, labels
 
 __all__ = ["LANGS", "ReportOptions", "RunLog", "build_report", "read_report", "write_report"]
 
