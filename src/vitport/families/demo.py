@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from vitport.cache import cache_root
 from vitport.errors import SpecError, WeightsError, one_line
 from vitport.outputs import write_atomic
 
@@ -135,7 +136,7 @@ def demo_checkpoint_dir(name: str, cache_dir: Path | None = None) -> Path:
     otherwise it is built beside its final place and renamed into it only once verified.
     """
     demo = _demo(name)
-    target = _cache_root(cache_dir) / "demo" / demo.name
+    target = cache_root(cache_dir) / "demo" / demo.name
     if _is_complete(target):
         return target
 
@@ -160,14 +161,6 @@ def _demo(name: str) -> DemoModel:
     except KeyError:
         known = ", ".join(demo_names())
         raise SpecError(f"unknown demo model {name!r}; known demos: {known}") from None
-
-
-def _cache_root(cache_dir: Path | None) -> Path:
-    """The cache root: argument, else $VITPORT_CACHE, else ~/.cache/vitport."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("VITPORT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitport"
 
 
 def _is_complete(directory: Path) -> bool:

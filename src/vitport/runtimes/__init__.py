@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from vitport.cache import cache_root
 from vitport.device import dtype_name, parse_dtype
 from vitport.encoder import Encoder, RawOutput
 from vitport.errors import VitportError, one_line
@@ -228,9 +229,7 @@ def parse_runtimes(text: str | None) -> list[str]:
 
 
 def cache_dir() -> Path:
-    from vitport.families.demo import _cache_root
-
-    return _cache_root(None) / "runtimes"
+    return cache_root() / "runtimes"
 
 
 @dataclass(frozen=True)
