@@ -250,8 +250,12 @@ def test_flash_attention_is_refused_where_the_backend_picks_its_own_kernel():
     from vitport.errors import VitportError
 
     npu_like = SimpleNamespace(device=SimpleNamespace(flash_selectable=False), spec="x")
-    with pytest.raises(VitportError, match="--attn sdpa"):
+    with pytest.raises(VitportError, match="use attention='sdpa'$") as caught:
         set_attention(npu_like, "flash")
+    from vitport.cli.flags import cli_message
+
+    assert cli_message(caught.value).startswith("--attn flash: on the NPU")
+    assert cli_message(caught.value).endswith("use --attn sdpa")
 
 
 def test_a_peak_the_model_outruns_gives_no_mfu(sleepy, monkeypatch):

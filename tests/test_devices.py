@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitport.cli.flags import cli_message
 from vitport.device import (
     DTYPES,
     Device,
@@ -306,8 +307,9 @@ def test_cuda_unavailable_message(monkeypatch: pytest.MonkeyPatch, no_torch_npu:
     if available_devices() == ["cpu"]:
         assert message == (
             "device 'cuda' is not available on this machine (available: cpu); "
-            "use --device cpu or install the backend"
+            "use device=cpu or install the backend"
         )
+        assert cli_message(info.value) == message.replace("device=cpu", "--device cpu")
     with pytest.raises(DeviceError, match="not available"):
         resolve_device("cuda:1")
 
@@ -430,11 +432,15 @@ def test_out_of_memory_error_message(fake_npu: FakeNpu) -> None:
     assert isinstance(error, OutOfMemoryError)
     assert str(error) == (
         "out of memory on npu:0 while running batch size 256 (peak 12.3 GiB); "
+        "try a smaller batch_sizes or dtype='bf16'"
+    )
+    assert cli_message(error) == (
+        "out of memory on npu:0 while running batch size 256 (peak 12.3 GiB); "
         "try a smaller --batch-sizes or --dtype bf16"
     )
     assert error.__cause__ is cause
     cpu_error = out_of_memory_error(Device("cpu"), MemoryError(), "loading weights")
-    assert str(cpu_error) == (
+    assert cli_message(cpu_error) == (
         "out of memory on cpu while loading weights; try a smaller --batch-sizes or --dtype bf16"
     )
 

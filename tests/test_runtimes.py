@@ -154,7 +154,7 @@ def test_budget_defaults_to_ten_minutes_and_none_searches_everything():
     assert check_budget("90", True) == 90.0
     with pytest.raises(VitportError, match="give seconds"):
         check_budget("soon", True)
-    with pytest.raises(VitportError, match="applies to --optimize"):
+    with pytest.raises(VitportError, match="applies to optimize=True"):
         check_budget("90", False)
 
 

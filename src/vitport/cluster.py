@@ -33,7 +33,9 @@ def ray_cluster(
 
         importlib.import_module(module)
     except ImportError as exc:
-        raise VitportError(f"--engine ray needs {needs}: pip install 'vitport[{extra}]'") from exc
+        raise VitportError(
+            f"engine='ray' needs {needs}: pip install 'vitport[{extra}]'", params=("engine='ray'",)
+        ) from exc
     started = not ray.is_initialized()
     if started:
         try:

@@ -263,7 +263,8 @@ class Encoder:
         dtype = dtype or self.dtype
         if not device.supports(dtype):
             raise DeviceError(
-                f"{device} does not support {dtype_name(dtype)}; choose another --dtype"
+                f"{device} does not support {dtype_name(dtype)}; choose another dtype",
+                params=("dtype",),
             )
         module = deepcopy(self.module) if copy else self.module
         try:

@@ -8,9 +8,18 @@ TRACEBACK_FRAME = re.compile(r'^File "')
 
 
 class VitportError(Exception):
-    """Base of every error the CLI turns into one line and an exit code."""
+    """Base of every error the CLI turns into one line and an exit code.
+
+    A message names the library's parameters as a Python caller writes them (``batch_size``,
+    ``overwrite=True``); `params` lists those spellings, so that the CLI can name its own flags
+    instead (``--batch-size``, ``--overwrite``) from its one table, `vitport.cli.flags.FLAGS`.
+    """
 
     exit_code = 2
+
+    def __init__(self, *args: object, params: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.params = params
 
 
 class SpecError(VitportError):

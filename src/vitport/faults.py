@@ -126,7 +126,9 @@ def parse_fault(text: str) -> tuple[str, int]:
     name, _, block = text.partition("@")
     if name not in FAULTS or not block.isdigit():
         raise VitportError(
-            f"--inject-fault takes KIND@BLOCK with KIND one of {', '.join(FAULTS.names())}, e.g. gelu-tanh@7"
+            f"inject_fault takes KIND@BLOCK with KIND one of {', '.join(FAULTS.names())}, "
+            "e.g. gelu-tanh@7",
+            params=("inject_fault",),
         )
     return FAULTS.get(name).name, int(block)
 

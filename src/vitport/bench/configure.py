@@ -14,7 +14,10 @@ ATTENTION = ("default", "eager", "sdpa", "flash")
 def check_attention(kind: str) -> None:
     """The attention settings there are (see set_attention)."""
     if kind not in ATTENTION:
-        raise VitportError(f"--attn {kind} is unknown; choose one of {', '.join(ATTENTION)}")
+        raise VitportError(
+            f"attention={kind} is unknown; choose one of {', '.join(ATTENTION)}",
+            params=("attention=",),
+        )
 
 
 DEFAULT_BUDGET = 600.0  # seconds: a newcomer gets an answer in minutes
@@ -24,7 +27,10 @@ def check_budget(budget: str | float | None, optimize: bool) -> float | None:
     """A time budget bounds the --optimize search only: seconds, 'none' for no bound, or the
     default of 10 minutes when not given."""
     if budget is not None and not optimize:
-        raise VitportError("--budget applies to --optimize; add --optimize or drop --budget")
+        raise VitportError(
+            "budget applies to optimize=True; add optimize=True or drop budget",
+            params=("budget", "optimize=True"),
+        )
     if budget is None:
         return DEFAULT_BUDGET
     if str(budget).strip().lower() == "none":
@@ -32,16 +38,22 @@ def check_budget(budget: str | float | None, optimize: bool) -> float | None:
     try:
         seconds = float(budget)
     except ValueError:
-        raise VitportError(f"--budget {budget}: give seconds (e.g. 300) or 'none'") from None
+        raise VitportError(
+            f"budget={budget}: give seconds (e.g. 300) or 'none'", params=("budget=",)
+        ) from None
     if seconds < 1:
-        raise VitportError(f"--budget {budget}: give at least 1 second, or 'none'")
+        raise VitportError(
+            f"budget={budget}: give at least 1 second, or 'none'", params=("budget=",)
+        )
     return seconds
 
 
 def check_e2e(paths: Sequence[object] | None) -> None:
     """End-to-end timing reads image files, so it needs some."""
     if not paths:
-        raise VitportError("--e2e needs image files or a directory to read")
+        raise VitportError(
+            "e2e=True needs image files or a directory to read", params=("e2e=True",)
+        )
 
 
 def check_optimize_alone(
@@ -59,24 +71,26 @@ def check_optimize_alone(
     """--optimize chooses dtype, attention and compile itself and writes JSON only: refuse the
     settings it would override and the outputs it does not write."""
     clashing = [
-        flag
-        for flag, given in (
-            ("--dtype", dtype != "fp32"),
-            ("--attn", attention != "default"),
-            ("--compile", compiled),
-            ("--fix", bool(fixes)),
-            ("--e2e", e2e),
-            ("--csv", csv),
-            ("--markdown", markdown),
-            ("--baseline", baseline),
-            ("--runtime (use --runtimes)", runtime != "torch"),
+        param
+        for param, given in (
+            ("dtype=...", dtype != "fp32"),
+            ("attention=...", attention != "default"),
+            ("compiled=True", compiled),
+            ("fixes=...", bool(fixes)),
+            ("e2e=True", e2e),
+            ("csv=True", csv),
+            ("markdown=True", markdown),
+            ("baseline=...", baseline),
+            ("runtime=...", runtime != "torch"),
         )
         if given
     ]
     if clashing:
+        instead = " (use runtimes)" if runtime != "torch" else ""
         raise VitportError(
-            f"--optimize chooses dtype, attention and compile itself and writes --json only; "
-            f"drop {', '.join(clashing)}"
+            "optimize=True chooses dtype, attention and compile itself and writes json=True only; "
+            f"drop {', '.join(clashing)}{instead}",
+            params=("optimize=True", "json=True", *clashing, *(["runtimes"] if instead else [])),
         )
 
 
@@ -86,8 +100,9 @@ def set_attention(encoder: Encoder, kind: str) -> None:
     check_attention(kind)
     if kind == "flash" and not encoder.device.flash_selectable:
         raise VitportError(
-            "--attn flash: on the NPU torch_npu picks its fused attention kernel itself "
-            "(its own _fused_sdp_choice); use --attn sdpa"
+            "attention='flash': on the NPU torch_npu picks its fused attention kernel itself "
+            "(its own _fused_sdp_choice); use attention='sdpa'",
+            params=("attention='flash'", "attention='sdpa'"),
         )
     if kind == "default":
         return

@@ -219,13 +219,17 @@ def run_e2e(
     Raises ImageError when no file could be used.
     """
     if batch_size < 1:
-        raise VitportError(f"--batch-size must be at least 1, not {batch_size}")
+        raise VitportError(
+            f"batch_size must be at least 1, not {batch_size}", params=("batch_size",)
+        )
     if workers < 0:
-        raise VitportError(f"--workers must be 0 or more, not {workers}")
+        raise VitportError(f"workers must be 0 or more, not {workers}", params=("workers",))
     if repeats < 1:
-        raise VitportError(f"--repeats must be at least 1, not {repeats}")
+        raise VitportError(f"repeats must be at least 1, not {repeats}", params=("repeats",))
     if warmup_batches < 0:
-        raise VitportError(f"--warmup must be 0 or more, not {warmup_batches}")
+        raise VitportError(
+            f"warmup_batches must be 0 or more, not {warmup_batches}", params=("warmup_batches",)
+        )
     if not paths:
         raise ImageError("no images to benchmark; pass image files or a directory")
     dataset = ImageInputs(stream.file_inputs(paths), encoder.preprocess, encoder.dtype)

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
+from vitport.cli.flags import cli_message
 from vitport.errors import VitportError
 
 try:  # typer 0.2x and later run on their own copy of click
@@ -235,7 +236,8 @@ def main() -> None:
     except VitportError as exc:
         if debug:
             traceback.print_exc()
-        errors.print(f"[red]error:[/red] {esc(exc)}", highlight=False, soft_wrap=True)
+        message = cli_message(exc)
+        errors.print(f"[red]error:[/red] {esc(message)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         errors.print("[red]interrupted[/red]")

@@ -371,8 +371,8 @@ def out_of_memory_error(device: Device, exc: BaseException, what: str) -> OutOfM
         peak = None
     where = f" (peak {peak / GIB:.1f} GiB)" if peak else ""
     error = OutOfMemoryError(
-        f"out of memory on {device} while {what}{where}; "
-        "try a smaller --batch-sizes or --dtype bf16"
+        f"out of memory on {device} while {what}{where}; try a smaller batch_sizes or dtype='bf16'",
+        params=("batch_sizes", "dtype='bf16'"),
     )
     error.__cause__ = exc
     return error

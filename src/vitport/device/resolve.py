@@ -52,7 +52,8 @@ def _not_available(device_type: str) -> DeviceError:
     fallback = available[0] if available else "cpu"
     return DeviceError(
         f"device {device_type!r} is not available on this machine "
-        f"(available: {', '.join(available)}); use --device {fallback} or install the backend"
+        f"(available: {', '.join(available)}); use device={fallback} or install the backend",
+        params=("device=",),
     )
 
 

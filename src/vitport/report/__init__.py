@@ -18,7 +18,9 @@ __all__ = ["LANGS", "ReportOptions", "RunLog", "build_report", "read_report", "w
 def write_report(data: dict[str, Any], directory: Path, lang: str = "en") -> Path:
     """README.md, report.json, PNG plots, the raw JSON of each step and the log, in `directory`."""
     if lang not in LANGS:
-        raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
+        raise VitportError(
+            f"lang={lang} is not available; choose one of {', '.join(LANGS)}", params=("lang=",)
+        )
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
     for step in ("inference", "bench", "compare"):
