@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from vitport.convert import VerificationFailed, convert
 from vitport.convert.engine import ConversionError, Rule
 from vitport.convert.layouts import detect_layout, file_sha256
-from vitport.convert.tables import HUB_HF_DINOV2, TABLES
+from vitport.convert.tables import TABLES
+from vitport.families.dinov2 import HUB_HF as HUB_HF_DINOV2
 
 
 def randomize(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:

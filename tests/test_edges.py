@@ -408,7 +408,9 @@ def test_a_hub_id_is_not_taken_for_a_local_path_beside_its_org_folder(monkeypatc
     (tmp_path / "facebook").mkdir()  # e.g. left by an earlier download to a local dir
     monkeypatch.chdir(tmp_path)
     called = []
-    monkeypatch.setattr("vitport.families.hub_snapshot", lambda repo, hub=None: called.append(repo))
+    monkeypatch.setattr(
+        "vitport.families.sources.hub_snapshot", lambda repo, hub=None: called.append(repo)
+    )
     resolve("facebook/dinov2-base")
     assert called == ["facebook/dinov2-base"]
 

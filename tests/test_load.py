@@ -245,11 +245,11 @@ def test_wrong_device_is_one_line():
 
 def test_timm_pretrained_comes_through_the_hub_snapshot(monkeypatch, tiny_dir):
     """timm:NAME downloads its hub repository like any other, then loads it as a timm dir."""
-    from vitport import families
+    from vitport.families import sources
 
     asked = []
     monkeypatch.setattr(
-        families, "hub_snapshot", lambda repo: asked.append(repo) or tiny_dir("timm_vit_reg4")
+        sources, "hub_snapshot", lambda repo: asked.append(repo) or tiny_dir("timm_vit_reg4")
     )
     encoder = vitport.load("timm:vit_small_patch14_reg4_dinov2.lvd142m")
     assert asked == ["timm/vit_small_patch14_reg4_dinov2.lvd142m"]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bit_processor
 from test_compare import cli
 from test_convert import randomize
+
+from vitport.families.base import bit_processor
 
 pytest.importorskip("msprobe", reason="mindstudio-probe (msprobe) is not installed")
 

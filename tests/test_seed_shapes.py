@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bit_processor, hf_builder, square_processor
 
 import vitport
+from vitport.families.base import bit_processor, square_processor
+from vitport.families.base import tiny_transformers as hf_builder
 from vitport.infer import infer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -159,6 +159,48 @@ def attribute_users(attr: str) -> set[str]:
     }
 
 
+def docstrings(tree: ast.AST) -> set[int]:
+    """The ids of the docstring nodes of a module, its classes and functions (prose, not code)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def registry_list(tree: ast.AST) -> set[int]:
+    """The ids of the strings in the family registry's list of modules (``MODULES = (...)``),
+    the one place that names every family module."""
+    return {
+        id(const)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["MODULES"]
+        for const in ast.walk(node.value)
+    }
+
+
+def spelled(source: str, claims: Iterable[str]) -> list[str]:
+    """The claimed model types and class names that code spells: a claim standing alone in a
+    string (not inside a longer name such as ``vit_small``, ``demo:dinov2-small`` or a glob
+    ``*vit*``), or a name or attribute that is one. Docstrings, comments, import paths and the
+    registry's list of modules do not count."""
+    tree = ast.parse(source)
+    prose = docstrings(tree) | registry_list(tree)
+    patterns = {c: re.compile(rf"(?<![\w*-]){re.escape(c)}(?![\w*-])") for c in claims}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            found += [c for c, p in patterns.items() if p.search(node.value)]
+        elif isinstance(node, ast.Name | ast.Attribute | ast.alias):
+            word = {ast.Name: "id", ast.Attribute: "attr", ast.alias: "asname"}[type(node)]
+            found += [c for c in claims if getattr(node, word, None) == c]
+            if isinstance(node, ast.alias):
+                found += [c for c in claims if node.name.rpartition(".")[2] == c]
+    return sorted(set(found))
+
+
 # ------------------------------------------------------------------ the checks themselves
 
 
@@ -176,6 +218,12 @@ def test_the_checks_can_fail():
         "<module>",
         "f",
     ]
+    claims = ("vit", "Dinov2Model")
+    code = 'KINDS = {"vit": 1}\nm = transformers.Dinov2Model\nfrom transformers import Dinov2Model'
+    assert spelled(code, claims) == ["Dinov2Model", "vit"]
+    assert spelled('"""A vit."""\nname = "vit_small"\nspec = "demo:vit-s"  # vit', claims) == []
+    assert spelled('prefix = f"{x}vit."', claims) == ["vit"]
+    assert spelled('MODULES = ("vit",)\nOTHER = ("vit",)', claims) == ["vit"]
 
 
 def test_no_import_cycle():
@@ -215,3 +263,31 @@ def test_backends_are_named_in_device_only(name):
 @pytest.mark.parametrize("name", [n for n in modules() if n.startswith("vitport.cli.")])
 def test_cli_modules_stay_small(name):
     assert len(modules()[name].read_text().splitlines()) < CLI_MAX_LINES
+
+
+def family_modules() -> dict[str, str]:
+    """Each registered family's name and the dotted name of the module that defines it."""
+    import importlib
+
+    from vitport.families.base import MODULES, registry
+
+    registry()
+    return {
+        importlib.import_module(f"vitport.families.{m}").FAMILY.name: f"vitport.families.{m}"
+        for m in MODULES
+    }
+
+
+@pytest.mark.parametrize("family", list(family_modules()))
+def test_a_family_is_named_in_its_own_module_only(family):
+    """No model type or transformers class a family claims is spelled outside its module."""
+    from vitport.families.base import registry
+
+    own = family_modules()[family]
+    claims = registry().get(family).claims()
+    strays = {
+        name: found
+        for name, path in modules().items()
+        if name != own and (found := spelled(path.read_text(), claims))
+    }
+    assert strays == {}

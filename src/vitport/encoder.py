@@ -61,6 +61,7 @@ class Architecture:
     num_classes: int = 0
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    head_flops: float = 0.0  # per image, of a pooling head or projection the blocks do not count
 
     @property
     def image_size(self) -> int:

@@ -30,6 +30,7 @@ class FlopCount:
     mlp: float  # all blocks
     total: float
     tokens: int = 0  # sequence length T (prefix tokens + patches)
+    head: float = 0.0  # a pooling head or projection the family counts (Architecture.head_flops)
 
     @property
     def gflops(self) -> float:
@@ -49,7 +50,8 @@ def flops_per_image(arch: Architecture, image_size: tuple[int, int], num_prefix:
 
     * patch embed: 2·N·(C·p²)·D
     * per block: qkv 2·T·D·3D, output projection 2·T·D·D, scores 2·T²·D + 2·T²·D,
-      MLP 2·T·D·M·2 (two matrices) or 2·T·D·M·3 for a gated (SwiGLU) MLP.
+      MLP 2·T·D·M·2 (two matrices) or 2·T·D·M·3 for a gated (SwiGLU) MLP;
+    * plus ``arch.head_flops``, what the family says its pooling head or projection costs.
     """
     height, width = image_size
     p, d, m = arch.patch_size, arch.hidden_size, arch.mlp_hidden
@@ -69,8 +71,9 @@ def flops_per_image(arch: Architecture, image_size: tuple[int, int], num_prefix:
         attention_proj=attention_proj,
         attention_scores=attention_scores,
         mlp=mlp,
-        total=patch_embed + attention_proj + attention_scores + mlp,
+        total=patch_embed + attention_proj + attention_scores + mlp + arch.head_flops,
         tokens=t,
+        head=arch.head_flops,
     )
 
 

@@ -27,7 +27,7 @@ def thresholds() -> None:
 def models() -> None:
     """List the model specs and families vitport understands."""
     from vitport.families import SOURCES, demo_names
-    from vitport.families.hf import supported_types
+    from vitport.families.base import supported_types
 
     show(sources_table(SOURCES))
     console.print(f"transformers model types: {supported_types()}")

@@ -15,13 +15,13 @@ from typing import Any
 from vitport.compare.run import pixel_batches
 from vitport.convert.engine import ConversionError, Converted, apply
 from vitport.convert.layouts import (
-    LAYOUTS,
     TARGETS,
     detect_layout,
     expected_shapes,
     file_sha256,
     foreign_arch,
     foreign_preprocessing,
+    layout_names,
     loaded_arch,
     loaded_preprocessing,
     loaded_state,
@@ -31,10 +31,11 @@ from vitport.convert.layouts import (
     write_foreign_as_timm,
 )
 from vitport.convert.result import ConversionResult, Source, VerificationFailed
-from vitport.convert.tables import DROPPED_GROUPS, table_for
+from vitport.convert.tables import dropped_groups, table_for
 from vitport.convert.verify import compare_functions, culprit, run_features
 from vitport.encoder import Architecture, Encoder
 from vitport.errors import SpecError
+from vitport.families.base import convertible_titles
 from vitport.format import limit, metric_value
 from vitport.outputs import write_atomic
 
@@ -51,10 +52,12 @@ def open_source(
     """Read SOURCE (a spec, a directory or a checkpoint file) and load its own function: a model
     vitport loads comes at its checkpoint's own position grid, or resampled to `image_size`."""
     import vitport
-    from vitport.families.timm import read_weights
+    from vitport.families.base import foreign_layouts
+    from vitport.families.weights import read_weights
 
-    if from_layout is not None and from_layout not in LAYOUTS:
-        raise SpecError(f"--from {from_layout}: unknown layout; use one of {', '.join(LAYOUTS)}")
+    layouts = layout_names()
+    if from_layout is not None and from_layout not in layouts:
+        raise SpecError(f"--from {from_layout}: unknown layout; use one of {', '.join(layouts)}")
     path = Path(source).expanduser()
     config: dict[str, Any] = {}
     file: Path | None = None
@@ -62,7 +65,7 @@ def open_source(
         file = path
     elif path.is_dir():
         config = read_json(path / "config.json")
-        foreign = config.get("model_type") == "aimv2" and "vision_config" not in config
+        foreign = any(layout.recognise(config) for layout in foreign_layouts())
         if foreign or not config:
             file = weights_file(path)
             if file is None:
@@ -342,7 +345,7 @@ def _convert_layout(
 
     if src.arch is None:
         raise SpecError(
-            f"vitport converts DINOv2, ViT and AIMv2 between layouts; {src.spec} is "
+            f"vitport converts {convertible_titles()} between layouts; {src.spec} is "
             f"{src.function.family} (--to onnx works for any model)"
         )
     if to == src.layout:
@@ -374,7 +377,8 @@ def _convert_layout(
     pixels = list(pixel_batches(target, images, 4))
     reference = run_features(src.function, pixels)
     output = run_features(target, pixels)
-    skipped = {DROPPED_GROUPS[r]: r for r in set(converted.dropped.values()) if r in DROPPED_GROUPS}
+    groups = dropped_groups()
+    skipped = {groups[r]: r for r in set(converted.dropped.values()) if r in groups}
     check = compare_functions(to, reference, output, skipped, 4)
     result = ConversionResult(
         source=src.spec,

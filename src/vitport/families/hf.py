@@ -1,19 +1,27 @@
-"""transformers checkpoints (hub snapshot or local directory): DINOv2, DINOv3, ViT, AIMv2."""
+"""transformers checkpoints (hub snapshot or local directory), for every family that claims the
+checkpoint's model type: the family record says what differs (see `vitport.families.base`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitport.encoder import Architecture, Preprocess, RawOutput, TokenLayout
-from vitport.errors import UnsupportedModelError, VitportError, WeightsError, one_line
+from vitport.encoder import Architecture, Encoder, Preprocess, RawOutput
+from vitport.errors import SpecError, UnsupportedModelError, VitportError, WeightsError, one_line
+from vitport.families.base import (
+    Family,
+    conversion_of_model_type,
+    convertible_titles,
+    family_of_model_type,
+    supported_types,
+)
 from vitport.families.loaded import LoadedModel, check_image_size
 from vitport.families.weights import (
     WEIGHT_FILES,
@@ -24,34 +32,8 @@ from vitport.families.weights import (
 )
 from vitport.hooks import hooked
 
-
-@dataclass(frozen=True)
-class HFType:
-    """What differs between the supported transformers model types, as data."""
-
-    model_type: str
-    has_cls: bool
-    resizable: bool  # position embeddings follow the input size
-    forward_kwargs: tuple[tuple[str, Any], ...] = ()
-    vision_attr: str | None = None  # for multimodal wrappers: the vision tower's attribute
-
-
-HF_TYPES = {
-    t.model_type: t
-    for t in (
-        HFType("dinov2", has_cls=True, resizable=True),
-        HFType("dinov2_with_registers", has_cls=True, resizable=True),
-        HFType("dinov3_vit", has_cls=True, resizable=True),
-        HFType(
-            "vit",
-            has_cls=True,
-            resizable=True,
-            forward_kwargs=(("interpolate_pos_encoding", True),),
-        ),
-        HFType("aimv2_vision_model", has_cls=False, resizable=False),
-        HFType("aimv2", has_cls=False, resizable=False, vision_attr="vision_model"),
-    )
-}
+# A model type no family claims, loaded with --trust-remote-code: read the way most ViTs state it.
+REMOTE = Family(name="remote", title="remote code", architecture=None)
 
 
 @contextlib.contextmanager
@@ -86,16 +68,12 @@ def read_config(path: Path) -> dict[str, Any]:
         ) from exc
 
 
-def supported_types() -> str:
-    return ", ".join(sorted(HF_TYPES))
-
-
 def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> LoadedModel:
     """Load a transformers checkpoint directory on the CPU in fp32, checking the weights fit."""
     raw_config = read_config(path)
     model_type = raw_config.get("model_type")
-    kind = HF_TYPES.get(model_type or "")
-    if kind is None and not trust_remote_code:
+    family = family_of_model_type(model_type or "")
+    if family is None and not trust_remote_code:
         raise UnsupportedModelError(
             f"model type '{model_type}' in {path}/config.json is not supported; "
             f"supported: {supported_types()}, and timm models (timm:NAME)"
@@ -131,15 +109,13 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> Loa
                 raise
             raise WeightsError(f"could not load {path}: {one_line(exc)}") from exc
     model.eval()
-    if kind is None:
-        kind = HFType(model_type or "remote", has_cls=True, resizable=True)
     notes = check_loading(info, path, with_head)
     logits = (
         with_head
         and int(getattr(model.config, "num_labels", 0) or 0) > 0  # 0 labels: no head at all
         and not any(k.startswith("classifier") for k in info["missing_keys"])
     )
-    return wrap(model, kind, path, image_size, notes, logits)
+    return wrap(model, family or REMOTE, path, image_size, notes, logits)
 
 
 def check_loading(info: dict[str, Any], path: Path, with_head: bool) -> list[str]:
@@ -167,26 +143,26 @@ def check_loading(info: dict[str, Any], path: Path, with_head: bool) -> list[str
 
 def wrap(
     model: nn.Module,
-    kind: HFType,
+    family: Family,
     path: Path,
     image_size: int | None,
     notes: list[str],
     logits: bool,
 ) -> LoadedModel:
     """Fill the Encoder fields for a loaded transformers model."""
-    if kind.vision_attr:
-        backbone = getattr(model, kind.vision_attr)
+    if family.vision_tower is not None:
+        backbone = family.vision_tower(model)
     elif hasattr(model, "classifier"):
         backbone = model.base_model
     else:
         backbone = model
     module = model if logits else backbone  # an untrained head is dropped, not run
     config = backbone.config
-    patch = int(config.patch_size)
-    registers = int(getattr(config, "num_register_tokens", 0) or 0)
+    layout = family.layout(config)
+    patch = layout.patch_size
     top = dict(backbone.named_children())
-    preprocess = hf_preprocess(path, patch, image_size, kind, config)
-    native = position_grid(backbone, {int(kind.has_cls) + registers, int(kind.has_cls), 0})
+    preprocess = hf_preprocess(path, patch, image_size, family, config)
+    native = position_grid(backbone, {layout.num_prefix, layout.num_cls, 0})
     run = (preprocess.image_size[0] // patch, preprocess.image_size[1] // patch)
     resampled_from = native if native is not None and native != run else None
     if resampled_from is not None:
@@ -202,9 +178,9 @@ def wrap(
         module=module,
         family=f"transformers/{module.config.model_type}",
         source=str(path),
-        forward=make_forward(kind, logits),
-        layout=TokenLayout(num_cls=int(kind.has_cls), num_registers=registers, patch_size=patch),
-        arch=architecture(config),
+        forward=make_forward(family, logits),
+        layout=layout,
+        arch=architecture(family, config, backbone),
         preprocess=preprocess,
         final_norm=next((m for n, m in top.items() if "norm" in n), None),
         notes=notes,
@@ -226,38 +202,37 @@ def position_grid(backbone: nn.Module, prefixes: set[int]) -> tuple[int, int] | 
     return None
 
 
-def architecture(config: Any) -> Architecture:
+def architecture(family: Family, config: Any, backbone: nn.Module) -> Architecture:
+    """The family's reading of its config, with the FLOPs of its head."""
+    if family.architecture is None:
+        return stated_architecture(config)
+    arch = family.architecture(config, backbone)
+    head = family.head_flops(backbone)
+    return replace(arch, head_flops=head) if head else arch
+
+
+def stated_architecture(config: Any) -> Architecture:
+    """A config no family claims: the widths it states (an MLP ratio when it gives no width)."""
     hidden = int(config.hidden_size)
-    gated = bool(
-        getattr(config, "use_swiglu_ffn", False)
-        or getattr(config, "use_gated_mlp", False)
-        or config.model_type.startswith("aimv2")
-    )
-    mlp_hidden = getattr(config, "intermediate_size", None)
-    if mlp_hidden is None:  # DINOv2 states a ratio
-        mlp_hidden = int(hidden * float(config.mlp_ratio))
-        if gated:  # DINOv2's SwiGLU shrinks the hidden width to 2/3, rounded up to 8
-            mlp_hidden = (int(mlp_hidden * 2 / 3) + 7) // 8 * 8
+    width = getattr(config, "intermediate_size", None) or int(hidden * float(config.mlp_ratio))
+    gated = getattr(config, "use_swiglu_ffn", False) or getattr(config, "use_gated_mlp", False)
     return Architecture(
         hidden_size=hidden,
         depth=int(config.num_hidden_layers),
         num_heads=int(config.num_attention_heads),
-        mlp_hidden=int(mlp_hidden),
-        gated_mlp=gated,
+        mlp_hidden=int(width),
+        gated_mlp=bool(gated),
         patch_size=int(config.patch_size),
         in_chans=int(getattr(config, "num_channels", 3)),
     )
 
 
-def make_forward(kind: HFType, with_logits: bool) -> Callable[[nn.Module, torch.Tensor], RawOutput]:
+def make_forward(
+    family: Family, with_logits: bool
+) -> Callable[[nn.Module, torch.Tensor], RawOutput]:
     """The family forward: tokens after the final norm, the family's pooled output, logits."""
-    kwargs = dict(kind.forward_kwargs)
-
-    def pooled_of(out: Any, tokens: torch.Tensor) -> torch.Tensor:
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is not None:
-            return pooled
-        return tokens[:, 0] if kind.has_cls else tokens.mean(dim=1)
+    kwargs = dict(family.forward_kwargs)
+    pooled_of = family.pool
 
     if not with_logits:
 
@@ -281,7 +256,7 @@ def make_forward(kind: HFType, with_logits: bool) -> Callable[[nn.Module, torch.
 
 
 def hf_preprocess(
-    path: Path, patch: int, image_size: int | None, kind: HFType, config: Any
+    path: Path, patch: int, image_size: int | None, family: Family, config: Any
 ) -> Preprocess:
     """The checkpoint's own image processor, resized to `image_size` when one is asked for."""
     from transformers import AutoImageProcessor
@@ -306,9 +281,9 @@ def hf_preprocess(
     default = int(native.get("height") or native.get("shortest_edge") or config.image_size)
     target = image_size or default
     check_image_size(target, patch)
-    if target != int(config.image_size) and not kind.resizable:
+    if target != int(config.image_size) and not family.resizable:
         raise VitportError(
-            f"{kind.model_type} has fixed position embeddings for {config.image_size}px; "
+            f"{config.model_type} has fixed position embeddings for {config.image_size}px; "
             f"--image-size {target} is not possible"
         )
     overrides: dict[str, Any] = {}
@@ -349,3 +324,26 @@ class ProcessorPixels:
 
     def __call__(self, images: list[Any]) -> torch.Tensor:
         return self.processor(images=images, return_tensors="pt", **self.overrides)["pixel_values"]
+
+
+def conversion_architecture(encoder: Encoder) -> Architecture:
+    """The full architecture of a loaded transformers model, with the conversion that fits it."""
+    module, arch = encoder.module, encoder.arch
+    model_type = module.config.model_type
+    found = conversion_of_model_type(model_type)
+    if found is None:
+        raise SpecError(
+            f"vitport converts {convertible_titles()} checkpoints; {encoder.spec} is {model_type}"
+        )
+    config = getattr(module.config, "vision_config", None) or module.config
+    logits = hasattr(module, "classifier")
+    eps = getattr(config, "layer_norm_eps", None) or getattr(config, "rms_norm_eps", 1e-6)
+    return replace(
+        arch,
+        family=found.key,
+        grid=int(config.image_size) // arch.patch_size,
+        registers=encoder.layout.num_registers,
+        num_classes=int(config.num_labels) if logits else 0,
+        norm_eps=float(eps),
+        qkv_bias=bool(getattr(config, "qkv_bias", True)),
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import torch
+
 from vitport.errors import WeightsError, one_line
 
 WEIGHT_FILES = (
@@ -38,3 +40,28 @@ def damaged_weights_error(path: Path, exc: BaseException) -> WeightsError:
     if "demo" in path.parts:
         cure = "run again: vitport rebuilds its demo cache when its weights hash does not match"
     return WeightsError(f"{path} is damaged (cut short or corrupt: {one_line(exc)}); {cure}")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from .pth/.bin with weights-only unpickling."""
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling and safetensors raise many types
+        if is_unsafe_pickle(exc):
+            raise unsafe_pickle_error(path) from exc
+        if type(exc).__name__ == "SafetensorError":
+            raise damaged_weights_error(path, exc) from exc
+        raise WeightsError(
+            f"could not read weights {path} ({type(exc).__name__}); only safetensors or "
+            "weights-only PyTorch files are accepted"
+        ) from exc
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state

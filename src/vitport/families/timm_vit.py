@@ -1,4 +1,9 @@
-"""timm Vision Transformers: `timm:NAME`, `timm:NAME` + `--weights FILE`, or a timm directory."""
+"""timm Vision Transformers: `timm:NAME`, `timm:NAME` + `--weights FILE`, or a timm directory.
+
+One family for every timm ViT (`timm.models.vision_transformer` and kin): timm's own module says
+its layout, width and preprocessing. Which conversion a timm model has (DINOv2, ViT, AIMv2) is
+each of those families' to say (`Conversion.timm_match`).
+"""
 
 from __future__ import annotations
 
@@ -6,41 +11,23 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitport.encoder import Architecture, Preprocess, RawOutput, TokenLayout
+from vitport.encoder import Architecture, Encoder, Preprocess, RawOutput, TokenLayout
 from vitport.errors import HubUnreachableError, SpecError, VitportError, WeightsError, one_line
+from vitport.families.base import (
+    Family,
+    TinyModel,
+    conversions,
+    convertible_titles,
+)
 from vitport.families.loaded import LoadedModel, check_image_size
-from vitport.families.weights import damaged_weights_error, is_unsafe_pickle, unsafe_pickle_error
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from .pth/.bin with weights-only unpickling."""
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling and safetensors raise many types
-        if is_unsafe_pickle(exc):
-            raise unsafe_pickle_error(path) from exc
-        if type(exc).__name__ == "SafetensorError":
-            raise damaged_weights_error(path, exc) from exc
-        raise WeightsError(
-            f"could not read weights {path} ({type(exc).__name__}); only safetensors or "
-            "weights-only PyTorch files are accepted"
-        ) from exc
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
+from vitport.families.weights import damaged_weights_error, read_weights
 
 
 def create(
@@ -273,3 +260,45 @@ def forward(module: nn.Module, pixels: torch.Tensor) -> RawOutput:
     pooled = module.forward_head(tokens, pre_logits=True)
     logits = module.get_classifier()(pooled) if module.num_classes else None
     return RawOutput(tokens=tokens, pooled=pooled, logits=logits)
+
+
+def conversion_architecture(encoder: Encoder) -> Architecture:
+    """The full architecture of a loaded timm ViT, with the conversion that fits it."""
+    module, registers = encoder.module, encoder.layout.num_registers
+    found = next((c for c in conversions() if c.timm_match(module)), None)
+    if found is None:
+        raise SpecError(
+            f"vitport converts {convertible_titles()} checkpoints; {encoder.spec} is a timm "
+            f"{type(module.blocks[0]).__name__} model it has no tables for"
+        )
+    return replace(
+        encoder.arch,
+        family=found.key,
+        grid=int(module.patch_embed.grid_size[0]),
+        registers=registers,
+        num_classes=int(module.num_classes),
+        norm_eps=float(getattr(module.norm, "eps", 1e-6)),
+        qkv_bias=module.blocks[0].attn.qkv.bias is not None,
+    )
+
+
+def tiny_reg4(path: Path) -> None:
+    """A tiny timm ViT with four registers, saved as a timm directory."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    # LayerScale at 1 (not timm's 1e-5 init) so that a fault inside a block shows at the output
+    args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28, "init_values": 1.0}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, **args)
+    save_for_hf(model, path, model_args=args)
+
+
+FAMILY = Family(
+    name="timm-vit",
+    title="timm ViT",
+    timm_names=("*",),  # any timm model with ViT blocks; others are refused at load
+    loader="timm",
+    architecture=lambda _config, module: architecture(module),
+    tiny=(TinyModel("timm_vit_reg4", tiny_reg4, 1, 4, (2, 2)),),
+)
