@@ -317,3 +317,83 @@ def test_cli_tables_give_relative_errors_in_percent(monkeypatch, capsys, tiny_di
     for header in ("vec rel worst (%)", "floor rel err (%)", "accumulated (%)", "local (%)"):
         assert header in out, header
     assert "relative error in % (worst input)" in out and "best fix: --fix erf-gelu" in out
+
+
+def test_judging_reads_data_only_and_the_steps_make_compares_result(tiny_dir, photos):
+    """Running apart from judging: a run's Features judged as data (a known relative error
+    planted in them), and the steps one by one give what compare() gathers."""
+    import dataclasses
+
+    import torch
+
+    from vitport.compare.floors import measure_floors
+    from vitport.compare.judge import judge_run
+    from vitport.compare.sides import run_sides
+
+    base = vitport.load(str(tiny_dir("vit")))
+    said: list[str] = []
+    run = run_sides(base, base, photos[:2], progress=said.append)
+    assert said == ["reference on cpu (fp32)", "candidate on cpu (fp32)"]
+    assert run.reference.kind == run.candidate.kind == "run" and len(run.names) == 2
+    floors = measure_floors(base, photos[:2], torch.float32, fp32=run.reference_features)
+    assert floors.dtype == "fp32" and floors.floor is floors.fp32
+    feats = run.candidate_features
+    scaled = dataclasses.replace(feats, cls=feats.cls * 1.02)  # rel_error of cls: 2 %
+    judged = judge_run(dataclasses.replace(run, candidate_features=scaled), floors, [])
+    assert judged.groups["cls"].worst["rel_error"] == pytest.approx(0.02, rel=1e-4)
+    assert judged.groups["patches"].worst["rel_error"] == 0.0
+    assert not judged.verdict  # no limits: no check, so no pass
+    tight = thresholds_for("fp32")
+    assert not judge_run(dataclasses.replace(run, candidate_features=scaled), floors, tight).verdict
+    assert judge_run(run, floors, tight).verdict
+
+    result = compare(base, base, base, photos[:2], tight)
+    assert result.groups["cls"].worst == judge_run(run, floors, tight).groups["cls"].worst
+    assert result.floor["cls"].worst == floors.floor["cls"].worst
+    assert result.inputs == list(run.names)
+
+
+def test_one_check_for_every_reference_kind(tiny_dir, tmp_path):
+    """compare.check assembles a device, a golden file and an msprobe dump alike (reference,
+    inputs, limits), as compare, report and serve use it; a wrong reference is refused there,
+    before anything runs."""
+    import torch
+
+    from vitport.compare.check import DUMP_BRINGS_INPUTS, assemble_check, check_inputs, open_source
+    from vitport.compare.run import run_check
+    from vitport.compare.sides import pixel_batches
+    from vitport.compare.verdict import Threshold
+    from vitport.device import Device
+    from vitport.errors import VitportError
+    from vitport.inputs import PixelInputs, random_images, sample_images
+    from vitport.msprobe import write_dump
+
+    base = vitport.load(str(tiny_dir("dinov2")))
+    images = [*sample_images(2), *random_images(2, size=40)]  # recreated by their names
+    golden = tmp_path / "golden.safetensors"
+    infer(base, images).features.save(golden)
+    dump = write_dump(base, pixel_batches(base, images, 2), tmp_path / "dump")
+
+    sources = {"run": "cpu", "golden": str(golden), "msprobe": str(dump)}
+    limit = Threshold("rel_error", 0.05)
+    for kind, reference in sources.items():
+        source = open_source(reference)
+        check = assemble_check(base, source, torch.float32, overrides=[limit])
+        assert check.kind == kind
+        assert check.thresholds[0] == limit and limit not in thresholds_for("fp32")
+        names = [im.name for im in images]
+        if kind == "msprobe":
+            assert isinstance(check.inputs, PixelInputs) and len(check.inputs) == 4
+        elif kind == "golden":
+            assert [im.name for im in check.inputs] == names
+        else:
+            assert isinstance(source, Device) and len(check.inputs) > 4  # the default set
+        result = run_check(base, base.to(copy=True), check)
+        assert result.passed and result.reference.kind == kind, kind
+
+    other = vitport.load(str(tiny_dir("dinov2_with_registers")))
+    with pytest.raises(GoldenMismatchError, match="another model"):
+        assemble_check(other, open_source(str(golden)), torch.float32)
+    with pytest.raises(VitportError, match="brings its own inputs"):
+        check_inputs(open_source(str(dump)), images)
+    assert "brings its own inputs" in DUMP_BRINGS_INPUTS

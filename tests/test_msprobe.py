@@ -393,3 +393,27 @@ def test_a_dump_of_a_wrapping_model_maps_by_prefix(dumps, monkeypatch, capsys, t
         "gelu-tanh@2",
     )
     assert result["localization"]["culprit"] == "encoder.layer.2.mlp"
+
+
+def test_serve_self_checks_against_a_dump(dumps, tmp_path):
+    """serve --reference takes what compare --reference takes: the self-check runs on the
+    dump's own inputs and judges against its outputs; a planted fault fails it."""
+    import httpx
+
+    serving = pytest.importorskip("test_serve")
+    with serving.running(tmp_path, str(dumps["model"]), "--reference", str(dumps["l0"])) as server:
+        about = httpx.get(f"{server.url}/v1/models").json()["data"][0]["vitport"]
+    check = about["self_check"]
+    assert check["passed"] and "msprobe dump" in check["reference"], check
+    assert check["inputs"] == 4 and check["worst_rel_error"] < 1e-4
+    faulty = (
+        "--reference",
+        str(dumps["l0"]),
+        "--inject-fault",
+        "mlp-scale@1",
+        "-t",
+        "rel_error=1e-3",
+    )
+    with serving.running(tmp_path, str(dumps["model"]), *faulty, ready=False) as server:
+        assert server.proc.wait(180) == 1, server.output()
+    assert "self-check failed" in server.output() and "msprobe dump" in server.output()

@@ -157,3 +157,41 @@ def test_the_floor_is_named_for_the_dtype_in_both_languages(data, tmp_path):
     assert "rounded to bf16" in en and "fp32 and fp64" not in en
     assert "舍入到 bf16" in zh
     assert "| floor (%) |" in en and "| rel err worst (%) |" in en
+
+
+@pytest.mark.parametrize("flag", ["--golden", "--reference"])
+def test_report_against_a_golden_file(flag, monkeypatch, capsys, tiny_dir, tmp_path):
+    """report takes the references compare takes: a golden file from another machine (its own
+    images, block states for localisation), by --golden or --reference alike."""
+    from test_compare import cli
+
+    model = str(tiny_dir("dinov2"))
+    golden = tmp_path / "a.safetensors"
+    args = ("infer", "--model", model, "--out", str(golden), "--with-blocks")
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    out = tmp_path / "report"
+    code, _, err = cli(
+        monkeypatch,
+        capsys,
+        "report",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        flag,
+        str(golden),
+        "--out",
+        str(out),
+        "--batch-sizes",
+        "1",
+        "--min-seconds",
+        "0.05",
+    )
+    assert code == 0, err
+    data = json.loads((out / "report.json").read_text())
+    assert data["command"]["reference"] == "golden"
+    assert data["compare"]["reference"]["kind"] == "golden" and data["compare"]["passed"]
+    assert "golden file's block states" in data["compare"]["localization_reference"]
+    assert len(data["compare"]["inputs"]) == 10  # the file's own images
+    assert "golden" in (out / "README.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -112,15 +113,12 @@ def compare(
     """
     import json
 
-    from vitport import Features
-    from vitport.compare.reference import bind_reference, open_reference, reference_model
-    from vitport.compare.run import candidate_factory
-    from vitport.compare.run import compare as run_compare
-    from vitport.compare.verdict import parse_threshold_overrides, thresholds_for, unused_limits
-    from vitport.device import parse_dtype, resolve_device
+    from vitport.compare.check import assemble_check, open_source
+    from vitport.compare.run import candidate_factory, run_check
+    from vitport.compare.verdict import parse_threshold_overrides, unused_limits
+    from vitport.device import Device, parse_dtype, resolve_device
     from vitport.faults import parse_fault
     from vitport.fixes import fix_names, parse_fixes
-    from vitport.msprobe import Dump
     from vitport.outputs import check_file, is_vitport_json, write_text
 
     try:
@@ -131,8 +129,8 @@ def compare(
     fixes = parse_fixes(fix)
     if inject_fault:
         parse_fault(inject_fault)
-    source = open_reference(reference, localize)
-    golden = source if isinstance(source, (Features, Dump)) else None
+    source = open_source(reference, localize)
+    golden = None if isinstance(source, Device) else source
     target = resolve_device(device)
     cand_dtype = parse_dtype(dtype)
     ref_dtype = parse_dtype(reference_dtype)
@@ -152,30 +150,29 @@ def compare(
         from vitport.inputs import skipped_summary
 
         notes.append(f"{len(loaded)} inputs compared, {skipped_summary(problems)}: listed above")
-    if golden is not None:
-        with progress("reading the reference ..."):
-            ref = bind_reference(golden, base)
-    else:
-        ref = reference_model(base, source, ref_dtype)
+    with progress("reading the reference ...") if golden is not None else nullcontext():
+        check = assemble_check(
+            base,
+            source,
+            cand_dtype,
+            inputs=loaded,
+            overrides=overrides,
+            reference_dtype=ref_dtype,
+            part_reference=resolve_device(part_reference) if golden and localize else None,
+        )
     trials = [(name,) for name in fix_names()] if try_fixes else []
-    parts = None
-    if golden is not None and localize:
-        parts = reference_model(base, resolve_device(part_reference))
     with progress("comparing ...") as activity:
-        result = run_compare(
+        result = run_check(
             base,
             candidate,
-            ref,
-            loaded,
-            thresholds_for(cand_dtype, overrides),
-            localize_points=localize,
-            trial_fixes=trials,
+            check,
+            localize=localize,
+            trials=trials,
             make_candidate=make_candidate,
-            batch_size=batch_size,
             fixes=fixes,
+            batch_size=batch_size,
             progress=steps(activity),
             notes=notes,
-            part_reference=parts,
         )
     for t in unused_limits(overrides, result.groups):
         errors.print(

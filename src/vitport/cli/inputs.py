@@ -70,26 +70,20 @@ def find_inputs(images: list[Path] | None) -> tuple[list[Path] | None, list]:
 
 def read_inputs(images: list[Path] | None, size: int, golden=None):
     """The user's images; else a golden file's own images; else the default set (real photos
-    plus seeded random inputs). An msprobe dump brings its own pixel inputs."""
-    from vitport.inputs import default_inputs, images_by_name, read_images
+    plus seeded random inputs). An msprobe dump brings its own pixel inputs (see
+    vitport.compare.check.check_inputs)."""
+    from vitport.compare.check import DUMP_BRINGS_INPUTS, check_inputs
+    from vitport.inputs import read_images
     from vitport.msprobe import Dump
 
-    if isinstance(golden, Dump):
-        if images:
-            raise VitportError(
-                "an msprobe dump brings its own inputs (the pixels its first module took); "
-                "drop the images, or write a golden file of them with vitport infer --out"
-            )
-        return golden.pixel_inputs(), []
-
-    if golden is not None and not images:
-        loaded, problems = images_by_name(golden.names)
+    loaded, problems = None, []
+    if images:
+        if isinstance(golden, Dump):
+            raise VitportError(DUMP_BRINGS_INPUTS)
+        loaded, problems = read_images(images)
         report_problems(problems)
-        return loaded, problems
-    if not images:
-        return default_inputs(size), []
-    loaded, problems = read_images(images)
-    report_problems(problems)
-    if not loaded:
-        raise VitportError("none of the given images could be read; see the reasons above")
-    return loaded, problems
+        if not loaded:
+            raise VitportError("none of the given images could be read; see the reasons above")
+    inputs, missing = check_inputs(golden, loaded, size)
+    report_problems(missing)
+    return inputs, [*problems, *missing]

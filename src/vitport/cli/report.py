@@ -38,7 +38,13 @@ def report(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     reference: Annotated[
-        str, typer.Option("--reference", "-r", help="Device of the in-process reference.")
+        str,
+        typer.Option(
+            "--reference",
+            "-r",
+            help="Device of the in-process reference (a golden file or an msprobe dump is "
+            "taken as --golden).",
+        ),
     ] = "cpu",
     reference_dtype: Annotated[
         str, typer.Option(help="dtype of the reference: fp32, fp64, fp16 or bf16.")
@@ -85,7 +91,8 @@ def report(
     """
     from vitport.bench.configure import check_budget
     from vitport.bench.run import Window
-    from vitport.compare.reference import load_reference_file
+    from vitport.compare.check import open_source
+    from vitport.device import Device
     from vitport.fixes import parse_fixes
     from vitport.outputs import check_dir, is_report_dir
     from vitport.report import (
@@ -111,7 +118,8 @@ def report(
     seconds = check_budget(budget, optimize)
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
-    gold = load_reference_file(golden) if golden is not None else None
+    source = open_source(golden if golden is not None else reference)
+    gold = None if isinstance(source, Device) else source
     loaded, _ = read_inputs(images, image_size or 224, gold)
     enable_cuda_shim(cuda_shim)
     with progress(f"report on {esc(model)}", elapsed=True) as activity:

@@ -84,7 +84,8 @@ def serve(
             "--reference",
             "-r",
             help="What the self-check compares with: a device "
-            "(cpu, in fp32) or a golden file from vitport infer --out.",
+            "(cpu, in fp32), a golden file from vitport infer --out, or an msprobe dump "
+            "(whose own inputs are then used), as in vitport compare.",
         ),
     ] = "cpu",
     no_check: Annotated[
@@ -237,7 +238,7 @@ def serve(
 
 def check_options(config, engine: str) -> None:
     """Everything that can be refused before the model loads, in one line each."""
-    from vitport.compare.reference import open_reference
+    from vitport.compare.check import open_source
     from vitport.compare.verdict import parse_threshold_overrides
     from vitport.device import parse_dtype, resolve_device
     from vitport.faults import parse_fault
@@ -267,7 +268,7 @@ def check_options(config, engine: str) -> None:
     if config.weights and not Path(config.weights).exists():
         raise VitportError(f"--weights {config.weights}: file not found")
     if config.check:
-        open_reference(config.reference)
+        open_source(config.reference)
     if engine == "local":
         for spec in config.device_list:
             resolve_device(spec)

@@ -38,7 +38,7 @@ ACCURACY_COLUMNS = (
 
 def accuracy_table(result: CompareResult) -> Table:
     """Per output group: the seeds' metrics (mean and worst input) and the noise floor."""
-    from vitport.compare.run import describe_side
+    from vitport.compare.sides import describe_side
 
     table = Table(
         title=(

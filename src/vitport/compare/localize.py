@@ -17,8 +17,11 @@ import torch
 from torch import nn
 
 from vitport import records
-from vitport.encoder import Encoder
-from vitport.format import pct
+from vitport.compare.reference import golden_blocks
+from vitport.compare.sides import Inputs, Progress, no_progress, pixel_batches
+from vitport.device import dtype_name
+from vitport.encoder import Encoder, Features
+from vitport.format import count, pct
 from vitport.golden import EMBEDDINGS, GoldenBlocks, block_points
 from vitport.hooks import (
     ErrorSum,
@@ -32,6 +35,8 @@ from vitport.hooks import (
 
 if TYPE_CHECKING:
     from vitport.msprobe import DumpBlocks
+
+from vitport.inputs import PixelInputs
 
 STANDOUT_FACTOR = 10.0  # a local error this many times its kind's median stands out
 ABSOLUTE_FLOOR = 1e-6  # relative errors below this are arithmetic identity, never a culprit
@@ -368,3 +373,67 @@ def _parts_of(
         PointError(name, block, kinds[name], 0.0, s.rel_error, 0.0, s.max_abs)
         for name, s in sums.items()
     ]
+
+
+# --- the localisation step of a comparison -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Located:
+    """A comparison's localisation: where the error comes from, and against what it was found."""
+
+    localization: Localization
+    reference: str  # what the local errors were measured against
+    note: str = ""  # what the user should know about it, if anything
+
+
+def localize_run(
+    base: Encoder,
+    candidate: Encoder,
+    reference: Encoder | Features,
+    inputs: Inputs,
+    part_reference: Encoder | None = None,
+    progress: Progress = no_progress,
+) -> Located:
+    """Localise the candidate's error: against a file's block states where it holds them (an
+    msprobe dump, or a golden file written --with-blocks), else against a model run here (the
+    in-process reference, or `base` for a file of final outputs only). `base` is the model on
+    the CPU in fp32; `part_reference` the model the culprit's parts are compared with (`base`
+    where None)."""
+    blocks = golden_blocks(reference, candidate) if isinstance(reference, Features) else None
+    if blocks is not None:
+        parts = part_reference or base
+        if isinstance(inputs, PixelInputs):
+            progress("localising against the msprobe dump's block and part states")
+            chosen: Inputs = inputs
+            where = (
+                f"the msprobe dump's block states ({blocks.dtype}, {count(len(inputs), 'input')})"
+            )
+        else:
+            progress("localising against the golden file's block states")
+            chosen = list(inputs[: len(blocks.images)])  # the file's first images, in its order
+            where = (
+                f"the golden file's block states ({blocks.dtype}, {count(len(chosen), 'image')})"
+            )
+        found = localize_golden(
+            candidate, blocks, pixel_batches(base, chosen, 2), part_reference=parts
+        )
+        if blocks.parts:
+            return Located(found, f"{where}, every block's parts teacher-forced on the dump's")
+        return Located(
+            found,
+            f"{where}, the culprit block's parts against {parts.device} "
+            f"{dtype_name(parts.dtype)} here",
+        )
+    progress("localising: teacher-forced error at every block")
+    in_process = reference if isinstance(reference, Encoder) else base
+    found = localize(candidate, in_process, pixel_batches(base, inputs, 2))
+    where = f"the {in_process.device} {dtype_name(in_process.dtype)} model's inputs"
+    if isinstance(reference, Encoder):
+        return Located(found, where)
+    return Located(
+        found,
+        where,
+        "localisation ran against the CPU fp32 model in this process: the golden file "
+        "holds final outputs only (write it with vitport infer --out FILE --with-blocks)",
+    )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vitport import records
-from vitport.encoder import OUTPUT_GROUPS
+from vitport.encoder import OUTPUT_GROUPS, Features
 
 GROUPS: tuple[str, ...] = OUTPUT_GROUPS  # the Features contract's output groups, in order
 
@@ -356,3 +356,10 @@ def floor_ratios(
             row[metric] = plain_float(_floor_ratio(m, f))
         ratios[group] = row
     return ratios
+
+
+def patch_error_map(ref: Features, out: Features, index: int = 0) -> list[list[float]]:
+    """Relative error of each patch token of one input, laid out on the patch grid."""
+    delta = (out.patches[index].double() - ref.patches[index].double()).abs().mean(-1)
+    scale = ref.patches[index].double().abs().mean().clamp_min(1e-30)
+    return (delta / scale).reshape(ref.grid).tolist()

@@ -1,74 +1,61 @@
-"""`compare`: a candidate (device, dtype, fixes) against a reference run or a golden file."""
+"""`compare`: a candidate (device, dtype, fixes) against a reference run or a golden file.
+
+The comparison is a row of steps that each return data: run the sides into Features
+(compare.sides), measure the floors (compare.floors), judge (compare.judge), localise
+(compare.localize) and try fixes (compare.trials), on a check that compare.check assembles
+alike for compare, report and serve."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from vitport import records
-from vitport.compare.localize import Localization, localize, localize_golden
-from vitport.compare.metrics import (
-    GroupResult,
-    compare_groups,
-    decode_float,
-    encode_float,
-    floor_ratios,
-    worst_rel_error,
+from vitport.compare.check import CheckPlan
+from vitport.compare.floors import Floors, floor_dtype_of, floor_kind, measure_floors
+from vitport.compare.judge import Judged, judge_run
+from vitport.compare.localize import Localization, Located, localize_run
+from vitport.compare.metrics import GroupResult, decode_float, encode_float, worst_rel_error
+from vitport.compare.reference import reference_inputs
+from vitport.compare.sides import (
+    Inputs,
+    Progress,
+    Run,
+    Side,
+    describe_side,
+    features_of,
+    input_batches,
+    no_progress,
+    pixel_batches,
+    run_sides,
 )
-from vitport.compare.reference import golden_blocks, reference_inputs
-from vitport.compare.verdict import Threshold, Verdict, judge_features
-from vitport.device import Device, dtype_name, resolve_device
+from vitport.compare.trials import FixTrial, MakeCandidate, TrialSetting, group_results, try_fixes
+from vitport.compare.verdict import Threshold, Verdict
+from vitport.device import Device
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
-from vitport.fixes import process_settings_restored
-from vitport.format import count
-from vitport.golden import source_of
-from vitport.inputs import LoadedImage, PixelInputs
-from vitport.msprobe import is_dump_reference
+
+__all__ = [  # the steps' names stay importable from here, where they used to live
+    "SCHEMA_VERSION",
+    "CompareResult",
+    "FixTrial",
+    "Inputs",
+    "Side",
+    "candidate_factory",
+    "compare",
+    "describe_side",
+    "features_of",
+    "floor_dtype_of",
+    "floor_kind",
+    "input_batches",
+    "pixel_batches",
+    "run_check",
+]
 
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Side:
-    """One side of a comparison, as data."""
-
-    kind: str  # "run" or "golden"
-    device: str
-    dtype: str
-    fixes: tuple[str, ...] = ()
-    path: str = ""
-    description: dict[str, str] = field(default_factory=dict)
-    runtime: str = "torch"
-
-
-@dataclass
-class FixTrial:
-    """The candidate with one fix (or all together) set against the same reference."""
-
-    fixes: tuple[str, ...]
-    groups: dict[str, GroupResult] | None
-    verdict: Verdict | None
-    detail: str  # what the fix changed, or why it does not apply
-
-    @property
-    def worst_rel_error(self) -> float:
-        return worst_rel_error(self.groups)
-
-    def to_dict(self) -> dict[str, Any]:
-        return records.to_dict(self, groups=lambda groups: records.plain(groups or {}))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FixTrial:
-        return records.from_dict(
-            cls,
-            data,
-            groups=lambda groups: _groups(groups) or None,
-            verdict=lambda verdict: Verdict.from_dict(verdict) if verdict else None,
-        )
 
 
 @dataclass
@@ -138,9 +125,9 @@ class CompareResult:
             data,
             candidate=side,
             reference=side,
-            groups=_groups,
-            floor=_groups,
-            floor_fp32=_groups,
+            groups=group_results,
+            floor=group_results,
+            floor_fp32=group_results,
             floor_ratio=lambda ratios: {
                 g: {m: decode_float(v) for m, v in r.items()} for g, r in ratios.items()
             },
@@ -154,41 +141,77 @@ class CompareResult:
         return result
 
 
-def _groups(data: dict[str, Any]) -> dict[str, GroupResult]:
-    return {k: GroupResult.from_dict(v) for k, v in data.items()}
+def run_check(
+    base: Encoder,
+    candidate: Encoder,
+    check: CheckPlan,
+    *,
+    localize: bool = False,
+    trials: Sequence[tuple[str, ...]] = (),
+    make_candidate: MakeCandidate | None = None,
+    fixes: Sequence[str] = (),
+    batch_size: int = 4,
+    progress: Progress = no_progress,
+    notes: Sequence[str] = (),
+) -> CompareResult:
+    """Compare `candidate` (with `fixes` applied) on an assembled check: run both sides, measure
+    the floors of its dtype, judge, localise where asked, and try each of `trials` with a fresh
+    candidate from `make_candidate(fixes)`. `base` is the model on the CPU in fp32: it gives
+    the floors and, for a file reference, the in-process model that localisation runs."""
+    if trials and make_candidate is None:
+        raise VitportError("trying fixes needs a way to build a fresh candidate")
+    run = run_sides(
+        candidate,
+        check.reference,
+        check.inputs,
+        fixes=fixes,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    fp32 = run.reference_features if _is_cpu_fp32(check.reference) else None
+    floors = measure_floors(
+        base, check.inputs, candidate.dtype, fp32=fp32, batch_size=batch_size, progress=progress
+    )
+    judged = judge_run(run, floors, check.thresholds)
+    located = None
+    if localize:
+        located = localize_run(
+            base, candidate, check.reference, check.inputs, check.part_reference, progress
+        )
+    setting = TrialSetting(run.reference_features, check.inputs, check.thresholds, batch_size)
+    tried = try_fixes(make_candidate, trials, setting, progress) if trials else []
+    return compare_result(base.spec, run, floors, judged, check.thresholds, located, tried, notes)
 
 
-Inputs = Sequence[LoadedImage] | PixelInputs
-"""What a comparison runs on: images, or the pixel batches of a dump."""
-
-
-def input_batches(
-    encoder: Encoder, inputs: Inputs, batch_size: int
-) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """(pixels, names) per forward: images preprocessed `batch_size` at a time, or a dump's own
-    batches as they went in."""
-    if isinstance(inputs, PixelInputs):
-        start = 0
-        for pixels in inputs.batches:
-            yield pixels, inputs.names[start : start + len(pixels)]
-            start += len(pixels)
-        return
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        yield encoder.preprocess([im.image for im in chunk]), [im.name for im in chunk]
-
-
-def features_of(encoder: Encoder, inputs: Inputs, batch_size: int) -> Features:
-    parts = [
-        encoder.encode(pixels, names).to("cpu", torch.float32)
-        for pixels, names in input_batches(encoder, inputs, batch_size)
-    ]
-    return Features.concat(parts)
-
-
-def pixel_batches(encoder: Encoder, inputs: Inputs, batch_size: int) -> Iterator[torch.Tensor]:
-    for pixels, _ in input_batches(encoder, inputs, batch_size):
-        yield pixels
+def compare_result(
+    spec: str,
+    run: Run,
+    floors: Floors,
+    judged: Judged,
+    thresholds: Sequence[Threshold],
+    located: Located | None = None,
+    trials: Sequence[FixTrial] = (),
+    notes: Sequence[str] = (),
+) -> CompareResult:
+    """The steps' records gathered into one result."""
+    return CompareResult(
+        spec=spec,
+        candidate=run.candidate,
+        reference=run.reference,
+        inputs=list(run.names),
+        groups=judged.groups,
+        floor=floors.floor,
+        floor_ratio=judged.floor_ratio,
+        thresholds=list(thresholds),
+        verdict=judged.verdict,
+        floor_fp32=floors.fp32,
+        floor_dtype=floors.dtype,
+        localization=located.localization if located else None,
+        localization_reference=located.reference if located else "",
+        trials=list(trials),
+        notes=[*notes, *([located.note] if located and located.note else [])],
+        patch_error_map=judged.patch_error_map,
+    )
 
 
 def compare(
@@ -200,10 +223,10 @@ def compare(
     *,
     localize_points: bool = False,
     trial_fixes: Sequence[tuple[str, ...]] = (),
-    make_candidate: Callable[[Sequence[str]], tuple[Encoder, str]] | None = None,
+    make_candidate: MakeCandidate | None = None,
     batch_size: int = 4,
     fixes: Sequence[str] = (),
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress = no_progress,
     notes: Sequence[str] = (),
     part_reference: Encoder | None = None,
 ) -> CompareResult:
@@ -213,128 +236,25 @@ def compare(
     fp64 floor is kept beside it as `floor_fp32`.
     `base` is the model on the CPU in fp32: it gives the floors and, for golden references,
     the in-process reference for localisation. `make_candidate(fixes)` builds a fresh candidate
-    with those fixes applied, for `trial_fixes`.
+    with those fixes applied, for `trial_fixes`. The same as :func:`run_check` on a check of
+    `reference`, `images` and `thresholds` (a golden file checks the images and orders them).
     """
-    notes = list(notes)
-    if isinstance(reference, Features):
-        images = reference_inputs(reference, base, images)
-        ref_feats = reference
-        ref_side = Side(
-            kind="msprobe" if is_dump_reference(reference) else "golden",
-            device=str(reference.meta.get("device")),
-            dtype=str(reference.meta.get("dtype")),
-            path=source_of(reference),
-            description=reference.meta.get("device_description", {}),
-        )
-    else:
-        progress(f"reference on {reference.device} ({dtype_name(reference.dtype)})")
-        ref_feats = features_of(reference, images, batch_size)
-        ref_side = Side(
-            "run",
-            str(reference.device),
-            dtype_name(reference.dtype),
-            description=reference.device.describe(),
-        )
-    names = list(images.names) if isinstance(images, PixelInputs) else [im.name for im in images]
-    progress(f"candidate on {candidate.device} ({dtype_name(candidate.dtype)})")
-    out_feats = features_of(candidate, images, batch_size)
-    judged = judge_features(ref_feats.groups(), out_feats.groups(), thresholds)
-    groups = judged.groups
-
-    progress("noise floor: fp32 vs fp64 on the CPU")
-    cpu = resolve_device("cpu")
-    fp32 = ref_feats if _is_cpu_fp32(reference) else features_of(base, images, batch_size)
-    exact = base.to(cpu, torch.float64)
-    fp64 = features_of(exact, images, batch_size)
-    floor_fp32 = compare_groups(fp64.groups(), fp32.groups())
-    floor_dtype = floor_dtype_of(candidate.dtype)
-    floor = floor_fp32
-    if floor_dtype != "fp32":
-        progress(f"noise floor: weights and input rounded to {floor_dtype}, in fp64")
-        rounded = rounded_features(exact, images, candidate.dtype, batch_size)
-        floor = compare_groups(fp64.groups(), rounded.groups())
-
-    result = CompareResult(
-        spec=base.spec,
-        candidate=Side(
-            "run",
-            str(candidate.device),
-            dtype_name(candidate.dtype),
-            tuple(fixes),
-            description=candidate.device.describe(),
-            runtime=candidate.runtime,
-        ),
-        reference=ref_side,
-        inputs=names,
-        groups=groups,
-        floor=floor,
-        floor_ratio=floor_ratios(groups, floor),
-        thresholds=list(thresholds),
-        verdict=judged.verdict,
-        floor_fp32=floor_fp32,
-        floor_dtype=floor_dtype,
-        notes=notes,
-        patch_error_map=patch_error_map(ref_feats, out_feats),
+    inputs = (
+        reference_inputs(reference, base, images) if isinstance(reference, Features) else images
     )
-    golden = localize_points and isinstance(reference, Features)
-    blocks = golden_blocks(reference, candidate) if golden else None
-    if blocks is not None:
-        parts = part_reference or base
-        if isinstance(images, PixelInputs):
-            progress("localising against the msprobe dump's block and part states")
-            chosen: Inputs = images
-            where = (
-                f"the msprobe dump's block states ({blocks.dtype}, {count(len(images), 'input')})"
-            )
-        else:
-            progress("localising against the golden file's block states")
-            chosen = list(images[: len(blocks.images)])  # the file's first images, in its order
-            where = (
-                f"the golden file's block states ({blocks.dtype}, {count(len(chosen), 'image')})"
-            )
-        result.localization = localize_golden(
-            candidate, blocks, pixel_batches(base, chosen, 2), part_reference=parts
-        )
-        if blocks.parts:
-            result.localization_reference = (
-                f"{where}, every block's parts teacher-forced on the dump's"
-            )
-        else:
-            result.localization_reference = (
-                f"{where}, the culprit block's parts against {parts.device} "
-                f"{dtype_name(parts.dtype)} here"
-            )
-    elif localize_points:
-        progress("localising: teacher-forced error at every block")
-        in_process = reference if isinstance(reference, Encoder) else base
-        result.localization = localize(candidate, in_process, pixel_batches(base, images, 2))
-        result.localization_reference = (
-            f"the {in_process.device} {dtype_name(in_process.dtype)} model's inputs"
-        )
-        if isinstance(reference, Features):
-            notes.append(
-                "localisation ran against the CPU fp32 model in this process: the golden file "
-                "holds final outputs only (write it with vitport infer --out FILE --with-blocks)"
-            )
-    if trial_fixes and make_candidate is None:
-        raise VitportError("trying fixes needs a way to build a fresh candidate")
-
-    def attempt(trial: tuple[str, ...]) -> FixTrial:
-        progress(f"trying {'+'.join(trial)}")
-        with process_settings_restored():  # a trial must not change the runs after it
-            try:
-                fixed, detail = make_candidate(trial)
-            except VitportError as exc:  # the fix does not apply to this model
-                return FixTrial(trial, None, None, str(exc))
-            fixed_feats = features_of(fixed, images, batch_size)
-        judged = judge_features(ref_feats.groups(), fixed_feats.groups(), thresholds)
-        return FixTrial(trial, judged.groups, judged.verdict, detail)
-
-    result.trials = [attempt(tuple(trial)) for trial in trial_fixes]
-    applicable = tuple(t.fixes[0] for t in result.trials if t.groups is not None)
-    if len(applicable) > 1:
-        result.trials.append(attempt(applicable))
-    return result
+    check = CheckPlan(reference, inputs, tuple(thresholds), part_reference)
+    return run_check(
+        base,
+        candidate,
+        check,
+        localize=localize_points,
+        trials=trial_fixes,
+        make_candidate=make_candidate,
+        fixes=fixes,
+        batch_size=batch_size,
+        progress=progress,
+        notes=notes,
+    )
 
 
 def candidate_factory(
@@ -367,62 +287,9 @@ def candidate_factory(
     return make
 
 
-def patch_error_map(ref: Features, out: Features, index: int = 0) -> list[list[float]]:
-    """Relative error of each patch token of one input, laid out on the patch grid."""
-    delta = (out.patches[index].double() - ref.patches[index].double()).abs().mean(-1)
-    scale = ref.patches[index].double().abs().mean().clamp_min(1e-30)
-    return (delta / scale).reshape(ref.grid).tolist()
-
-
-def floor_dtype_of(dtype: torch.dtype) -> str:
-    """The dtype whose cost the floor measures: fp16/bf16 as they are, fp32 for fp32 and fp64."""
-    name = dtype_name(dtype)
-    return name if name in ("fp16", "bf16") else "fp32"
-
-
-def floor_kind(floor_dtype: str) -> str:
-    """What the floor of a candidate in `floor_dtype` is, in one phrase."""
-    if floor_dtype == "fp32":
-        return "the same metric between fp32 and fp64 on the CPU (the arithmetic noise of fp32)"
-    return (
-        f"the same metric between fp64 on the weights and input rounded to {floor_dtype} and "
-        f"fp64 on the exact ones, on the CPU (the error that {floor_dtype} alone costs)"
-    )
-
-
-def rounded_features(
-    exact: Encoder, images: Inputs, dtype: torch.dtype, batch_size: int
-) -> Features:
-    """`exact` (an fp64 encoder) run in fp64 on its weights and the fp32 input both rounded to
-    `dtype` and back: the error of the dtype's representation alone, without its arithmetic."""
-    rounded = exact.to(copy=True)
-    with torch.no_grad():
-        for tensor in [*rounded.module.parameters(), *rounded.module.buffers()]:
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.to(dtype).to(tensor.dtype))
-    parts = []
-    for pixels, names in input_batches(exact, images, batch_size):
-        feats = rounded.encode(pixels.to(dtype).to(torch.float64), names)
-        parts.append(feats.to("cpu", torch.float32))  # as infer returns the fp64 run's
-    return Features.concat(parts)
-
-
 def _is_cpu_fp32(reference: Encoder | Features) -> bool:
     return (
         isinstance(reference, Encoder)
         and reference.device.type == "cpu"
         and reference.dtype == torch.float32
     )
-
-
-def describe_side(side: Side) -> str:
-    text = f"{side.device} {side.dtype}"
-    if side.runtime != "torch":
-        text += f" on {side.runtime}"
-    if side.fixes:
-        text += f" + {', '.join(side.fixes)}"
-    if side.kind == "golden":
-        text += f" (golden file {side.path})"
-    elif side.kind == "msprobe":
-        text += f" (msprobe dump {side.path})"
-    return text

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vitport.compare.run import pixel_batches
+from vitport.compare.sides import pixel_batches
 from vitport.convert.engine import ConversionError, Converted, apply
 from vitport.convert.layouts import (
     TARGETS,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from vitport.compare.run import pixel_batches
+from vitport.compare.sides import pixel_batches
 from vitport.convert.result import ConversionResult
 from vitport.convert.verify import compare_functions, run_features
 from vitport.encoder import Encoder, Features

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,15 +13,15 @@ from typing import Any
 import vitport
 from vitport.bench.optimize import optimize
 from vitport.bench.run import Window, bench
-from vitport.compare.reference import bind_reference, reference_inputs, reference_model
-from vitport.compare.run import candidate_factory, compare
-from vitport.compare.verdict import thresholds_for
-from vitport.device import dtype_name, parse_dtype, resolve_device
+from vitport.compare.check import Source, assemble_check, open_source
+from vitport.compare.run import candidate_factory, run_check
+from vitport.compare.sides import Inputs
+from vitport.device import Device, dtype_name, parse_dtype, resolve_device
 from vitport.encoder import Features
 from vitport.errors import one_line
 from vitport.fixes import fix_names
 from vitport.infer import infer, infer_pixels
-from vitport.inputs import LoadedImage, PixelInputs
+from vitport.inputs import PixelInputs
 from vitport.msprobe import Dump, is_dump_reference
 
 SCHEMA_VERSION = 1
@@ -61,7 +61,7 @@ class ReportOptions:
     spec: str
     device: str = "auto"
     dtype: str = "fp32"
-    reference: str = "cpu"
+    reference: str = "cpu"  # a device, a golden file or an msprobe dump (as compare --reference)
     reference_dtype: str = "fp32"
     batch_sizes: tuple[int, ...] | None = (1, 2, 4, 8)  # None: auto
     window: Window = Window()
@@ -75,11 +75,14 @@ class ReportOptions:
 
 def build_report(
     options: ReportOptions,
-    images: Sequence[LoadedImage] | PixelInputs,
+    images: Inputs | None = None,
     golden: Features | Dump | None = None,
     log: RunLog | None = None,
 ) -> dict[str, Any]:
-    """Every number of a port's report, measured in this run; warnings seen are kept too."""
+    """Every number of a port's report, measured in this run; warnings seen are kept too.
+    `golden` (a golden file or an msprobe dump) is the reference where given, else
+    `options.reference`; `images` as compare.check.check_inputs gives them (its choice where
+    None)."""
     log = log or RunLog()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -98,7 +101,7 @@ def reference_kind(golden: Features | Dump) -> str:
 
 def measure_all(
     o: ReportOptions,
-    images: Sequence[LoadedImage] | PixelInputs,
+    images: Inputs | None,
     golden: Features | Dump | None,
     log: RunLog,
 ) -> dict[str, Any]:
@@ -118,11 +121,11 @@ def measure_all(
     if fix_detail:
         log(f"fixes: {fix_detail}")
 
-    if golden is not None:  # refuse a wrong reference before the long runs
-        ref: Any = bind_reference(golden, base)
-        images = reference_inputs(ref, base, images)
-    else:
-        ref = reference_model(base, resolve_device(o.reference), parse_dtype(o.reference_dtype))
+    source: Source = golden if golden is not None else open_source(o.reference)
+    check = assemble_check(  # refuse a wrong reference before the long runs
+        base, source, cand_dtype, inputs=images, reference_dtype=parse_dtype(o.reference_dtype)
+    )
+    images = check.inputs
 
     log(f"inference sample on {target} ({o.dtype})")
     if isinstance(images, PixelInputs):
@@ -136,14 +139,12 @@ def measure_all(
     perf = bench(candidate, o.batch_sizes, o.window, progress=log)
 
     log("accuracy against the reference, localisation and fixes")
-    accuracy = compare(
+    accuracy = run_check(
         base,
         candidate,
-        ref,
-        images,
-        thresholds_for(cand_dtype),
-        localize_points=True,
-        trial_fixes=[(n,) for n in fix_names()],
+        check,
+        localize=True,
+        trials=[(n,) for n in fix_names()],
         make_candidate=make,
         fixes=o.fixes,
         progress=log,
@@ -172,7 +173,7 @@ def measure_all(
             "spec": o.spec,
             "device": str(target),
             "dtype": dtype_name(cand_dtype),
-            "reference": reference_kind(golden) if golden is not None else o.reference,
+            "reference": o.reference if isinstance(source, Device) else reference_kind(source),
             "reference_dtype": o.reference_dtype,
             "fixes": list(o.fixes),
         },

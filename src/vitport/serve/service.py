@@ -119,7 +119,7 @@ class Service:
 
     def _start(self) -> None:
         import vitport
-        from vitport.compare.run import candidate_factory
+        from vitport.compare.run import candidate_factory, run_check
         from vitport.device import parse_dtype, resolve_device
         from vitport.fixes import parse_fixes
 
@@ -142,7 +142,11 @@ class Service:
         ]
         if cfg.check:
             self.state = "checking"
-            self.checks = [self._check(base, encoder, fixes) for encoder in self.encoders]
+            check = self._assemble_check(base, self.encoders[0].dtype)
+            self.checks = [
+                run_check(base, encoder, check, fixes=fixes, batch_size=4)
+                for encoder in self.encoders
+            ]
             for result in self.checks:
                 log.info("self-check %s", check_line(result))
             if not all(r.passed for r in self.checks):
@@ -169,34 +173,25 @@ class Service:
             self.batch_source,
         )
 
-    def _check(self, base: Any, encoder: Any, fixes: Sequence[str]) -> Any:
-        """`vitport compare`'s verdict and limits for the served configuration."""
-        from vitport.compare.reference import open_reference, reference_model
-        from vitport.compare.run import compare
-        from vitport.compare.verdict import parse_threshold_overrides, thresholds_for
+    def _assemble_check(self, base: Any, dtype: torch.dtype) -> Any:
+        """`vitport compare`'s check of the served configuration (inputs, limits, reference),
+        against any reference compare takes: a device, a golden file or an msprobe dump."""
+        from vitport.compare.check import assemble_check, open_source
+        from vitport.compare.verdict import parse_threshold_overrides
         from vitport.device import parse_dtype
-        from vitport.encoder import Features
-        from vitport.inputs import default_inputs, images_by_name
 
         cfg = self.config
         try:
             overrides = parse_threshold_overrides(list(cfg.thresholds))
         except ValueError as exc:
             raise VitportError(str(exc)) from exc
-        source = open_reference(cfg.reference)
-        if isinstance(source, Features):
-            images, problems = images_by_name(source.names)
-            if problems:
-                raise VitportError(
-                    f"{cfg.reference}: cannot read its image {problems[0].name}: "
-                    f"{problems[0].reason}"
-                )
-            reference = source
-        else:
-            images = default_inputs(encoder.image_size[0])
-            reference = reference_model(base, source, parse_dtype(cfg.reference_dtype))
-        thresholds = thresholds_for(encoder.dtype, overrides)
-        return compare(base, encoder, reference, images, thresholds, fixes=fixes, batch_size=4)
+        return assemble_check(
+            base,
+            open_source(cfg.reference),
+            dtype,
+            overrides=overrides,
+            reference_dtype=parse_dtype(cfg.reference_dtype),
+        )
 
     def _auto_batch(self) -> int:
         """Bench's auto batch size on the first device, in a short measured window."""
@@ -445,7 +440,7 @@ class Service:
             return {"checked": False, "reason": "--no-check"}
         if not self.checks:
             return {"checked": False, "reason": f"not yet ({self.state})"}
-        from vitport.compare.run import describe_side
+        from vitport.compare.sides import describe_side
 
         first = self.checks[0]
         return {
@@ -472,7 +467,7 @@ class Service:
 
 def check_line(result: Any) -> str:
     """One line for a self-check: verdict, sides, worst error, inputs."""
-    from vitport.compare.run import describe_side
+    from vitport.compare.sides import describe_side
 
     verdict = "passed" if result.passed else "FAILED"
     return (
