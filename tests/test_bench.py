@@ -274,6 +274,7 @@ def test_a_peak_the_model_outruns_gives_no_mfu(sleepy, monkeypatch):
     assert not any(n.startswith("MFU not shown") for n in fine.notes)
 
 
+@pytest.mark.slow
 def test_compiled_encoder_builds_one_graph_for_every_batch_of_two_or_more(tiny_dir):
     from torch._dynamo.utils import counters
 

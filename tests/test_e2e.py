@@ -182,6 +182,7 @@ def test_workers_that_cannot_start_fall_back_to_none(encoder, paths, monkeypatch
     assert len(got.notes) == 1 and "ran with 0 workers" in got.notes[0]
 
 
+@pytest.mark.slow
 def test_preprocess_is_picklable_so_spawned_workers_run(encoder, paths, monkeypatch):
     spawn_workers(monkeypatch)
     got = run_e2e(encoder, paths, batch_size=4, workers=2)

@@ -274,7 +274,8 @@ def test_disk_full_keeps_written_shards_and_resumes(model_dir, photos, tmp_path,
     assert resumed.complete and resumed.skipped_done == 2 and len(read(out)) == len(PHOTOS)
 
 
-def test_ray_engine_writes_the_same_rows(model_dir, photos, tmp_path):
+@pytest.mark.slow
+def test_ray_engine_writes_the_same_rows(model_dir, photos, tmp_path, one_ray_at_a_time):
     pytest.importorskip("ray")
     local = tmp_path / "local"
     embed(
@@ -389,6 +390,7 @@ def test_cli_embed_and_dedup(model_dir, photos, tmp_path, monkeypatch, capsys):
     assert code == 2 and "another dtype" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A real SIGKILL of the process while it writes; the same command again finishes the job."""
     source = tmp_path / "many"

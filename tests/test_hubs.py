@@ -87,6 +87,7 @@ def test_cut_download_is_reported_never_loaded_and_a_later_run_succeeds(hub, mon
     assert vitport.load("atomgit:org/cut").family == "transformers/dinov2"
 
 
+@pytest.mark.slow
 def test_hf_endpoint_mirror_from_the_shell(hub, tmp_path):
     """A user's HF_ENDPOINT (seed 002's mirror advice) reaches the mirror, in a fresh process."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}

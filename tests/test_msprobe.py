@@ -20,6 +20,7 @@ from test_convert import randomize
 from vitport.families.base import bit_processor
 
 pytest.importorskip("msprobe", reason="mindstudio-probe (msprobe) is not installed")
+pytestmark = pytest.mark.slow  # msprobe dumps and `msprobe compare` run in subprocesses
 
 DUMP_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "msprobe_dump.py"
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}

@@ -23,6 +23,9 @@ CANN_MISSING = (
 SYMBOL = "/site-packages/torch_npu/_C.cpython-311-x86_64-linux-gnu.so: undefined symbol: _ZN3c104impl3cow11cow_deleterEPv"
 
 
+pytestmark = pytest.mark.slow  # every check is a fresh Python process
+
+
 def fake_torch_npu(root: Path, message: str, torch_spec: str = "") -> Path:
     package = root / "torch_npu"
     package.mkdir(parents=True)

@@ -16,6 +16,7 @@ from vitport.embed import embed, read
 from vitport.errors import ClusterError
 
 pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'vitport[ray]'")
+pytestmark = pytest.mark.usefixtures("one_ray_at_a_time")
 
 from raycluster import Cluster, free_port  # noqa: E402
 
@@ -146,7 +147,7 @@ def test_no_progress_ends_in_one_line_and_keeps_the_shards(collection, tmp_path)
     assert "no progress for 8 s" in message and "waiting for 1 CPU each" in message, message
     assert "the cluster has no CPU" in message and "2 shard(s)" in message, message
     assert "run the same command again" in message
-    assert seconds < 8 + 60
+    assert seconds < 8 + 300  # ended, not hung: a generous bound for a busy machine
     assert len(read(out)) == 2 * SHARD
     resumed = embed([str(collection)], MODEL, out, device="cpu", batch_size=4, shard_size=SHARD)
     assert resumed.complete and resumed.skipped_done == 2 * SHARD
@@ -268,6 +269,7 @@ def test_serve_replaces_a_replica_lost_with_its_node(tiny_dir, tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_when_ray_gives_up_the_line_says_so_and_the_shards_stay(collection, tmp_path, monkeypatch):
     """An actor Ray will not restart: exit 1, one line naming what was lost, shards kept."""
     import ray

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
+pytestmark = pytest.mark.slow  # each test starts `vitport serve` (or CLI runs) in a subprocess
 httpx = pytest.importorskip("httpx")
 
 import vitport  # noqa: E402
@@ -458,7 +459,9 @@ def test_bad_options_are_one_line_before_the_model_loads(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_serve_deployment_gives_the_same_embeddings(model_dir, files, tmp_path):
+def test_ray_serve_deployment_gives_the_same_embeddings(
+    model_dir, files, tmp_path, one_ray_at_a_time
+):
     pytest.importorskip("ray.serve")
     want = expected(model_dir, files[:3])["pooled"]
     with running(tmp_path, str(model_dir), "--engine", "ray", "--max-batch-size", "4") as server:
