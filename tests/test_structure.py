@@ -194,10 +194,12 @@ def spelled(source: str, claims: Iterable[str]) -> list[str]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
             found += [c for c, p in patterns.items() if p.search(node.value)]
         elif isinstance(node, ast.Name | ast.Attribute | ast.alias):
+            # as a name, only a class counts: a model type such as clip is also numpy's np.clip
+            classes = [c for c in claims if c[:1].isupper()]
             word = {ast.Name: "id", ast.Attribute: "attr", ast.alias: "asname"}[type(node)]
-            found += [c for c in claims if getattr(node, word, None) == c]
+            found += [c for c in classes if getattr(node, word, None) == c]
             if isinstance(node, ast.alias):
-                found += [c for c in claims if node.name.rpartition(".")[2] == c]
+                found += [c for c in classes if node.name.rpartition(".")[2] == c]
     return sorted(set(found))
 
 
@@ -224,6 +226,7 @@ def test_the_checks_can_fail():
     assert spelled('"""A vit."""\nname = "vit_small"\nspec = "demo:vit-s"  # vit', claims) == []
     assert spelled('prefix = f"{x}vit."', claims) == ["vit"]
     assert spelled('MODULES = ("vit",)\nOTHER = ("vit",)', claims) == ["vit"]
+    assert spelled("x = np.vit(a)\nvit = 1", claims) == []  # a function or variable, not a type
 
 
 def test_no_import_cycle():

@@ -62,6 +62,9 @@ class Architecture:
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     head_flops: float = 0.0  # per image, of a pooling head or projection the blocks do not count
+    # the MLP activation the model was trained with, as transformers names it (gelu, quick_gelu,
+    # gelu_pytorch_tanh, silu); "" where the loader cannot tell. Fixes keep to it.
+    activation: str = ""
 
     @property
     def image_size(self) -> int:

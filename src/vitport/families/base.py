@@ -15,15 +15,20 @@ What a family module provides (fields of `Family`; all but the first two have de
   `TokenLayout` (CLS, registers, patch), ``architecture(config, backbone)`` the `Architecture`
   (widths read from the config or, where the config only implies them, from the module).
   ``resizable`` says whether its position embeddings follow the input size, ``forward_kwargs``
-  what its forward needs for that, ``vision_tower`` where a multimodal model keeps its encoder.
+  what its forward needs for that. ``model_class(config_json)`` names the transformers class to
+  load (default: the Auto class's choice; it may refuse a kind of checkpoint in one line),
+  ``vision_tower`` where a multimodal model keeps its encoder, ``final_norm(backbone)`` the norm
+  that gives the output tokens (default: the top-level module named norm; None where the last
+  block's tokens are the output).
 - Preprocessing: checkpoints bring their own image processor; ``preprocessing`` is the one its
   original releases prescribe, for checkpoints that come without one (see `Conversion`).
 - Block parts and their roles: ``block_roles(block)`` maps a block's children to ``attention``,
   ``mlp`` and ``norm`` (what localisation, faults and fixes act on). The default finds them by
   name and kind; a family whose blocks name them otherwise gives its own.
 - Pooler: ``pool(output, tokens)``, the family's pooled output from its forward's output.
-- FLOP inputs: the `Architecture` above (widths, depth, patch, gated MLP) plus ``head_flops``,
-  the per-image FLOPs of a pooling head or projection that the block formula does not count.
+- FLOP inputs: the `Architecture` above (widths, depth, patch, gated MLP) plus
+  ``head_flops(backbone, tokens)``, the per-image FLOPs of a pooling head or projection that the
+  block formula does not count, for a sequence of `tokens` tokens.
 - Conversion: ``conversions``, each with its mapping tables (written once, inverses derived),
   the transformers config and timm recipe that rebuild it; ``foreign``, the layouts of its
   original releases that vitport reads (recognised by a sentinel key).
@@ -166,8 +171,18 @@ def mean_pool(output: Any, tokens: torch.Tensor) -> torch.Tensor:
     return pooled if pooled is not None else tokens.mean(dim=1)
 
 
-def no_head(_module: nn.Module) -> float:
+def no_head(_module: nn.Module, _tokens: int) -> float:
     return 0.0
+
+
+def auto_class(_config: Mapping[str, Any]) -> str | None:
+    """transformers' Auto class chooses (AutoModelForImageClassification for a classifier)."""
+    return None
+
+
+def named_norm(backbone: nn.Module) -> nn.Module | None:
+    """The final norm: the first top-level module whose name says norm."""
+    return next((m for n, m in backbone.named_children() if "norm" in n), None)
 
 
 def config_layout(has_cls: bool) -> Callable[[Any], TokenLayout]:
@@ -194,11 +209,13 @@ class Family:
     architecture: Callable[[Any, nn.Module], Architecture] | None = None
     resizable: bool = True
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    model_class: Callable[[Mapping[str, Any]], str | None] = auto_class
     vision_tower: Callable[[nn.Module], nn.Module] | None = None
+    final_norm: Callable[[nn.Module], nn.Module | None] = named_norm
     preprocessing: Preprocessing | None = None
     block_roles: Callable[[nn.Module], dict[str, str]] = block_roles
     pool: Callable[[Any, torch.Tensor], torch.Tensor] = cls_pool
-    head_flops: Callable[[nn.Module], float] = no_head
+    head_flops: Callable[[nn.Module, int], float] = no_head
     conversions: tuple[Conversion, ...] = ()
     foreign: tuple[ForeignLayout, ...] = ()
     tiny: tuple[TinyModel, ...] = ()

@@ -83,11 +83,15 @@ def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> Loa
             f"no weights in {path}: expected model.safetensors (or pytorch_model.bin); "
             "download the full checkpoint, not only its config"
         )
-    from transformers import AutoModel, AutoModelForImageClassification
+    import transformers
 
     architectures = raw_config.get("architectures") or []
-    with_head = any(a.endswith("ForImageClassification") for a in architectures)
-    auto = AutoModelForImageClassification if with_head else AutoModel
+    named = (family or REMOTE).model_class(raw_config)
+    with_head = any(a.endswith("ForImageClassification") for a in [*architectures, named or ""])
+    if named is not None:
+        auto = getattr(transformers, named)
+    else:
+        auto = transformers.AutoModelForImageClassification if with_head else transformers.AutoModel
     with quiet_transformers():
         try:
             model, info = auto.from_pretrained(
@@ -160,7 +164,6 @@ def wrap(
     config = backbone.config
     layout = family.layout(config)
     patch = layout.patch_size
-    top = dict(backbone.named_children())
     preprocess = hf_preprocess(path, patch, image_size, family, config)
     native = position_grid(backbone, {layout.num_prefix, layout.num_cls, 0})
     run = (preprocess.image_size[0] // patch, preprocess.image_size[1] // patch)
@@ -180,9 +183,9 @@ def wrap(
         source=str(path),
         forward=make_forward(family, logits),
         layout=layout,
-        arch=architecture(family, config, backbone),
+        arch=architecture(family, config, backbone, layout.num_prefix + run[0] * run[1]),
         preprocess=preprocess,
-        final_norm=next((m for n, m in top.items() if "norm" in n), None),
+        final_norm=family.final_norm(backbone),
         notes=notes,
         resampled_from=resampled_from,
     )
@@ -202,13 +205,16 @@ def position_grid(backbone: nn.Module, prefixes: set[int]) -> tuple[int, int] | 
     return None
 
 
-def architecture(family: Family, config: Any, backbone: nn.Module) -> Architecture:
-    """The family's reading of its config, with the FLOPs of its head."""
+def architecture(family: Family, config: Any, backbone: nn.Module, tokens: int) -> Architecture:
+    """The family's reading of its config, with the activation it was trained with and the
+    FLOPs of its head over `tokens` tokens."""
     if family.architecture is None:
-        return stated_architecture(config)
-    arch = family.architecture(config, backbone)
-    head = family.head_flops(backbone)
-    return replace(arch, head_flops=head) if head else arch
+        arch = stated_architecture(config)
+    else:
+        arch = family.architecture(config, backbone)
+    head = family.head_flops(backbone, tokens)
+    activation = arch.activation or str(getattr(config, "hidden_act", "") or "")
+    return replace(arch, head_flops=head or arch.head_flops, activation=activation)
 
 
 def stated_architecture(config: Any) -> Architecture:
@@ -280,7 +286,8 @@ def hf_preprocess(
     native = crop or size
     default = int(native.get("height") or native.get("shortest_edge") or config.image_size)
     target = image_size or default
-    check_image_size(target, patch)
+    if target != default:  # the checkpoint's own size stands even off the grid (the conv crops)
+        check_image_size(target, patch)
     if target != int(config.image_size) and not family.resizable:
         raise VitportError(
             f"{config.model_type} has fixed position embeddings for {config.image_size}px; "

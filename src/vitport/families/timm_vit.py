@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitport.encoder import Architecture, Encoder, Preprocess, RawOutput, TokenLayout
@@ -252,7 +253,30 @@ def architecture(module: nn.Module) -> Architecture:
         gated_mlp=gated,
         patch_size=int(module.patch_embed.patch_size[0]),
         in_chans=int(module.patch_embed.proj.in_channels),
+        activation=activation_name(getattr(mlp, "act", None)),
     )
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": lambda x: F.gelu(x, approximate="none"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+}
+
+
+@torch.no_grad()
+def activation_name(act: nn.Module | None) -> str:
+    """What a timm MLP's activation computes, in transformers' names ("" if none of them): timm
+    spells the same function with several classes, so it is read from what the module does."""
+    if act is None:
+        return ""
+    x = torch.linspace(-6.0, 6.0, 1201)
+    try:
+        got = act(x)
+    except Exception:  # an activation that takes other input: unknown
+        return ""
+    return next((n for n, f in ACTIVATIONS.items() if torch.allclose(got, f(x), atol=1e-6)), "")
 
 
 def forward(module: nn.Module, pixels: torch.Tensor) -> RawOutput:
