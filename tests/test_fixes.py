@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import types
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 import vitport
 from vitport.device import Device
 from vitport.errors import VitportError
+from vitport.families.base import families
 from vitport.fixes import (
     FIXES,
     ExactGELU,
@@ -33,6 +35,11 @@ NAMES = ["erf-gelu", "layernorm-fp32", "attention-fp32", "math-sdpa", "no-tf32"]
 
 @pytest.fixture
 def pixels() -> torch.Tensor:
+    return torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def pixels_once() -> torch.Tensor:
     return torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
@@ -461,21 +468,52 @@ def test_no_tf32_turns_off_ascend_hf32(tiny_dir, monkeypatch):
 # --------------------------------------------------------------------------- all fixes
 
 
+FAMILY_MODELS = [(f.name, t.name) for f in families() for t in f.tiny]
+
+
+def test_every_family_that_loads_models_brings_a_tiny_one():
+    """So that the registry-wide tests below cover it (demo is a source, not a family of its own)."""
+    assert [f.name for f in families() if f.loader and not f.tiny] == []
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(tiny_dir, pixels_once) -> Callable[[str], tuple[vitport.Encoder, torch.Tensor]]:
+    """run(name) -> a fresh copy of that tiny model (fp32, CPU) and its outputs as loaded."""
+    loaded: dict[str, tuple[vitport.Encoder, torch.Tensor]] = {}
+
+    def run(name: str) -> tuple[vitport.Encoder, torch.Tensor]:
+        if name not in loaded:
+            encoder = load(tiny_dir, name)
+            loaded[name] = (encoder, out(encoder, pixels_once))
+        encoder, before = loaded[name]
+        return encoder.to(copy=True), before
+
+    return run
+
+
 @pytest.mark.usefixtures("strict_settings_restored")
+@pytest.mark.parametrize("fix", fix_names())
+@pytest.mark.parametrize(("family", "model"), FAMILY_MODELS, ids=[m for _, m in FAMILY_MODELS])
+def test_no_fix_changes_a_models_own_function(family, model, fix, fp32_runs, pixels_once):
+    """A fix never changes a model's own function: in fp32 on the CPU, every registered fix on
+    every registered family's tiny models leaves the outputs as they were (within fp32 rounding)
+    or says, in one line, that it does not apply and then changed nothing at all."""
+    encoder, before = fp32_runs(model)
+    try:
+        (report,) = apply_fixes(encoder, [fix])
+    except VitportError as exc:
+        assert str(exc).startswith(f"fix '{fix}' changed nothing: ") and "\n" not in str(exc)
+        assert torch.equal(out(encoder, pixels_once), before)
+        return
+    assert report.name == fix
+    assert (report.changed == 0) == ("nothing to change" in report.detail)
+    torch.testing.assert_close(out(encoder, pixels_once), before, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", list(TINY))
-def test_all_fixes_keep_an_fp32_model(name, tiny_dir, pixels):
-    encoder = load(tiny_dir, name)
-    before = out(encoder, pixels)
-    names = [n for n in fix_names() if not (n == "erf-gelu" and name == "aimv2")]
-    reports = apply_fixes(encoder, names)
-    assert [r.name for r in reports] == names
-    for report in reports:  # a float32 model with exact GELUs: only the SDPA backend can move
-        assert (report.changed == 0) == ("nothing to change" in report.detail)
-        assert report.changed == 0 or report.name in ("math-sdpa", "no-tf32")
-    torch.testing.assert_close(out(encoder, pixels), before, atol=1e-5, rtol=0)
-    moved = encoder.to(dtype=torch.bfloat16)
-    assert torch.isfinite(out(moved, pixels)).all()
-    bf16 = load(tiny_dir, name).to(dtype=torch.bfloat16)  # there, the float32 fixes do change
+def test_float32_fixes_do_change_a_bf16_model(name, tiny_dir, pixels):
+    bf16 = load(tiny_dir, name).to(dtype=torch.bfloat16)
+    assert torch.isfinite(out(bf16, pixels)).all()
     (report,) = apply_fixes(bf16, ["attention-fp32"])
     assert report.changed > 0
     assert torch.isfinite(out(bf16, pixels)).all()

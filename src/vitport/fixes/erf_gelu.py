@@ -1,5 +1,9 @@
 """erf-gelu: every GELU in the blocks computes the exact erf formula (the NPU's own kernel on an
-NPU), for a model trained with exact GELU whose device runs an approximation."""
+NPU), for a model trained with exact GELU whose device runs an approximation.
+
+A model trained with an approximation (CLIP's quick-GELU, SigLIP's tanh GELU: the activation its
+`Architecture` records) keeps it: there the fix does not apply, as it would change the model's
+own function."""
 
 from __future__ import annotations
 
@@ -56,6 +60,20 @@ def _computes_exact_gelu(module: nn.Module, device: Any) -> bool:
     return got.shape == want.shape and bool((got - want).abs().max() <= 1e-5)
 
 
+@torch.no_grad()
+def trained_with_exact_gelu(activation: str) -> bool:
+    """Whether the activation a model was trained with (a transformers name, see
+    `Architecture.activation`) is the exact erf GELU; an unknown name is not."""
+    from transformers.activations import ACT2FN
+
+    try:
+        module = ACT2FN[activation]
+    except KeyError:
+        return False
+    x = torch.linspace(-6.0, 6.0, 1201, dtype=torch.float64)
+    return bool(torch.allclose(module(x), F.gelu(x, approximate="none"), rtol=0, atol=1e-12))
+
+
 def erf_gelu(encoder: Encoder) -> FixReport:
     found = targets(encoder, _is_gelu)
     if not found:
@@ -64,6 +82,13 @@ def erf_gelu(encoder: Encoder) -> FixReport:
         raise nothing(
             "erf-gelu",
             f"this model has no GELU module in its blocks ({uses}); the fix does not apply",
+        )
+    trained = encoder.arch.activation
+    if trained and not trained_with_exact_gelu(trained):
+        raise nothing(
+            "erf-gelu",
+            f"this model was trained with {trained}, not exact GELU; the fix does not apply "
+            "(it is for exact GELUs a device approximates, and would change this model's function)",
         )
     backend_kernel = encoder.device.exact_gelu_kernel()
     npu = backend_kernel is not None
