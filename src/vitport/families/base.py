@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from vitport.convert.engine import Table
 
 # The one list of family modules, in the order families are tried and listed.
-MODULES = ("dinov2", "dinov3", "vit", "aimv2", "clip", "timm_vit", "demo")
+MODULES = ("dinov2", "dinov3", "vit", "aimv2", "clip", "siglip", "timm_vit", "demo")
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
