@@ -20,7 +20,7 @@ PHOTOS = 4
 
 def image_files(directory: Path) -> list[Path]:
     """A few real photos saved as JPEG files."""
-    from vitport.images import sample_images
+    from vitport.inputs import sample_images
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
