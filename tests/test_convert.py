@@ -476,8 +476,11 @@ def test_same_layout_and_unknown_layout_refused(sources, tmp_path):
 
     with pytest.raises(SpecError, match="already in the hf layout"):
         convert(str(sources["hf-dinov2"]), "hf", tmp_path / "a")
-    with pytest.raises(SpecError, match="--from"):
+    with pytest.raises(SpecError, match="^from_layout=caffe: unknown layout") as caught:
         convert(str(sources["hub"]), "hf", tmp_path / "b", from_layout="caffe")
+    from vitport.cli.flags import cli_message
+
+    assert cli_message(caught.value).startswith("--from caffe: unknown layout; use one of ")
 
 
 # --- the command line ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import vitport
+from vitport.cli.flags import cli_message
 from vitport.embed import embed, read
 from vitport.errors import VitportError
 
@@ -461,8 +462,9 @@ def test_review_edges(model_dir, photos, tmp_path):
     save_photos(moved)  # the same names in another folder: another set of inputs
     with pytest.raises(VitportError, match="another inputs sha256"):
         embed([str(moved)], str(model_dir), out, device="cpu", batch_size=4, outputs="pooled")
-    with pytest.raises(VitportError, match="--overwrite with --shard"):
+    with pytest.raises(VitportError, match=r"^overwrite=True with shard=\.\.\. would") as caught:
         embed([str(photos)], str(model_dir), out, device="cpu", overwrite=True, shard="0/2")
+    assert cli_message(caught.value).startswith("--overwrite with --shard would let each task")
     empty = tmp_path / "bad"
     empty.mkdir()
     (empty / "a.jpg").write_bytes(b"")

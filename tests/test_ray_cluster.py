@@ -171,7 +171,7 @@ def test_cpu_shares_leave_room_for_a_reading_task():
 def test_stall_timeout_is_for_the_ray_engine(collection, tmp_path):
     from vitport.errors import VitportError
 
-    with pytest.raises(VitportError, match="--stall-timeout.*--engine ray"):
+    with pytest.raises(VitportError, match="stall_timeout=10: .* with engine='ray'"):
         embed([str(collection)], MODEL, tmp_path / "o", device="cpu", stall_timeout=10)
     with pytest.raises(VitportError, match="above 0"):
         embed([str(collection)], MODEL, tmp_path / "o", device="cpu", engine="ray", stall_timeout=0)

@@ -181,7 +181,8 @@ def golden_file_parts(
     if size > max_bytes:
         raise VitportError(
             f"block states for {count(len(images), 'image')} would take {size / 1e9:.2f} GB, over "
-            f"--max-bytes {max_bytes / 1e9:.2f} GB; lower --block-images or raise --max-bytes"
+            f"max_bytes={max_bytes / 1e9:.2f} GB; lower block_images or raise max_bytes",
+            params=("max_bytes=", "block_images", "max_bytes"),
         )
     batches = (
         encoder.preprocess([im.image for im in images[i : i + batch_size]])
@@ -253,7 +254,8 @@ def check_golden(
         raise GoldenMismatchError(
             f"the golden file used other preprocessing ({', '.join(diff)} differ: "
             f"{', '.join(f'{k}={theirs.get(k)!r} vs {ours.get(k)!r}' for k in diff[:2])}); "
-            "use the same --image-size and processor"
+            "use the same image_size=... and processor",
+            params=("image_size=...",),
         )
     hashes = golden.meta.get("image_sha256")
     if hashes:

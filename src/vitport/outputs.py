@@ -73,35 +73,42 @@ def check_file(
     ours: Callable[[Path], bool] = lambda _p: False,
 ) -> None:
     """Before the work: `path` can be written, and an existing file there is vitport's own
-    (`ours`) or `overwrite` says to replace it."""
+    (`ours`) or `overwrite` says to replace it. `option` names the parameter `path` came from."""
     if path is None:
         return
+    named = (f"{option}=",)
     if path.is_dir():
-        raise OutputError(f"{option} {path} is a directory; give a file name")
+        raise OutputError(f"{option}={path} is a directory; give a file name", params=named)
     if path.exists():
         if not os.access(path, os.W_OK):
-            raise OutputError(f"cannot write {option} {path}: the file is read-only")
+            raise OutputError(f"cannot write {option}={path}: the file is read-only", params=named)
         if not overwrite and not ours(path):
             raise OutputError(
-                f"{option} {path} exists and was not written by vitport; pass --overwrite to "
-                "replace it, or choose another path"
+                f"{option}={path} exists and was not written by vitport; pass overwrite=True to "
+                "replace it, or choose another path",
+                params=(*named, "overwrite=True"),
             )
     _writable_parent(path)
 
 
 def check_dir(path: Path, option: str, overwrite: bool, ours: Callable[[Path], bool]) -> None:
     """Before the work: directory `path` can be written into, and is new, empty, vitport's own
-    (`ours`), or `overwrite` says to write into it anyway."""
+    (`ours`), or `overwrite` says to write into it anyway. `option` names the parameter `path`
+    came from."""
+    named = (f"{option}=",)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{option} {path} is a file; give a directory")
+        raise OutputError(f"{option}={path} is a file; give a directory", params=named)
     if path.is_dir():
         if any(path.iterdir()) and not overwrite and not ours(path):
             raise OutputError(
-                f"{option} {path} holds files vitport did not write; choose a new or empty "
-                "directory, or pass --overwrite"
+                f"{option}={path} holds files vitport did not write; choose a new or empty "
+                "directory, or pass overwrite=True",
+                params=(*named, "overwrite=True"),
             )
         if not os.access(path, os.W_OK | os.X_OK):
-            raise OutputError(f"cannot write into {option} {path}: it is not writable")
+            raise OutputError(
+                f"cannot write into {option}={path}: it is not writable", params=named
+            )
         return
     _writable_parent(path)
 

@@ -136,9 +136,9 @@ def bench(
 
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
-    check_file(json_out, "--json", overwrite, is_vitport_json)
-    check_file(csv_out, "--csv", overwrite, first_line_is(",".join(CSV_COLUMNS)))
-    check_file(markdown, "--markdown", overwrite, first_line_is(MARKDOWN_HEAD))
+    check_file(json_out, "json", overwrite, is_vitport_json)
+    check_file(csv_out, "csv", overwrite, first_line_is(",".join(CSV_COLUMNS)))
+    check_file(markdown, "markdown", overwrite, first_line_is(MARKDOWN_HEAD))
     e2e_paths = None
     if e2e:
         check_e2e(images)

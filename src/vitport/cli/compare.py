@@ -125,7 +125,7 @@ def compare(
         overrides = parse_threshold_overrides(threshold or [])
     except ValueError as exc:
         raise VitportError(str(exc)) from exc
-    check_file(json_out, "--json", overwrite, is_vitport_json)
+    check_file(json_out, "json", overwrite, is_vitport_json)
     fixes = parse_fixes(fix)
     if inject_fault:
         parse_fault(inject_fault)

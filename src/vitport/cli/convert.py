@@ -80,7 +80,7 @@ def convert(
     from vitport.convert import convert as run_convert
     from vitport.outputs import check_file, is_vitport_json
 
-    check_file(json_out, "--json", overwrite, is_vitport_json)
+    check_file(json_out, "json", overwrite, is_vitport_json)
 
     with progress("converting ...") as activity:
         try:

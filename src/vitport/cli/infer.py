@@ -100,9 +100,9 @@ def infer(
             raise VitportError(
                 "--format msprobe writes a dump into the --out folder; add --out DIR"
             )
-        check_dir(out, "--out", overwrite, is_dump)
+        check_dir(out, "out", overwrite, is_dump)
     else:
-        check_file(out, "--out", overwrite, is_features_file)
+        check_file(out, "out", overwrite, is_features_file)
     if with_blocks and out is None:
         raise VitportError("--with-blocks stores block states in the --out file; add --out FILE")
     paths, skipped = find_inputs(images)

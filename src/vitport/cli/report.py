@@ -108,7 +108,7 @@ def report(
 
     if lang not in LANGS:
         raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
-    check_dir(out, "--out", overwrite, is_report_dir)
+    check_dir(out, "out", overwrite, is_report_dir)
     if from_json is not None:
         path = write_report(read_report(from_json), out, lang)
         console.print(f"report re-rendered: [bold]{esc(path)}[/bold]")

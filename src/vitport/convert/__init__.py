@@ -57,7 +57,10 @@ def open_source(
 
     layouts = layout_names()
     if from_layout is not None and from_layout not in layouts:
-        raise SpecError(f"--from {from_layout}: unknown layout; use one of {', '.join(layouts)}")
+        raise SpecError(
+            f"from_layout={from_layout}: unknown layout; use one of {', '.join(layouts)}",
+            params=("from_layout=",),
+        )
     path = Path(source).expanduser()
     config: dict[str, Any] = {}
     file: Path | None = None
@@ -71,14 +74,18 @@ def open_source(
             if file is None:
                 raise SpecError(f"{path} holds no checkpoint (.safetensors, .bin or .pth)")
     if file is not None and weights is not None:
-        raise SpecError(f"--weights is for timm:NAME sources; {source} carries its own weights")
+        raise SpecError(
+            f"weights=... is for timm:NAME sources; {source} carries its own weights",
+            params=("weights=...",),
+        )
     if file is not None:
         state = read_weights(file)
         layout = from_layout or detect_layout(state)
         if layout in ("hf", "timm"):
             raise SpecError(
                 f"{file} is a bare {layout} checkpoint; pass its directory (with config.json)"
-                + (" or use timm:NAME --weights FILE" if layout == "timm" else "")
+                + (" or use timm:NAME weights=FILE" if layout == "timm" else ""),
+                params=("weights=",),
             )
         desc = foreign_arch(layout, state, config, arch)
         pre = foreign_preprocessing(layout, desc)
@@ -104,7 +111,10 @@ def open_source(
     )
     layout = "timm" if encoder.family == "timm" else "hf"
     if from_layout is not None and from_layout != layout:
-        raise SpecError(f"{source} loads as a {layout} checkpoint, not --from {from_layout}")
+        raise SpecError(
+            f"{source} loads as a {layout} checkpoint, not from_layout={from_layout}",
+            params=("from_layout=",),
+        )
     try:
         desc = loaded_arch(encoder)
     except SpecError:
@@ -168,7 +178,7 @@ def convert(
     from vitport.inputs import default_inputs
 
     if to not in TARGETS:
-        raise SpecError(f"--to {to}: use one of {', '.join(TARGETS)}")
+        raise SpecError(f"to={to}: use one of {', '.join(TARGETS)}", params=("to=",))
     out = Path(out).expanduser()
     weights = Path(weights).expanduser() if weights is not None else None
     as_file = to == "onnx" and out.suffix == ".onnx"
@@ -260,7 +270,8 @@ def _write_onnx_file(
     if produced != ["model.onnx", "preprocessor_config.json"]:
         raise OutputError(
             f"the ONNX export keeps its weights in separate files ({len(produced) - 2} of them: "
-            f"the model is over 2 GB); give a directory --out instead of {out}"
+            f"the model is over 2 GB); give a directory out=... instead of {out}",
+            params=("out=...",),
         )
     beside = sidecars(out)
     result.files = sorted([out.name, *(p.name for p in beside.values())])
@@ -291,27 +302,36 @@ def check_out(out: Path, overwrite: bool, as_file: bool = False) -> None:
         for path in (out, *sidecars(out).values()):
             if path.exists() and not overwrite:
                 raise OutputError(
-                    f"{path} already exists; choose another --out or pass --overwrite"
+                    f"{path} already exists; choose another out=... or pass overwrite=True",
+                    params=("out=...", "overwrite=True"),
                 )
             if path.exists() and not path.is_dir() and not owned:
                 raise OutputError(
                     f"{path} exists and vitport did not write it (no {record.name} beside it); "
-                    "choose another --out"
+                    "choose another out=...",
+                    params=("out=...",),
                 )
-            check_file(path, "--out", overwrite=True)
+            check_file(path, "out", overwrite=True)
         return
     if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise OutputError(
+            f"{out} already exists; choose another out=... or pass overwrite=True",
+            params=("out=...", "overwrite=True"),
+        )
     if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
-        raise OutputError(f"--out {out} holds the working directory; choose another --out")
+        raise OutputError(
+            f"out={out} holds the working directory; choose another out=...",
+            params=("out=", "out=..."),
+        )
     if out.is_dir():
-        check_dir(out, "--out", overwrite=False, ours=lambda p: (p / "conversion.json").is_file())
+        check_dir(out, "out", overwrite=False, ours=lambda p: (p / "conversion.json").is_file())
     elif out.exists():
         raise OutputError(
-            f"--out {out} is a file; give a directory (or, with --to onnx, a NAME.onnx file)"
+            f"out={out} is a file; give a directory (or, with to='onnx', a NAME.onnx file)",
+            params=("out=", "to='onnx'"),
         )
     else:
-        check_dir(out, "--out", overwrite, ours=lambda _p: False)
+        check_dir(out, "out", overwrite, ours=lambda _p: False)
 
 
 def _failure_line(result: ConversionResult) -> str:
@@ -346,7 +366,8 @@ def _convert_layout(
     if src.arch is None:
         raise SpecError(
             f"vitport converts {convertible_titles()} between layouts; {src.spec} is "
-            f"{src.function.family} (--to onnx works for any model)"
+            f"{src.function.family} (to='onnx' works for any model)",
+            params=("to='onnx'",),
         )
     if to == src.layout:
         raise SpecError(f"{src.spec} is already in the {to} layout; nothing to convert")

@@ -86,7 +86,10 @@ def check_output_names(text: str | Sequence[str]) -> list[str]:
     """The asked-for outputs, refused before any work when one is not an output at all."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names or any(n not in OUTPUT_NAMES for n in names):
-        raise VitportError(f"--outputs {','.join(names)}: choose from {', '.join(OUTPUT_NAMES)}")
+        raise VitportError(
+            f"outputs={','.join(names)}: choose from {', '.join(OUTPUT_NAMES)}",
+            params=("outputs=",),
+        )
     return names
 
 
@@ -95,9 +98,14 @@ def parse_outputs(text: str | Sequence[str] | None, encoder: Encoder) -> list[st
         return default_outputs(encoder)
     names = check_output_names(text)
     if "cls" in names and not encoder.layout.num_cls:
-        raise VitportError(f"{encoder.spec} has no CLS token; use --outputs pooled")
+        raise VitportError(
+            f"{encoder.spec} has no CLS token; use outputs='pooled'", params=("outputs='pooled'",)
+        )
     if "registers" in names and not encoder.layout.num_registers:
-        raise VitportError(f"{encoder.spec} has no register tokens; drop registers from --outputs")
+        raise VitportError(
+            f"{encoder.spec} has no register tokens; drop registers from outputs=...",
+            params=("outputs=...",),
+        )
     return list(dict.fromkeys(names))
 
 
@@ -163,7 +171,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     except ValueError:
         index, count = -1, 0
     if count < 1 or not 0 <= index < count:
-        raise VitportError(f"--shard {text}: give I/N with 0 <= I < N, e.g. 0/4")
+        raise VitportError(f"shard={text}: give I/N with 0 <= I < N, e.g. 0/4", params=("shard=",))
     return index, count
 
 
@@ -201,25 +209,29 @@ def embed(
     from vitport.runtimes import load_on
 
     if shard_size < 1:
-        raise VitportError(f"--shard-size must be at least 1, not {shard_size}")
+        raise VitportError(
+            f"shard_size must be at least 1, not {shard_size}", params=("shard_size",)
+        )
     if engine not in ("local", "ray"):
-        raise VitportError(f"--engine {engine}: use local or ray")
+        raise VitportError(f"engine={engine}: use local or ray", params=("engine=",))
     if stall_timeout is not None and (engine != "ray" or stall_timeout <= 0):
         raise VitportError(
-            f"--stall-timeout {stall_timeout:g}: give seconds above 0, with --engine ray"
+            f"stall_timeout={stall_timeout:g}: give seconds above 0, with engine='ray'",
+            params=("stall_timeout=", "engine='ray'"),
         )
     worker, of = parse_shard(shard)
     if overwrite and of > 1:
         raise VitportError(
-            "--overwrite with --shard would let each task delete the others' finished shards; "
-            "clear the directory once before starting the tasks"
+            "overwrite=True with shard=... would let each task delete the others' finished "
+            "shards; clear the directory once before starting the tasks",
+            params=("overwrite=True", "shard=..."),
         )
     if outputs is not None:
         check_output_names(outputs)
     fixes = parse_fixes(list(fixes))
     inputs = collect(sources, column)
     out = Path(out).expanduser()
-    check_dir(out, "--out", overwrite=True, ours=lambda _p: True)  # writable; Store decides more
+    check_dir(out, "out", overwrite=True, ours=lambda _p: True)  # writable; Store decides more
     known = {"shard_size": shard_size, "inputs": len(inputs), "inputs_sha256": fingerprint(inputs)}
     check_out(out, overwrite, known)
     if isinstance(model, Encoder):

@@ -49,7 +49,8 @@ def _normalised(directory: Path, column: str) -> tuple[list[str], np.ndarray]:
     if manifest.is_file() and column not in outputs:
         raise VitportError(
             f"{directory} has no '{column}' column (it holds {', '.join(outputs)}); "
-            f"compare another with --column, or embed with --outputs {column}"
+            f"compare another with column=..., or embed with outputs={column}",
+            params=("column=...", "outputs="),
         )
     data = read(directory, arrays=True, columns=["id", column])
     if not data["id"]:

@@ -25,8 +25,9 @@ def _parquet_inputs(path: Path, column: str | None) -> list[Input]:
         column = "path" if "path" in schema.names else (binary[0] if binary else None)
         if column is None:
             raise VitportError(
-                f"{path} has no 'path' column and no image-bytes column; name one with --column "
-                f"(columns: {', '.join(schema.names)})"
+                f"{path} has no 'path' column and no image-bytes column; name one with "
+                f"column=... (columns: {', '.join(schema.names)})",
+                params=("column=...",),
             )
     if column not in schema.names:
         raise VitportError(f"{path} has no column '{column}' (columns: {', '.join(schema.names)})")

@@ -104,7 +104,8 @@ class Store:
             probe.unlink()
         except OSError as exc:
             raise VitportError(
-                f"cannot write to {self.dir} ({exc.strerror or exc}); choose another --out"
+                f"cannot write to {self.dir} ({exc.strerror or exc}); choose another out=...",
+                params=("out=...",),
             ) from exc
         self._remove_leftovers()
 
@@ -224,7 +225,7 @@ def check_out(directory: Path, overwrite: bool, settings: Mapping[str, Any]) -> 
     directory = Path(directory)
     manifest = directory / MANIFEST
     if directory.exists() and not directory.is_dir():
-        raise VitportError(f"--out {directory} is a file; give a directory")
+        raise VitportError(f"out={directory} is a file; give a directory", params=("out=",))
     if manifest.is_file():
         if not overwrite:
             theirs = dict(json.loads(manifest.read_text()).get("settings", {}))
@@ -235,12 +236,14 @@ def check_out(directory: Path, overwrite: bool, settings: Mapping[str, Any]) -> 
                     raise VitportError(
                         f"{directory} was written with another {key.replace('_', ' ')} "
                         f"({_short(theirs.get(key))} there, {_short(settings[key])} here); "
-                        "pass --overwrite to start over, or choose another --out"
+                        "pass overwrite=True to start over, or choose another out=...",
+                        params=("overwrite=True", "out=..."),
                     )
     elif directory.is_dir() and any(not _starting(p) for p in directory.iterdir()):
         raise VitportError(
-            f"--out {directory} holds files vitport did not write (no {MANIFEST}); "
-            "choose a new or empty directory"
+            f"out={directory} holds files vitport did not write (no {MANIFEST}); "
+            "choose a new or empty directory",
+            params=("out=",),
         )
 
 
