@@ -146,7 +146,7 @@ def _weights_of(spec: str) -> Path | None:
 def _with_heads(arch: Architecture, name: str) -> Architecture:
     from dataclasses import replace
 
-    from vitport.convert.layouts import timm_heads
+    from vitport.families.base import timm_heads
 
     return replace(arch, num_heads=timm_heads(name))
 
