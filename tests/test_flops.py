@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY as TINY_MODELS
 
 from vitport.bench.flops import FlopCount, count_flops_by_profiler, flops_per_image
 from vitport.encoder import Architecture
@@ -188,20 +191,25 @@ def test_formula_agrees_with_profiler_on_tiny_gated_aimv2():
     assert counted == pytest.approx(flops_per_image(arch, (28, 28), 0).total, rel=0.02)
 
 
-@pytest.mark.parametrize(
-    "family", ["dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "timm_vit_reg4"]
-)
-def test_every_family_matches_the_profiler(family, tiny_dir):
-    """The config-based count equals torch's FLOP counter on each family's real forward."""
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_every_family_matches_the_profiler(name, tiny_dir):
+    """The config-based count equals torch's FLOP counter on each registered family's real
+    forward, its pooling head included (a classifier head is outside the count by convention)."""
     import vitport
     from vitport.bench.flops import count_flops_by_profiler, flops_per_image
 
-    encoder = vitport.load(str(tiny_dir(family)))
+    encoder = vitport.load(str(tiny_dir(name)))
     pixels = torch.randn(2, 3, *encoder.image_size)
     counted = flops_per_image(encoder.arch, encoder.image_size, encoder.layout.num_prefix)
     profiled = count_flops_by_profiler(encoder.module, pixels) / 2
-    # the ViT pooler (dense on CLS) is outside the encoder's count: subtract it when present
-    pooler = getattr(encoder.module, "pooler", None)
-    if pooler is not None:
-        profiled -= 2 * pooler.dense.in_features * pooler.dense.out_features
+    classifier = getattr(encoder.module, "classifier", None)
+    if classifier is not None and TINY_MODELS[name].has_logits:
+        profiled -= 2 * classifier.in_features * classifier.out_features
     assert profiled == pytest.approx(counted.total, rel=1e-9)
+
+
+def test_a_family_head_is_counted_once():
+    plain = flops_per_image(TINY, (8, 12), 2)
+    headed = flops_per_image(replace(TINY, head_flops=100.0), (8, 12), 2)
+    assert headed.head == 100.0 and plain.head == 0.0
+    assert headed.total == plain.total + 100.0

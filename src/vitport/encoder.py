@@ -155,18 +155,58 @@ class RawOutput:
     logits: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """Eval preprocessing in neutral terms: resize the short side, centre-crop `size`, normalise."""
+
+    size: int
+    crop_pct: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+    @property
+    def resize(self) -> int:
+        return round(self.size / self.crop_pct)
+
+    def hf_processor(self) -> Any:
+        from transformers import BitImageProcessor
+
+        return BitImageProcessor(
+            do_resize=True,
+            size={"shortest_edge": self.resize},
+            do_center_crop=True,
+            crop_size={"height": self.size, "width": self.size},
+            image_mean=list(self.mean),
+            image_std=list(self.std),
+            resample=3 if self.interpolation == "bicubic" else 2,
+        )
+
+    def timm_data_config(self, size: int) -> dict[str, Any]:
+        return {
+            "input_size": (3, size, size),
+            "crop_pct": self.crop_pct,
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "interpolation": self.interpolation,
+        }
+
+
 class Preprocess:
-    """Turn PIL images into a pixel batch, with the settings of the model's own config."""
+    """Turn PIL images into a pixel batch, with the settings of the model's own config and the
+    same in neutral terms (`recipe`, what a converted checkpoint is written with)."""
 
     def __init__(
         self,
         fn: Callable[[list[Any]], torch.Tensor],
         image_size: tuple[int, int],
         settings: dict[str, Any],
+        recipe: Preprocessing | None = None,
     ) -> None:
         self.fn = fn
         self.image_size = image_size
         self.settings = settings
+        self.recipe = recipe
 
     def __call__(self, images: list[Any]) -> torch.Tensor:
         return self.fn(images)
@@ -197,6 +237,8 @@ class Encoder:
     fixes: list[str] = field(default_factory=list)  # precision fixes applied, in order
     load_seconds: float = 0.0
     runtime: str = "torch"  # what runs the forward (see vitport.runtimes)
+    # the roles of a block's parts, as its family reads them (None: by name and kind)
+    roles: Callable[[nn.Module], dict[str, str]] | None = None
 
     @property
     def num_params(self) -> int:
@@ -207,8 +249,12 @@ class Encoder:
         return self.preprocess.image_size
 
     def block_parts(self, index: int) -> dict[str, nn.Module]:
-        """Named sub-modules of one block: attention, mlp and norms, found by structure."""
-        return block_parts(self.blocks[index])
+        """Named sub-modules of one block: attention, mlp and norms, as its family reads them."""
+        return block_parts(self.blocks[index], self.roles)
+
+    def block_roles(self, index: int) -> dict[str, str]:
+        """The role of each part of one block ("attention", "mlp", "norm"), by child name."""
+        return (self.roles or block_roles)(self.blocks[index])
 
     def meta(self) -> dict[str, Any]:
         """What a golden file must record to be comparable on another machine."""
@@ -322,18 +368,23 @@ def block_roles(block: nn.Module) -> dict[str, str]:
     return {name: role for name, role in roles.items() if role is not None}
 
 
-def block_parts(block: nn.Module) -> dict[str, nn.Module]:
-    """Attention, MLP and norm sub-modules of a transformer block (see block_roles)."""
+def block_parts(
+    block: nn.Module, roles: Callable[[nn.Module], dict[str, str]] | None = None
+) -> dict[str, nn.Module]:
+    """Attention, MLP and norm sub-modules of a transformer block, by `roles` (a family's
+    reading) or else by name and kind (see block_roles)."""
     children = dict(block.named_children())
-    return {name: children[name] for name in block_roles(block)}
+    return {name: children[name] for name in (roles or block_roles)(block)}
 
 
-def find_blocks(module: nn.Module, depth: int) -> list[nn.Module]:
+def find_blocks(
+    module: nn.Module, depth: int, roles: Callable[[nn.Module], dict[str, str]] | None = None
+) -> list[nn.Module]:
     """The ModuleList of `depth` identical transformer blocks."""
     for _, child in module.named_modules():
         if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) == depth:
             kinds = {type(b) for b in child}
-            if len(kinds) == 1 and block_parts(child[0]):
+            if len(kinds) == 1 and block_parts(child[0], roles):
                 return list(child)
     raise VitportError(f"could not find {depth} transformer blocks in {type(module).__name__}")
 
@@ -343,6 +394,7 @@ __all__ = [
     "Encoder",
     "Features",
     "Preprocess",
+    "Preprocessing",
     "RawOutput",
     "TokenLayout",
     "block_parts",

@@ -20,7 +20,6 @@ from torch import nn
 from vitport.encoder import Architecture, Encoder
 from vitport.errors import SpecError, WeightsError
 from vitport.families.base import (
-    IMAGENET,
     Conversion,
     ForeignLayout,
     Preprocessing,
@@ -123,27 +122,10 @@ def loaded_arch(encoder: Encoder) -> Architecture:
 
 
 def loaded_preprocessing(encoder: Encoder) -> Preprocessing:
-    """The loaded model's eval preprocessing in neutral terms."""
-    settings = encoder.preprocess.settings
-    if encoder.family == "timm":
-        return Preprocessing(
-            size=encoder.image_size[0],
-            crop_pct=float(settings.get("crop_pct", 1.0)),
-            mean=tuple(settings["mean"]),
-            std=tuple(settings["std"]),
-            interpolation=str(settings.get("interpolation", "bicubic")),
-        )
-    crop = settings.get("crop") or settings.get("resize") or {}
-    size = int(crop.get("height") or crop.get("shortest_edge") or encoder.image_size[0])
-    resize = (settings.get("resize") or {}).get("shortest_edge") or size
-    resample = str(settings.get("resample", "3"))
-    return Preprocessing(
-        size=size,
-        crop_pct=size / int(resize),
-        mean=tuple(settings.get("mean") or IMAGENET[0]),
-        std=tuple(settings.get("std") or IMAGENET[1]),
-        interpolation="bilinear" if resample in ("2", "BILINEAR") else "bicubic",
-    )
+    """The loaded model's eval preprocessing in neutral terms, as its loader read it."""
+    if encoder.preprocess.recipe is None:
+        raise SpecError(f"{encoder.spec}: its loader gave no preprocessing in neutral terms")
+    return encoder.preprocess.recipe
 
 
 def loaded_state(encoder: Encoder) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ from torch import nn
 from vitport.device import Device, parse_dtype, resolve_device
 from vitport.encoder import Encoder, find_blocks
 from vitport.errors import SpecError
-from vitport.families import hf, timm_vit
-from vitport.families.base import Family, registry
+from vitport.families import hf
+from vitport.families.base import Family, family_of_timm_name, registry
 from vitport.families.demo import DEMO_MODELS, demo_names
 from vitport.families.sources import SOURCES, hub_snapshot, resolve
 
@@ -49,7 +49,10 @@ def load(
     if weights is not None and kind != "timm":
         raise SpecError("--weights is for timm:NAME specs; a directory carries its own weights")
     if kind == "timm":
-        loaded = timm_vit.load(str(where), Path(weights) if weights else None, image_size)
+        family = family_of_timm_name(str(where))
+        if family is None or family.load is None:
+            raise SpecError(f"no family loads the timm model '{where}'")
+        loaded = family.load(str(where), Path(weights) if weights else None, image_size)
     else:
         loaded = hf.load_dir(Path(where), image_size, trust_remote_code)
     source = loaded.source
@@ -65,12 +68,13 @@ def load(
         device=resolve_device("cpu"),
         dtype=torch.float32,
         forward_fn=loaded.forward,
-        blocks=find_blocks(loaded.module, loaded.arch.depth),
+        blocks=find_blocks(loaded.module, loaded.arch.depth, loaded.roles),
         final_norm=loaded.final_norm,
         source=source,
         weights_sha256=weights_sha256(loaded.module),
         notes=list(loaded.notes),
         resampled_from=loaded.resampled_from,
+        roles=loaded.roles,
     )
     encoder = encoder.to(target, dtype, copy=False)
     encoder.load_seconds = time.perf_counter() - start

@@ -84,6 +84,16 @@ def hf_config(arch: Architecture) -> Any:
     return config
 
 
+def head_flops(backbone: nn.Module, tokens: int) -> float:
+    """The attention-pooling head, where the checkpoint has one: keys and values of every token
+    (2·D² each) and one learned query's attention over them (4·D per token), then the output
+    projection (2·D²)."""
+    if not getattr(backbone.config, "use_head", False):
+        return 0.0
+    d = float(backbone.config.hidden_size)
+    return tokens * (4 * d * d + 4 * d) + 2 * d * d
+
+
 def is_timm_aimv2(module: nn.Module) -> bool:
     return type(module.blocks[0].mlp).__name__ == "SwiGLU"
 
@@ -126,6 +136,7 @@ FAMILY = Family(
     resizable=False,
     vision_tower=lambda model: model.vision_model if hasattr(model, "vision_model") else model,
     pool=mean_pool,
+    head_flops=head_flops,
     conversions=(
         Conversion(
             key="aimv2",

@@ -20,11 +20,13 @@ What a family module provides (fields of `Family`; all but the first two have de
   ``vision_tower`` where a multimodal model keeps its encoder, ``final_norm(backbone)`` the norm
   that gives the output tokens (default: the top-level module named norm; None where the last
   block's tokens are the output).
-- Preprocessing: checkpoints bring their own image processor; ``preprocessing`` is the one its
-  original releases prescribe, for checkpoints that come without one (see `Conversion`).
+- Preprocessing: checkpoints bring their own image processor, which the loader reads (and
+  records in neutral terms as `Preprocess.recipe`); ``preprocessing`` is the one the family's
+  original releases prescribe, for checkpoints that come without one (see `ForeignLayout`).
 - Block parts and their roles: ``block_roles(block)`` maps a block's children to ``attention``,
-  ``mlp`` and ``norm`` (what localisation, faults and fixes act on). The default finds them by
-  name and kind; a family whose blocks name them otherwise gives its own.
+  ``mlp`` and ``norm``; the Encoder's ``block_parts`` (localisation, msprobe binding) asks it.
+  The default finds them by name and kind; a family whose blocks name them otherwise gives its
+  own.
 - Pooler: ``pool(output, tokens)``, the family's pooled output from its forward's output.
 - FLOP inputs: the `Architecture` above (widths, depth, patch, gated MLP) plus
   ``head_flops(backbone, tokens)``, the per-image FLOPs of a pooling head or projection that the
@@ -35,9 +37,10 @@ What a family module provides (fields of `Family`; all but the first two have de
 - ``tiny``: tiny random models of the family (hidden 32, 2 layers), written to a directory the
   way a user's checkpoint is; the tests build every registered family's from here.
 
-A transformers family is loaded by `vitport.families.hf` once its model type is claimed; a
-timm family (``loader="timm"``) by `vitport.families.timm_vit`. Adding a family is one new module
-and its test file, plus its name in `MODULES`; the README's "Adding a family" walks through it.
+A transformers family is loaded by `vitport.families.hf` for the model types it claims; a timm
+family (``loader="timm"``, as `vitport.families.timm_vit`) by its own ``load`` for the timm names
+it claims. Adding a family is one new module and its test file, plus its name in `MODULES`; the
+README's "Adding a family" walks through it.
 """
 
 from __future__ import annotations
@@ -54,55 +57,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from vitport.encoder import Architecture, TokenLayout, block_roles
+from vitport.encoder import Architecture, Preprocessing, TokenLayout, block_roles
 from vitport.errors import SpecError, WeightsError
 from vitport.registry import Registry
 
 if TYPE_CHECKING:
     from vitport.convert.engine import Table
+    from vitport.families.loaded import LoadedModel
 
 # The one list of family modules, in the order families are tried and listed.
 MODULES = ("dinov2", "dinov3", "vit", "aimv2", "clip", "siglip", "timm_vit", "demo")
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Eval preprocessing in neutral terms: resize the short side, centre-crop `size`, normalise."""
-
-    size: int
-    crop_pct: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-
-    @property
-    def resize(self) -> int:
-        return round(self.size / self.crop_pct)
-
-    def hf_processor(self) -> Any:
-        from transformers import BitImageProcessor
-
-        return BitImageProcessor(
-            do_resize=True,
-            size={"shortest_edge": self.resize},
-            do_center_crop=True,
-            crop_size={"height": self.size, "width": self.size},
-            image_mean=list(self.mean),
-            image_std=list(self.std),
-            resample=3 if self.interpolation == "bicubic" else 2,
-        )
-
-    def timm_data_config(self, size: int) -> dict[str, Any]:
-        return {
-            "input_size": (3, size, size),
-            "crop_pct": self.crop_pct,
-            "mean": tuple(self.mean),
-            "std": tuple(self.std),
-            "interpolation": self.interpolation,
-        }
 
 
 @dataclass(frozen=True)
@@ -205,6 +172,8 @@ class Family:
     classes: tuple[str, ...] = ()
     timm_names: tuple[str, ...] = ()
     loader: str = "transformers"  # "transformers", "timm" or "" (a source of other families)
+    # a timm family's loader: (timm name, weights file, image size) -> LoadedModel
+    load: Callable[[str, Path | None, int | None], LoadedModel] | None = None
     layout: Callable[[Any], TokenLayout] = config_layout(True)
     architecture: Callable[[Any, nn.Module], Architecture] | None = None
     resizable: bool = True
@@ -244,6 +213,11 @@ def registry() -> Registry[Family]:
 def families() -> list[Family]:
     reg = registry()
     return [reg.get(name) for name in reg.names()]
+
+
+def family_of_timm_name(name: str) -> Family | None:
+    """The timm family that claims a timm model name (or a timm directory), or None."""
+    return next((f for f in families() if f.loader == "timm" and f.claims_timm(name)), None)
 
 
 def family_of_model_type(model_type: str) -> Family | None:

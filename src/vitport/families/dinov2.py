@@ -7,7 +7,7 @@ LayerScale, and a GELU MLP or (ViT-g) a fused SwiGLU. It pools the normalised cl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -183,7 +183,7 @@ def timm_name(arch: Architecture) -> str:
     return f"vit_{size}_patch14{'_reg4' if arch.registers else ''}_dinov2"
 
 
-def timm_match(registers: bool) -> Any:
+def timm_match(registers: bool) -> Callable[[nn.Module], bool]:
     """A timm ViT with LayerScale and no SwiGLU, with or without register tokens."""
 
     def match(module: nn.Module) -> bool:

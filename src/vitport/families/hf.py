@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitport.encoder import Architecture, Encoder, Preprocess, RawOutput
+from vitport.encoder import Architecture, Encoder, Preprocess, Preprocessing, RawOutput
 from vitport.errors import SpecError, UnsupportedModelError, VitportError, WeightsError, one_line
 from vitport.families.base import (
+    IMAGENET,
     Family,
     conversion_of_model_type,
     convertible_titles,
@@ -188,6 +189,7 @@ def wrap(
         final_norm=family.final_norm(backbone),
         notes=notes,
         resampled_from=resampled_from,
+        roles=family.block_roles,
     )
 
 
@@ -319,7 +321,24 @@ def hf_preprocess(
         "std": list(getattr(processor, "image_std", []) or []),
         "resample": str(getattr(processor, "resample", "")),
     }
-    return Preprocess(ProcessorPixels(processor, overrides), (target, target), settings)
+    return Preprocess(
+        ProcessorPixels(processor, overrides), (target, target), settings, recipe(settings, target)
+    )
+
+
+def recipe(settings: dict[str, Any], image_size: int) -> Preprocessing:
+    """A processor's settings in neutral terms: resize the short side, centre-crop, normalise."""
+    crop = settings.get("crop") or settings.get("resize") or {}
+    size = int(crop.get("height") or crop.get("shortest_edge") or image_size)
+    resize = (settings.get("resize") or {}).get("shortest_edge") or size
+    resample = str(settings.get("resample", "3"))
+    return Preprocessing(
+        size=size,
+        crop_pct=size / int(resize),
+        mean=tuple(settings.get("mean") or IMAGENET[0]),
+        std=tuple(settings.get("std") or IMAGENET[1]),
+        interpolation="bilinear" if resample in ("2", "BILINEAR") else "bicubic",
+    )
 
 
 class ProcessorPixels:

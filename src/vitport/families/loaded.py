@@ -26,6 +26,7 @@ class LoadedModel:
     final_norm: nn.Module | None
     notes: list[str]
     resampled_from: tuple[int, int] | None = None  # the checkpoint's grid, when resampled
+    roles: Callable[[nn.Module], dict[str, str]] | None = None  # its family's block roles
 
 
 def valid_sizes(target: int, patch: int) -> str:

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitport.encoder import Architecture, Encoder, Preprocess, RawOutput, TokenLayout
+from vitport.encoder import (
+    Architecture,
+    Encoder,
+    Preprocess,
+    Preprocessing,
+    RawOutput,
+    TokenLayout,
+)
 from vitport.errors import HubUnreachableError, SpecError, VitportError, WeightsError, one_line
 from vitport.families.base import (
     Family,
@@ -219,11 +226,21 @@ def load(name: str, weights: Path | None, image_size: int | None) -> LoadedModel
         layout=layout,
         arch=architecture(module),
         preprocess=Preprocess(
-            TransformPixels(transform), (height, width), {"processor": "timm", **settings}
+            TransformPixels(transform),
+            (height, width),
+            {"processor": "timm", **settings},
+            Preprocessing(
+                size=height,
+                crop_pct=float(settings.get("crop_pct", 1.0)),
+                mean=tuple(settings["mean"]),
+                std=tuple(settings["std"]),
+                interpolation=str(settings.get("interpolation", "bicubic")),
+            ),
         ),
         final_norm=module.norm if not isinstance(module.norm, nn.Identity) else None,
         notes=notes,
         resampled_from=resampled_from,
+        roles=FAMILY.block_roles,
     )
 
 
@@ -323,6 +340,7 @@ FAMILY = Family(
     title="timm ViT",
     timm_names=("*",),  # any timm model with ViT blocks; others are refused at load
     loader="timm",
+    load=load,
     architecture=lambda _config, module: architecture(module),
     tiny=(TinyModel("timm_vit_reg4", tiny_reg4, 1, 4, (2, 2)),),
 )

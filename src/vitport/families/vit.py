@@ -55,6 +55,14 @@ TIMM_HF = Table(
 )
 
 
+def pooler_flops(backbone: nn.Module, _tokens: int) -> float:
+    """transformers' pooler, where the model has one: a dense layer on the class token."""
+    pooler = getattr(backbone, "pooler", None)
+    if pooler is None:
+        return 0.0
+    return 2.0 * pooler.dense.in_features * pooler.dense.out_features
+
+
 def hf_config(arch: Architecture) -> Any:
     import transformers
 
@@ -91,6 +99,7 @@ FAMILY = Family(
     architecture=stated_architecture(gated=lambda _config: False),
     forward_kwargs={"interpolate_pos_encoding": True},
     pool=cls_pool,
+    head_flops=pooler_flops,
     conversions=(
         Conversion(
             key="vit",
