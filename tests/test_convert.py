@@ -109,8 +109,11 @@ def test_giant_swiglu_hub_checkpoint(tmp_path):
 def test_arch_names_the_head_count(sources, tmp_path):
     result = convert(str(sources["hub"]), "hf", tmp_path / "hf", arch="vit_large_patch14_dinov2")
     assert result.arch["heads"] == 16 and result.passed
-    with pytest.raises(Exception, match="--arch"):
+    with pytest.raises(Exception, match="^arch=no_such_vit: timm has no such") as caught:
         convert(str(sources["hub"]), "hf", tmp_path / "x", arch="no_such_vit")
+    from vitport.cli.flags import cli_message
+
+    assert cli_message(caught.value).startswith("--arch no_such_vit: timm has no such")
 
 
 APPLE_NAMES = (

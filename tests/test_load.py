@@ -196,7 +196,7 @@ def test_timm_unknown_name():
 
 def test_timm_offline_without_weights(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HubUnreachableError, match="pass --weights FILE"):
+    with pytest.raises(HubUnreachableError, match="pass weights=FILE"):
         vitport.load("timm:vit_small_patch14_reg4_dinov2.lvd142m")
 
 

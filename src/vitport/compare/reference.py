@@ -36,7 +36,8 @@ def open_reference(reference: str, localize: bool = False) -> Features | Dump | 
         if localize and GoldenBlocks.open(reference) is None:
             raise VitportError(
                 f"{reference} holds final outputs only; to localise against it, write it with "
-                "vitport infer --out FILE --with-blocks (or localise with --reference cpu)"
+                "vitport infer --out FILE --with-blocks (or localise with reference='cpu')",
+                params=("reference='cpu'",),
             )
         return golden
     if "/" in reference or reference.endswith(".safetensors"):

@@ -189,12 +189,15 @@ def apply(
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         ruled = any(_matches(p, unknown[:1]) for r in table.rules for p in r.sources)
         why = (
-            "the target architecture has no place for it; does the source match --arch / its config?"
+            "the target architecture has no place for it; does the source match arch=... / its "
+            "config?"
             if ruled
             else f"mapping {table.name} has no rule for it; is the checkpoint from another model "
             "or layout?"
         )
-        raise ConversionError(f"unknown source tensor '{unknown[0]}'{more}: {why}")
+        raise ConversionError(
+            f"unknown source tensor '{unknown[0]}'{more}: {why}", params=("arch=...",)
+        )
 
     out = Converted({}, {}, dropped)
     for rule in table.rules:
@@ -238,13 +241,15 @@ def apply(
             raise ConversionError(
                 f"source tensor '{source}' has the wrong shape: it becomes '{target}' "
                 f"of shape {got}, the target architecture needs {tuple(shape)}; "
-                "does the source match --arch / its config?"
+                "does the source match arch=... / its config?",
+                params=("arch=...",),
             )
     extra = [t for t in out.tensors if t not in expected]
     if extra:
         source = ", ".join(out.origin[extra[0]])
         raise ConversionError(
             f"source tensor '{source}' has no place in the target ('{extra[0]}' is not a "
-            "tensor of the target architecture); does the source match --arch / its config?"
+            "tensor of the target architecture); does the source match arch=... / its config?",
+            params=("arch=...",),
         )
     return out

@@ -69,7 +69,8 @@ def detect_layout(keys: Iterable[str]) -> str:
     sample = ", ".join(sorted(found)[:3])
     raise SpecError(
         f"cannot tell the checkpoint layout from its keys ({sample}, ...); "
-        f"name it with --from ({', '.join(layout_names())})"
+        f"name it with from_layout=... ({', '.join(layout_names())})",
+        params=("from_layout=...",),
     )
 
 
@@ -93,7 +94,8 @@ def foreign_arch(
     except KeyError as exc:
         raise ConversionError(
             f"the source lacks tensor '{exc.args[0]}', which every {layout} checkpoint has; "
-            "is it complete, and is --from right?"
+            "is it complete, and is from_layout right?",
+            params=("from_layout",),
         ) from exc
 
 

@@ -56,14 +56,16 @@ def export_onnx(
     inputs = DEFAULT_PHOTOS + DEFAULT_RANDOM
     if static and batch_size > inputs:
         raise VitportError(
-            f"--static --batch-size {batch_size}: the proof runs on the {inputs} default inputs, "
-            "so a static batch can be at most that; export a smaller batch"
+            f"static=True batch_size={batch_size}: the proof runs on the {inputs} default "
+            "inputs, so a static batch can be at most that; export a smaller batch",
+            params=("static=True", "batch_size="),
         )
     encoder = src.function  # a model vitport loads comes at image_size already
     if image_size is not None and image_size != encoder.image_size[0]:
         raise VitportError(
-            f"--image-size {image_size} for a foreign checkpoint: convert it to hf first, then "
-            "export that"
+            f"image_size={image_size} for a foreign checkpoint: convert it to hf first, then "
+            "export that",
+            params=("image_size=",),
         )
     size = encoder.image_size
     images = default_inputs(size[0])
@@ -93,7 +95,8 @@ def export_onnx(
         except Exception as exc:  # the exporter raises many types
             raise VitportError(
                 f"torch.onnx could not export {src.spec} at opset {opset} "
-                f"({one_line(exc, typed=True)}); try another --opset"
+                f"({one_line(exc, typed=True)}); try another opset",
+                params=("opset",),
             ) from exc
     replace(src.preprocessing, size=size[0]).hf_processor().save_pretrained(str(directory))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -47,7 +47,10 @@ def load(
     start = time.perf_counter()
     kind, where = resolve(spec, weights_given=weights is not None)
     if weights is not None and kind != "timm":
-        raise SpecError("--weights is for timm:NAME specs; a directory carries its own weights")
+        raise SpecError(
+            "weights=... is for timm:NAME specs; a directory carries its own weights",
+            params=("weights=...",),
+        )
     if kind == "timm":
         family = family_of_timm_name(str(where))
         if family is None or family.load is None:

@@ -326,7 +326,8 @@ def heads_from_width(hidden: int, head_width: int, key: str) -> int:
         raise SpecError(
             f"cannot tell the head count: the checkpoint has no config and its width {hidden} "
             f"is not a multiple of {key}'s head width {head_width}; name the architecture "
-            "with --arch"
+            "with arch=...",
+            params=("arch=...",),
         )
     return hidden // head_width
 
@@ -348,8 +349,9 @@ def timm_heads(name: str) -> int:
     except RuntimeError as exc:
         examples = ", ".join(sorted(aliases)[:4])
         raise SpecError(
-            f"--arch {name}: timm has no such architecture (e.g. vit_large_patch14_dinov2, "
-            f"or a torch-hub name: {examples}, ...)"
+            f"arch={name}: timm has no such architecture (e.g. vit_large_patch14_dinov2, "
+            f"or a torch-hub name: {examples}, ...)",
+            params=("arch=",),
         ) from exc
     return int(model.blocks[0].attn.num_heads)
 

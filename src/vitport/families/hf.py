@@ -293,7 +293,8 @@ def hf_preprocess(
     if target != int(config.image_size) and not family.resizable:
         raise VitportError(
             f"{config.model_type} has fixed position embeddings for {config.image_size}px; "
-            f"--image-size {target} is not possible"
+            f"image_size={target} is not possible",
+            params=("image_size=",),
         )
     overrides: dict[str, Any] = {}
     if image_size:

@@ -39,6 +39,7 @@ def check_image_size(image_size: int, patch: int) -> None:
     """Refuse an input size the patch grid cannot tile."""
     if image_size % patch:
         raise VitportError(
-            f"--image-size {image_size} is not a multiple of the patch size {patch}; "
-            f"try {valid_sizes(image_size, patch)}"
+            f"image_size={image_size} is not a multiple of the patch size {patch}; "
+            f"try {valid_sizes(image_size, patch)}",
+            params=("image_size=",),
         )

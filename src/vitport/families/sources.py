@@ -136,7 +136,8 @@ def timm_snapshot(name: str) -> str:
     except HubUnreachableError as exc:
         raise HubUnreachableError(
             f"could not fetch timm weights for '{name}' from the Hugging Face hub ({hub_id}); "
-            "pass --weights FILE or a local timm directory"
+            "pass weights=FILE or a local timm directory",
+            params=("weights=",),
         ) from exc
 
 
@@ -171,7 +172,8 @@ def _local_or_hub_id(spec: str, weights_given: bool) -> tuple[str, Path | str]:
         return "hf", path
     if path.exists():
         raise SpecError(
-            f"{spec} is a file; pass the checkpoint's directory, or timm:NAME --weights {spec}"
+            f"{spec} is a file; pass the checkpoint's directory, or timm:NAME weights={spec}",
+            params=("weights=",),
         )
     looks_local = len(path.parts) > 1 and path.parent.is_dir() and not HUB_ID.match(spec)
     if spec.startswith((".", "/", "~")) or looks_local:

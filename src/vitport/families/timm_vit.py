@@ -75,7 +75,8 @@ def create(
         if weights is None and "local-dir:" not in name:
             raise HubUnreachableError(
                 f"could not fetch timm weights for '{name}' ({type(exc).__name__}); "
-                "pass --weights FILE or a local timm directory"
+                "pass weights=FILE or a local timm directory",
+                params=("weights=",),
             ) from exc
         raise WeightsError(f"could not load timm '{name}': {exc}") from exc
 

@@ -217,7 +217,10 @@ RUNTIMES = {
 
 def get_runtime(name: str) -> Runtime:
     if name not in RUNTIMES:
-        raise VitportError(f"--runtime {name} is unknown; choose one of {', '.join(RUNTIMES)}")
+        raise VitportError(
+            f"runtime={name} is unknown; choose one of {', '.join(RUNTIMES)}",
+            params=("runtime=",),
+        )
     return RUNTIMES[name]
 
 

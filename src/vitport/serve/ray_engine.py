@@ -68,8 +68,9 @@ def device_type(config: ServeConfig) -> str:
     types = {re.split(r":", d.strip().lower())[0] for d in config.device_list}
     if len(types) != 1 or "auto" in types:
         raise VitportError(
-            "--engine ray needs one device type (--device cpu, cuda or npu); "
-            "Ray places one replica per device"
+            "engine='ray' needs one device type (device=cpu, cuda or npu); "
+            "Ray places one replica per device",
+            params=("engine='ray'", "device="),
         )
     return types.pop()
 
