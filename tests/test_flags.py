@@ -19,6 +19,7 @@ def test_each_spelling_of_a_parameter_becomes_its_flag():
     assert flag("to=") == "--to "
     assert flag("attention='flash'") == "--attn flash"
     assert flag("fixes") == FLAGS["fixes"] == "--fix"
+    assert flag("check=False") == "--no-check"
 
 
 def test_the_cli_names_flags_where_python_reads_parameters():
@@ -75,7 +76,8 @@ CONVERTED = [
     "vitport.runtimes",
     "vitport.serve.ray_engine",
 ]
-"""Modules whose errors name parameters, never flags (the rest follow, module by module)."""
+"""Modules whose errors name parameters, never flags. Left out: serve's app, inputs and service,
+whose HTTP answers name the options the server was started with (--max-queue, ...)."""
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 COMMAND = re.compile(r"vitport [a-z]+( --?[\w-]+( [A-Z]+)?)*")  # a shell command to run is kept

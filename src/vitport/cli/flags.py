@@ -12,13 +12,15 @@ import re
 from vitport.errors import VitportError
 
 FLAGS: dict[str, str] = {
+    "check=False": "--no-check",
     "attention": "--attn",
     "compiled": "--compile",
     "fixes": "--fix",
     "from_layout": "--from",
     "warmup_batches": "--warmup",
 }
-"""Parameters whose flag the usual rule (``batch_size`` -> ``--batch-size``) does not give."""
+"""Parameters (or whole spellings) whose flag the usual rule (``batch_size`` ->
+``--batch-size``) does not give."""
 
 
 def flag(param: str) -> str:
@@ -26,6 +28,8 @@ def flag(param: str) -> str:
     ``batch_size=...`` (any value) -> ``--batch-size``; ``overwrite=True`` -> ``--overwrite`` (a
     switch); ``to=`` -> ``--to `` (its value follows in the text); ``attention='flash'`` ->
     ``--attn flash``."""
+    if param in FLAGS:  # a spelling the table names whole: check=False -> --no-check
+        return FLAGS[param]
     name, equals, value = param.partition("=")
     option = FLAGS.get(name) or "--" + name.replace("_", "-")
     if not equals or value in ("True", "..."):

@@ -39,7 +39,8 @@ class CheckFailed(VitportError):
         what = f"{first.group}.{first.metric} beyond its limit" if first else "no check ran"
         super().__init__(
             f"self-check failed: {what}, worst relative error {100 * worst:.3g}%; the server "
-            "will not take traffic (fix the port, or --no-check to serve without the check)"
+            "will not take traffic (fix the port, or check=False to serve without the check)",
+            params=("check=False",),
         )
         self.results = results
 
