@@ -781,3 +781,15 @@ def test_onnx_file_out_overwrite_rules(sources, tmp_path):
     with pytest.raises(OutputError, match="vitport did not write it"):
         convert(str(sources["hf-dinov2"]), "onnx", foreign, overwrite=True)
     assert foreign.read_bytes() == b"not vitport's"
+
+
+def test_arch_names_the_timm_architecture_of_a_loaded_source(tiny_dir, tmp_path):
+    """--arch on a checkpoint vitport loads: the head count and the timm name come from it."""
+    from vitport.errors import SpecError
+
+    register_tiny_reg()
+    result = convert(str(tiny_dir("dinov2_with_registers")), "timm", tmp_path / "t", arch=TINY_REG)
+    assert result.passed and result.arch["heads"] == 2
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["architecture"] == TINY_REG
+    with pytest.raises(SpecError, match="no such architecture"):
+        convert(str(tiny_dir("dinov2")), "timm", tmp_path / "x", arch="no_such_vit")
