@@ -17,6 +17,7 @@ from vitport.errors import (
     VitportError,
     WeightsError,
 )
+from vitport.families import registry
 from vitport.infer import infer
 
 
@@ -270,3 +271,19 @@ def test_a_transformers_checkpoint_resampled_says_from_which_grid(tiny_dir, name
 def test_rope_models_have_no_grid_to_resample(tiny_dir):
     encoder = vitport.load(str(tiny_dir("dinov3_vit")), image_size=64)
     assert encoder.resampled_from is None
+
+
+@pytest.mark.parametrize("family", registry().names())
+def test_every_family_brings_tiny_models_that_load_as_it(family, tiny_dir):
+    """A family that loads checkpoints brings a tiny model, and it loads through that family."""
+    record = registry().get(family)
+    if not record.loader:  # a source of other families' checkpoints (the demo)
+        assert not record.tiny and not record.model_types
+        return
+    assert record.tiny, f"{family} brings no tiny model for the tests"
+    for tiny in record.tiny:
+        encoder = vitport.load(str(tiny_dir(tiny.name)))
+        if record.loader == "timm":
+            assert encoder.family == "timm"
+        else:
+            assert encoder.family.removeprefix("transformers/") in record.model_types
