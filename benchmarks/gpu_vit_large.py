@@ -20,13 +20,12 @@ from docs_section import write_section
 from timm.models._hub import save_for_hf
 
 import vitport
-from vitport.bench.configure import configure
 from vitport.bench.run import Window, bench
 from vitport.compare.run import features_of
 from vitport.compare.verdict import judge_features, thresholds_for
 from vitport.device import resolve_device
 from vitport.inputs import default_inputs
-from vitport.runtimes import RUNTIMES, build
+from vitport.runtimes import RUNNERS, Setup, prepare, runner
 
 MARK = "<!-- gpu_vit_large -->"
 
@@ -62,12 +61,12 @@ def main() -> None:
     sizes = [2] if opts.smoke else [int(b) for b in opts.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         save_for_hf(timm.create_model(name, **args), tmp, model_args=args)
-        encoder = vitport.load(tmp, device=str(device), dtype="bf16")
-    configure(encoder, "sdpa", compiled=True)
+        setup = Setup("compile", "bf16", "sdpa")
+        encoder = prepare(vitport.load(tmp, device=str(device), dtype="bf16"), setup).encoder
     window = Window(
         min_seconds=0.5 if opts.smoke else 5.0, warmup_seconds=0.5 if opts.smoke else 5.0
     )
-    ours = bench(encoder, sizes, window, attention="sdpa", compiled=True)
+    ours = bench(encoder, sizes, window, setup=setup)
     lines = [
         MARK,
         f"## GPU: ViT-L/14 @224 bf16 vs timm-style loop ({datetime.date.today()})",
@@ -98,18 +97,25 @@ def main() -> None:
         save_for_hf(timm.create_model(name, **args), tmp, model_args=args)
         fp32 = vitport.load(tmp, device=str(device), dtype="fp32")
     reference = features_of(fp32.to(resolve_device("cpu")), default_inputs()[:4], 2)
-    for runtime in RUNTIMES:
-        if RUNTIMES[runtime].not_applicable(device.type, "bf16") or RUNTIMES[runtime].missing():
+    for runtime in RUNNERS.names():
+        kind = runner(runtime)
+        if kind.not_applicable(device.type, "bf16") or kind.missing():
             continue
+        taken = [b for b in sizes if kind.limits.cap(b) == b]  # within the runtime's limits
         try:
-            built = build(fp32, runtime, torch.bfloat16)
+            built = prepare(fp32, Setup(runtime, "bf16"), device)
             judged = judge_features(
                 reference.groups(),
                 features_of(built.encoder, default_inputs()[:4], 2).groups(),
                 thresholds_for("bf16"),
             )
-            runs = bench(built.encoder, sizes, window, measure_roofline=False).rows()
-            speeds = " | ".join(f"{r['images_per_second']:.1f}" for r in runs)
+            runs = {
+                r["batch_size"]: r
+                for r in bench(built.encoder, taken, window, measure_roofline=False).rows()
+            }
+            speeds = " | ".join(
+                f"{runs[b]['images_per_second']:.1f}" if b in runs else "-" for b in sizes
+            )
             lines.append(
                 f"| {runtime} | {speeds} | {'PASS' if judged else 'FAIL'} | "
                 f"{built.build_seconds:.1f} |"

@@ -21,21 +21,22 @@ from docs_section import write_section
 
 import vitport
 from vitport.bench.configure import DEFAULT_BUDGET
-from vitport.bench.optimize import Config, optimize
+from vitport.bench.optimize import optimize
 from vitport.bench.run import Window
 from vitport.device import resolve_device
 from vitport.format import pct
 from vitport.inputs import default_inputs
+from vitport.runtimes import Setup
 
 MARK = "<!-- runtimes_cpu -->"
 SIZES = [1, 8]
 TABLE = [
-    Config("fp32", "default", False),
-    Config("bf16", "default", False),
-    Config("fp32", "default", True),
-    Config("fp32", "default", False, "onnxruntime"),
-    Config("fp32", "default", False, "openvino"),
-    Config("bf16", "default", False, "openvino"),
+    Setup("torch", "fp32"),
+    Setup("torch", "bf16"),
+    Setup("compile", "fp32"),
+    Setup("onnxruntime", "fp32"),
+    Setup("openvino", "fp32"),
+    Setup("openvino", "bf16"),
 ]
 
 

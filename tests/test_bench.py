@@ -218,12 +218,12 @@ def test_cli_bench(monkeypatch, capsys, tiny_dir, tmp_path):
 @pytest.mark.parametrize("family", ["dinov2", "timm_vit_reg4"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa", "flash"])
 def test_attention_backends_give_the_same_features(family, attention, tiny_dir):
-    from vitport.bench.configure import configure
+    from vitport.runtimes import Setup, prepare
 
     base = vitport.load(str(tiny_dir(family)))
     pixels = torch.randn(2, 3, *base.image_size)
     ref = base.encode(pixels)
-    switched = configure(base.to(), attention)
+    switched = prepare(base, Setup(attention=attention)).encoder
     out = switched.encode(pixels)
     assert torch.allclose(out.patches, ref.patches, atol=1e-5)
     if family == "timm_vit_reg4":
@@ -235,19 +235,19 @@ def test_attention_backends_give_the_same_features(family, attention, tiny_dir):
         )
 
 
-def test_unknown_attention_is_refused(tiny_dir):
-    from vitport.bench.configure import configure
+def test_unknown_attention_is_refused():
     from vitport.errors import VitportError
+    from vitport.runtimes import Setup
 
     with pytest.raises(VitportError, match="choose one of default, eager, sdpa, flash"):
-        configure(vitport.load(str(tiny_dir("vit"))), "xformers")
+        Setup(attention="xformers")
 
 
 def test_flash_attention_is_refused_where_the_backend_picks_its_own_kernel():
     from types import SimpleNamespace
 
-    from vitport.bench.configure import set_attention
     from vitport.errors import VitportError
+    from vitport.runtimes.torch_runner import set_attention
 
     npu_like = SimpleNamespace(device=SimpleNamespace(flash_selectable=False), spec="x")
     with pytest.raises(VitportError, match="use attention='sdpa'$") as caught:
@@ -278,16 +278,17 @@ def test_a_peak_the_model_outruns_gives_no_mfu(sleepy, monkeypatch):
 def test_compiled_encoder_builds_one_graph_for_every_batch_of_two_or_more(tiny_dir):
     from torch._dynamo.utils import counters
 
-    from vitport.bench.configure import configure
+    from vitport.runtimes import Setup, prepare
 
     base = vitport.load(str(tiny_dir("dinov2")))
     pixels = torch.randn(8, 3, *base.image_size)
     want = base.encode(pixels).patches
     torch._dynamo.reset()
     counters.clear()
-    compiled = configure(base.to(), "default", compiled=True)
+    prepared = prepare(base, Setup(compiled=True))
+    compiled = prepared.encoder
     for batch in (4, 2, 8, 3):
         out = compiled.encode(pixels[:batch])
         assert torch.allclose(out.patches, want[:batch], atol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1
-    torch._dynamo.reset()
+    prepared.release()

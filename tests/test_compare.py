@@ -14,16 +14,13 @@ from vitport.device import resolve_device
 from vitport.errors import GoldenMismatchError
 from vitport.fixes import fix_names
 from vitport.infer import infer
+from vitport.runtimes import Setup
 
 CPU = resolve_device("cpu")
 
 
 def run_compare(base, photos, fault=None, dtype="fp32", reference=None, **kwargs):
-    import torch
-
-    make = candidate_factory(
-        base, CPU, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), fault
-    )
+    make = candidate_factory(base, CPU, Setup(dtype=dtype), fault)
     candidate, _ = make([])
     return compare(
         base,

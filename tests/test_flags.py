@@ -75,6 +75,14 @@ CONVERTED = [
     "vitport.report",
     "vitport.runtimes",
     "vitport.serve.ray_engine",
+    "vitport.runtimes.base",
+    "vitport.runtimes.onnx",
+    "vitport.runtimes.torch_runner",
+    "vitport.runtimes.compile_runner",
+    "vitport.runtimes.onnxruntime_runner",
+    "vitport.runtimes.openvino_runner",
+    "vitport.runtimes.tensorrt_runner",
+    "vitport.runtimes.torchair_runner",
 ]
 """Modules whose errors name parameters, never flags. Left out: serve's app, inputs and service,
 whose HTTP answers name the options the server was started with (--max-queue, ...)."""

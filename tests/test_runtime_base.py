@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from vitport.cli.flags import cli_message
 from vitport.errors import VitportError
 from vitport.runtimes.base import LimitError, Limits, Runner, Setup
 
@@ -17,7 +18,7 @@ def test_setup_normalises_names_and_says_compile_one_way():
     assert Setup("compile").compiled and Setup(compiled=True).runtime == "compile"
     with pytest.raises(VitportError, match="compiled applies to the torch runtime"):
         Setup("onnxruntime", compiled=True)
-    with pytest.raises(VitportError, match="attention 'fast' is unknown"):
+    with pytest.raises(VitportError, match="attention=fast is unknown"):
         Setup(attention="fast")
     with pytest.raises(VitportError):
         Setup(dtype="fp7")
@@ -47,6 +48,7 @@ def test_a_batch_beyond_the_declared_limit_is_refused_in_one_line_naming_it():
     message = str(caught.value)
     assert "\n" not in message and "max_batch_size 128" in message and "at most 64" in message
     assert caught.value.param == "max_batch_size" and caught.value.limit == 64
+    assert cli_message(caught.value).startswith("--max-batch-size 128 is beyond")
     with pytest.raises(LimitError, match="batch_sizes 0 is below"):
         limits.check_batches("tensorrt", [8, 0])
     assert limits.cap(256) == 64 and Limits(("cpu",), ("fp32",)).cap(256) == 256

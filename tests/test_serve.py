@@ -534,10 +534,10 @@ def test_golden_reference_and_two_device_workers(model_dir, files, tmp_path, tin
 
 def test_serve_runs_another_runtime(model_dir, files, tmp_path):
     """--runtime onnxruntime: the self-check judges the runtime itself, and it serves."""
-    from vitport.runtimes import RUNTIMES
+    from vitport.runtimes import runner
 
-    if RUNTIMES["onnxruntime"].missing():
-        pytest.skip(RUNTIMES["onnxruntime"].missing())
+    if runner("onnxruntime").missing():
+        pytest.skip(runner("onnxruntime").missing())
     want = expected(model_dir, files[:4])["pooled"]
     with running(
         tmp_path, str(model_dir), "--runtime", "onnxruntime", "--max-batch-size", "4"

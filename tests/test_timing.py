@@ -10,8 +10,9 @@ from conftest import FakeClock
 
 from vitport.bench.timing import Measurement, TaskSpec, measure
 from vitport.device import Device
+from vitport.runtimes import Setup
 
-SPEC = TaskSpec(model="test", device="cpu", dtype="fp32", batch_size=4, image_size=(224, 224))
+SPEC = TaskSpec(model="test", device="cpu", batch_size=4, image_size=(224, 224))
 TICK = 1 / 128  # exact in binary, so sums of fake device times are exact too
 
 
@@ -179,7 +180,7 @@ def test_bad_windows_are_refused():
 
 
 def made(times_ms: list[float], batch_size: int = 4) -> Measurement:
-    spec = TaskSpec("m", "cpu", "fp32", batch_size, (224, 224))
+    spec = TaskSpec("m", "cpu", batch_size, (224, 224))
     return Measurement(spec, [t / 1000 for t in times_ms], [0.5], first_call=1.5)
 
 
@@ -223,7 +224,8 @@ def test_empty_measurement_is_refused():
 
 
 def test_round_trip_through_json():
-    spec = TaskSpec("timm:vit", "cuda:0", "bf16", 8, (518, 518), "sdpa", True, ("fp32-norm",))
+    setup = Setup("torch", "bf16", "sdpa", True, ("fp32-norm",))
+    spec = TaskSpec("timm:vit", "cuda:0", 8, (518, 518), setup)
     m = Measurement(spec, [0.0101, 0.0102, 0.0099], [0.02, 0.011], 3.25, "events")
     data = json.loads(json.dumps(m.to_dict()))
     back = Measurement.from_dict(data)
@@ -231,12 +233,31 @@ def test_round_trip_through_json():
     assert back.spec.image_size == (518, 518) and back.spec.fixes == ("fp32-norm",)
     assert data["summary"]["median"] == pytest.approx(0.0101)
     assert data["label"] == "bs8 bf16 sdpa compiled fixes=fp32-norm"
+    # the spec's JSON stays flat, as before Setup: the setup's fields beside the task's
+    assert data["spec"] == {
+        "model": "timm:vit",
+        "device": "cuda:0",
+        "dtype": "bf16",
+        "batch_size": 8,
+        "image_size": [518, 518],
+        "attention": "sdpa",
+        "compiled": True,
+        "fixes": ["fp32-norm"],
+        "runtime": "compile",
+    }
+    older = {k: v for k, v in data["spec"].items() if k != "runtime"}  # before runtimes
+    assert TaskSpec.from_dict(older).setup == setup
 
 
 def test_label():
-    spec = TaskSpec("m", "cuda", "bf16", 8, (224, 224), attention="sdpa", compiled=True)
+    spec = TaskSpec(
+        "m", "cuda", 8, (224, 224), Setup(dtype="bf16", attention="sdpa", compiled=True)
+    )
     assert spec.label() == "bs8 bf16 sdpa compiled"
-    assert TaskSpec("m", "cpu", "fp32", 1, (224, 224)).label() == "bs1 fp32"
+    assert TaskSpec("m", "cpu", 1, (224, 224)).label() == "bs1 fp32"
+    assert (
+        TaskSpec("m", "cpu", 1, (224, 224), Setup("onnxruntime")).label() == "bs1 fp32 onnxruntime"
+    )
 
 
 # --------------------------------------------------------------------------- warnings

@@ -1,18 +1,16 @@
-"""Speed settings of an Encoder: the attention backend and torch.compile."""
+"""The checks of bench's settings before anything loads: attention, budget, --e2e, --optimize.
+(Setting the attention and compiling belong to the torch runners, vitport.runtimes.)"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vitport.encoder import Encoder
 from vitport.errors import VitportError
-from vitport.fixes import SDPAForward
-
-ATTENTION = ("default", "eager", "sdpa", "flash")
+from vitport.runtimes.base import ATTENTIONS as ATTENTION
 
 
 def check_attention(kind: str) -> None:
-    """The attention settings there are (see set_attention)."""
+    """The attention settings there are (see vitport.runtimes.torch_runner.set_attention)."""
     if kind not in ATTENTION:
         raise VitportError(
             f"attention={kind} is unknown; choose one of {', '.join(ATTENTION)}",
@@ -92,42 +90,3 @@ def check_optimize_alone(
             f"drop {', '.join(clashing)}{instead}",
             params=("optimize=True", "json=True", *clashing, *(["runtimes"] if instead else [])),
         )
-
-
-def set_attention(encoder: Encoder, kind: str) -> None:
-    """eager: plain matmul-softmax-matmul; sdpa: torch's fused attention; flash: sdpa's flash
-    kernel only (fails where the device or dtype has none); default: as the model was loaded."""
-    check_attention(kind)
-    if kind == "flash" and not encoder.device.flash_selectable:
-        raise VitportError(
-            "attention='flash': on the NPU torch_npu picks its fused attention kernel itself "
-            "(its own _fused_sdp_choice); use attention='sdpa'",
-            params=("attention='flash'", "attention='sdpa'"),
-        )
-    if kind == "default":
-        return
-    impl = "eager" if kind == "eager" else "sdpa"
-    if hasattr(encoder.module, "set_attn_implementation"):  # transformers
-        encoder.module.set_attn_implementation(impl)
-    else:  # timm: each Attention module decides with its fused_attn flag
-        found = [m for m in encoder.module.modules() if hasattr(m, "fused_attn")]
-        if not found:
-            raise VitportError(f"{encoder.spec}: cannot switch its attention implementation")
-        for module in found:
-            module.fused_attn = impl == "sdpa"
-    if kind == "flash":
-        encoder.forward_fn = SDPAForward(encoder.forward_fn, "FLASH_ATTENTION")
-
-
-def compile_encoder(encoder: Encoder, mode: str | None = None) -> None:
-    """torch.compile the module in place (names and hooks stay as they are). The batch size is
-    dynamic from the start: one graph serves every batch of 2 or more (dynamo gives batch 1 a
-    graph of its own), where the default would compile the first size statically as well."""
-    encoder.module.compile(mode=mode, dynamic=True)
-
-
-def configure(encoder: Encoder, attention: str = "default", compiled: bool = False) -> Encoder:
-    set_attention(encoder, attention)
-    if compiled:
-        compile_encoder(encoder)
-    return encoder

@@ -5,48 +5,29 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from vitport import records
-from vitport.bench.configure import configure
 from vitport.bench.run import Window, bench_batch
 from vitport.bench.timing import Measurement
 from vitport.compare.verdict import judge_features, thresholds_for
-from vitport.device import Device, dtype_name, parse_dtype
+from vitport.device import Device, parse_dtype
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError, one_line
 from vitport.format import metric_value
 from vitport.infer import infer
 from vitport.inputs import LoadedImage
+from vitport.runtimes import Setup, available, prepare, runner
 
-
-@dataclass(frozen=True)
-class Config:
-    dtype: str
-    attention: str
-    compiled: bool
-    runtime: str = "torch"  # torch (compiled or not), or another runtime (vitport.runtimes)
-
-    def label(self) -> str:
-        if self.runtime != "torch":
-            return f"{self.dtype} {self.runtime}"
-        return f"{self.dtype} {self.attention}{' compiled' if self.compiled else ''}"
-
-    @property
-    def cost_kind(self) -> str:
-        """What dominates the time to try it: eager runs, a runtime build, or compilation."""
-        return "compiled" if self.compiled else ("eager" if self.runtime == "torch" else "built")
-
-
-BASELINE = Config("fp32", "default", False)  # transformers as loaded: fp32, no torch.compile
+BASELINE = Setup()  # transformers as loaded: torch, fp32, attention as loaded, no compile
 
 
 @dataclass
 class Trial:
-    config: Config
+    config: Setup
     faithful: bool | None  # None: could not run
     worst_rel_error: float | None
     failed_checks: list[str] = field(default_factory=list)
@@ -68,7 +49,7 @@ class Trial:
         return records.from_dict(
             cls,
             data,
-            config=lambda c: records.from_dict(Config, c),
+            config=Setup.from_dict,
             measurements=lambda ms: {int(b): Measurement.from_dict(m) for b, m in ms.items()},
         )
 
@@ -107,9 +88,9 @@ class OptimizeResult:
         return {
             "batch_sizes": self.batch_sizes,
             "trials": [t.to_dict() for t in self.trials],
-            "best": {"config": asdict(best[0].config), "batch_size": best[1]} if best else None,
+            "best": {"config": best[0].config.to_dict(), "batch_size": best[1]} if best else None,
             "speedup_over_baseline": self.speedup(),
-            "baseline": asdict(BASELINE),
+            "baseline": BASELINE.to_dict(),
             "skipped": self.skipped,
             "runtimes_skipped": self.runtimes_skipped,
             "budget": self.budget,
@@ -128,7 +109,7 @@ ATTENTION_ODDS = {"default": 0, "sdpa": 1, "flash": 2, "eager": 3}
 COST_ORDER = {"eager": 0, "built": 1, "compiled": 2}  # cheapest to try first
 
 
-def likely_winners_first(configs: Sequence[Config]) -> list[Config]:
+def likely_winners_first(configs: Sequence[Setup]) -> list[Setup]:
     """The baseline (every speed-up is measured against it), then the configurations most likely
     to be fastest, cheapest to try first: eager torch, then runtimes built once (an ONNX export,
     an engine), then torch.compile (compilation costs the most); within each, 16-bit before
@@ -150,32 +131,57 @@ def search_space(
     attentions: Sequence[str],
     compile_options: Sequence[bool] = (False, True),
     runtimes: Sequence[str] = ("torch",),
-) -> list[Config]:
-    """Every combination the device supports, the baseline first. torch varies the attention
-    and torch.compile (`compile_options`; the runtime "compile" adds compiled ones too); another
-    runtime runs the graph as exported, in each of its dtypes."""
-    from vitport.runtimes import get_runtime
-
+) -> list[Setup]:
+    """Every setup the device supports, the baseline first. The torch module varies the
+    attention and torch.compile (`compile_options`; naming the runtime "compile" adds the
+    compiled ones too); another runtime runs its own graph, in each of its dtypes. A setup
+    whose runtime does not apply (see Runner.refusal) is left out."""
     configs = [BASELINE]
     compiles = set(compile_options) | ({True} if "compile" in runtimes else set())
     if "torch" not in runtimes and "compile" not in runtimes:
         compiles = set()
     elif "torch" not in runtimes:
         compiles.discard(False)
-    for dtype, attention, compiled in itertools.product(dtypes, attentions, sorted(compiles)):
-        config = Config(dtype_name(parse_dtype(dtype)), attention, compiled)
-        usable = attention != "flash" or device.flash_selectable
-        if config not in configs and usable and device.supports(parse_dtype(dtype)):
-            configs.append(config)
-    for name in runtimes:
-        if name in ("torch", "compile"):
-            continue
-        runtime = get_runtime(name)
-        for dtype in dtypes:
-            config = Config(dtype_name(parse_dtype(dtype)), "default", False, name)
-            if runtime.not_applicable(device.type, config.dtype) is None and config not in configs:
-                configs.append(config)
+    candidates = [
+        Setup(dtype=dtype, attention=attention, compiled=compiled)
+        for dtype, attention, compiled in itertools.product(dtypes, attentions, sorted(compiles))
+    ]
+    candidates += [
+        Setup(name, dtype)
+        for name in runtimes
+        if name not in ("torch", "compile")
+        for dtype in dtypes
+    ]
+    for setup in candidates:
+        usable = setup.attention != "flash" or device.flash_selectable
+        applies = runner(setup.runtime).refusal(device.type, setup) is None
+        if (
+            setup not in configs
+            and usable
+            and applies
+            and device.supports(parse_dtype(setup.dtype))
+        ):
+            configs.append(setup)
     return configs
+
+
+def batches_within_limits(
+    configs: Sequence[Setup], batch_sizes: Sequence[int]
+) -> tuple[dict[str, list[int]], list[str]]:
+    """The batch sizes each runtime of `configs` takes (its declared limits), and one line for
+    each runtime that leaves some out."""
+    taken: dict[str, list[int]] = {}
+    notes: list[str] = []
+    for name in dict.fromkeys(c.runtime for c in configs):
+        limits = runner(name).limits
+        taken[name] = [b for b in batch_sizes if limits.cap(b) == b and b >= limits.min_batch]
+        left = [str(b) for b in batch_sizes if b not in taken[name]]
+        if left:
+            notes.append(
+                f"{name}: batch {', '.join(left)} not measured; it takes batches of "
+                f"{limits.batch_range()}"
+            )
+    return taken, notes
 
 
 def optimize(
@@ -192,15 +198,14 @@ def optimize(
     budget: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> OptimizeResult:
-    """Try each configuration: keep it only if it passes compare against CPU fp32, then time it.
+    """Try each setup: keep it only if it passes compare against CPU fp32, then time it.
 
     `base` is the model on the CPU in fp32; it is never modified. `runtimes` (default: every
     one installed that applies to the device) are one more axis; those that do not apply are
-    listed with why. Configurations run likeliest winners first; with a `budget` in seconds,
-    the search stops before a configuration that would not fit, and lists what it skipped.
+    listed with why, and so are batch sizes beyond a runtime's declared limits (that runtime
+    is measured at the others). Setups run likeliest winners first; with a `budget` in
+    seconds, the search stops before a setup that would not fit, and lists what it skipped.
     """
-    from vitport.runtimes import available
-
     start = time.perf_counter()
     chosen, runtimes_skipped = available(device.type, dtypes, runtimes)
     if True not in compile_options and "compile" in chosen:
@@ -212,6 +217,8 @@ def optimize(
     configs = likely_winners_first(
         search_space(device, dtypes, attentions, compile_options, chosen)
     )
+    taken, limited = batches_within_limits(configs, batch_sizes)
+    runtimes_skipped += limited
     spent: dict[str, list[float]] = {kind: [] for kind in COST_ORDER}  # seconds, by cost kind
     skipped: list[str] = []
     for number, config in enumerate(configs, 1):
@@ -233,7 +240,7 @@ def optimize(
                 images,
                 reference,
                 config,
-                batch_sizes,
+                taken[config.runtime],
                 window,
                 lambda m, label=config.label(): progress(f"{label}: {m}"),
             )
@@ -249,30 +256,39 @@ def _trial(
     device: Device,
     images: Sequence[LoadedImage],
     reference: Features,
-    config: Config,
+    config: Setup,
     batch_sizes: Sequence[int],
     window: Window,
     progress: Callable[[str], None],
 ) -> Trial:
     """One configuration: faithful against the reference? Then (if so) its speed by batch."""
     trial = Trial(config, faithful=None, worst_rel_error=None)
-    if config.compiled:
-        torch._dynamo.reset()  # each configuration compiles afresh, within dynamo's limits
     try:
         began = time.perf_counter()
-        if config.runtime != "torch":
-            from vitport.runtimes import build
-
-            candidate = build(base.to(device), config.runtime, parse_dtype(config.dtype)).encoder
-        else:
-            candidate = configure(
-                base.to(device, parse_dtype(config.dtype)), config.attention, config.compiled
-            )
+        prepared = prepare(base, config, device)
+        candidate = prepared.encoder
         output = infer(candidate, images, batch_size=4).features
         trial.build_seconds = time.perf_counter() - began  # the build, and the first calls
     except (VitportError, RuntimeError, torch.OutOfMemoryError) as exc:
         trial.error = one_line(exc, typed=not isinstance(exc, VitportError))
         return trial
+    try:
+        _judge_and_time(trial, candidate, reference, output, batch_sizes, window, progress)
+    finally:
+        prepared.release()
+    return trial
+
+
+def _judge_and_time(
+    trial: Trial,
+    candidate: Encoder,
+    reference: Features,
+    output: Features,
+    batch_sizes: Sequence[int],
+    window: Window,
+    progress: Callable[[str], None],
+) -> None:
+    config = trial.config
     judged = judge_features(reference.groups(), output.groups(), thresholds_for(config.dtype))
     trial.faithful = bool(judged)
     trial.worst_rel_error = judged.worst_rel_error
@@ -280,16 +296,15 @@ def _trial(
         f"{c.group}.{c.metric}={metric_value(c.metric, c.value)}" for c in judged.verdict.failures
     ]
     if not trial.faithful and config != BASELINE:
-        return trial  # unfaithful speed is not worth measuring
+        return  # unfaithful speed is not worth measuring
     for batch in batch_sizes:
         progress(f"batch {batch}")
         try:
-            run = bench_batch(candidate, batch, window, config.attention, config.compiled)
+            run = bench_batch(candidate, batch, window, config)
         except VitportError as exc:
             trial.error = str(exc)
             break
         trial.measurements[batch] = run.measurement
-    return trial
 
 
 # how many times an eager try a first try of each kind costs (demo, 2-core CPU)

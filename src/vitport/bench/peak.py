@@ -11,6 +11,7 @@ import torch
 from vitport.bench.timing import TaskSpec, measure
 from vitport.device import Device, dtype_key, dtype_name
 from vitport.device.precision import tf32_enabled
+from vitport.runtimes.base import Setup
 
 __all__ = [
     "VENDOR_PEAKS",
@@ -165,9 +166,9 @@ def _measure(device: Device, dtype: torch.dtype, size: int, min_seconds: float) 
     spec = TaskSpec(
         model=f"matmul {size}x{size}",
         device=str(device),
-        dtype=dtype_name(dtype),
         batch_size=1,
         image_size=(size, size),
+        setup=Setup(dtype=dtype_name(dtype)),
     )
     with torch.no_grad():
         result = measure(

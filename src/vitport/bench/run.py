@@ -19,6 +19,7 @@ from vitport.device import dtype_name
 from vitport.encoder import Encoder
 from vitport.errors import OutOfMemoryError
 from vitport.format import share
+from vitport.runtimes.base import Setup, runner
 
 SCHEMA_VERSION = 1
 AUTO_MAX_BATCH = 1024
@@ -200,27 +201,29 @@ def random_pixels(encoder: Encoder, batch_size: int, seed: int = 0) -> torch.Ten
         return pixels.to(device=encoder.device.torch_device, dtype=encoder.dtype)
 
 
-def task_spec(encoder: Encoder, batch_size: int, attention: str, compiled: bool) -> TaskSpec:
+def setup_of(encoder: Encoder) -> Setup:
+    """The Setup an encoder shows by itself: its runtime, dtype and fixes (attention as
+    loaded). Give bench the Setup that prepared it to record its attention too."""
+    return Setup(encoder.runtime, dtype_name(encoder.dtype), fixes=tuple(encoder.fixes))
+
+
+def task_spec(encoder: Encoder, batch_size: int, setup: Setup | None = None) -> TaskSpec:
     return TaskSpec(
         model=encoder.spec,
         device=str(encoder.device),
-        dtype=dtype_name(encoder.dtype),
         batch_size=batch_size,
         image_size=tuple(encoder.image_size),
-        attention=attention,
-        compiled=compiled,
-        fixes=tuple(encoder.fixes),
+        setup=setup or setup_of(encoder),
     )
 
 
 def bench_batch(
-    encoder: Encoder,
-    batch_size: int,
-    window: Window,
-    attention: str = "default",
-    compiled: bool = False,
+    encoder: Encoder, batch_size: int, window: Window, setup: Setup | None = None
 ) -> BatchRun:
-    """Time one batch size; raises OutOfMemoryError when the device runs out."""
+    """Time one batch size; raises OutOfMemoryError when the device runs out, and LimitError
+    (before running) for a batch size beyond what the encoder's runtime takes."""
+    setup = setup or setup_of(encoder)
+    runner(setup.runtime).limits.check_batch(setup.runtime, batch_size)
     device = encoder.device
     device.empty_cache()
     device.reset_peak_memory()
@@ -229,9 +232,7 @@ def bench_batch(
     def call() -> object:
         return encoder.encode(pixels)
 
-    measurement = measure(
-        call, device, task_spec(encoder, batch_size, attention, compiled), **window.kwargs()
-    )
+    measurement = measure(call, device, task_spec(encoder, batch_size, setup), **window.kwargs())
     return BatchRun(measurement, device.peak_memory())
 
 
@@ -240,16 +241,20 @@ def sweep(
     batch_sizes: Sequence[int] | None,
     window: Window,
     *,
-    attention: str = "default",
-    compiled: bool = False,
+    setup: Setup | None = None,
     progress: Callable[[str], None] = lambda _: None,
     max_batch: int = AUTO_MAX_BATCH,
 ) -> tuple[list[BatchRun], int | None]:
     """Each batch size in turn, or (None) doubling from 1 until out of memory, no gain or past
-    max_batch.
+    max_batch (or the largest batch the encoder's runtime takes, where that is smaller). Given
+    sizes beyond the runtime's limits are refused before any runs.
 
     Returns the runs and the first batch size that ran out of memory (None if none did).
     """
+    setup = setup or setup_of(encoder)
+    limits = runner(setup.runtime).limits
+    limits.check_batches(setup.runtime, batch_sizes)
+    max_batch = limits.cap(max_batch)
     runs: list[BatchRun] = []
     auto = batch_sizes is None
     sizes = iter(batch_sizes or [])
@@ -260,7 +265,7 @@ def sweep(
             return runs, None
         progress(f"batch {batch}")
         try:
-            run = bench_batch(encoder, batch, window, attention, compiled)
+            run = bench_batch(encoder, batch, window, setup)
         except OutOfMemoryError:
             encoder.device.empty_cache()
             if not runs:
@@ -281,20 +286,22 @@ def bench(
     batch_sizes: Sequence[int] | None,
     window: Window = Window(),
     *,
-    attention: str = "default",
-    compiled: bool = False,
+    setup: Setup | None = None,
     measure_roofline: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> BenchResult:
-    """Latency and throughput by batch size, FLOPs, achieved TFLOP/s and MFU."""
+    """Latency and throughput by batch size, FLOPs, achieved TFLOP/s and MFU. `setup` is how
+    `encoder` was prepared (see vitport.runtimes.prepare; default: what the encoder shows)."""
+    setup = setup or setup_of(encoder)
+    runner(setup.runtime).limits.check_batches(setup.runtime, batch_sizes)
     flops = flops_per_image(encoder.arch, encoder.image_size, encoder.layout.num_prefix)
     description = encoder.device.describe()
     result = BenchResult(
         spec=encoder.spec,
         device=str(encoder.device),
         dtype=dtype_name(encoder.dtype),
-        attention=attention,
-        compiled=compiled,
+        attention=setup.attention,
+        compiled=setup.compiled,
         fixes=list(encoder.fixes),
         image_size=tuple(encoder.image_size),
         params=encoder.num_params,
@@ -304,10 +311,10 @@ def bench(
         device_description=description,
         load_seconds=encoder.load_seconds,
         auto=batch_sizes is None,
-        runtime=encoder.runtime,
+        runtime=setup.runtime,
     )
     result.runs, result.oom_batch = sweep(
-        encoder, batch_sizes, window, attention=attention, compiled=compiled, progress=progress
+        encoder, batch_sizes, window, setup=setup, progress=progress
     )
     if measure_roofline:
         progress("peak: a large matmul on the device")

@@ -17,6 +17,7 @@ import numpy as np
 
 from vitport import records
 from vitport.device import Device
+from vitport.runtimes.base import Setup
 
 __all__ = ["Measurement", "TaskSpec", "measure"]
 
@@ -31,24 +32,44 @@ DRIFT = 0.10
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What was measured: model, device, dtype, batch and the settings that change speed."""
+    """What was measured: model, device, batch and image size, and the Setup that ran it
+    (runtime, dtype, attention, compiled, fixes)."""
 
     model: str
     device: str
-    dtype: str
     batch_size: int
     image_size: tuple[int, int]
-    attention: str = "default"
-    compiled: bool = False
-    fixes: tuple[str, ...] = ()
+    setup: Setup = field(default_factory=Setup)
+
+    @property
+    def dtype(self) -> str:
+        return self.setup.dtype
+
+    @property
+    def attention(self) -> str:
+        return self.setup.attention
+
+    @property
+    def compiled(self) -> bool:
+        return self.setup.compiled
+
+    @property
+    def fixes(self) -> tuple[str, ...]:
+        return self.setup.fixes
+
+    @property
+    def runtime(self) -> str:
+        return self.setup.runtime
 
     def label(self) -> str:
-        """A short row label, e.g. ``"bs8 bf16 sdpa compiled"``.
+        """A short row label, e.g. ``"bs8 bf16 sdpa compiled"`` or ``"bs8 fp32 onnxruntime"``.
 
-        The attention name is left out when it is ``"default"``; precision fixes, if any,
-        come last as ``"fixes=a,b"``.
+        The attention name is left out when it is ``"default"``, the runtime when it is torch
+        itself; precision fixes, if any, come last as ``"fixes=a,b"``.
         """
         parts = [f"bs{self.batch_size}", self.dtype]
+        if not self.setup.torch_runtime:
+            parts.append(self.runtime)
         if self.attention != "default":
             parts.append(self.attention)
         if self.compiled:
@@ -58,11 +79,21 @@ class TaskSpec:
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return records.to_dict(self)
+        """Flat, as before Setup: the setup's fields beside the task's."""
+        setup = self.setup.to_dict()
+        return {
+            "model": self.model,
+            "device": self.device,
+            "dtype": setup.pop("dtype"),
+            "batch_size": self.batch_size,
+            "image_size": list(self.image_size),
+            **{k: setup[k] for k in ("attention", "compiled", "fixes", "runtime")},
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
-        return records.from_dict(cls, d)
+        setup = Setup.from_dict({k: v for k, v in d.items() if k in Setup.__dataclass_fields__})
+        return cls(d["model"], d["device"], int(d["batch_size"]), tuple(d["image_size"]), setup)
 
 
 @dataclass

@@ -126,13 +126,13 @@ def bench(
         check_budget,
         check_e2e,
         check_optimize_alone,
-        configure,
     )
     from vitport.bench.run import CSV_COLUMNS, MARKDOWN_HEAD, Window, regressions
     from vitport.bench.run import bench as run_bench
     from vitport.cli.bench_tables import bench_table
     from vitport.fixes import parse_fixes
     from vitport.outputs import check_file, first_line_is, is_vitport_json
+    from vitport.runtimes import Setup
 
     sizes = parse_batch_sizes(batch_sizes)
     fixes = parse_fixes(fix)
@@ -177,18 +177,16 @@ def bench(
             seconds,
             runtimes,
         )
-    if runtime != "torch" and (attn != "default" or compile):
+    if runtime not in ("torch", "compile") and (attn != "default" or compile):
         raise VitportError(
             f"--runtime {runtime} runs the exported graph; drop --attn and --compile"
         )
+    setup = Setup(runtime, dtype, attn, compile, tuple(fixes))
     encoder = load_model(
-        model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes, runtime
+        model, device, setup, image_size, weights, trust_remote_code, cuda_shim, sizes
     )
-    configure(encoder, attn, compile)
     with progress("benchmarking ...") as activity:
-        result = run_bench(
-            encoder, sizes, window, attention=attn, compiled=compile, progress=steps(activity)
-        )
+        result = run_bench(encoder, sizes, window, setup=setup, progress=steps(activity))
     show(bench_table(result), BENCH_DROP)
     best = result.best()
     peak = result.peak
@@ -270,16 +268,16 @@ def bench_optimize(
     from vitport.bench.optimize import optimize as run_optimize
     from vitport.cli.bench_tables import optimize_table
     from vitport.device import resolve_device
-    from vitport.runtimes import get_runtime, parse_runtimes
+    from vitport.runtimes import RUNNERS, Setup, runner
 
-    names = parse_runtimes(runtimes) or None
+    names = RUNNERS.parse(runtimes) or None
     for name in names or []:
-        missing = get_runtime(name).missing()
+        missing = runner(name).missing()
         if missing:
             raise VitportError(missing)
     target = resolve_device(device)
     loaded, _ = read_inputs(images, image_size or 224)
-    base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
+    base = load_model(model, "cpu", Setup(), image_size, weights, trust_remote_code, cuda_shim)
     with progress("optimising ...") as activity:
         result = run_optimize(
             base,

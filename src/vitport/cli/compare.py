@@ -120,6 +120,7 @@ def compare(
     from vitport.faults import parse_fault
     from vitport.fixes import fix_names, parse_fixes
     from vitport.outputs import check_file, is_vitport_json, write_text
+    from vitport.runtimes import Setup, check
 
     try:
         overrides = parse_threshold_overrides(threshold or [])
@@ -133,17 +134,19 @@ def compare(
     golden = None if isinstance(source, Device) else source
     target = resolve_device(device)
     cand_dtype = parse_dtype(dtype)
+    setup = Setup(runtime, dtype)
+    check(setup, target.type)  # the runtime refused before anything loads
     ref_dtype = parse_dtype(reference_dtype)
 
     loaded, problems = read_inputs(images, image_size or 224, golden)
-    base = load_model(model, "cpu", "fp32", image_size, weights, trust_remote_code, cuda_shim)
+    base = load_model(model, "cpu", Setup(), image_size, weights, trust_remote_code, cuda_shim)
 
     if runtime != "torch" and localize:
         raise VitportError(
             f"--localize hooks the torch modules, which {runtime} does not run; compare "
             f"--runtime {runtime} without --localize, or localise with --runtime torch"
         )
-    make_candidate = candidate_factory(base, target, cand_dtype, inject_fault, runtime)
+    make_candidate = candidate_factory(base, target, setup, inject_fault)
     candidate, detail = make_candidate(fixes)
     notes = [*base.notes, *([f"candidate: {detail}"] if detail else [])]
     if problems:

@@ -106,9 +106,10 @@ def infer(
     if with_blocks and out is None:
         raise VitportError("--with-blocks stores block states in the --out file; add --out FILE")
     paths, skipped = find_inputs(images)
-    encoder = load_model(
-        model, device, dtype, image_size, weights, trust_remote_code, cuda_shim, fixes
-    )
+    from vitport.runtimes import Setup
+
+    setup = Setup(dtype=dtype, fixes=tuple(fixes))
+    encoder = load_model(model, device, setup, image_size, weights, trust_remote_code, cuda_shim)
     if paths is None:
         loaded = default_inputs(encoder.image_size[0])
         result = run_infer(encoder, loaded, batch_size)

@@ -20,33 +20,32 @@ def enable_cuda_shim(wanted: bool) -> None:
 def load_model(
     spec: str,
     device: str,
-    dtype: str,
+    setup,
     image_size: int | None,
     weights: Path | None,
     trust_remote_code: bool,
     cuda_shim: bool,
-    fixes: list[str] = (),
-    runtime: str = "torch",
+    batch_sizes=None,
 ):
-    """Shared by every command: the shim first, then the one door, then the fixes, then the
-    runtime that will run it (see vitport.runtimes.load_on)."""
-    from vitport.runtimes import load_on
+    """Shared by every command: the shim first, then the one door, vitport.runtimes.load (the
+    runtime checked, and `batch_sizes` against its limits, before the model loads; then the
+    fixes and the runtime's build). `setup` is a vitport.runtimes.Setup."""
+    from vitport.runtimes import load, runner
 
     enable_cuda_shim(cuda_shim)
+    runner(setup.runtime).limits.check_batches(setup.runtime, batch_sizes)
     with progress(f"loading {esc(spec)} ..."):
-        encoder, reports = load_on(
+        prepared = load(
             spec,
             device,
-            dtype,
-            runtime,
-            fixes,
+            setup,
             image_size=image_size,
             weights=weights,
             trust_remote_code=trust_remote_code,
         )
-    for report in reports:
+    for report in prepared.fix_reports:
         errors.print(f"[dim]fix {report.name}: {esc(report.detail)}[/dim]", soft_wrap=True)
-    return encoder
+    return prepared.encoder
 
 
 def report_problems(problems) -> None:

@@ -240,7 +240,7 @@ def check_options(config, engine: str) -> None:
     """Everything that can be refused before the model loads, in one line each."""
     from vitport.compare.check import open_source
     from vitport.compare.verdict import parse_threshold_overrides
-    from vitport.device import parse_dtype, resolve_device
+    from vitport.device import resolve_device
     from vitport.faults import parse_fault
     from vitport.fixes import parse_fixes
 
@@ -252,13 +252,16 @@ def check_options(config, engine: str) -> None:
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise VitportError(f"vitport serve needs {exc.name}: pip install 'vitport[serve]'") from exc
-    parse_dtype(config.dtype)
     parse_fixes(list(config.fixes))
-    from vitport.runtimes import get_runtime
+    from vitport.runtimes import runner
 
-    missing = get_runtime(config.runtime).missing()
+    setup = config.setup  # names the dtype and the runtime, or refuses them
+    kind = runner(setup.runtime)
+    missing = kind.missing()
     if missing:
         raise VitportError(missing)
+    if config.max_batch_size:
+        kind.limits.check_batch(setup.runtime, config.max_batch_size, "max_batch_size")
     if config.inject_fault:
         parse_fault(config.inject_fault)
     try:

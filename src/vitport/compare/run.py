@@ -8,7 +8,7 @@ alike for compare, report and serve."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from vitport.compare.verdict import Threshold, Verdict
 from vitport.device import Device
 from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError
+from vitport.runtimes.base import Setup
 
 __all__ = [  # the steps' names stay importable from here, where they used to live
     "SCHEMA_VERSION",
@@ -258,31 +259,19 @@ def compare(
 
 
 def candidate_factory(
-    base: Encoder,
-    device: Device,
-    dtype: torch.dtype,
-    fault: str | None = None,
-    runtime: str = "torch",
+    base: Encoder, device: Device, setup: Setup, fault: str | None = None
 ) -> Callable[[Sequence[str]], tuple[Encoder, str]]:
-    """make(fixes) -> a fresh copy of `base` on the candidate device, with the planted fault
-    (if any) and the fixes applied, run by `runtime`, and one line saying what was changed."""
-    from vitport.faults import inject
-    from vitport.fixes import apply_fixes
-    from vitport.runtimes import build, get_runtime
+    """make(fixes) -> a fresh copy of `base` prepared on the candidate device as `setup` asks
+    (see vitport.runtimes.prepare), with the planted fault (if any) and `fixes` in place of the
+    setup's own, and one line saying what was changed. The runtime is checked now, before
+    anything is built."""
+    from vitport.runtimes import check, prepare
 
-    exported = not get_runtime(runtime).torch_module  # built from the fp32 model, run at dtype
+    check(setup, device.type)
 
     def make(fixes: Sequence[str]) -> tuple[Encoder, str]:
-        candidate = base.to(device, torch.float32 if exported else dtype)
-        done = [inject(candidate, fault)] if fault else []
-        done += [r.detail for r in apply_fixes(candidate, list(fixes))]
-        if runtime != "torch":
-            if fault:  # the export cache knows the weights and fixes, not a planted fault
-                candidate.weights_sha256 += f"+{fault}"
-            built = build(candidate, runtime, dtype)
-            candidate = built.encoder
-            done.append(f"run by {runtime} (built in {built.build_seconds:.1f} s)")
-        return candidate, "; ".join(done)
+        prepared = prepare(base, replace(setup, fixes=tuple(fixes)), device, fault=fault)
+        return prepared.encoder, "; ".join(prepared.changes)
 
     return make
 

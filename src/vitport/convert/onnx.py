@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from vitport.compare.sides import pixel_batches
 from vitport.convert.result import ConversionResult
 from vitport.convert.verify import compare_functions, run_features
-from vitport.encoder import Encoder, Features
-from vitport.errors import VitportError, one_line
-from vitport.runtimes.onnx import INPUT, register_symbolics
+from vitport.encoder import Features
+from vitport.errors import VitportError
+from vitport.runtimes.onnx import INPUT, export_graph
 
 if TYPE_CHECKING:
     from vitport.convert.result import Source
 
 VERIFY_BATCH = 5  # the second batch size a dynamic export is verified at (besides 1)
-
-
-class EncoderGraph(nn.Module):
-    """The encoder as one graph: pixels in, the Features groups out, in the contract's order."""
-
-    def __init__(self, encoder: Encoder, groups: list[str]) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.module = encoder.module
-        self.groups = groups
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raw = self.encoder.forward_fn(self.module, pixels)
-        feats = self.encoder.split(raw, pixels.shape[-2:])
-        found = feats.groups()
-        return tuple(found[name] for name in self.groups)
 
 
 def export_onnx(
@@ -74,30 +56,9 @@ def export_onnx(
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "model.onnx"
     progress(f"exporting {', '.join(groups)} at {size[0]}x{size[1]} (opset {opset})")
-    example = torch.zeros(batch_size if static else 1, 3, *size)
-    dynamic = None if static else {name: {0: "batch"} for name in (INPUT, *groups)}
-    if opset >= 18:  # ONNX Resize antialiases and ReduceMean takes axes as input from 18
-        register_symbolics()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                EncoderGraph(encoder, groups).eval(),
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=[INPUT],
-                output_names=groups,
-                dynamic_axes=dynamic,
-                opset_version=opset,
-                do_constant_folding=True,
-            )
-        except Exception as exc:  # the exporter raises many types
-            raise VitportError(
-                f"torch.onnx could not export {src.spec} at opset {opset} "
-                f"({one_line(exc, typed=True)}); try another opset",
-                params=("opset",),
-            ) from exc
+    export_graph(
+        encoder, path, groups=groups, opset=opset, static_batch=batch_size if static else None
+    )
     replace(src.preprocessing, size=size[0]).hf_processor().save_pretrained(str(directory))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     checks = []

@@ -206,7 +206,7 @@ def embed(
     from vitport.embed.store import check_out
     from vitport.fixes import parse_fixes
     from vitport.outputs import check_dir
-    from vitport.runtimes import load_on
+    from vitport.runtimes import Setup, load, runner
 
     if shard_size < 1:
         raise VitportError(
@@ -229,6 +229,9 @@ def embed(
     if outputs is not None:
         check_output_names(outputs)
     fixes = parse_fixes(list(fixes))
+    setup = Setup(model.runtime if isinstance(model, Encoder) else runtime, dtype, fixes=fixes)
+    if batch_size:  # refused before the model loads
+        runner(setup.runtime).limits.check_batch(setup.runtime, batch_size)
     inputs = collect(sources, column)
     out = Path(out).expanduser()
     check_dir(out, "out", overwrite=True, ours=lambda _p: True)  # writable; Store decides more
@@ -238,16 +241,14 @@ def embed(
         encoder = model
     else:
         progress(f"loading {model}")
-        encoder, _ = load_on(
+        encoder = load(
             model,
             device,
-            dtype,
-            runtime,
-            fixes,
+            setup,
             image_size=image_size,
             weights=weights,
             trust_remote_code=trust_remote_code,
-        )
+        ).encoder
     names = parse_outputs(outputs, encoder)
     dims = output_dims(encoder, names)
     store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))

@@ -70,18 +70,16 @@ class Encode:
         trust_remote_code: bool = False,
         runtime: str = "torch",
     ) -> None:
-        from vitport.runtimes import load_on
+        from vitport.runtimes import Setup, load
 
-        self.encoder, _ = load_on(
+        self.encoder = load(
             spec,
             device,
-            dtype,
-            runtime,
-            fixes,
+            Setup(runtime, dtype, fixes=tuple(fixes)),
             image_size=image_size,
             weights=weights,
             trust_remote_code=trust_remote_code,
-        )
+        ).encoder
         self.outputs = outputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

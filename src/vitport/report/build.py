@@ -23,6 +23,7 @@ from vitport.fixes import fix_names
 from vitport.infer import infer, infer_pixels
 from vitport.inputs import PixelInputs
 from vitport.msprobe import Dump, is_dump_reference
+from vitport.runtimes.base import Setup
 
 SCHEMA_VERSION = 1
 
@@ -116,7 +117,7 @@ def measure_all(
         weights=o.weights,
         trust_remote_code=o.trust_remote_code,
     )
-    make = candidate_factory(base, target, cand_dtype)
+    make = candidate_factory(base, target, Setup(dtype=o.dtype))
     candidate, fix_detail = make(o.fixes)
     if fix_detail:
         log(f"fixes: {fix_detail}")

@@ -30,12 +30,10 @@ def throughput(measurement: dict[str, Any]) -> float:
 
 
 def config_label(config: dict[str, Any]) -> str:
-    """The same words as bench's Config.label, from the report's JSON (older ones: torch)."""
-    from vitport.bench.optimize import Config
+    """The same words as the search's Setup.label, from the report's JSON (older ones: torch)."""
+    from vitport.runtimes.base import Setup
 
-    return Config(
-        config["dtype"], config["attention"], config["compiled"], config.get("runtime", "torch")
-    ).label()
+    return Setup.from_dict(config).label()
 
 
 def limits_text(result: CompareResult) -> str:

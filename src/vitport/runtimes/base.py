@@ -42,7 +42,7 @@ class LimitError(VitportError):
 
     def __init__(self, message: str, param: str, limit: object) -> None:
         self.param, self.limit = param, limit
-        super().__init__(message)
+        super().__init__(message, params=(param,))
 
 
 @dataclass(frozen=True)
@@ -162,13 +162,16 @@ class Setup:
         runtime = normalize(self.runtime)
         if self.compiled and runtime not in ("torch", "compile"):
             raise VitportError(
-                f"compiled applies to the torch runtime; runtime {runtime} builds its own graph"
+                f"compiled=True applies to the torch runtime; runtime={runtime} builds its own "
+                "graph",
+                params=("compiled=True", "runtime="),
             )
         if runtime == "torch" and self.compiled:
             runtime = "compile"
         if self.attention not in ATTENTIONS:
             raise VitportError(
-                f"attention {self.attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}"
+                f"attention={self.attention} is unknown; choose one of {', '.join(ATTENTIONS)}",
+                params=("attention=",),
             )
         object.__setattr__(self, "runtime", runtime)
         object.__setattr__(self, "compiled", runtime == "compile")

@@ -1,15 +1,17 @@
-"""The encoder's forward as one ONNX graph: what onnxruntime and OpenVINO run, and what
-`vitport convert --to onnx` exports. Holds the symbolics the TorchScript exporter lacks."""
+"""The one ONNX export of an encoder: what onnxruntime and OpenVINO run (cached by weights,
+fixes and size) and what `vitport convert --to onnx` writes. Holds the symbolics the
+TorchScript exporter lacks."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vitport.encoder import Encoder
+from vitport.encoder import Encoder, RawOutput
 from vitport.errors import VitportError, one_line
 
 INPUT = "pixel_values"
@@ -63,33 +65,52 @@ def register_symbolics() -> None:
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_antialiased, 18)
 
 
-class RawGraph(nn.Module):
-    """The encoder's forward as one graph: pixels in; tokens, then pooled and logits where the
-    family has them."""
+class EncoderGraph(nn.Module):
+    """The encoder's forward as one graph. Without `groups`: tokens, then pooled and logits where
+    the family has them (what a runtime splits by the layout). With `groups`: those Features
+    groups, in that order (the contract `vitport convert --to onnx` writes)."""
 
-    def __init__(self, encoder: Encoder) -> None:
+    def __init__(self, encoder: Encoder, groups: Sequence[str] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.module = encoder.module
+        self.groups = list(groups) if groups else None
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raw = self.encoder.forward_fn(self.module, pixels)
-        return tuple(t for t in (raw.tokens, raw.pooled, raw.logits) if t is not None)
+        if self.groups is None:
+            return tuple(t for t in (raw.tokens, raw.pooled, raw.logits) if t is not None)
+        found = self.encoder.split(raw, pixels.shape[-2:]).groups()
+        return tuple(found[name] for name in self.groups)
 
 
-def export_graph(encoder: Encoder, path: Path, opset: int = 18) -> Path:
-    """Export the fp32 encoder's forward to ONNX with a dynamic batch axis, atomically."""
+def export_graph(
+    encoder: Encoder,
+    path: Path,
+    *,
+    groups: Sequence[str] | None = None,
+    opset: int = 18,
+    static_batch: int | None = None,
+) -> list[str]:
+    """Export the encoder's forward (its module in fp32, on the CPU) to ONNX at `path`,
+    atomically: `groups` as outputs (see EncoderGraph; else out0, out1, … of the raw forward),
+    with a dynamic batch axis unless `static_batch` fixes it. Returns the output names."""
     from vitport.outputs import write_atomic
 
     if encoder.dtype != torch.float32 or encoder.device.type != "cpu":
         from vitport.device import resolve_device
 
         encoder = encoder.to(resolve_device("cpu"), torch.float32)
-    example = torch.zeros(1, 3, *encoder.image_size)
-    graph = RawGraph(encoder).eval()
-    with torch.no_grad():
-        names = [f"out{i}" for i in range(len(graph(example)))]
-    register_symbolics()
+    example = torch.zeros(static_batch or 1, 3, *encoder.image_size)
+    graph = EncoderGraph(encoder, groups).eval()
+    if groups:
+        names = list(groups)
+    else:
+        with torch.no_grad():
+            names = [f"out{i}" for i in range(len(graph(example)))]
+    if opset >= 18:  # ONNX Resize antialiases and ReduceMean takes axes as input from 18
+        register_symbolics()
+    dynamic = None if static_batch else {n: {0: "batch"} for n in (INPUT, *names)}
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
@@ -103,7 +124,7 @@ def export_graph(encoder: Encoder, path: Path, opset: int = 18) -> Path:
                 output_names=names,
                 opset_version=opset,
                 do_constant_folding=True,
-                dynamic_axes={n: {0: "batch"} for n in (INPUT, *names)},
+                dynamic_axes=dynamic,
             )
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +132,27 @@ def export_graph(encoder: Encoder, path: Path, opset: int = 18) -> Path:
         write_atomic(path, write)
     except Exception as exc:  # the exporter raises many types
         raise VitportError(
-            f"torch.onnx could not export {encoder.spec} ({one_line(exc, typed=True)})"
+            f"torch.onnx could not export {encoder.spec} at opset {opset} "
+            f"({one_line(exc, typed=True)}); try another opset",
+            params=("opset",),
         ) from exc
+    return names
+
+
+def onnx_file(encoder: Encoder, cache: Path) -> Path:
+    """The encoder exported to ONNX (its fp32 module, dynamic batch), cached by weights, fixes
+    and size: one build serves every batch size and every runtime that reads ONNX."""
+    h, w = encoder.image_size
+    key = f"{encoder.weights_sha256[:16]}-{h}x{w}-{'+'.join(encoder.fixes) or 'plain'}"
+    path = cache / "onnx" / key / "model.onnx"
+    if not path.is_file():
+        export_graph(encoder, path)
     return path
+
+
+def raw_output(values: Sequence) -> RawOutput:
+    """An exported graph's outputs (arrays or tensors: tokens, then pooled and logits where the
+    graph has them) as the RawOutput a forward returns."""
+    tensors = [v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for v in values]
+    names = ["tokens", "pooled", "logits"][: len(tensors)]
+    return RawOutput(**dict(zip(names, tensors, strict=True)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vitport.runtimes.base import Setup
+
 OUTPUTS = ("pooled", "cls", "registers", "patches")
 MiB = 1 << 20
 
@@ -41,6 +43,11 @@ class ServeConfig:
     thresholds: tuple[str, ...] = ()
     inject_fault: str | None = None
     drain_seconds: float = 30.0
+
+    @property
+    def setup(self) -> Setup:
+        """How each device's copy is set up to run (runtime, dtype, fixes)."""
+        return Setup(self.runtime, self.dtype, fixes=self.fixes)
 
     @property
     def served_name(self) -> str:

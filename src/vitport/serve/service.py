@@ -121,14 +121,18 @@ class Service:
     def _start(self) -> None:
         import vitport
         from vitport.compare.run import candidate_factory, run_check
-        from vitport.device import parse_dtype, resolve_device
+        from vitport.device import resolve_device
         from vitport.fixes import parse_fixes
+        from vitport.runtimes import check
 
         cfg = self.config
         self.state = "loading"
         devices = [resolve_device(d) for d in cfg.device_list]
-        dtype = parse_dtype(cfg.dtype)
         fixes = parse_fixes(list(cfg.fixes))
+        setup = cfg.setup
+        for d in devices:  # refused before anything loads, a batch beyond the runtime's too
+            sizes = [cfg.max_batch_size] if cfg.max_batch_size else None
+            check(setup, d.type, sizes, "max_batch_size")
         base = vitport.load(
             cfg.model,
             "cpu",
@@ -138,8 +142,7 @@ class Service:
             trust_remote_code=cfg.trust_remote_code,
         )
         self.encoders = [
-            candidate_factory(base, d, dtype, cfg.inject_fault, cfg.runtime)(fixes)[0]
-            for d in devices
+            candidate_factory(base, d, setup, cfg.inject_fault)(fixes)[0] for d in devices
         ]
         if cfg.check:
             self.state = "checking"
