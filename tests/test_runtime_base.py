@@ -16,7 +16,7 @@ def test_setup_normalises_names_and_says_compile_one_way():
     assert (setup.runtime, setup.dtype, setup.fixes) == ("torch", "bf16", ("fp32-norm",))
     assert Setup(compiled=True) == Setup("compile") == Setup("compile", compiled=True)
     assert Setup("compile").compiled and Setup(compiled=True).runtime == "compile"
-    with pytest.raises(VitportError, match="compiled applies to the torch runtime"):
+    with pytest.raises(VitportError, match="compiled=True applies to the torch runtime"):
         Setup("onnxruntime", compiled=True)
     with pytest.raises(VitportError, match="attention=fast is unknown"):
         Setup(attention="fast")
