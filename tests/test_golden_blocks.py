@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow  # the golden files are written by CLI runs in sub
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1])}
+    # wide, so that a long temp path (an xdist worker's) never wraps a line the tests read
+    env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1]), "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "vitport", *args],
         env=env,
