@@ -195,3 +195,9 @@ def test_report_against_a_golden_file(flag, monkeypatch, capsys, tiny_dir, tmp_p
     assert "golden file's block states" in data["compare"]["localization_reference"]
     assert len(data["compare"]["inputs"]) == 10  # the file's own images
     assert "golden" in (out / "README.md").read_text()
+
+
+def test_every_language_has_every_word():
+    from vitport.report.strings import LANGS, STRINGS
+
+    assert all(set(STRINGS[lang]) == set(STRINGS["en"]) for lang in LANGS)

@@ -243,7 +243,7 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             for b in sizes:
                 m = trial["measurements"].get(str(b))
                 speeds.append(f"{throughput(m):.1f}" if m else "-")
-            ok = {True: s["yes"], False: s["no"], None: "could not run"}[trial["faithful"]]
+            ok = {True: s["yes"], False: s["no"], None: s["could_not_run"]}[trial["faithful"]]
             err = error if trial["worst_rel_error"] is not None else "-"
             runtime = trial["config"].get("runtime", "torch")
             if trial["config"]["compiled"]:
@@ -251,7 +251,7 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             rows.append([runtime, config_label(trial["config"]), ok, err, *speeds])
         out += table(
             [
-                "runtime",
+                s["runtime_col"],
                 s["configuration"],
                 s["faithful_col"],
                 s["rel_worst"],
@@ -261,13 +261,13 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             "lllr" + "r" * len(sizes),
         )
         for line in search.get("runtimes_skipped", []):
-            out += [f"- runtime skipped: {line}"]
+            out += [f"- {s['runtime_skipped']}: {line}"]
         if search.get("runtimes_skipped"):
             out += [""]
 
     out += [f"## {s['accuracy']}", ""]
     ref = cmp["reference"]
-    where = {"golden": "golden", "msprobe": "msprobe dump"}.get(ref["kind"])
+    where = {"golden": "golden", "msprobe": s["msprobe_dump"]}.get(ref["kind"])
     ref_text = f"{ref['device']} {ref['dtype']}" + (f" ({where} {ref['path']})" if where else "")
     inputs = ", ".join(cmp["inputs"][:3]) + (", …" if len(cmp["inputs"]) > 3 else "")
     out += [

@@ -18,6 +18,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "best_config": "**Fastest faithful configuration**: {label} at batch {batch}, {ips:.1f} "
         "img/s, {speedup} fp32 as transformers loads it at the same batch.",
         "search": "Fastest faithful configuration",
+        "could_not_run": "could not run",
+        "runtime_col": "runtime",
+        "runtime_skipped": "runtime skipped",
+        "msprobe_dump": "msprobe dump",
         "search_text": "Each configuration is first compared with CPU fp32 (the dtype's default "
         "thresholds); only faithful ones are timed. Baseline: fp32, attention as loaded, no "
         "torch.compile.",
@@ -103,6 +107,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "best_config": "**精度达标的最快配置**:{label},batch {batch},{ips:.1f} img/s,"
         "为同 batch 下 transformers 默认 fp32 的 {speedup}。",
         "search": "精度达标的最快配置",
+        "could_not_run": "could not run",  # not yet translated: as the English
+        "runtime_col": "runtime",
+        "runtime_skipped": "runtime skipped",
+        "msprobe_dump": "msprobe dump",
         "search_text": "每个配置先与 CPU fp32 对比(该 dtype 的默认阈值),只对精度达标的配置计时。"
         "基线:fp32,注意力实现按加载时的默认,不使用 torch.compile。",
         "configuration": "配置",
