@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file, save_file
 
 from vitport.convert import VerificationFailed, convert
@@ -793,3 +794,23 @@ def test_arch_names_the_timm_architecture_of_a_loaded_source(tiny_dir, tmp_path)
     assert json.loads((tmp_path / "t" / "config.json").read_text())["architecture"] == TINY_REG
     with pytest.raises(SpecError, match="no such architecture"):
         convert(str(tiny_dir("dinov2")), "timm", tmp_path / "x", arch="no_such_vit")
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_the_neutral_recipe_gives_the_models_own_pixels(tiny_dir, name):
+    """What convert writes beside a converted model (the recipe's processor) preprocesses a
+    non-square photo as the model's own processor does: a ViT or SigLIP processor resizes
+    straight to a square, a DINOv2 one crops."""
+    from PIL import Image
+    from skimage import data
+
+    import vitport
+
+    photo = Image.fromarray(data.chelsea())  # 451 × 300
+    encoder = vitport.load(str(tiny_dir(name)))
+    recipe = encoder.preprocess.recipe
+    written = recipe.hf_processor()(images=[photo], return_tensors="pt")["pixel_values"]
+    own = encoder.preprocess([photo])
+    # timm's PIL transforms round the resize a little differently from transformers'
+    atol = 0.05 if encoder.preprocess.settings["processor"] == "timm" else 1e-6
+    torch.testing.assert_close(written, own, atol=atol, rtol=0)

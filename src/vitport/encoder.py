@@ -157,13 +157,15 @@ class RawOutput:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Eval preprocessing in neutral terms: resize the short side, centre-crop `size`, normalise."""
+    """Eval preprocessing in neutral terms: resize the short side, centre-crop `size`, normalise;
+    or, with crop_mode "squash" (ViT, SigLIP), resize straight to `size` × `size`."""
 
     size: int
     crop_pct: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bicubic"
+    crop_mode: str = "center"  # timm's names: "center" or "squash"
 
     @property
     def resize(self) -> int:
@@ -172,10 +174,13 @@ class Preprocessing:
     def hf_processor(self) -> Any:
         from transformers import BitImageProcessor
 
+        squash = self.crop_mode == "squash"
         return BitImageProcessor(
             do_resize=True,
-            size={"shortest_edge": self.resize},
-            do_center_crop=True,
+            size={"height": self.size, "width": self.size}
+            if squash
+            else {"shortest_edge": self.resize},
+            do_center_crop=not squash,
             crop_size={"height": self.size, "width": self.size},
             image_mean=list(self.mean),
             image_std=list(self.std),
@@ -186,6 +191,7 @@ class Preprocessing:
         return {
             "input_size": (3, size, size),
             "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
             "mean": tuple(self.mean),
             "std": tuple(self.std),
             "interpolation": self.interpolation,

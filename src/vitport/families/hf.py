@@ -328,7 +328,9 @@ def hf_preprocess(
 
 
 def recipe(settings: dict[str, Any], image_size: int) -> Preprocessing:
-    """A processor's settings in neutral terms: resize the short side, centre-crop, normalise."""
+    """A processor's settings in neutral terms: resize the short side and centre-crop, or resize
+    straight to a square where the processor does (no crop, a height and width), then normalise."""
+    squash = not settings.get("crop") and "height" in (settings.get("resize") or {})
     crop = settings.get("crop") or settings.get("resize") or {}
     size = int(crop.get("height") or crop.get("shortest_edge") or image_size)
     resize = (settings.get("resize") or {}).get("shortest_edge") or size
@@ -339,6 +341,7 @@ def recipe(settings: dict[str, Any], image_size: int) -> Preprocessing:
         mean=tuple(settings.get("mean") or IMAGENET[0]),
         std=tuple(settings.get("std") or IMAGENET[1]),
         interpolation="bilinear" if resample in ("2", "BILINEAR") else "bicubic",
+        crop_mode="squash" if squash else "center",
     )
 
 

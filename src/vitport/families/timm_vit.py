@@ -236,6 +236,7 @@ def load(name: str, weights: Path | None, image_size: int | None) -> LoadedModel
                 mean=tuple(settings["mean"]),
                 std=tuple(settings["std"]),
                 interpolation=str(settings.get("interpolation", "bicubic")),
+                crop_mode=str(settings.get("crop_mode", "center")),
             ),
         ),
         final_norm=module.norm if not isinstance(module.norm, nn.Identity) else None,
