@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vitport import records
-from vitport.compare.reference import golden_blocks
+from vitport.compare.check import golden_blocks
 from vitport.compare.sides import Inputs, Progress, no_progress, pixel_batches
 from vitport.device import dtype_name
 from vitport.encoder import Encoder, Features

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from vitport import records
-from vitport.compare.check import CheckPlan
+from vitport.compare.check import CheckPlan, reference_inputs
 from vitport.compare.floors import Floors, floor_dtype_of, floor_kind, measure_floors
 from vitport.compare.judge import Judged, judge_run
 from vitport.compare.localize import Localization, Located, localize_run
 from vitport.compare.metrics import GroupResult, decode_float, encode_float, worst_rel_error
-from vitport.compare.reference import reference_inputs
 from vitport.compare.sides import (
     Inputs,
     Progress,
