@@ -394,3 +394,16 @@ def test_one_check_for_every_reference_kind(tiny_dir, tmp_path):
     with pytest.raises(VitportError, match="brings its own inputs"):
         check_inputs(open_source(str(dump)), images)
     assert "brings its own inputs" in DUMP_BRINGS_INPUTS
+
+
+def test_each_side_is_described_by_a_setup(tiny_dir, photos):
+    """A side holds a Setup (runtime, dtype, fixes); compare's JSON keeps its flat fields."""
+    base = vitport.load(str(tiny_dir("vit")))
+    result = run_compare(base, photos[:2], dtype="bf16", fixes=["layernorm-fp32"])
+    assert result.candidate.setup == Setup(dtype="bf16", fixes=("layernorm-fp32",))
+    assert result.reference.setup == Setup() and result.reference.kind == "run"
+    data = result.to_dict()["candidate"]
+    assert list(data) == ["kind", "device", "dtype", "fixes", "path", "description", "runtime"]
+    assert data["dtype"] == "bf16" and data["fixes"] == ["layernorm-fp32"]
+    again = CompareResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again.candidate == result.candidate and again.reference == result.reference

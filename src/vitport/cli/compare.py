@@ -154,7 +154,7 @@ def compare(
 
         notes.append(f"{len(loaded)} inputs compared, {skipped_summary(problems)}: listed above")
     with progress("reading the reference ...") if golden is not None else nullcontext():
-        check = assemble_check(
+        plan = assemble_check(
             base,
             source,
             cand_dtype,
@@ -168,7 +168,7 @@ def compare(
         result = run_check(
             base,
             candidate,
-            check,
+            plan,
             localize=localize,
             trials=trials,
             make_candidate=make_candidate,

@@ -117,14 +117,11 @@ class CompareResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompareResult:
-        def side(d: dict[str, Any]) -> Side:
-            return records.from_dict(Side, d)
-
         result = records.from_dict(
             cls,
             data,
-            candidate=side,
-            reference=side,
+            candidate=Side.from_dict,
+            reference=Side.from_dict,
             groups=group_results,
             floor=group_results,
             floor_fp32=group_results,

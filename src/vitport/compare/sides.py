@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,6 +14,7 @@ from vitport.encoder import Encoder, Features
 from vitport.golden import source_of
 from vitport.inputs import LoadedImage, PixelInputs
 from vitport.msprobe import is_dump_reference
+from vitport.runtimes.base import Setup
 
 Inputs = Sequence[LoadedImage] | PixelInputs
 """What a comparison runs on: images, or the pixel batches of a dump."""
@@ -26,35 +28,69 @@ def no_progress(_: str) -> None:
 
 @dataclass(frozen=True)
 class Side:
-    """One side of a comparison, as data."""
+    """One side of a comparison, as data: where it ran, how (its Setup: runtime, dtype,
+    attention, fixes), and the file it was read from, if any."""
 
     kind: str  # "run", "golden" or "msprobe"
     device: str
-    dtype: str
-    fixes: tuple[str, ...] = ()
+    setup: Setup = field(default_factory=Setup)
     path: str = ""
     description: dict[str, str] = field(default_factory=dict)
-    runtime: str = "torch"
+
+    @property
+    def dtype(self) -> str:
+        return self.setup.dtype
+
+    @property
+    def fixes(self) -> tuple[str, ...]:
+        return self.setup.fixes
+
+    @property
+    def runtime(self) -> str:
+        return self.setup.runtime
+
+    def to_dict(self) -> dict[str, Any]:
+        """The setup's fields beside the side's own, as compare's JSON has always held them
+        (attention only where it is not the default)."""
+        data = {
+            "kind": self.kind,
+            "device": self.device,
+            "dtype": self.dtype,
+            "fixes": list(self.fixes),
+            "path": self.path,
+            "description": dict(self.description),
+            "runtime": self.runtime,
+        }
+        if self.setup.attention != "default":
+            data["attention"] = self.setup.attention
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Side:
+        setup = Setup(
+            runtime=data.get("runtime", "torch"),
+            dtype=data["dtype"],
+            attention=data.get("attention", "default"),
+            fixes=tuple(data.get("fixes", ())),
+        )
+        return cls(
+            data["kind"], data["device"], setup, data.get("path", ""), data.get("description", {})
+        )
 
 
 def encoder_side(encoder: Encoder, fixes: Sequence[str] = ()) -> Side:
-    """An encoder run in this process, as a side."""
-    return Side(
-        "run",
-        str(encoder.device),
-        dtype_name(encoder.dtype),
-        tuple(fixes),
-        description=encoder.device.describe(),
-        runtime=encoder.runtime,
-    )
+    """An encoder run in this process, as a side: its runtime and dtype, with `fixes`."""
+    setup = Setup(runtime=encoder.runtime, dtype=dtype_name(encoder.dtype), fixes=tuple(fixes))
+    return Side("run", str(encoder.device), setup, description=encoder.device.describe())
 
 
 def file_side(reference: Features) -> Side:
-    """A golden file or an msprobe dump from another machine, as a side."""
+    """A golden file or an msprobe dump from another machine, as a side: the dtype it was
+    written in."""
     return Side(
         kind="msprobe" if is_dump_reference(reference) else "golden",
         device=str(reference.meta.get("device")),
-        dtype=str(reference.meta.get("dtype")),
+        setup=Setup(dtype=str(reference.meta.get("dtype"))),
         path=source_of(reference),
         description=reference.meta.get("device_description", {}),
     )

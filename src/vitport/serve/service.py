@@ -146,9 +146,9 @@ class Service:
         ]
         if cfg.check:
             self.state = "checking"
-            check = self._assemble_check(base, self.encoders[0].dtype)
+            plan = self._assemble_check(base, self.encoders[0].dtype)
             self.checks = [
-                run_check(base, encoder, check, fixes=fixes, batch_size=4)
+                run_check(base, encoder, plan, fixes=fixes, batch_size=4)
                 for encoder in self.encoders
             ]
             for result in self.checks:
