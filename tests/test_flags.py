@@ -51,7 +51,7 @@ CONVERTED = [
     "vitport.bench.configure",
     "vitport.bench.e2e",
     "vitport.cluster",
-    "vitport.compare.reference",
+    "vitport.compare.check",
     "vitport.convert",
     "vitport.convert.engine",
     "vitport.convert.layouts",
