@@ -137,6 +137,17 @@ def test_the_full_siglip_model_loads_its_vision_tower_only(checkpoints):
     assert any(name.startswith("head.") for name in names)
 
 
+def test_a_classification_checkpoint_is_refused_in_one_line(tmp_path):
+    import transformers
+
+    config = transformers.SiglipConfig(vision_config=VISION, text_config=TEXT, num_labels=3)
+    transformers.SiglipForImageClassification(config).save_pretrained(tmp_path)
+    processor().save_pretrained(tmp_path)
+    with pytest.raises(VitportError) as info:
+        vitport.load(str(tmp_path))
+    assert "\n" not in str(info.value) and "SiglipForImageClassification" in str(info.value)
+
+
 def test_flops_equal_torchs_flop_counter_on_the_same_forward(checkpoints):
     for size in (None, 56):
         encoder = vitport.load(str(checkpoints["vision"]), image_size=size)

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from vitport.encoder import Architecture, Preprocessing, TokenLayout, block_roles
-from vitport.errors import SpecError, WeightsError
+from vitport.errors import SpecError, UnsupportedModelError, WeightsError
 from vitport.registry import Registry
 
 if TYPE_CHECKING:
@@ -145,6 +145,19 @@ def no_head(_module: nn.Module, _tokens: int) -> float:
 def auto_class(_config: Mapping[str, Any]) -> str | None:
     """transformers' Auto class chooses (AutoModelForImageClassification for a classifier)."""
     return None
+
+
+def refuse_classifiers(config: Mapping[str, Any], title: str, tower: str) -> list[str]:
+    """A checkpoint's `architectures`, refusing a classifier in one line: vitport reads the
+    vision tower of a vision-language model, saved as `tower`."""
+    architectures = list(config.get("architectures") or [])
+    heads = [a for a in architectures if a.endswith("ForImageClassification")]
+    if heads:
+        raise UnsupportedModelError(
+            f"{heads[0]} is not supported (vitport reads {title}'s vision tower); "
+            f"save its vision tower as {tower} and pass that"
+        )
+    return architectures
 
 
 def named_norm(backbone: nn.Module) -> nn.Module | None:

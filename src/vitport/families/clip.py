@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitport.errors import UnsupportedModelError
 from vitport.families.base import (
     Family,
     TinyModel,
     config_layout,
+    refuse_classifiers,
     stated_architecture,
     tiny_transformers,
 )
@@ -32,13 +32,7 @@ from vitport.families.base import (
 
 def model_class(config: Mapping[str, Any]) -> str:
     """The vision tower with the projection, except for a checkpoint saved without it."""
-    architectures = config.get("architectures") or []
-    heads = [a for a in architectures if a.endswith("ForImageClassification")]
-    if heads:
-        raise UnsupportedModelError(
-            f"{heads[0]} is not supported (vitport reads CLIP's vision tower); "
-            "save its vision tower as CLIPVisionModel and pass that"
-        )
+    architectures = refuse_classifiers(config, "CLIP", "CLIPVisionModel")
     plain = (
         config.get("model_type") == "clip_vision_model"
         and "CLIPVisionModelWithProjection" not in architectures

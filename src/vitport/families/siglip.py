@@ -16,12 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from vitport.errors import UnsupportedModelError
 from vitport.families.base import (
     Family,
     TinyModel,
     config_layout,
     mean_pool,
+    refuse_classifiers,
     stated_architecture,
     tiny_transformers,
 )
@@ -29,13 +29,7 @@ from vitport.families.base import (
 
 def model_class(config: Mapping[str, Any]) -> str:
     """The vision tower alone, from a tower's checkpoint or a full SiglipModel's."""
-    architectures = config.get("architectures") or []
-    heads = [a for a in architectures if a.endswith("ForImageClassification")]
-    if heads:
-        raise UnsupportedModelError(
-            f"{heads[0]} is not supported (vitport reads SigLIP's vision tower); "
-            "save its vision tower as SiglipVisionModel and pass that"
-        )
+    refuse_classifiers(config, "SigLIP", "SiglipVisionModel")
     return "SiglipVisionModel"
 
 
