@@ -12,6 +12,9 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# AtomGit's own client, which tests check vitport against; it pins huggingface-hub==1.1.7,
+	# which transformers cannot import, so it comes without its pins (its other needs are in dev)
+	$(BIN)/python -m pip install -q --no-deps "atomgit==1.0.17"
 	touch $(STAMP)
 
 install: $(STAMP)
