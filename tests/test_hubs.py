@@ -56,8 +56,9 @@ def test_atomgit_never_gets_the_hugging_face_token(hub, monkeypatch):
     assert hub.tokens and not any("hf_secret" in t for t in hub.tokens)
     monkeypatch.setenv("VITPORT_ATOMGIT_TOKEN", "atomgit_token")
     hub.tokens.clear()
-    vitport.load("atomgit:org/tiny")  # cached now; a fresh download would carry this token
+    vitport.load("atomgit:org/tiny")  # cached now; its default branch is asked with this token
     assert not any("hf_secret" in t for t in hub.tokens)
+    assert "Bearer atomgit_token" in hub.tokens
 
 
 def test_timm_pretrained_weights_through_the_hub(hub):

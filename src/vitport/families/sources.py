@@ -314,7 +314,12 @@ SOURCES = (
         "hf:facebook/dinov2-small",
         _hub(HF_HUB),
     ),
-    Source("atomgit:", "AtomGit model hub repository", "atomgit:ORG/dinov2-small", _hub(ATOMGIT)),
+    Source(
+        "atomgit:",
+        "AtomGit model hub repository (ORG/NAME, or the seeds' GROUP/ORG/NAME)",
+        "atomgit:ORG/dinov2-small",
+        _hub(ATOMGIT),
+    ),
     Source(
         "ms:",
         "ModelScope repository (pip install 'vitport[modelscope]')",
