@@ -590,8 +590,11 @@ def test_overwrite_only_replaces_a_conversion(sources, tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
-    with pytest.raises(VitportError, match="did not write"):
+    with pytest.raises(VitportError, match="did not write") as refused:
         convert(str(sources["apple"]), "hf", mine, overwrite=True)
+    # it was passed: the line says what overwrite cannot do, and does not advise passing it
+    assert "replaces only an earlier conversion" in str(refused.value)
+    assert "pass overwrite" not in str(refused.value)
     assert (mine / "thesis.tex").read_text() == "precious"
     monkeypatch.chdir(mine)
     with pytest.raises(VitportError, match="working directory"):
@@ -814,3 +817,12 @@ def test_the_neutral_recipe_gives_the_models_own_pixels(tiny_dir, name):
     # timm's PIL transforms round the resize a little differently from transformers'
     atol = 0.05 if encoder.preprocess.settings["processor"] == "timm" else 1e-6
     torch.testing.assert_close(written, own, atol=atol, rtol=0)
+
+
+def test_a_timm_config_states_no_provenance_it_does_not_know(tiny_dir, tmp_path):
+    """timm's registry tags its own pretrained weights (tag lvd142m, licence apache-2.0); a
+    converted checkpoint of unknown provenance must not inherit those claims."""
+    convert(str(tiny_dir("dinov2")), "timm", tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())["pretrained_cfg"]
+    assert not {"tag", "license", "hf_hub_id", "origin_url", "paper_ids"} & set(cfg)
+    assert cfg["mean"] and cfg["input_size"]  # the preprocessing stays

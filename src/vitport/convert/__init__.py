@@ -323,8 +323,15 @@ def check_out(out: Path, overwrite: bool, as_file: bool = False) -> None:
             f"out={out} holds the working directory; choose another out=...",
             params=("out=", "out=..."),
         )
+    if out.is_dir() and any(out.iterdir()) and not (out / "conversion.json").is_file():
+        raise OutputError(
+            f"out={out} holds files vitport did not write (no conversion.json); overwrite=True "
+            "replaces only an earlier conversion, never other files: choose a new or empty "
+            "directory",
+            params=("out=",),
+        )
     if out.is_dir():
-        check_dir(out, "out", overwrite=False, ours=lambda p: (p / "conversion.json").is_file())
+        check_dir(out, "out", overwrite=True, ours=lambda _p: True)
     elif out.exists():
         raise OutputError(
             f"out={out} is a file; give a directory (or, with to='onnx', a NAME.onnx file)",

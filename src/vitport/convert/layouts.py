@@ -241,7 +241,7 @@ def write_checkpoint(
 
         name, args = timm_recipe(arch, timm_name)
         save_config_for_hf(
-            timm_model(name, args),
+            without_provenance(timm_model(name, args)),
             str(directory / "config.json"),
             model_args=args,
             data_config=preprocessing.timm_data_config(arch.image_size),
@@ -260,6 +260,27 @@ def write_checkpoint(
         preprocessing.hf_processor().save_pretrained(str(directory))
 
 
+# what timm's registry says of ITS pretrained weights, not of the weights written here
+PROVENANCE = (
+    "tag",
+    "license",
+    "hf_hub_id",
+    "url",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "notes",
+)
+
+
+def without_provenance(model: nn.Module) -> nn.Module:
+    """`model` with its pretrained config stripped of the registry's provenance (weights tag,
+    licence, origin), so that a written config states only what is known of its weights."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    model.pretrained_cfg = {k: v for k, v in cfg.items() if k not in PROVENANCE}
+    return model
+
+
 def write_foreign_as_timm(
     directory: Path, arch: Architecture, state: Mapping[str, torch.Tensor], pre: Preprocessing
 ) -> None:
@@ -271,7 +292,7 @@ def write_foreign_as_timm(
     directory.mkdir(parents=True, exist_ok=True)
     name, args = timm_recipe(arch)
     save_config_for_hf(
-        timm_model(name, args),
+        without_provenance(timm_model(name, args)),
         str(directory / "config.json"),
         model_args=args,
         data_config=pre.timm_data_config(arch.image_size),
