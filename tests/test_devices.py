@@ -314,6 +314,19 @@ def test_cuda_unavailable_message(monkeypatch: pytest.MonkeyPatch, no_torch_npu:
         resolve_device("cuda:1")
 
 
+def test_an_unavailable_reference_device_names_the_reference_flag(
+    monkeypatch: pytest.MonkeyPatch, no_torch_npu: None
+) -> None:
+    """compare --device cpu --reference cuda: the flag at fault is --reference, not --device."""
+    from vitport.compare.check import open_source
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError) as info:
+        open_source("cuda")
+    line = cli_message(info.value)
+    assert "--reference cpu" in line and "--device" not in line
+
+
 @pytest.mark.parametrize("spec", ["gpu", "tpu", "cuda:abc", "cuda:-1", "", "cuda:0:1", "npu0"])
 def test_bad_spec(spec: str) -> None:
     with pytest.raises(DeviceError) as info:

@@ -545,3 +545,11 @@ def test_cli_embed_says_which_batch_size_it_chose_and_why(model_dir, tmp_path, m
     )
     assert code == 0 and "of 1 input (" in stdout and "this run: 1 input in" in stdout
     assert "batch 1: given (--batch-size)" in stdout
+
+
+def test_the_batch_sweep_for_one_image_says_image(tiny_dir):
+    import vitport
+    from vitport.embed import auto_batch_size
+
+    size, why = auto_batch_size(vitport.load(str(tiny_dir("dinov2"))), 1)
+    assert size == 1 and "than the 1 image to embed" in why

@@ -24,3 +24,22 @@ def test_parse_fault_refuses_what_it_cannot_read_in_one_line(text):
         parse_fault(text)
     assert "\n" not in str(info.value)
     assert all(name in str(info.value) for name in FAULTS.names())
+
+
+def test_a_planted_fault_counts_its_modules_in_words(tiny_dir):
+    import vitport
+    from vitport.faults import inject
+
+    encoder = vitport.load(str(tiny_dir("dinov2")))
+    assert "(1 module);" in inject(encoder, "gelu-tanh@0")  # one MLP activation, not "1 modules"
+    assert "(2 modules);" in inject(encoder, "layernorm-bf16@1")
+
+
+def test_a_fix_with_nothing_to_change_counts_in_words(tiny_dir):
+    import vitport
+    from vitport.fixes import FIXES
+
+    encoder = vitport.load(str(tiny_dir("dinov2")))
+    FIXES.get("erf-gelu").apply(encoder)
+    again = FIXES.get("erf-gelu").apply(encoder)
+    assert again.changed == 0 and " modules)" in again.detail and " 1 " not in again.detail

@@ -125,6 +125,8 @@ def test_planted_fault_is_named_from_the_dump(
     assert {p["kind"] for p in parts} == {"norm1", "attention", "norm2", "mlp"}
     assert len(parts) == 4 * 4  # every block's parts, from the dump's own records
     assert "msprobe dump" in " ".join(out.split())
+    if level == "mix":  # the caption is a whole phrase
+        assert result["localization_reference"].endswith("on the dump's own part inputs")
 
 
 def test_fix_trials_run_from_the_dump(dumps, monkeypatch, capsys, tmp_path):

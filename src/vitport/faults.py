@@ -20,6 +20,7 @@ from torch import nn
 
 from vitport.encoder import Encoder, block_parts, block_roles, is_norm
 from vitport.errors import VitportError
+from vitport.format import count
 from vitport.hooks import first_tensor, replace_first_tensor
 from vitport.registry import Registry
 
@@ -139,7 +140,7 @@ def inject(encoder: Encoder, text: str) -> str:
     if not 0 <= index < len(encoder.blocks):
         raise VitportError(f"block {index} does not exist: the model has {len(encoder.blocks)}")
     fault = FAULTS.get(name)
-    count = fault.apply(encoder.blocks[index])
-    if not count:
+    changed = fault.apply(encoder.blocks[index])
+    if not changed:
         raise VitportError(f"fault {name} found nothing to change in block {index}")
-    return f"planted {name} in block {index} ({count} modules); the fix that cures it: {fault.cure}"
+    return f"planted {name} in block {index} ({count(changed, 'module')}); the fix that cures it: {fault.cure}"

@@ -104,8 +104,8 @@ def compare(
 ) -> None:
     """Is the port faithful? The device's output against a reference, with the noise floor.
 
-    Metrics per output group (CLS, registers, patches, pooled, logits): relative error
-    mean|d|/mean|ref| (seed 000), vector relative error, max/mean abs, MSE, cosine per token,
+    Metrics per output group (CLS, registers, patches, pooled, logits): relative error (the mean
+    absolute difference over the mean absolute reference value), vector relative error, max/mean abs, MSE, cosine per token,
     top-1/top-5 of logits, nearest-neighbour agreement of pooled features; beside each, the
     noise floor of the candidate's dtype: fp32 against fp64 on the CPU for fp32, and for
     fp16/bf16 the error of rounding the weights and input to that dtype alone. Exit code 0 when
@@ -161,7 +161,9 @@ def compare(
             inputs=loaded,
             overrides=overrides,
             reference_dtype=ref_dtype,
-            part_reference=resolve_device(part_reference) if golden and localize else None,
+            part_reference=resolve_device(part_reference, param="part_reference")
+            if golden and localize
+            else None,
         )
     trials = [(name,) for name in fix_names()] if try_fixes else []
     with progress("comparing ...") as activity:

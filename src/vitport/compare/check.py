@@ -124,7 +124,7 @@ def open_source(reference: str | Path, localize: bool = False) -> Source:
         return golden
     if isinstance(reference, Path) or "/" in reference or reference.endswith(".safetensors"):
         raise VitportError(f"golden file {reference} not found; write one with vitport infer --out")
-    return resolve_device(reference)
+    return resolve_device(reference, param="reference")
 
 
 def check_inputs(

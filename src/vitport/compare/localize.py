@@ -419,7 +419,9 @@ def localize_run(
             candidate, blocks, pixel_batches(base, chosen, 2), part_reference=parts
         )
         if blocks.parts:
-            return Located(found, f"{where}, every block's parts teacher-forced on the dump's")
+            return Located(
+                found, f"{where}, every block's parts teacher-forced on the dump's own part inputs"
+            )
         return Located(
             found,
             f"{where}, the culprit block's parts against {parts.device} "

@@ -47,13 +47,13 @@ _SPEC = re.compile(r"^(?P<type>[a-z]+)(?::(?P<index>\d+))?$")
 _VALID_FORMS = "auto, cpu, cuda, cuda:N, npu, npu:N, xpu, xpu:N, mps"
 
 
-def _not_available(device_type: str) -> DeviceError:
+def _not_available(device_type: str, param: str) -> DeviceError:
     available = available_devices()
     fallback = available[0] if available else "cpu"
     return DeviceError(
         f"device {device_type!r} is not available on this machine "
-        f"(available: {', '.join(available)}); use device={fallback} or install the backend",
-        params=("device=",),
+        f"(available: {', '.join(available)}); use {param}={fallback} or install the backend",
+        params=(f"{param}=",),
     )
 
 
@@ -69,10 +69,11 @@ def _current_index(device_type: str) -> int:
         return 0
 
 
-def resolve_device(spec: str | torch.device | Device = "auto") -> Device:
+def resolve_device(spec: str | torch.device | Device = "auto", param: str = "device") -> Device:
     """Turn ``"auto"``, ``"cpu"``, ``"cuda:1"``, ``"npu"``, ... into a usable :class:`Device`.
 
     ``auto`` picks npu (torch_npu importable and a device present), else cuda, xpu, mps, cpu.
+    `param` is the parameter the spec came from, which a refusal names.
     """
     if isinstance(spec, Device):
         spec = str(spec)
@@ -98,7 +99,7 @@ def resolve_device(spec: str | torch.device | Device = "auto") -> Device:
             raise DeviceError(why or TORCH_NPU_MISSING)
     count = _count(device_type)
     if count == 0:
-        raise _not_available(device_type)
+        raise _not_available(device_type, param)
     if index is None:
         return Device(device_type, _current_index(device_type))
     if index >= count:

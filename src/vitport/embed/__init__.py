@@ -25,6 +25,7 @@ from vitport.embed.sources import collect, fingerprint
 from vitport.embed.store import Store, named_resample
 from vitport.encoder import Encoder
 from vitport.errors import VitportError
+from vitport.format import count
 from vitport.inputs.stream import Input
 
 OUTPUT_NAMES = ("cls", "pooled", "registers", "patches")
@@ -159,7 +160,7 @@ def auto_batch_size(
     if out_of_memory:
         why += f"; {out_of_memory} ran out of memory"
     elif runs[-1].batch_size * 2 > images:
-        why += f"; larger batches than the {images} images to embed gain nothing"
+        why += f"; larger batches than the {count(images, 'image')} to embed gain nothing"
     return best.batch_size, why
 
 

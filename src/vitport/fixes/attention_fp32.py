@@ -13,10 +13,10 @@ from vitport.fixes.base import (
     FixReport,
     RunInFP32,
     nothing,
-    plural,
     replace_modules,
     targets,
 )
+from vitport.format import count
 
 
 class FP32Attention(RunInFP32):
@@ -47,7 +47,7 @@ def attention_fp32(encoder: Encoder) -> FixReport:
         FP32Attention,
         already=f"already float32 (the model runs in {dtype_name(encoder.dtype)})",
         did=lambda n, old, _: (
-            f"wrapped {plural(n, 'attention module')} ({old}) "
+            f"wrapped {count(n, 'attention module')} ({old}) "
             "to run in float32 (inputs and weights upcast, output cast back)"
         ),
     )

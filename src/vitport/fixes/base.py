@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from vitport.encoder import Encoder
 from vitport.errors import VitportError
+from vitport.format import count
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -125,10 +126,6 @@ def kinds(modules: Sequence[nn.Module]) -> str:
     return ", ".join(sorted({type(m).__name__ for m in modules}))
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
 def replace_modules(
     encoder: Encoder,
     name: str,
@@ -146,7 +143,9 @@ def replace_modules(
     kept = len(found) - len(fresh)
     if not fresh:
         names = kinds([m for _, m in found])
-        return FixReport(name, 0, (), f"{already}: nothing to change ({kept} {names} modules)")
+        return FixReport(
+            name, 0, (), f"{already}: nothing to change ({count(kept, names + ' module')})"
+        )
     swaps = {id(m): build(m) for _, m in fresh}
     _swap(encoder, swaps)
     detail = did(len(fresh), kinds([m for _, m in fresh]), kinds(list(swaps.values())))

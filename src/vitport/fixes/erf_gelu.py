@@ -15,7 +15,8 @@ from torch import nn
 
 from vitport.device.npu import NPU_GELU, npu_gelu
 from vitport.encoder import Encoder
-from vitport.fixes.base import Fix, FixReport, kinds, nothing, plural, replace_modules, targets
+from vitport.fixes.base import Fix, FixReport, kinds, nothing, replace_modules, targets
+from vitport.format import count
 
 
 class ExactGELU(nn.Module):
@@ -108,7 +109,7 @@ def erf_gelu(encoder: Encoder) -> FixReport:
         lambda _: ExactGELU(npu),
         already="already exact",
         did=lambda n, old, _: (
-            f"replaced {plural(n, 'GELU module')} ({old}) "
+            f"replaced {count(n, 'GELU module')} ({old}) "
             f"with exact erf GELU ({kernel} approximate='none')"
         ),
     )

@@ -17,10 +17,10 @@ from vitport.fixes.base import (
     Match,
     RunInFP32,
     nothing,
-    plural,
     replace_modules,
     targets,
 )
+from vitport.format import count
 
 
 def _share(owner: nn.Module, name: str, param: Any) -> None:
@@ -177,7 +177,7 @@ def layernorm_fp32(encoder: Encoder) -> FixReport:
         _fp32_norm,
         already="already float32",
         did=lambda n, old, new: (
-            f"replaced {plural(n, 'norm module')} ({old}) with float32 norms ({new})"
+            f"replaced {count(n, 'norm module')} ({old}) with float32 norms ({new})"
         ),
     )
 

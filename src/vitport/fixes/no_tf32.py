@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 from vitport.device.precision import ABSENT, STRICT_SETTINGS
 from vitport.encoder import Encoder
-from vitport.fixes.base import Fix, FixReport, plural
+from vitport.fixes.base import Fix, FixReport
+from vitport.format import count
 
 
 @contextlib.contextmanager
@@ -31,9 +32,9 @@ def no_tf32(encoder: Encoder) -> FixReport:
             setting.put(setting.strict)
     flipped = tuple(s.name for s, before in present if s.get() != before)
     if flipped:
-        detail = f"set {plural(len(flipped), 'process-wide setting')} strict: {', '.join(flipped)}"
+        detail = f"set {count(len(flipped), 'process-wide setting')} strict: {', '.join(flipped)}"
     else:
-        detail = f"already strict: nothing to change (all {plural(len(present), 'setting')} were)"
+        detail = f"already strict: nothing to change (all {count(len(present), 'setting')} were)"
     return FixReport("no-tf32", len(flipped), flipped, detail)
 
 
