@@ -34,6 +34,12 @@ class HubUnreachableError(VitportError):
     """A hub (Hugging Face, ModelScope) could not be reached."""
 
 
+class PublishError(VitportError):
+    """A hub could not be reached, or refused an upload: nothing more was published."""
+
+    exit_code = 1
+
+
 class WeightsError(VitportError):
     """Weights are missing, unsafe, or do not fit the architecture."""
 

@@ -6,7 +6,7 @@ module and is registered here, in the order `vitport --help` lists them.
 
 from __future__ import annotations
 
-from vitport.cli import bench, compare, convert, embed, infer, info, report, serve
+from vitport.cli import bench, compare, convert, embed, infer, info, publish, report, serve
 from vitport.cli.app import Command, app, main, reflow_help
 
 for command in (
@@ -15,6 +15,7 @@ for command in (
     info.fixes,
     bench.bench,
     report.report,
+    publish.publish,
     info.thresholds,
     info.models,
     info.devices,
