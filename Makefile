@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/vitport report --model demo:dinov2-small --device auto --dtype bf16 --out report/demo-dinov2-small
+	$(BIN)/vitport report --model demo:dinov2-small --device auto --dtype bf16 --out report/demo-dinov2-small --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks)

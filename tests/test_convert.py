@@ -475,6 +475,18 @@ def test_existing_output_refused_without_overwrite(sources, tmp_path):
     assert again.passed and (out / "model.safetensors").is_file() and first.table == again.table
 
 
+def test_converted_files_have_the_users_umask_modes(sources, tmp_path):
+    """Every file, model.safetensors too, as the user's umask makes it (not a temp file's 0600)."""
+    from vitport.outputs import umask
+
+    out = tmp_path / "out"
+    convert(str(sources["apple"]), "hf", out)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~umask()}, modes
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask()
+
+
 def test_same_layout_and_unknown_layout_refused(sources, tmp_path):
     from vitport.errors import SpecError
 

@@ -59,9 +59,10 @@ def test_infer_out_never_replaces_a_file_vitport_did_not_write(
     assert code == 2 and "was not written by vitport" in err and "--overwrite" in err
     assert theirs.read_bytes() == b"someone's weights"
     ours = tmp_path / "golden.safetensors"
-    for _ in range(2):  # vitport's own file is simply replaced
-        code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(ours))
-        assert code == 0, err
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(ours))
+    assert code == 0, err
+    code, _, err = run(monkeypatch, capsys, "infer", "--model", model, "--out", str(ours))
+    assert code == 2 and "already holds vitport's output" in err  # its own file, kept too
     code, _, err = run(
         monkeypatch, capsys, "infer", "--model", model, "--out", str(theirs), "--overwrite"
     )

@@ -10,7 +10,6 @@ This module writes and reads all of it, and checks a file against the model it i
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,21 +59,11 @@ def write(
         **(extra_header or {}),
     }
 
-    def write_file(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=header)
-        os.chmod(tmp, 0o666 & ~_umask())  # as any file the user writes, not 0600
-
     try:
-        write_atomic(path, write_file)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     except OSError as exc:
         raise VitportError(f"could not write {path}: {exc.strerror or exc}") from exc
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def record_run(

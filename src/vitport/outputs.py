@@ -66,14 +66,38 @@ def _writable_parent(path: Path) -> None:
         raise OutputError(f"cannot write {path}: {probe} is not writable; choose another path")
 
 
+def _refuse_existing(path: Path, option: str, ours: Callable[[Path], bool], kind: str) -> None:
+    """An existing output is never replaced without `overwrite`, whoever wrote it: vitport's
+    own golden file or report is as much the user's as any other file."""
+    named = (f"{option}=", "overwrite=True")
+    if ours(path):
+        raise OutputError(
+            f"{option}={path} already holds vitport's output from an earlier run; pass "
+            "overwrite=True to replace it, or choose another path",
+            params=named,
+        )
+    if kind == "directory":
+        raise OutputError(
+            f"{option}={path} holds files vitport did not write; choose a new or empty "
+            "directory, or pass overwrite=True",
+            params=named,
+        )
+    raise OutputError(
+        f"{option}={path} exists and was not written by vitport; pass overwrite=True to "
+        "replace it, or choose another path",
+        params=named,
+    )
+
+
 def check_file(
     path: Path | None,
     option: str,
     overwrite: bool = False,
     ours: Callable[[Path], bool] = lambda _p: False,
 ) -> None:
-    """Before the work: `path` can be written, and an existing file there is vitport's own
-    (`ours`) or `overwrite` says to replace it. `option` names the parameter `path` came from."""
+    """Before the work: `path` can be written, and does not exist yet or `overwrite` says to
+    replace it. `ours` recognises vitport's own output, to say so in the refusal. `option`
+    names the parameter `path` came from."""
     if path is None:
         return
     named = (f"{option}=",)
@@ -82,29 +106,26 @@ def check_file(
     if path.exists():
         if not os.access(path, os.W_OK):
             raise OutputError(f"cannot write {option}={path}: the file is read-only", params=named)
-        if not overwrite and not ours(path):
-            raise OutputError(
-                f"{option}={path} exists and was not written by vitport; pass overwrite=True to "
-                "replace it, or choose another path",
-                params=(*named, "overwrite=True"),
-            )
+        if not overwrite:
+            _refuse_existing(path, option, ours, "file")
     _writable_parent(path)
 
 
-def check_dir(path: Path, option: str, overwrite: bool, ours: Callable[[Path], bool]) -> None:
-    """Before the work: directory `path` can be written into, and is new, empty, vitport's own
-    (`ours`), or `overwrite` says to write into it anyway. `option` names the parameter `path`
-    came from."""
+def check_dir(
+    path: Path,
+    option: str,
+    overwrite: bool = False,
+    ours: Callable[[Path], bool] = lambda _p: False,
+) -> None:
+    """Before the work: directory `path` can be written into, and is new or empty, or
+    `overwrite` says to write into it anyway. `ours` recognises vitport's own output, to say
+    so in the refusal. `option` names the parameter `path` came from."""
     named = (f"{option}=",)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{option}={path} is a file; give a directory", params=named)
     if path.is_dir():
-        if any(path.iterdir()) and not overwrite and not ours(path):
-            raise OutputError(
-                f"{option}={path} holds files vitport did not write; choose a new or empty "
-                "directory, or pass overwrite=True",
-                params=(*named, "overwrite=True"),
-            )
+        if any(path.iterdir()) and not overwrite:
+            _refuse_existing(path, option, ours, "directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise OutputError(
                 f"cannot write into {option}={path}: it is not writable", params=named
@@ -125,6 +146,7 @@ def write_atomic(path: Path, write: Callable[[Path], T], *, replace: bool = True
     old one or the new one, never half of one. Whatever a new directory replaces is moved aside
     first and removed once the new one is in place; with `replace=False` an existing non-empty
     directory is kept (a concurrent writer finished first) and the rename raises OSError.
+    What is written gets the modes of the user's umask, whatever the temporary path had.
     The temporary path never outlives the call; errors stay OSError, for each caller to word."""
     tmp = temp_path(path)
     aside = tmp.with_name(f"{tmp.name}-replaced")
@@ -132,6 +154,7 @@ def write_atomic(path: Path, write: Callable[[Path], T], *, replace: bool = True
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         result = write(tmp)
+        _ordinary_modes(tmp)
         if replace and tmp.is_dir() and path.exists():  # a directory is not renamed over one
             os.replace(path, aside)
         os.replace(tmp, path)
@@ -139,6 +162,35 @@ def write_atomic(path: Path, write: Callable[[Path], T], *, replace: bool = True
     finally:
         _remove(tmp)
         _remove(aside)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (os.umask would
+    set it for a moment, under every other thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_modes(path: Path) -> None:
+    """Give `path`, and all it holds, the mode any file the user writes gets: 0666 (0777 for
+    a directory or an executable) less the umask. Temporary files and directories are made
+    owner-only (mkstemp, mkdtemp, safetensors), and that must not leak into the output."""
+    if not path.exists() or path.is_symlink():
+        return
+    mask = umask()
+    paths = [path]
+    if path.is_dir():
+        paths += [p for p in path.rglob("*") if not p.is_symlink()]
+    for each in paths:
+        wide = each.is_dir() or each.stat().st_mode & 0o111
+        each.chmod((0o777 if wide else 0o666) & ~mask)
 
 
 def _remove(path: Path) -> None:

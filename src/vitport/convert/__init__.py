@@ -331,14 +331,14 @@ def check_out(out: Path, overwrite: bool, as_file: bool = False) -> None:
             params=("out=",),
         )
     if out.is_dir():
-        check_dir(out, "out", overwrite=True, ours=lambda _p: True)
+        check_dir(out, "out", overwrite=True)
     elif out.exists():
         raise OutputError(
             f"out={out} is a file; give a directory (or, with to='onnx', a NAME.onnx file)",
             params=("out=", "to='onnx'"),
         )
     else:
-        check_dir(out, "out", overwrite, ours=lambda _p: False)
+        check_dir(out, "out", overwrite)
 
 
 def _failure_line(result: ConversionResult) -> str:

@@ -492,7 +492,6 @@ def _build(demo: DemoModel, directory: Path) -> None:
     }
     (directory / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
     (directory / "PROVENANCE.md").write_text(_provenance(demo, record))
-    _make_readable(directory)
     weights = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
     (directory / COMPLETE_MARKER).write_text(f"{demo.onnx_sha256}\n{weights}\n")
     log.info(
@@ -501,13 +500,6 @@ def _build(demo: DemoModel, directory: Path) -> None:
         record["build_seconds"],
         check["max_abs_diff"],
     )
-
-
-def _make_readable(directory: Path) -> None:
-    """Give the build ordinary permissions (mkdtemp and safetensors create owner-only ones)."""
-    directory.chmod(0o755)
-    for path in directory.iterdir():
-        path.chmod(0o644)
 
 
 def _provenance(demo: DemoModel, record: dict[str, Any]) -> str:
