@@ -16,6 +16,7 @@ FLAGS: dict[str, str] = {
     "attention": "--attn",
     "compiled": "--compile",
     "fixes": "--fix",
+    "include_weights=False": "--no-weights",
     "from_layout": "--from",
     "warmup_batches": "--warmup",
 }

@@ -80,6 +80,23 @@ def report(
     weights: WeightsOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     cuda_shim: CudaShimOpt = False,
+    package: Annotated[
+        bool,
+        typer.Option(
+            "--package",
+            help="Make --out a model repository that can be published as it is: the report "
+            "headed by model-card metadata, the weights as loaded, vitport.json, the "
+            "reference's golden file and requirements.txt.",
+        ),
+    ] = False,
+    no_weights: Annotated[
+        bool,
+        typer.Option(
+            "--no-weights",
+            help="With --package: record the source spec and the weights' sha256 instead of "
+            "the weights (for weights you may not redistribute).",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """The whole proof of a port in one command, in the form of the hand-written reports.
@@ -88,6 +105,7 @@ def report(
     README.md (verdict first, then environment, weights, dependencies, inference sample,
     performance by batch size with MFU, accuracy with noise floor, fixes before/after, error by
     block, notes), report.json (every number), PNG plots, the raw JSON of each step and a log.
+    With --package, --out also becomes a port that vitport load, compare and publish take.
     """
     from vitport.bench.configure import check_budget
     from vitport.bench.run import Window
@@ -99,8 +117,8 @@ def report(
         LANGS,
         ReportOptions,
         RunLog,
-        build_report,
         read_report,
+        run_report,
         write_report,
     )
     from vitport.report.render import headline
@@ -109,7 +127,11 @@ def report(
     if lang not in LANGS:
         raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
     check_dir(out, "out", overwrite, is_report_dir)
+    if no_weights and not package:
+        raise VitportError("--no-weights applies to --package; add --package")
     if from_json is not None:
+        if package:
+            raise VitportError("--package writes a port from a run; drop --from")
         path = write_report(read_report(from_json), out, lang)
         console.print(f"report re-rendered: [bold]{esc(path)}[/bold]")
         return
@@ -120,6 +142,10 @@ def report(
     fixes = parse_fixes(fix)
     source = open_source(golden if golden is not None else reference)
     gold = None if isinstance(source, Device) else source
+    if package:
+        from vitport.port.package import check_reference
+
+        check_reference(source)
     loaded, _ = read_inputs(images, image_size or 224, gold)
     enable_cuda_shim(cuda_shim)
     with progress(f"report on {esc(model)}", elapsed=True) as activity:
@@ -139,8 +165,23 @@ def report(
             optimize=optimize,
             budget=seconds,
         )
-        data = build_report(options, loaded, gold, log)
-    path = write_report(data, out, lang)
+        run = run_report(options, loaded, gold, log)
+        if package:
+            from vitport.port.package import write_package
+
+            activity.update("writing the package")
+            port = write_package(
+                run, out, lang, include_weights=not no_weights, overwrite=overwrite
+            )
+    data = run.data
+    path = write_report(data, out, lang) if not package else out / "README.md"
     for line in headline(data, STRINGS[lang]):
         console.print(line.replace("**", ""))
     console.print(f"report written: [bold]{esc(path)}[/bold]")
+    if package:
+        size = sum(port.files.values())
+        weights = "with its weights" if port.manifest.weights_included else "without weights"
+        console.print(
+            f"port packaged {weights}: [bold]{esc(out)}[/bold] ({len(port.files)} files, "
+            f"{size / 1e6:.1f} MB)"
+        )

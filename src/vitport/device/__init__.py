@@ -18,6 +18,7 @@ Ascend NPUs are reached through ``torch_npu``, which registers the ``npu`` devic
 from vitport.device.core import Device, out_of_memory_error
 from vitport.device.cuda_shim import disable_cuda_shim, enable_cuda_shim
 from vitport.device.dtypes import DTYPES, dtype_key, dtype_name, parse_dtype
+from vitport.device.environment import backend_packages
 from vitport.device.npu import npu_gelu, npu_problem, settle_torch_npu
 from vitport.device.resolve import DEVICE_TYPES, available_devices, resolve_device
 from vitport.device.timer import RegionTimer
@@ -28,6 +29,7 @@ __all__ = [
     "Device",
     "RegionTimer",
     "available_devices",
+    "backend_packages",
     "disable_cuda_shim",
     "dtype_key",
     "dtype_name",

@@ -31,6 +31,14 @@ def gib(n: int | None) -> str | None:
     return None if n is None else f"{n / GIB:.1f} GiB"
 
 
+BACKEND_PACKAGES = {"npu": ("torch_npu",)}
+
+
+def backend_packages(device_type: str) -> tuple[str, ...]:
+    """The packages a device type needs installed beside torch (a port's requirements)."""
+    return BACKEND_PACKAGES.get(device_type, ())
+
+
 def dist_version(name: str) -> str:
     """The installed version of a distribution, or ``"not installed"``."""
     try:

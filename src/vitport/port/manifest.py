@@ -39,10 +39,12 @@ class Manifest:
     verdict: dict[str, Any] = field(default_factory=dict)  # {"passed": bool, "checks": [...]}
     allow_fail: bool = False  # packaged (and published) although the verdict is FAIL
     golden: str = GOLDEN  # the golden file's name inside the port
+    reference: dict[str, str] = field(default_factory=dict)  # the golden's: kind, device, dtype
     inputs_sha256: tuple[str, ...] = ()  # content hashes of the golden file's images
     environment: dict[str, str] = field(default_factory=dict)  # device description, versions
     vitport_version: str = ""
     created: str = ""
+    lang: str = "en"  # the language of the port's README
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -61,6 +63,7 @@ class Manifest:
             limits=lambda v: tuple(dict(x) for x in v),
             verdict=dict,
             environment=dict,
+            reference=dict,
         )
 
     def write(self, directory: Path) -> Path:

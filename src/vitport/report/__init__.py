@@ -7,12 +7,28 @@ from pathlib import Path
 from typing import Any
 
 from vitport.errors import VitportError
-from vitport.report.build import SCHEMA_VERSION, ReportOptions, RunLog, build_report
+from vitport.report.build import (
+    SCHEMA_VERSION,
+    ReportOptions,
+    ReportRun,
+    RunLog,
+    build_report,
+    run_report,
+)
 from vitport.report.plots import write_plots
 from vitport.report.render import render
 from vitport.report.strings import LANGS, labels
 
-__all__ = ["LANGS", "ReportOptions", "RunLog", "build_report", "read_report", "write_report"]
+__all__ = [
+    "LANGS",
+    "ReportOptions",
+    "ReportRun",
+    "RunLog",
+    "build_report",
+    "read_report",
+    "run_report",
+    "write_report",
+]
 
 
 def write_report(data: dict[str, Any], directory: Path, lang: str = "en") -> Path:

@@ -13,11 +13,11 @@ from typing import Any
 import vitport
 from vitport.bench.optimize import optimize
 from vitport.bench.run import Window, bench
-from vitport.compare.check import Source, assemble_check, open_source
+from vitport.compare.check import CheckPlan, Source, assemble_check, open_source
 from vitport.compare.run import candidate_factory, run_check
 from vitport.compare.sides import Inputs
 from vitport.device import Device, dtype_name, parse_dtype, resolve_device
-from vitport.encoder import Features
+from vitport.encoder import Encoder, Features
 from vitport.errors import one_line
 from vitport.fixes import fix_names
 from vitport.infer import infer, infer_pixels
@@ -74,6 +74,17 @@ class ReportOptions:
     budget: float | None = None  # seconds the search may take (None: all configurations)
 
 
+@dataclass(frozen=True, eq=False)
+class ReportRun:
+    """A report's numbers and what they were measured with, for a package to write: the model
+    as loaded (CPU, fp32) and the check (the reference, its inputs, its limits)."""
+
+    data: dict[str, Any]
+    options: ReportOptions
+    base: Encoder
+    check: CheckPlan
+
+
 def build_report(
     options: ReportOptions,
     images: Inputs | None = None,
@@ -84,14 +95,24 @@ def build_report(
     `golden` (a golden file or an msprobe dump) is the reference where given, else
     `options.reference`; `images` as compare.check.check_inputs gives them (its choice where
     None)."""
+    return run_report(options, images, golden, log).data
+
+
+def run_report(
+    options: ReportOptions,
+    images: Inputs | None = None,
+    golden: Features | Dump | None = None,
+    log: RunLog | None = None,
+) -> ReportRun:
+    """build_report, keeping the loaded model and the check beside the numbers."""
     log = log or RunLog()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        data = measure_all(options, images, golden, log)
+        run = measure_all(options, images, golden, log)
     unique = sorted({one_line(w.message, typed=True) for w in seen})
-    data["warnings"] = unique
-    data["model"]["notes"] += [f"warning seen during the run: {w}" for w in unique]
-    return data
+    run.data["warnings"] = unique
+    run.data["model"]["notes"] += [f"warning seen during the run: {w}" for w in unique]
+    return run
 
 
 def reference_kind(golden: Features | Dump) -> str:
@@ -105,7 +126,7 @@ def measure_all(
     images: Inputs | None,
     golden: Features | Dump | None,
     log: RunLog,
-) -> dict[str, Any]:
+) -> ReportRun:
     target = resolve_device(o.device)
     cand_dtype = parse_dtype(o.dtype)
     log(f"loading {o.spec}")
@@ -166,7 +187,7 @@ def measure_all(
         ).to_dict()
     log("done")
     height, width = candidate.image_size
-    return {
+    data = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "vitport_version": vitport.__version__,
@@ -209,3 +230,4 @@ def measure_all(
         "optimize": search,
         "log": log.lines,
     }
+    return ReportRun(data, o, base, check)

@@ -11,6 +11,9 @@ STRINGS: dict[str, dict[str, str]] = {
         "faithful": "**Faithful**: {device} {dtype} matches the reference ({ref}) at {limits}.",
         "unfaithful": "**Not faithful**: {device} {dtype} differs from the reference ({ref}): "
         "{failures}.",
+        "allow_fail": "**This port FAILS its accuracy check** against the reference and was "
+        "packaged anyway (allow_fail): do not use its outputs where they must match the "
+        "reference.",
         "fastest": "**Fastest measured**: batch {batch}, {ips:.1f} img/s ({ms:.2f} ms/img){mfu}.",
         "fastest_unfaithful": "**Speed** (not a faithful configuration): batch {batch}, "
         "{ips:.1f} img/s.",
@@ -101,6 +104,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "title": "{spec} 在 {device} 上的适配报告",
         "faithful": "**精度通过**:{device} {dtype} 与参考({ref})一致,阈值:{limits}。",
         "unfaithful": "**精度未通过**:{device} {dtype} 与参考({ref})不一致:{failures}。",
+        "allow_fail": "**本移植未通过精度校验**,仍按 allow_fail 打包发布:输出须与参考一致的场合请勿使用。",
         "fastest": "**实测最快**:batch {batch},{ips:.1f} img/s({ms:.2f} ms/图){mfu}。",
         "fastest_unfaithful": "**性能**(该配置精度未通过):batch {batch},{ips:.1f} img/s。",
         "cure": "**最有效的修复**:`--fix {fix}`(最差相对误差 {before} → {after})。",
