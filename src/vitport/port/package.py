@@ -339,18 +339,18 @@ def _declared_license(directory: Path) -> str | None:
 
 
 def _hub_card_license(spec: str) -> str | None:
-    """The license in a hub repository's README (the weights' download does not fetch it)."""
-    from vitport.families.sources import ATOMGIT, HF_HUB, HUB_ID
+    """The license in a Hugging Face hub repository's README (the weights' download does not
+    fetch it); None offline, and for other hubs."""
+    from vitport.families.sources import HF_HUB, HUB_ID
 
-    hub, repo_id = HF_HUB, spec.removeprefix("hf:")
-    if spec.startswith("atomgit:"):
-        hub, repo_id = ATOMGIT, spec.removeprefix("atomgit:")
-    elif ":" in spec or not HUB_ID.match(repo_id):
+    repo_id = spec.removeprefix("hf:")
+    if ":" in repo_id or not HUB_ID.match(repo_id) or Path(repo_id).expanduser().exists():
         return None
     try:
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(repo_id, README, endpoint=hub.endpoint, **hub.download_options())
+        with HF_HUB.transfers():
+            path = hf_hub_download(repo_id, README, endpoint=HF_HUB.endpoint)
     except Exception:  # offline, or no README: the license is not known
         return None
     return _declared_license(Path(path).parent)
