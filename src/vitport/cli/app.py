@@ -31,6 +31,23 @@ if hasattr(TyperOption, "display_type_rich"):  # typer 0.2x prints '<bool>' besi
 
     TyperOption.display_type_rich = _no_type_for_flags
 
+try:  # typer's help tables: only the last column (the help text) wraps
+    from rich.table import Table as _RichTable
+    from typer import rich_utils as _rich_utils
+
+    class _HelpTable(_RichTable):
+        """An options or commands table whose names and types are never wrapped or cut to
+        `--max-images-per-re…` on a narrow terminal: the help text beside them wraps instead."""
+
+        def add_row(self, *renderables: object, **kwargs: object) -> None:
+            super().add_row(*renderables, **kwargs)
+            for column in self.columns[:-1]:
+                column.no_wrap = True
+
+    _rich_utils.Table = _HelpTable
+except ImportError:  # typer without rich prints click's plain help, which never cuts a name
+    pass
+
 FLAG_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 

@@ -23,6 +23,7 @@ from vitport.cli.app import (
 )
 from vitport.cli.inputs import enable_cuda_shim
 from vitport.errors import VitportError
+from vitport.serve.config import open_to_all
 
 Int = Annotated[int, typer.Option(min=1)]
 
@@ -41,35 +42,68 @@ def serve(
     fix: FixOpt = None,
     image_size: ImageSizeOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, metavar="PORT", help="Port to listen on.")
+    ] = 8000,
     model_name: Annotated[
         str | None, typer.Option(help="The model id clients send; default: the spec.")
     ] = None,
     max_batch_size: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Images per device batch; default: bench's auto size, measured at start-up."
+            min=1,
+            metavar="N",
+            help="Images per device batch; default: bench's auto size, measured at start-up "
+            "(within 60 s).",
         ),
     ] = None,
     max_wait_ms: Annotated[
-        float, typer.Option(min=0.0, help="How long a batch waits to fill after its first image.")
+        float,
+        typer.Option(
+            min=0.0, metavar="MS", help="How long a batch waits to fill after its first image."
+        ),
     ] = 5.0,
-    workers: Annotated[int, typer.Option(min=1, help="Threads that decode and preprocess.")] = 2,
+    workers: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Threads that decode and preprocess.")
+    ] = 2,
     max_queue: Annotated[
-        int, typer.Option(min=1, help="Images queued at most; beyond it, 429 with Retry-After.")
+        int,
+        typer.Option(
+            min=1, metavar="N", help="Images queued at most; beyond it, 429 with Retry-After."
+        ),
     ] = 1024,
     max_body_bytes: Annotated[
-        int, typer.Option(min=1, help="Largest request body; beyond it, 413.")
+        int, typer.Option(min=1, metavar="BYTES", help="Largest request body; beyond it, 413.")
     ] = 64 << 20,
     max_images_per_request: Annotated[
-        int, typer.Option(min=1, help="Most images in one request; beyond it, 413.")
+        int, typer.Option(min=1, metavar="N", help="Most images in one request; beyond it, 413.")
     ] = 256,
     timeout: Annotated[
         float,
         typer.Option(
-            min=0.001, help="Seconds a request may take; beyond it, 504 and its work is dropped."
+            min=0.001,
+            metavar="SECONDS",
+            help="Seconds a request may take; beyond it, 504 and its work is dropped.",
         ),
     ] = 60.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VITPORT_API_KEY",
+            show_envvar=False,
+            metavar="KEY",
+            help="Every /v1/* request must send Authorization: Bearer KEY, else 401 "
+            "(/health, /ready and /metrics stay open); also read from VITPORT_API_KEY.",
+        ),
+    ] = None,
+    no_normalize: Annotated[
+        bool,
+        typer.Option(
+            "--no-normalize",
+            help="Serve the encoder's raw vectors; by default each has unit L2 norm, as OpenAI's "
+            "(compare them with a dot product). A request's own normalize field wins.",
+        ),
+    ] = False,
     allow_urls: Annotated[
         bool,
         typer.Option(
@@ -84,7 +118,8 @@ def serve(
             "--reference",
             "-r",
             help="What the self-check compares with: a device "
-            "(cpu, in fp32), a golden file from vitport infer --out, or an msprobe dump "
+            "(cpu, in fp32; in fp64 for a server that itself runs on the CPU in fp32), a golden "
+            "file from vitport infer --out, or an msprobe dump "
             "(whose own inputs are then used), as in vitport compare.",
         ),
     ] = "cpu",
@@ -101,8 +136,7 @@ def serve(
         typer.Option(
             "--threshold",
             "-t",
-            help="Override a self-check limit, as in vitport "
-            "compare (rel_error=2%, cls.cos_worst=0.9999).",
+            help="Override a self-check limit, as in vitport compare (e.g. rel_error=2%).",
         ),
     ] = None,
     runtime: RuntimeOpt = "torch",
@@ -116,7 +150,9 @@ def serve(
     drain_seconds: Annotated[
         float,
         typer.Option(
-            min=0.0, help="On SIGTERM/SIGINT, how long accepted requests may take to finish."
+            min=0.0,
+            metavar="SECONDS",
+            help="On SIGTERM/SIGINT, how long accepted requests may take to finish.",
         ),
     ] = 30.0,
     engine: Annotated[
@@ -126,7 +162,8 @@ def serve(
         str | None, typer.Option(help="--engine ray: join this cluster; default: start one here.")
     ] = None,
     replicas: Annotated[
-        int | None, typer.Option(min=1, help="--engine ray: replicas; default one per device.")
+        int | None,
+        typer.Option(min=1, metavar="N", help="--engine ray: replicas; default one per device."),
     ] = None,
     autoscale: Annotated[
         str | None,
@@ -137,13 +174,17 @@ def serve(
     max_ongoing_requests: Annotated[
         int | None,
         typer.Option(
-            min=1, help="--engine ray: Ray Serve's per-replica limit; default --max-queue."
+            min=1,
+            metavar="N",
+            help="--engine ray: Ray Serve's per-replica limit; default --max-queue.",
         ),
     ] = None,
     max_queued_requests: Annotated[
         int | None,
         typer.Option(
-            min=1, help="--engine ray: requests Ray queues per caller before it answers 503."
+            min=1,
+            metavar="N",
+            help="--engine ray: requests Ray queues per caller before it answers 503.",
         ),
     ] = None,
     weights: WeightsOpt = None,
@@ -156,12 +197,15 @@ def serve(
     GET /v1/models, /health, /ready and /metrics (Prometheus).
 
     Before it takes traffic, the served configuration is compared with a reference (the same
-    model on the CPU in fp32 on the 10 default inputs, or --reference GOLDEN) under vitport
+    model on the CPU in fp32, or fp64 for a CPU fp32 server, on the 10 default inputs, or
+    --reference GOLDEN) under vitport
     compare's verdict and limits: a failure keeps /ready at 503 and exits 1 with the compare
     table (--no-check serves anyway). Requests from all clients are gathered into device
     batches (--max-batch-size, --max-wait-ms); the queue is bounded (429 when full). SIGTERM or
     SIGINT drains: /ready and new requests turn 503, every accepted request is answered, and the
-    process exits 0. Needs vitport[serve] (vitport[serve-ray] for --engine ray).
+    process exits 0. Embeddings have unit L2 norm unless --no-normalize; --api-key KEY (or
+    VITPORT_API_KEY) makes every /v1/* request send it. Needs vitport[serve]
+    (vitport[serve-ray] for --engine ray).
     """
     import logging
 
@@ -191,6 +235,8 @@ def serve(
         inject_fault=inject_fault,
         drain_seconds=drain_seconds,
         runtime=runtime,
+        api_key=api_key or None,
+        normalize=not no_normalize,
     )
     check_options(config, engine)
     handler = logging.StreamHandler()
@@ -198,6 +244,9 @@ def serve(
     logger = logging.getLogger("vitport.serve")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    exposed = open_to_all(host, config.api_key)
+    if exposed:
+        logger.warning(exposed)
     enable_cuda_shim(cuda_shim)
     if engine == "ray":
         from vitport.serve import ray_engine
@@ -214,6 +263,11 @@ def serve(
         )
         return
     check_port(host, port)
+    # the model spec, resolved (downloaded, or a demo built) before the server starts: a wrong
+    # one is one line, never a server that says it runs and then stops
+    from vitport.families.sources import resolve
+
+    resolve(config.model, weights_given=config.weights is not None)
     from vitport.serve.server import serve as run_server
     from vitport.serve.service import CheckFailed, Service
 

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
 
 from vitport.serve.config import ServeConfig
 from vitport.serve.inputs import entry_bytes
@@ -23,8 +26,11 @@ from vitport.serve.service import Embedded, Entry, ServeError, Service
 
 log = logging.getLogger("vitport.serve")
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+ROUTES = "POST /v1/embeddings, POST /v1/embed, GET /v1/models, GET /health, /ready and /metrics"
 ERROR_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
+    405: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -35,16 +41,56 @@ ERROR_TYPES = {
 
 
 class EmbeddingRequest(BaseModel):
-    """The OpenAI embeddings request; `output` picks the Features group (vitport's own)."""
+    """The OpenAI embeddings request; `output` picks the Features group and `normalize`
+    overrides the server's default (vitport's own). `input` is checked by `request_inputs`,
+    which says what is wrong with an entry in words, not pydantic's. A missing `model` means
+    the served one (as vLLM and text-embeddings-inference take it)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    input: str | list[str]
+    input: Any
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     output: str = "pooled"
     dimensions: int | None = None
     user: str | None = None
+    normalize: bool | None = None
+
+
+IMAGE_EXPECTED = "send each image as a base64 string or a data:image/...;base64, URI"
+
+
+def request_inputs(value: Any) -> list[str]:
+    """The request's `input` as a list of strings; ServeError naming the entry that is not one
+    (token ids and nested arrays are for text models: this server embeds images)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ServeError(
+            400, "bad-input", f"input is {json_kind(value)}; {IMAGE_EXPECTED}", param="input"
+        )
+    for k, item in enumerate(value):
+        if not isinstance(item, str):
+            what = json_kind(item)
+            if isinstance(item, list | int | float):
+                what += " (token ids are for text models; this server embeds images)"
+            raise ServeError(
+                400, "bad-input", f"input[{k}] is {what}; {IMAGE_EXPECTED}", param=f"input[{k}]"
+            )
+    return value
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in words."""
+    if isinstance(value, list):
+        return "a nested array" if value else "an empty array"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    return "null" if value is None else type(value).__name__
 
 
 class BodyTooLarge(Exception):
@@ -98,6 +144,30 @@ class BodyLimit:
         await error_response(error)(scope, receive, send)
 
 
+class RequireKey:
+    """401 in OpenAI's shape for a /v1/* request without `Authorization: Bearer KEY`; the
+    probes (/health, /ready, /metrics) stay open."""
+
+    def __init__(self, app: Any, key: str, on_reject: Any) -> None:
+        self.app, self.key, self.on_reject = app, key.encode(), on_reject
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+            return await self.app(scope, receive, send)
+        sent = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = sent.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        self.on_reject(path)
+        if not sent:
+            message = "no API key: this server needs the header Authorization: Bearer KEY"
+        else:
+            message = "wrong API key: send the key the server was started with as Bearer KEY"
+        error = ServeError(401, "invalid_api_key", message, headers={"WWW-Authenticate": "Bearer"})
+        await error_response(error)(scope, receive, send)
+
+
 def error_response(error: ServeError) -> JSONResponse:
     body: dict[str, Any] = {
         "message": error.message,
@@ -148,18 +218,42 @@ def create_app(
     app.add_middleware(
         BodyLimit, limit=cfg.max_body_bytes, on_reject=lambda: count(service, "any", "too-large")
     )
+    if cfg.api_key:  # added last: the outermost, so a request without the key is read no further
+        app.add_middleware(
+            RequireKey,
+            key=cfg.api_key,
+            on_reject=lambda path: count(service, endpoint_label(path), "unauthorized"),
+        )
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (an unknown path, a wrong method) in OpenAI's shape."""
+        what = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            error = ServeError(
+                404, "not-found", f"no such endpoint: {what}; this server answers {ROUTES}"
+            )
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error = ServeError(
+                405,
+                "method-not-allowed",
+                f"{what} is not allowed; use {allowed or 'another method'}",
+                headers=dict(exc.headers or {}),
+            )
+        else:
+            error = ServeError(exc.status_code, "http-error", f"{what}: {exc.detail}")
+        count(service, endpoint_label(request.url.path), OUTCOMES.get(error.status, "error"))
+        return error_response(error)
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        message = f"{where}: {first.get('msg', 'invalid request')}"
-        count(service, request.url.path, "bad_request")
-        return error_response(ServeError(400, "bad-request", message, param=where))
+        count(service, endpoint_label(request.url.path), "bad_request")
+        return error_response(validation_error(exc))
 
     async def deployment() -> dict[str, Any]:
         return await asyncio.to_thread(capacity) if capacity else {}
@@ -188,6 +282,7 @@ def create_app(
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         async with serving(service, "/v1/embeddings"):
+            texts = request_inputs(body.input)
             if body.model not in (None, "", cfg.served_name):
                 raise ServeError(
                     404,
@@ -204,14 +299,14 @@ def create_app(
                     param="dimensions",
                 )
             service.check_output(body.output)
-            texts = [body.input] if isinstance(body.input, str) else body.input
             entries = [Entry(f"input[{k}]", reader(t, cfg)) for k, t in enumerate(texts)]
             done = await service.embed(entries, "input", request.is_disconnected)
+            unit = cfg.normalize if body.normalize is None else body.normalize
             data = [
                 {
                     "object": "embedding",
                     "index": k,
-                    **embedding(e, body.output, body.encoding_format),
+                    **embedding(e, body.output, body.encoding_format, unit),
                 }
                 for k, e in enumerate(done)
             ]
@@ -227,13 +322,17 @@ def create_app(
             }
 
     @app.post("/v1/embed")
-    async def embed(request: Request, outputs: str = "pooled") -> Response:
+    async def embed(
+        request: Request, outputs: str = "pooled", normalize: bool | None = None
+    ) -> Response:
         async with serving(service, "/v1/embed"):
             names = [n.strip() for n in outputs.split(",") if n.strip()]
             for name in names:
                 service.check_output(name)
             entries = await form_entries(request, cfg)
             done = await service.embed(entries, "file", request.is_disconnected)
+            if cfg.normalize if normalize is None else normalize:
+                done = [Embedded(unit_norm(e.outputs), e.size) for e in done]
             ids = [e.name for e in entries]
             if ARROW_STREAM in request.headers.get("accept", ""):
                 return Response(
@@ -267,9 +366,44 @@ def count(service: Service, endpoint: str, outcome: str) -> None:
     service.metrics.requests.labels(endpoint, outcome).inc()
 
 
+def endpoint_label(path: str) -> str:
+    """The metrics label of a path: a served one, or "unknown" (no label per made-up path)."""
+    known = ("/v1/embeddings", "/v1/embed", "/v1/models", "/health", "/ready", "/metrics")
+    return path if path in known else "unknown"
+
+
+def validation_error(exc: RequestValidationError) -> ServeError:
+    """FastAPI's validation error as one line a client can act on."""
+    first = exc.errors()[0] if exc.errors() else {}
+    kind = first.get("type", "")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if kind == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        return ServeError(
+            400,
+            "invalid-json",
+            f"the body is not valid JSON{f' ({reason})' if reason else ''}; send a JSON object "
+            'such as {"model": "...", "input": ["<base64 image>"]}',
+        )
+    if not loc or (kind in ("model_attributes_type", "dict_type") and len(loc) <= 1):
+        return ServeError(
+            400,
+            "bad-request",
+            'the body must be a JSON object such as {"model": "...", "input": ["<base64 image>"]}',
+        )
+    where = ".".join(loc)
+    if kind == "missing":
+        hint = f"; {IMAGE_EXPECTED}" if where == "input" else ""
+        return ServeError(400, "bad-request", f"{where} is required{hint}", param=where)
+    message = f"{where}: {first.get('msg', 'invalid value')}"
+    return ServeError(400, "bad-request", message, param=where)
+
+
 OUTCOMES = {
     400: "bad_request",
+    401: "unauthorized",
     404: "bad_request",
+    405: "bad_request",
     413: "too_large",
     429: "queue_full",
     499: "disconnected",
@@ -333,8 +467,23 @@ async def form_entries(request: Request, cfg: ServeConfig) -> list[Entry]:
     return entries
 
 
-def embedding(done: Embedded, output: str, encoding: str) -> dict[str, Any]:
-    values = done.outputs[output].numpy().astype("<f4", copy=False)
+def unit_norm(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Each vector (the last axis: pooled, and every token of cls, registers, patches) scaled
+    to unit L2 norm; a zero vector stays zero."""
+    return {
+        k: torch.nn.functional.normalize(v.double(), dim=-1).float() for k, v in outputs.items()
+    }
+
+
+def embedding(
+    done: Embedded, output: str, encoding: str, normalize: bool = False
+) -> dict[str, Any]:
+    """One reply item: the embedding (flat, float or base64 little-endian float32) and, for
+    token groups (cls, registers, patches), its `shape` to unflatten it."""
+    tensor = done.outputs[output]
+    if normalize:
+        tensor = unit_norm({output: tensor})[output]
+    values = tensor.numpy().astype("<f4", copy=False)
     flat = values.reshape(-1)
     item: dict[str, Any] = {}
     if encoding == "base64":

@@ -18,6 +18,7 @@ import torch
 from vitport.errors import UnreadableImageError
 from vitport.inputs import read_image_bytes
 
+BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\r\n]*")  # base64, as wrapped at 76 columns or not
 DATA_URI = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 MAX_REDIRECTS = 3
 URL_TIMEOUT_S = 10.0
@@ -58,6 +59,14 @@ def entry_bytes(text: Any, allow_urls: bool, max_bytes: int) -> bytes:
         return fetch_url(text, max_bytes)
     if lowered.startswith("data:"):
         return _data_uri(text)
+    if not BASE64_TEXT.fullmatch(text):
+        preview = text if len(text) <= 40 else text[:37] + "..."
+        raise EntryError(
+            "plain-text",
+            f"plain text, not an image ({preview!r}): this server embeds images; send each "
+            "image's bytes as base64 or a data:image/...;base64, URI (a path or a file: URL is "
+            "not read by the server)",
+        )
     return _b64(text)
 
 

@@ -45,6 +45,10 @@ class CheckFailed(VitportError):
         self.results = results
 
 
+class StartAbandoned(Exception):
+    """The server began to stop while the model was still starting: it never becomes ready."""
+
+
 class ServeError(Exception):
     """An HTTP error with its status, a short code and a one-line message."""
 
@@ -82,8 +86,9 @@ class Service:
     """One served model. State: starting, loading, checking, warming, ready, draining, stopped
     or failed."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock  # times the start-up sweep (injectable: tests never read the wall)
         self.metrics = Metrics()
         self.state = "starting"
         self.error: BaseException | None = None
@@ -93,11 +98,15 @@ class Service:
         self.output_shapes: dict[str, list[int]] = {}
         self.batch_source = ""
         self.auto_throughput: float | None = None
+        self.auto_measured: dict[int, float] = {}  # batch size -> images/s, from the sweep
+        self.reference_note = ""  # why the self-check runs against another reference
         self.started_at = int(time.time())
         self.in_flight = 0
         self._idle = threading.Event()
         self._idle.set()
         self.on_failed: Callable[[], None] | None = None  # e.g. stop the server
+        self._stopping = threading.Event()  # set by drain or stop: start-up goes no further
+        self._state_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="vitport-decode")
 
     @property
@@ -110,6 +119,8 @@ class Service:
         """Load, check, size and warm up (blocking); the failure is kept in `error` and raised."""
         try:
             self._start()
+        except StartAbandoned:
+            log.debug("start-up abandoned: the server is stopping")
         except BaseException as exc:
             self.error = exc
             self.state = "failed"
@@ -126,7 +137,7 @@ class Service:
         from vitport.runtimes import check
 
         cfg = self.config
-        self.state = "loading"
+        self._go_on("loading")
         devices = [resolve_device(d) for d in cfg.device_list]
         fixes = parse_fixes(list(cfg.fixes))
         setup = cfg.setup
@@ -145,7 +156,7 @@ class Service:
             candidate_factory(base, d, setup, cfg.inject_fault)(fixes)[0] for d in devices
         ]
         if cfg.check:
-            self.state = "checking"
+            self._go_on("checking")
             plan = self._assemble_check(base, self.encoders[0].dtype)
             self.checks = [
                 run_check(base, encoder, plan, fixes=fixes, batch_size=4)
@@ -156,56 +167,132 @@ class Service:
             if not all(r.passed for r in self.checks):
                 raise CheckFailed(self.checks)
         del base
-        self.state = "warming"
+        self._go_on("warming")
         batch = cfg.max_batch_size or self._auto_batch()
         self.batch_source = "--max-batch-size" if cfg.max_batch_size else "bench's auto size"
         for encoder in self.encoders:  # first calls (kernel builds, compilation) off the clock
+            self._go_on("warming")
             shapes = self._warm(encoder, batch)
         self.output_shapes = shapes
-        self.batcher = Batcher(
-            self.encoders, batch, cfg.max_wait_ms / 1000, cfg.max_queue, self.metrics
-        )
-        self.batcher.start()
-        self.state = "ready"
-        self.metrics.ready.set(1)
-        log.info(
-            "ready: %s on %s (%s), batches of up to %d (%s)",
-            cfg.served_name,
-            ", ".join(str(e.device) for e in self.encoders),
-            cfg.dtype,
-            batch,
-            self.batch_source,
-        )
+        with self._state_lock:  # ready, unless stop() came first
+            self._go_on("ready")
+            self.batcher = Batcher(
+                self.encoders, batch, cfg.max_wait_ms / 1000, cfg.max_queue, self.metrics
+            )
+            self.batcher.start()
+            self.metrics.ready.set(1)
+            log.info(
+                "ready: %s on %s (%s), batches of up to %d (%s)",
+                cfg.served_name,
+                ", ".join(str(e.device) for e in self.encoders),
+                cfg.dtype,
+                batch,
+                self.batch_source,
+            )
+
+    def _go_on(self, state: str) -> None:
+        """Enter the next start-up state, or stop here once the server is stopping."""
+        if self._stopping.is_set():
+            raise StartAbandoned
+        self.state = state
 
     def _assemble_check(self, base: Any, dtype: torch.dtype) -> Any:
         """`vitport compare`'s check of the served configuration (inputs, limits, reference),
-        against any reference compare takes: a device, a golden file or an msprobe dump."""
+        against any reference compare takes: a device, a golden file or an msprobe dump. A
+        reference that is the served configuration itself (the CPU in fp32 for a CPU fp32
+        server) would agree to the last bit and prove nothing: the CPU in fp64 is the reference
+        then, and the log says so."""
         from vitport.compare.check import assemble_check, open_source
         from vitport.compare.verdict import parse_threshold_overrides
-        from vitport.device import parse_dtype
+        from vitport.device import Device, parse_dtype, resolve_device
 
         cfg = self.config
         try:
             overrides = parse_threshold_overrides(list(cfg.thresholds))
         except ValueError as exc:
             raise VitportError(str(exc)) from exc
+        source = open_source(cfg.reference)
+        reference_dtype = parse_dtype(cfg.reference_dtype)
+        served = {e.device.type for e in self.encoders}
+        if (
+            isinstance(source, Device)
+            and served == {source.type}
+            and reference_dtype == dtype
+            and cfg.runtime == "torch"
+        ):
+            self.reference_note = (
+                f"the reference ({source.type} {cfg.reference_dtype}) is the served "
+                "configuration itself, which proves nothing: checked against cpu fp64 instead"
+            )
+            log.info("self-check: %s", self.reference_note)
+            source, reference_dtype = resolve_device("cpu"), torch.float64
         return assemble_check(
-            base,
-            open_source(cfg.reference),
-            dtype,
-            overrides=overrides,
-            reference_dtype=parse_dtype(cfg.reference_dtype),
+            base, source, dtype, overrides=overrides, reference_dtype=reference_dtype
         )
 
     def _auto_batch(self) -> int:
-        """Bench's auto batch size on the first device, in a short measured window."""
-        from vitport.bench.run import Window, sweep
+        """Bench's auto batch size on the first device: batches 1, 2, 4, ... in a short window
+        each, until the throughput stops growing, memory runs out, or the next size would end
+        past `auto_batch_seconds` (a busy machine must not hold start-up for minutes). Each
+        size is logged as it is measured, and the choice with all it measured."""
+        from vitport.bench import run as bench_run
+        from vitport.bench.run import AUTO_MIN_GAIN, AUTO_PATIENCE, Window
+        from vitport.errors import OutOfMemoryError
+        from vitport.runtimes import runner
 
+        cfg, encoder = self.config, self.encoders[0]
+        budget = cfg.auto_batch_seconds
+        cap = runner(cfg.runtime).limits.cap(AUTO_MAX_BATCH)
         window = Window(warmup_iters=2, warmup_seconds=0.2, min_iters=3, min_seconds=0.5)
-        runs, _ = sweep(self.encoders[0], None, window, max_batch=AUTO_MAX_BATCH)
-        best = max(runs, key=lambda r: r.measurement.images_per_second)
-        self.auto_throughput = best.measurement.images_per_second
-        return best.batch_size
+        log.info(
+            "auto batch size: timing batches 1, 2, 4, ... (up to %d) on %s, for at most %g s",
+            cap,
+            encoder.device,
+            budget,
+        )
+        started = self.clock()
+        speeds: dict[int, float] = {}
+        batch, best, stale, stopped = 1, 0.0, 0, f"reached {cap}, the largest tried"
+        while batch <= cap:
+            self._go_on("warming")
+            before = self.clock()
+            try:
+                run = bench_run.bench_batch(encoder, batch, window, cfg.setup)
+            except OutOfMemoryError:
+                encoder.device.empty_cache()
+                if not speeds:
+                    raise
+                stopped = f"batch {batch} ran out of memory"
+                break
+            now = self.clock()
+            speeds[batch] = speed = run.measurement.images_per_second
+            log.info(
+                "auto batch size: batch %d: %.3g img/s (%d sizes in %.0f of %g s)",
+                batch,
+                speed,
+                len(speeds),
+                now - started,
+                budget,
+            )
+            stale = 0 if speed > best * (1 + AUTO_MIN_GAIN) else stale + 1
+            best = max(best, speed)
+            if stale >= AUTO_PATIENCE:
+                stopped = f"no gain over the last {AUTO_PATIENCE} doublings"
+                break
+            if now - started + 2 * (now - before) > budget:  # the next, twice as large, would
+                stopped = f"batch {2 * batch} would end past the {budget:g} s bound"
+                break
+            batch *= 2
+        chosen = max(speeds, key=speeds.__getitem__)
+        self.auto_measured, self.auto_throughput = speeds, speeds[chosen]
+        log.info(
+            "auto batch size: %d (%.3g img/s); measured %s; stopped: %s",
+            chosen,
+            speeds[chosen],
+            ", ".join(f"{b}: {s:.3g}" for b, s in speeds.items()),
+            stopped,
+        )
+        return chosen
 
     def _warm(self, encoder: Any, batch: int) -> dict[str, list[int]]:
         from vitport.bench.run import random_pixels
@@ -386,9 +473,12 @@ class Service:
             self._idle.set()
 
     def begin_drain(self) -> None:
-        """Stop taking work: /ready and new requests answer 503; accepted ones finish."""
-        if self.state != "failed":
-            self.state = "draining"
+        """Stop taking work: /ready and new requests answer 503; accepted ones finish. A
+        start-up still under way goes no further."""
+        with self._state_lock:
+            self._stopping.set()
+            if self.state != "failed":
+                self.state = "draining"
         self.metrics.ready.set(0)
         log.info("draining: %d requests in flight", self.in_flight)
 
@@ -397,11 +487,14 @@ class Service:
         return self._idle.wait(seconds)
 
     def stop(self) -> None:
-        if self.batcher is not None:
-            self.batcher.stop()
+        with self._state_lock:
+            self._stopping.set()
+            batcher = self.batcher
+            if self.state != "failed":
+                self.state = "stopped"
+        if batcher is not None:
+            batcher.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.state != "failed":
-            self.state = "stopped"
 
     # ------------------------------------------------------------- description
 
@@ -420,6 +513,8 @@ class Service:
             "max_batch_size": self.batcher.max_batch if self.batcher else cfg.max_batch_size,
             "batch_size_from": self.batch_source,
             "max_wait_ms": cfg.max_wait_ms,
+            "normalize": cfg.normalize,
+            "api_key_required": bool(cfg.api_key),
             "self_check": self.check_summary(),
         }
         if first is not None:
@@ -430,6 +525,9 @@ class Service:
             }
         if self.auto_throughput is not None:
             about["auto_batch_images_per_second"] = round(self.auto_throughput, 2)
+            about["auto_batch_measured"] = {
+                str(b): round(v, 2) for b, v in self.auto_measured.items()
+            }
         card = {
             "id": cfg.served_name,
             "object": "model",
@@ -447,7 +545,9 @@ class Service:
         from vitport.compare.sides import describe_side
 
         first = self.checks[0]
+        note = {"reference_note": self.reference_note} if self.reference_note else {}
         return {
+            **note,
             "checked": True,
             "passed": all(r.passed for r in self.checks),
             "reference": describe_side(first.reference),
