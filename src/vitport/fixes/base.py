@@ -30,11 +30,22 @@ class FixReport:
 
 @dataclass(frozen=True)
 class Fix:
-    """A named fix: what it does, and the function that applies it to an encoder."""
+    """A named fix: what it does, the function that applies it to an encoder, and its
+    standalone `template`.
+
+    The template is short plain torch code that applies the same fix without vitport, as a
+    packaged port's ``inference.py`` writes it out (see :mod:`vitport.port.standalone`). It runs
+    with these names in scope: ``model``, the ``nn.Module`` the script calls (already on its
+    device and in its dtype); ``blocks``, its transformer blocks in order; ``final_norm``, the
+    dotted name of the norm on its output tokens inside ``model`` ("" where there is none); and
+    ``torch``, ``nn`` (``torch.nn``) and ``F`` (``torch.nn.functional``). It computes what
+    `apply` makes the encoder compute; anything else it needs, it imports itself.
+    """
 
     name: str
     help: str
     apply: Callable[[Encoder], FixReport]
+    template: str
 
 
 # --------------------------------------------------------------------------- float32 wrapper

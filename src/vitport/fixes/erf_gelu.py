@@ -115,8 +115,28 @@ def erf_gelu(encoder: Encoder) -> FixReport:
     )
 
 
+TEMPLATE = f"""\
+# erf-gelu: every GELU in the blocks computes the exact erf formula
+# ({NPU_GELU}(approximate="none") on an NPU, F.gelu elsewhere)
+class ExactGELU(nn.Module):
+    def forward(self, x):
+        if x.device.type == "npu":
+            import torch_npu
+
+            return torch_npu.npu_gelu(x, approximate="none")
+        return F.gelu(x, approximate="none")
+
+
+for block in blocks:
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GELU) or "gelu" in type(child).__name__.lower():
+                setattr(parent, name, ExactGELU())
+"""
+
 FIX = Fix(
     "erf-gelu",
     f"replace every GELU in the blocks with exact erf GELU ({NPU_GELU} on NPU)",
     erf_gelu,
+    TEMPLATE,
 )

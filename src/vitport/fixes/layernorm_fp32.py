@@ -182,8 +182,38 @@ def layernorm_fp32(encoder: Encoder) -> FixReport:
     )
 
 
+TEMPLATE = """\
+# layernorm-fp32: every norm in the blocks, and the final norm, computes in float32
+# (its weights kept in float32, its input upcast) and casts its output back
+class FP32Norm(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x):
+        return self.norm(x.float()).to(x.dtype)
+
+
+def is_norm(module):
+    weight = getattr(module, "weight", None)
+    named = "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor)
+    return named or isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm))
+
+
+for block in blocks:
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if is_norm(child):
+                setattr(parent, name, FP32Norm(child))
+if final_norm:
+    owner_name, _, name = final_norm.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    setattr(owner, name, FP32Norm(getattr(owner, name)))
+"""
+
 FIX = Fix(
     "layernorm-fp32",
     "compute every norm (LayerNorm, RMSNorm, ...) in float32, cast back",
     layernorm_fp32,
+    TEMPLATE,
 )

@@ -57,8 +57,25 @@ def math_sdpa(encoder: Encoder) -> FixReport:
     return FixReport("math-sdpa", 1, target, "forward runs with SDPA math backend")
 
 
+TEMPLATE = """\
+# math-sdpa: the forward runs with the math backend of scaled_dot_product_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def with_math_sdpa(forward):
+    def run(*args, **kwargs):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return forward(*args, **kwargs)
+
+    return run
+
+
+model.forward = with_math_sdpa(model.forward)
+"""
+
 FIX = Fix(
     "math-sdpa",
     "run the forward with the math backend of scaled_dot_product_attention",
     math_sdpa,
+    TEMPLATE,
 )

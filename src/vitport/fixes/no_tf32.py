@@ -38,8 +38,22 @@ def no_tf32(encoder: Encoder) -> FixReport:
     return FixReport("no-tf32", len(flipped), flipped, detail)
 
 
+TEMPLATE = """\
+# no-tf32: float32 math stays float32: no TF32 (CUDA), no HF32 (Ascend), no reduced-precision
+# reductions (process-wide settings)
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+torch.set_float32_matmul_precision("highest")
+if hasattr(torch, "npu"):  # torch_npu is imported: Ascend's HF32 is its TF32
+    torch.npu.matmul.allow_hf32 = False
+    torch.npu.conv.allow_hf32 = False
+"""
+
 FIX = Fix(
     "no-tf32",
     "turn off TF32/HF32 and reduced-precision reductions (process-wide settings)",
     no_tf32,
+    TEMPLATE,
 )
