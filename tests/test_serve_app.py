@@ -350,7 +350,7 @@ def test_the_batch_size_sweep_is_bounded_in_time_and_logs_what_it_measured(
     monkeypatch, caplog, model
 ):
     clock = FakeClock()
-    speeds = {b: 10.0 * b for b in (1, 2, 4, 8, 16, 32, 64)}  # still growing at 64
+    speeds = {b: 10.25 * b for b in (1, 2, 4, 8, 16, 32, 64)}  # still growing at 64
     asked = fake_sweep(monkeypatch, clock, speeds)
     service = started(model, clock, caplog, auto_batch_seconds=60)
     # 1+2+4+8+16 = 31 s spent; batch 32 would take about 2 x 16 s more, past 60 s
@@ -362,9 +362,10 @@ def test_the_batch_size_sweep_is_bounded_in_time_and_logs_what_it_measured(
         text
     )
     for batch in asked:  # progress: one line as each size is measured
-        assert f"auto batch size: batch {batch}: {speeds[batch]:.3g} img/s" in text
+        assert f"auto batch size: batch {batch}: {speeds[batch]:.4g} img/s" in text
     assert "(5 sizes in 31 of 60 s)" in text
-    assert "auto batch size: 16 (160 img/s); measured 1: 10, 2: 20, 4: 40, 8: 80, 16: 160" in text
+    measured = "measured 1: 10.25, 2: 20.5, 4: 41, 8: 82, 16: 164"
+    assert f"auto batch size: 16 (164 img/s); {measured}" in text
     assert "stopped: batch 32 would end past the 60 s bound" in text
     about = service.models()["data"][0]["vitport"]
     assert about["auto_batch_measured"] == {str(b): speeds[b] for b in asked}
@@ -415,6 +416,27 @@ def test_a_server_stopped_during_start_up_never_says_ready(monkeypatch, caplog, 
     assert "ready:" not in caplog.text
     assert "start-up abandoned" in caplog.text
     assert service.metrics.ready._value.get() == 0
+
+
+def test_a_signal_during_the_sweep_ends_it_without_a_word_more(monkeypatch, caplog, model):
+    clock = FakeClock()
+    asked = fake_sweep(monkeypatch, clock, {b: 10.0 * b for b in (1, 2, 4, 8)})
+    service = Service(ServeConfig(model=model, device="cpu", check=False), clock=clock)
+    from vitport.bench import run as bench_run
+
+    timed = bench_run.bench_batch
+
+    def drained_at_4(encoder, batch, window, setup=None):
+        if batch == 4:  # SIGTERM while batch 4 is timed
+            service.begin_drain()
+        return timed(encoder, batch, window, setup)
+
+    monkeypatch.setattr(bench_run, "bench_batch", drained_at_4)
+    with caplog.at_level(logging.INFO, logger="vitport.serve"):
+        service.start()
+    assert asked == [1, 2, 4] and service.batcher is None and service.error is None
+    assert "batch 2: 20 img/s" in caplog.text and "batch 4:" not in caplog.text
+    assert "ready:" not in caplog.text
 
 
 # ------------------------------------------------------------------ help

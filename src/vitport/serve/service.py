@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vitport.errors import VitportError
+from vitport.format import count
 from vitport.serve.batcher import Batcher, QueueFull, Ticket
 from vitport.serve.config import OUTPUTS, ServeConfig
 from vitport.serve.inputs import Decoded, EntryError, decode
@@ -264,13 +265,14 @@ class Service:
                     raise
                 stopped = f"batch {batch} ran out of memory"
                 break
+            self._go_on("warming")  # stopped while it ran: nothing more is said
             now = self.clock()
             speeds[batch] = speed = run.measurement.images_per_second
             log.info(
-                "auto batch size: batch %d: %.3g img/s (%d sizes in %.0f of %g s)",
+                "auto batch size: batch %d: %.4g img/s (%s in %.0f of %g s)",
                 batch,
                 speed,
-                len(speeds),
+                count(len(speeds), "size"),
                 now - started,
                 budget,
             )
@@ -286,10 +288,10 @@ class Service:
         chosen = max(speeds, key=speeds.__getitem__)
         self.auto_measured, self.auto_throughput = speeds, speeds[chosen]
         log.info(
-            "auto batch size: %d (%.3g img/s); measured %s; stopped: %s",
+            "auto batch size: %d (%.4g img/s); measured %s; stopped: %s",
             chosen,
             speeds[chosen],
-            ", ".join(f"{b}: {s:.3g}" for b, s in speeds.items()),
+            ", ".join(f"{b}: {s:.4g}" for b, s in speeds.items()),
             stopped,
         )
         return chosen
