@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from hubstub import StubHub
 
-import vitport
-from vitport.port.manifest import GOLDEN, MANIFEST, WEIGHTS, Manifest, read_manifest
+from vitport.port.manifest import GOLDEN, MANIFEST, WEIGHTS, read_manifest
+from vitport.port.package import write_card
+
+FAILS = "**This port FAILS its accuracy check**"
 
 ATOMGIT_TOKEN = "atomgit_write_token"
 HF_SECRET = "hf_secret_token"
@@ -35,31 +37,43 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def make_port(tiny: Path, out: Path, passed: bool = True, allow_fail: bool = False) -> Path:
-    """A port as `report --package` writes it, by hand: the checkpoint, its golden file and
-    vitport.json with the weights' sha256 as loaded."""
-    shutil.copytree(tiny, out)
-    encoder = vitport.load(str(out), "cpu")
-    pixels = torch.rand(2, 3, *encoder.image_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        encoder.encode(pixels, ["a", "b"]).save(out / GOLDEN)
-    (out / "README.md").write_text("---\nlibrary_name: vitport\n---\n# a tiny port\n")
-    Manifest(
-        source="hf:org/tiny",
-        weights_sha256=encoder.weights_sha256,
-        weights_included=True,
-        family=encoder.family,
-        device_type="cpu",
-        dtype="fp32",
-        verdict={"passed": passed, "checks": []},
-        allow_fail=allow_fail,
-    ).write(out)
+QUICK = ("--batch-sizes", "1", "--min-seconds", "0.05")
+
+
+@pytest.fixture(scope="module")
+def packaged(tiny_dir, tmp_path_factory) -> Path:
+    """A port of a tiny DINOv2 as `vitport report --package` writes it (bf16 on the CPU against
+    the fp32 reference), made once; each test publishes its own copy."""
+    from vitport.cli import main
+
+    out = tmp_path_factory.mktemp("packaged") / "port"
+    args = ["report", "--model", str(tiny_dir("dinov2")), "--device", "cpu", "--dtype", "bf16"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["vitport", *args, *QUICK, "--out", str(out), "--package"])
+        mp.setenv("COLUMNS", "200")
+        with pytest.raises(SystemExit) as stop:
+            main()
+            raise SystemExit(0)
+    assert stop.value.code in (0, None)
+    assert read_manifest(out) is not None and read_manifest(out).passed
+    return out
+
+
+def copy_port(packaged: Path, out: Path, passed: bool = True, allow_fail: bool = False) -> Path:
+    """A copy of the packaged port; `passed=False` makes its verdict FAIL, as a run that failed
+    its check is packaged (`allow_fail` as the packaging would record it)."""
+    shutil.copytree(packaged, out)
+    manifest = read_manifest(out)
+    verdict = {**manifest.verdict, "passed": passed}
+    replace(manifest, verdict=verdict, allow_fail=allow_fail).write(out)
+    if allow_fail:
+        write_card(out, read_manifest(out))
     return out
 
 
 @pytest.fixture
-def port(tiny_dir, tmp_path) -> Path:
-    return make_port(tiny_dir("dinov2"), tmp_path / "port")
+def port(packaged, tmp_path) -> Path:
+    return copy_port(packaged, tmp_path / "port")
 
 
 @pytest.fixture
@@ -120,9 +134,11 @@ def test_a_second_publish_of_an_unchanged_port_uploads_nothing_new(hub, port):
     assert second.nothing_new and second.uploaded == ()
     assert set(second.unchanged) == set(package_files(port))
     assert second.commit == first.commit and len(hub.commits) == 1
-    assert len(hub.lfs) == 2  # the weights and the golden file, each sent once
+    puts = [r for r in hub.requests if r.startswith("PUT /lfs-objects/")]
+    assert len(puts) == len(hub.lfs) >= 2  # weights, golden file, plots: each sent once
     # a changed card goes up alone
-    (port / "README.md").write_text("---\nlibrary_name: vitport\n---\n# a tiny port, v2\n")
+    card = port / "README.md"
+    card.write_text(card.read_text() + "\nv2\n")
     third = publish(port, "atomgit:org/again", message="card v2")
     assert third.uploaded == ("README.md",) and third.commit != first.commit
     assert hub.commits[-1]["files"] == ["README.md"] and hub.commits[-1]["summary"] == "card v2"
@@ -222,20 +238,37 @@ def test_a_directory_that_is_not_a_port_is_refused(hub, tiny_dir, monkeypatch, c
     assert "not a vitport port (no vitport.json)" in line and "--package" in line
 
 
-def test_a_failed_port_is_refused_unless_allowed_and_its_card_says_so(
-    hub, tiny_dir, tmp_path, monkeypatch, capsys
-):
-    failed = make_port(tiny_dir("dinov2"), tmp_path / "failed", passed=False)
+def test_a_failed_port_is_refused_without_allow_fail(hub, packaged, tmp_path, monkeypatch, capsys):
+    failed = copy_port(packaged, tmp_path / "failed", passed=False)
     line = refused(monkeypatch, capsys, hub, str(failed), "atomgit:org/x")
     assert "verdict FAIL" in line and "--allow-fail" in line
-    line = refused(monkeypatch, capsys, hub, str(failed), "atomgit:org/x", "--allow-fail")
-    assert "its card does not say so" in line
-    stated = make_port(tiny_dir("dinov2"), tmp_path / "stated", passed=False, allow_fail=True)
+    assert FAILS not in (failed / "README.md").read_text()  # refused: the port is as it was
+
+
+def test_allow_fail_makes_the_card_say_so_before_it_goes_up(
+    hub, packaged, tmp_path, monkeypatch, capsys
+):
+    failed = copy_port(packaged, tmp_path / "failed", passed=False)
     code, out, err = cli(
-        monkeypatch, capsys, "publish", str(stated), "atomgit:org/x", "--allow-fail"
+        monkeypatch, capsys, "publish", str(failed), "atomgit:org/f", "--allow-fail"
     )
     assert code == 0, err
-    assert "verdict FAIL" in out and hub.commits
+    assert "now state its FAIL verdict" in out
+    assert read_manifest(failed).allow_fail and FAILS in (failed / "README.md").read_text()
+    published = hub.repos["org/f"]
+    assert FAILS in (published / "README.md").read_text()
+    assert read_manifest(published).allow_fail and not read_manifest(published).passed
+
+
+def test_a_failed_port_whose_card_says_so_goes_up_as_it_is(hub, packaged, tmp_path):
+    from vitport.port.publish import publish
+
+    stated = copy_port(packaged, tmp_path / "stated", passed=False, allow_fail=True)
+    before = {name: (stated / name).read_bytes() for name in package_files(stated)}
+    result = publish(stated, "atomgit:org/s", allow_fail=True)
+    assert result.allow_fail and not result.amended
+    assert {name: (stated / name).read_bytes() for name in package_files(stated)} == before
+    assert FAILS in (hub.repos["org/s"] / "README.md").read_text()
 
 
 def test_a_missing_token_is_refused_naming_its_variable(hub, port, monkeypatch, capsys):

@@ -39,8 +39,8 @@ def publish(
         bool,
         typer.Option(
             "--allow-fail",
-            help="Publish a port whose verdict is FAIL (its card must state it: package it "
-            "with --allow-fail).",
+            help="Publish a port whose verdict is FAIL; its card and vitport.json are made to "
+            "say so first, where the packaging did not.",
         ),
     ] = False,
 ) -> None:
@@ -48,7 +48,7 @@ def publish(
 
     Creates the repository if it is missing and uploads the port's files; a file the hub already holds as it is goes up again never, so publishing an unchanged port uploads nothing new. Tokens come from each hub's own variable: VITPORT_ATOMGIT_TOKEN for AtomGit (never the Hugging Face token), HF_TOKEN or `hf auth login` for the Hugging Face hub, MODELSCOPE_API_TOKEN for ModelScope; VITPORT_ATOMGIT_ENDPOINT, HF_ENDPOINT and MODELSCOPE_ENDPOINT move them.
 
-    Refused before anything is sent (exit 2): a directory that is not a port, a port whose verdict is FAIL (unless --allow-fail), a missing token, weights that differ from the sha256 in vitport.json. An unreachable hub or a refused upload exits 1.
+    Refused before anything is sent (exit 2): a directory that is not a port, a port whose verdict is FAIL (unless --allow-fail, which first makes the port's card state the FAIL verdict where it does not), a missing token, weights that differ from the sha256 in vitport.json. An unreachable hub or a refused upload exits 1.
     """
     from vitport.port.publish import publish as run_publish
 
@@ -81,7 +81,13 @@ def publish(
             console.print(f"  {esc(name)}", soft_wrap=True)
         if result.unchanged:
             console.print(f"[dim]{count(len(result.unchanged), 'file')} unchanged[/dim]")
-    if result.allow_fail:
+    if result.amended:
+        console.print(
+            f"[yellow]note:[/yellow] {esc(directory)}'s README.md and vitport.json now state its "
+            "FAIL verdict, as published (--allow-fail)",
+            soft_wrap=True,
+        )
+    elif result.allow_fail:
         console.print(
             "[yellow]note:[/yellow] published with its verdict FAIL (--allow-fail); its card "
             "says so"

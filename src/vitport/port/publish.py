@@ -1,9 +1,15 @@
 """`vitport publish`: a packaged port onto AtomGit, the Hugging Face hub or ModelScope.
 
 Everything that can be refused is checked before anything is sent, each as one line with exit
-2: a directory that is not a port, a FAIL verdict (unless `allow_fail`, and then the port's own
-card must say so: `Manifest.allow_fail`), a missing token, weights that no longer hash to the
-manifest's sha256. An unreachable hub or a refused upload is one line with exit 1.
+2: a directory that is not a port, a FAIL verdict without `allow_fail`, a missing token, weights
+that no longer hash to the manifest's sha256. An unreachable hub or a refused upload is one line
+with exit 1.
+
+A FAIL port published with `allow_fail` must say so in its card. Where the packaging did not
+(`Manifest.allow_fail` false: `report --package` packages a FAIL run as it is), publish amends
+the port in place before it uploads: `allow_fail` goes into vitport.json and the card is written
+again by the packaging's own `write_card`, which states the FAIL verdict under its title; the
+directory and the repository then say the same.
 
 AtomGit and the Hugging Face hub go through huggingface_hub (`create_repo`, `upload_folder`);
 AtomGit with its own endpoint and token, Xet off, ids and default branch as AtomGit's client
@@ -13,7 +19,7 @@ has them (`vitport.families.sources`). ModelScope goes through `modelscope`'s `H
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ class Published:
     uploaded: tuple[str, ...]  # files new or changed on the hub; () = nothing new
     unchanged: tuple[str, ...]  # files the hub already held as they are
     allow_fail: bool = False  # published although its verdict is FAIL
+    amended: bool = False  # its card and vitport.json were made to state the FAIL verdict
 
     @property
     def nothing_new(self) -> bool:
@@ -64,15 +71,20 @@ def publish(
     manifest = check_package(directory, allow_fail)
     token = hub_token(prefix)
     check_package_weights(directory, manifest)
+    amended = not manifest.passed and not manifest.allow_fail
+    if amended:
+        manifest = state_allow_fail(directory, manifest)
     message = message or default_message(manifest)
     files = package_files(directory)
     if prefix == "ms:":
-        return _publish_modelscope(
+        published = _publish_modelscope(
             directory, target, user_id, token, files, private, revision, message, manifest
         )
-    return _publish_hf_api(
-        directory, target, prefix, user_id, token, files, private, revision, message, manifest
-    )
+    else:
+        published = _publish_hf_api(
+            directory, target, prefix, user_id, token, files, private, revision, message, manifest
+        )
+    return replace(published, amended=amended)
 
 
 def parse_target(target: str) -> tuple[str, str]:
@@ -89,8 +101,7 @@ def parse_target(target: str) -> tuple[str, str]:
 
 
 def check_package(directory: Path, allow_fail: bool) -> Manifest:
-    """The port's manifest, or a refusal: not a port; a FAIL verdict without `allow_fail`;
-    `allow_fail` on a port whose card does not state its FAIL verdict."""
+    """The port's manifest, or a refusal: not a port; a FAIL verdict without `allow_fail`."""
     if not directory.is_dir():
         raise VitportError(
             f"{directory} is not a directory; pass a port written by vitport report --package"
@@ -101,21 +112,23 @@ def check_package(directory: Path, allow_fail: bool) -> Manifest:
             f"{directory} is not a vitport port (no {MANIFEST}); write one with vitport report "
             "--package, then publish that directory"
         )
-    if manifest.passed:
-        return manifest
-    if not allow_fail:
+    if not manifest.passed and not allow_fail:
         raise VitportError(
             f"the port in {directory} failed its check (verdict FAIL); fix it and package it "
-            "again, or publish it as failed with allow_fail=True",
+            "again, or publish it as failed with allow_fail=True (its card then says so)",
             params=("allow_fail=True",),
         )
-    if not manifest.allow_fail:
-        # publish does not rewrite a port's card: the packaging states a FAIL verdict
-        raise VitportError(
-            f"the port in {directory} failed its check and its card does not say so "
-            f"({MANIFEST} has allow_fail false); package it again with vitport report "
-            "--package --allow-fail so that the card states it, then publish it",
-        )
+    return manifest
+
+
+def state_allow_fail(directory: Path, manifest: Manifest) -> Manifest:
+    """Make a FAIL port say it is published anyway: allow_fail in its vitport.json, and its card
+    written again by the packaging, which states the FAIL verdict under the title."""
+    from vitport.port.package import write_card
+
+    manifest = replace(manifest, allow_fail=True)
+    manifest.write(directory)
+    write_card(directory, manifest)
     return manifest
 
 
@@ -212,7 +225,7 @@ def _publish_hf_api(
     manifest: Manifest,
 ) -> Published:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import RevisionNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
     from vitport.families.sources import ATOMGIT, HF_HUB, default_branch
 
@@ -226,10 +239,10 @@ def _publish_hf_api(
             branch = revision or (default_branch(repo_id, hub) if hub.atomgit else "main")
             if revision:
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
-            try:
+            try:  # what the branch holds now, to tell what goes up
                 before = api.model_info(repo_id, revision=branch, files_metadata=True)
                 head, held = before.sha, {s.rfilename: s for s in before.siblings or ()}
-            except RevisionNotFoundError:  # a repository without a first commit
+            except HfHubHTTPError:  # no first commit yet, or a hub that does not say
                 head, held = None, {}
             changed = [name for name in files if not _same(directory / name, held.get(name))]
             commit = api.upload_folder(
