@@ -196,6 +196,8 @@ def test_flags_without_a_run_are_refused(tmp_path):
         "report", "--model", "demo:x", "--out", str(tmp_path / "a"), "--no-weights"
     )
     assert code == 2 and "--no-weights applies to --package" in text
+    code, text = run_cli("report", "--model", "demo:x", "--allow-fail")
+    assert code == 2 and "--allow-fail applies to --package" in text
     code, text = run_cli("report", "--from", str(tmp_path / "r.json"), "--package")
     assert code == 2 and "drop --from" in text
     assert not (tmp_path / "a").exists()
@@ -212,6 +214,9 @@ def test_a_directory_with_other_files_is_refused_then_kept_with_overwrite(run, t
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     write_package(run, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and read_manifest(out) is not None
+    write_package(run, tmp_path / "ported")
+    with pytest.raises(OutputError, match="already holds vitport's output"):
+        write_package(run, tmp_path / "ported")  # a port is replaced only with overwrite=True
 
 
 def test_a_failure_leaves_nothing_half_written(run, port, tmp_path, monkeypatch):
@@ -229,7 +234,7 @@ def test_a_failure_leaves_nothing_half_written(run, port, tmp_path, monkeypatch)
         write_package(run, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OutputError):
-        write_package(run, port)  # a port already there stays as it was
+        write_package(run, port, overwrite=True)  # a port already there stays as it was
     assert {p.name: p.read_bytes() for p in port.iterdir()} == before
 
 

@@ -97,6 +97,14 @@ def report(
             "the weights (for weights you may not redistribute).",
         ),
     ] = False,
+    allow_fail: Annotated[
+        bool,
+        typer.Option(
+            "--allow-fail",
+            help="With --package: a port whose verdict is FAIL is to be published anyway; its "
+            "card then says so under the title.",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """The whole proof of a port in one command, in the form of the hand-written reports.
@@ -127,8 +135,9 @@ def report(
     if lang not in LANGS:
         raise VitportError(f"--lang {lang} is not available; choose one of {', '.join(LANGS)}")
     check_dir(out, "out", overwrite, is_report_dir)
-    if no_weights and not package:
-        raise VitportError("--no-weights applies to --package; add --package")
+    for name, given in (("--no-weights", no_weights), ("--allow-fail", allow_fail)):
+        if given and not package:
+            raise VitportError(f"{name} applies to --package; add --package")
     if from_json is not None:
         if package:
             raise VitportError("--package writes a port from a run; drop --from")
@@ -171,7 +180,12 @@ def report(
 
             activity.update("writing the package")
             port = write_package(
-                run, out, lang, include_weights=not no_weights, overwrite=overwrite
+                run,
+                out,
+                lang,
+                include_weights=not no_weights,
+                allow_fail=allow_fail,
+                overwrite=overwrite,
             )
     data = run.data
     path = write_report(data, out, lang) if not package else out / "README.md"

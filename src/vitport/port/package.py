@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -101,7 +100,6 @@ def write_package(
         (tmp / REQUIREMENTS).write_text(requirements(manifest))
         manifest.write(tmp)
         write_card(tmp, manifest, run.data, run.base)
-        readable(tmp)
         return manifest
 
     try:
@@ -119,14 +117,6 @@ def write_package(
         ) from exc
     files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
     return Package(directory, manifest, files)
-
-
-def readable(directory: Path) -> None:
-    """Ordinary permissions, as any file the user writes (safetensors makes owner-only ones)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~mask)
 
 
 def _replace(manifest: Manifest, **changes: Any) -> Manifest:
