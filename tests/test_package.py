@@ -26,10 +26,11 @@ from vitport.port.package import (
     write_card,
     write_package,
 )
+from vitport.port.standalone import SCRIPT, inference_script
 
 QUICK = ("--batch-sizes", "1", "--min-seconds", "0.05")
 REPORT_FILES = {"README.md", "report.json", "inference.json", "bench.json", "compare.json"}
-WEIGHT_FILES = {WEIGHTS, "config.json", "preprocessor_config.json"}
+WEIGHT_FILES = {WEIGHTS, "config.json", "preprocessor_config.json", SCRIPT}
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -139,6 +140,13 @@ def test_the_golden_file_is_the_reference_with_small_block_states(port):
 def test_the_port_loads_back_to_the_same_weights(port):
     manifest = read_manifest(port)
     assert vitport.load(str(port)).weights_sha256 == manifest.weights_sha256
+
+
+def test_the_standalone_script_is_the_ports_own(port, source):
+    """inference.py is standalone's script for this port (test_standalone runs such scripts)."""
+    script = (port / SCRIPT).read_text()
+    assert script == inference_script(vitport.load(str(source)), read_manifest(port))
+    compile(script, SCRIPT, "exec")
 
 
 def test_compare_takes_the_golden_file_and_localises_from_it(port):

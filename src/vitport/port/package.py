@@ -2,9 +2,10 @@
 is, and that brings its own proof.
 
 The repository holds the report (README.md headed by model-card metadata, report.json, the plots
-and each step's JSON), the weights as loaded with their config and preprocessor config (unless
-`include_weights=False`), `vitport.json` (the Manifest), the reference's golden file with block
-states on the report's inputs, and `requirements.txt` with the versions that ran. It is built in
+and each step's JSON), the weights as loaded with their config and preprocessor config and the
+standalone `inference.py` that runs them (unless `include_weights=False`), `vitport.json` (the
+Manifest), the reference's golden file with block states on the report's inputs, and
+`requirements.txt` with the versions that ran. It is built in
 a temporary directory beside the target and moved into place only when complete.
 """
 
@@ -27,6 +28,7 @@ from vitport.encoder import Encoder, Features
 from vitport.errors import VitportError, WeightsError
 from vitport.outputs import OutputError, check_dir, is_report_dir, write_atomic
 from vitport.port.manifest import GOLDEN, MANIFEST, Manifest, is_port
+from vitport.port.standalone import SCRIPT, inference_script
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -91,9 +93,10 @@ def write_package(
 
     def fill(tmp: Path) -> Manifest:
         tmp.mkdir(parents=True)
-        if include_weights:
-            write_weights(run, tmp)
         manifest = build_manifest(run, include_weights, allow_fail, lang)
+        if include_weights:  # the script runs the weights beside it
+            (tmp / SCRIPT).write_text(inference_script(run.base, manifest))
+            write_weights(run, tmp)
         inputs = write_golden(run, tmp / GOLDEN)
         manifest = _replace(manifest, inputs_sha256=tuple(inputs))
         write_report(run.data, tmp, lang)
