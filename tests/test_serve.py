@@ -451,6 +451,8 @@ def test_bad_options_are_one_line_before_the_model_loads(tmp_path):
         ("--model", "x", "--reference", "missing/golden.safetensors"): "not found",
         ("--model", "x", "--device", "cpu", "--port", str(busy.getsockname()[1])): "cannot listen",
         ("--model", "x", "--engine", "spark"): "--engine",
+        # the spec is resolved before uvicorn starts: no "Uvicorn running on" first
+        ("--model", "demo:dinov2-huge", "--device", "cpu", "--port", "0"): "unknown demo model",
     }
     for args, words in cases.items():
         done = run(*args)
