@@ -332,7 +332,7 @@ def create_app(
             entries = await form_entries(request, cfg)
             done = await service.embed(entries, "file", request.is_disconnected)
             if cfg.normalize if normalize is None else normalize:
-                done = [Embedded(unit_norm(e.outputs), e.size) for e in done]
+                done = [Embedded(unit_norm({n: e.outputs[n] for n in names}), e.size) for e in done]
             ids = [e.name for e in entries]
             if ARROW_STREAM in request.headers.get("accept", ""):
                 return Response(
