@@ -180,9 +180,9 @@ def test_the_no_tf32_template_sets_what_the_fix_sets(tiny_dir):
 
 
 def write_port(encoder: Any, source: Path, directory: Path, manifest: Manifest) -> Path:
-    """A port directory as the package writes it: the checkpoint as loaded (vitport's checkpoint
-    writer where the family converts, else transformers' own), its preprocessor config, and the
-    script."""
+    """A port directory as `report --package` writes it: the weights as loaded with their config
+    (transformers' save_pretrained, timm's through vitport's checkpoint writer), the source's
+    preprocessor config, and the script."""
     from vitport.convert.layouts import (
         loaded_arch,
         loaded_preprocessing,
@@ -190,24 +190,13 @@ def write_port(encoder: Any, source: Path, directory: Path, manifest: Manifest) 
         write_checkpoint,
     )
 
-    timm_port = encoder.family == "timm"
-    try:
-        arch = loaded_arch(encoder)
-    except VitportError:  # a family without conversion tables: transformers writes it
-        encoder.module.save_pretrained(directory)
-        (directory / "preprocessor_config.json").write_text(
-            (source / "preprocessor_config.json").read_text()
-        )
+    if encoder.family == "timm":
+        arch, recipe = loaded_arch(encoder), loaded_preprocessing(encoder)
+        write_checkpoint(directory, "timm", arch, loaded_state(encoder), recipe)
     else:
-        processor = None if timm_port else source / "preprocessor_config.json"
-        write_checkpoint(
-            directory,
-            "timm" if timm_port else "hf",
-            arch,
-            loaded_state(encoder),
-            loaded_preprocessing(encoder),
-            processor_file=processor,
-        )
+        encoder.module.save_pretrained(directory)
+        processor = "preprocessor_config.json"
+        (directory / processor).write_text((source / processor).read_text())
     (directory / SCRIPT).write_text(inference_script(encoder, manifest))
     return directory
 
@@ -368,3 +357,16 @@ def test_the_script_writes_each_fix_out_in_order(tiny_dir):
     none = inference_script(encoder, manifest_of(encoder, ()))
     assert "# erf-gelu:" not in none
     compile(none, SCRIPT, "exec")
+
+
+@pytest.mark.slow
+def test_a_port_without_weights_says_what_it_needs(tiny_dir, tmp_path, photo_files, no_vitport):
+    source = tiny_dir("dinov2")
+    encoder = vitport.load(str(source))
+    port = tmp_path / "port"
+    port.mkdir()
+    (port / SCRIPT).write_text(inference_script(encoder, manifest_of(encoder, PORT_FIXES)))
+    command = [sys.executable, str(port / SCRIPT), str(photo_files[0])]
+    done = subprocess.run(command, env=no_vitport, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "no weights beside" in done.stderr and str(source) in done.stderr

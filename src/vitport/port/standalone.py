@@ -51,6 +51,7 @@ def inference_script(encoder: Encoder, manifest: Manifest) -> str:
         "title": _title(encoder, manifest),
         "imports": _TIMM_IMPORTS if timm_port else _HF_IMPORTS,
         "imports_words": "timm" if timm_port else "transformers",
+        "source": repr(manifest.source),
         "device": manifest.device_type,
         "dtype": manifest.dtype,
         "fixes": repr(tuple(manifest.fixes)),
@@ -396,6 +397,8 @@ from torch import nn
 {imports}
 
 HERE = Path(__file__).resolve().parent
+SOURCE = {source}  # what the port was made from
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the checkpoint's weights, beside this file
 DEVICE = "{device}"  # the port's device type
 DTYPE = "{dtype}"  # the port's dtype
 FIXES = {fixes}  # the port's fixes, written out in apply_fixes below
@@ -411,9 +414,9 @@ FINAL_NORM = "{final_norm}"  # the norm on the output tokens, inside Encoder (""
 
 
 def load_image(path: Path) -> Image.Image:
-    """A file as an upright RGB image (transparency composited onto white)."""
+    """A file as an upright RGB image, transparency composited onto white, as vitport reads it."""
     image = ImageOps.exif_transpose(Image.open(path))
-    if image.mode in ("RGBA", "LA", "PA", "P") and image.has_transparency_data:
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         white.alpha_composite(image.convert("RGBA"))
         image = white
@@ -442,6 +445,11 @@ def main() -> None:
     if args.device.split(":")[0] == "npu":
         import torch_npu  # noqa: F401  (makes the NPU a torch device)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if not any((HERE / name).is_file() for name in WEIGHTS):
+        raise SystemExit(
+            f"no weights beside {{__file__}}: this port records only its source, {{SOURCE}}; "
+            "put that checkpoint's files (config.json and its weights) here"
+        )
 
     model = Encoder(load_model()).to(device=device, dtype=dtype)
     apply_fixes(model, list(model.get_submodule(BLOCKS)), FINAL_NORM)
