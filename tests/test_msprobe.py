@@ -90,6 +90,7 @@ def compare_json(monkeypatch, capsys, tmp_path, model, reference, *args):
         str(reference),
         "--json",
         str(out),
+        "--overwrite",  # a test may compare more than once
         *args,
     )
     assert code in (0, 1), err
