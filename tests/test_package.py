@@ -30,7 +30,7 @@ from vitport.port.standalone import SCRIPT, inference_script
 
 QUICK = ("--batch-sizes", "1", "--min-seconds", "0.05")
 REPORT_FILES = {"README.md", "report.json", "inference.json", "bench.json", "compare.json"}
-WEIGHT_FILES = {WEIGHTS, "config.json", "preprocessor_config.json", SCRIPT}
+WEIGHT_FILES = {WEIGHTS, "config.json", "preprocessor_config.json"}
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -84,7 +84,7 @@ def run(source):
 
 def test_the_package_holds_every_file(port):
     names = {p.name for p in port.iterdir()}
-    assert REPORT_FILES | WEIGHT_FILES | {MANIFEST, GOLDEN, REQUIREMENTS} <= names
+    assert REPORT_FILES | WEIGHT_FILES | {MANIFEST, GOLDEN, REQUIREMENTS, SCRIPT} <= names
     assert not any(n.startswith(".") for n in names)  # nothing of the temporary build is left
     assert all((port / n).stat().st_size > 0 for n in names)
     assert (port / WEIGHTS).stat().st_mode & 0o044  # readable by others, as a repository's file
@@ -191,7 +191,8 @@ def test_no_weights_records_the_source_and_its_sha256(source, tmp_path):
     assert code == 0, text
     assert "without weights" in text
     names = {p.name for p in out.iterdir()}
-    assert not names & WEIGHT_FILES and {MANIFEST, GOLDEN, REQUIREMENTS} <= names
+    assert not names & WEIGHT_FILES and {MANIFEST, GOLDEN, REQUIREMENTS, SCRIPT} <= names
+    assert "no weights beside" in (out / SCRIPT).read_text()  # it asks for the source's files
     manifest = read_manifest(out)
     assert not manifest.weights_included and manifest.source == str(source)
     assert manifest.weights_sha256 == vitport.load(str(source)).weights_sha256

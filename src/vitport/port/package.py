@@ -2,10 +2,10 @@
 is, and that brings its own proof.
 
 The repository holds the report (README.md headed by model-card metadata, report.json, the plots
-and each step's JSON), the weights as loaded with their config and preprocessor config and the
-standalone `inference.py` that runs them (unless `include_weights=False`), `vitport.json` (the
-Manifest), the reference's golden file with block states on the report's inputs, and
-`requirements.txt` with the versions that ran. It is built in
+and each step's JSON), the weights as loaded with their config and preprocessor config (unless
+`include_weights=False`), the standalone `inference.py` that runs them (without weights, it asks
+for the source's files beside it), `vitport.json` (the Manifest), the reference's golden file
+with block states on the report's inputs, and `requirements.txt` with the versions that ran. It is built in
 a temporary directory beside the target and moved into place only when complete.
 """
 
@@ -94,8 +94,8 @@ def write_package(
     def fill(tmp: Path) -> Manifest:
         tmp.mkdir(parents=True)
         manifest = build_manifest(run, include_weights, allow_fail, lang)
-        if include_weights:  # the script runs the weights beside it
-            (tmp / SCRIPT).write_text(inference_script(run.base, manifest))
+        (tmp / SCRIPT).write_text(inference_script(run.base, manifest))
+        if include_weights:
             write_weights(run, tmp)
         inputs = write_golden(run, tmp / GOLDEN)
         manifest = _replace(manifest, inputs_sha256=tuple(inputs))
