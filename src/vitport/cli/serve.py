@@ -23,7 +23,6 @@ from vitport.cli.app import (
 )
 from vitport.cli.inputs import enable_cuda_shim
 from vitport.errors import VitportError
-from vitport.serve.config import open_to_all
 
 Int = Annotated[int, typer.Option(min=1)]
 
@@ -209,7 +208,7 @@ def serve(
     """
     import logging
 
-    from vitport.serve.config import ServeConfig
+    from vitport.serve.config import ServeConfig, open_to_all
 
     config = ServeConfig(
         model=model,
