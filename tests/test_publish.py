@@ -233,9 +233,11 @@ def refused(monkeypatch, capsys, hub, *args: str) -> str:
     return lines[0]
 
 
-def test_a_directory_that_is_not_a_port_is_refused(hub, tiny_dir, monkeypatch, capsys):
+def test_a_directory_that_is_not_a_port_is_refused(hub, tiny_dir, tmp_path, monkeypatch, capsys):
     line = refused(monkeypatch, capsys, hub, str(tiny_dir("dinov2")), "atomgit:org/x")
     assert "not a vitport port (no vitport.json)" in line and "--package" in line
+    line = refused(monkeypatch, capsys, hub, str(tmp_path / "nowhere"), "atomgit:org/x")
+    assert "is not a directory" in line
 
 
 def test_a_failed_port_is_refused_without_allow_fail(hub, packaged, tmp_path, monkeypatch, capsys):
