@@ -64,18 +64,18 @@ def main() -> None:
         speeds = [f"{trial.speed(b):.1f}" if trial.speed(b) else "-" for b in sizes]
         err = f"{100 * trial.worst_rel_error:.3g}%" if trial.worst_rel_error is not None else "-"
         faithful = {True: "yes", False: "no", None: "error"}[trial.faithful]
-        lines.append(
-            f"| {trial.config.label()} | {faithful} | {err} | " + " | ".join(speeds) + " |"
-        )
+        lines.append(f"| {trial.label()} | {faithful} | {err} | " + " | ".join(speeds) + " |")
     lines.append("")
     if best is not None:
         trial, batch = best
         verdict = "met" if speedup and speedup >= 2 else "MISSED"
+        ratio = f"{speedup:.2f}x the baseline" if speedup else "no speed-up given"
         lines.append(
-            f"Fastest faithful: **{trial.config.label()} at batch {batch}, "
-            f"{trial.speed(batch):.1f} img/s, {speedup:.2f}x the baseline** "
-            f"(target 2x: {verdict})."
+            f"Fastest faithful: **{trial.label()} at batch {batch}, "
+            f"{trial.speed(batch):.1f} img/s, {ratio}** (target 2x: {verdict})."
         )
+        if result.drift():
+            lines.append(f"Note: {result.drift()}.")
     print(write_section(MARK, lines[1:]))
 
 

@@ -118,6 +118,7 @@ TIMED_MODULES = (
     "vitport.bench.timing",
     "vitport.inputs.stream",
     "vitport.bench.e2e",
+    "vitport.bench.optimize",
 )
 
 

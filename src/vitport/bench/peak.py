@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from vitport.bench.timing import TaskSpec, measure
-from vitport.device import Device, dtype_key, dtype_name
+from vitport.device import Device, dtype_key, dtype_name, parse_dtype
 from vitport.device.precision import tf32_enabled
 from vitport.runtimes.base import Setup
 
@@ -17,7 +17,10 @@ __all__ = [
     "VENDOR_PEAKS",
     "PeakResult",
     "clear_peak_cache",
+    "emulated",
+    "emulation_note",
     "measure_peak",
+    "measure_peaks",
     "peak_dtype_key",
     "vendor_peak",
 ]
@@ -189,4 +192,33 @@ def _measure(device: Device, dtype: torch.dtype, size: int, min_seconds: float) 
         tflops=tflops,
         seconds=seconds,
         iterations=len(result.times),
+    )
+
+
+def measure_peaks(
+    device: Device, dtypes: Sequence[str], size: int | None = None, min_seconds: float = 1.0
+) -> dict[str, float]:
+    """The measured matmul peak (TFLOP/s) of each of `dtypes` and of fp32 on `device`, by dtype
+    name: what a choice between dtypes is decided by, instead of assuming 16-bit is fast."""
+    names = dict.fromkeys(["fp32", *(dtype_name(parse_dtype(d)) for d in dtypes)])
+    return {
+        name: measure_peak(device, parse_dtype(name), size, min_seconds).tflops for name in names
+    }
+
+
+def emulated(dtype: str, tflops: float, fp32_tflops: float) -> bool:
+    """Whether `dtype` runs emulated here: its measured matmul peak is below fp32's (a CPU
+    without bf16 units converts to fp32 and back around every product)."""
+    return dtype_name(parse_dtype(dtype)) != "fp32" and tflops < fp32_tflops
+
+
+def emulation_note(dtype: str, tflops: float, fp32_tflops: float) -> str | None:
+    """One note saying `dtype` runs emulated here, from the two measured peaks; None when it
+    does not."""
+    if not emulated(dtype, tflops, fp32_tflops):
+        return None
+    return (
+        f"{dtype} runs emulated here: its measured matmul peak ({tflops:.3g} TFLOP/s) is "
+        f"{fp32_tflops / tflops:.1f}x below fp32's ({fp32_tflops:.3g} TFLOP/s), so this device "
+        f"has no {dtype} units that pay; fp32 runs faster"
     )

@@ -13,7 +13,14 @@ import torch
 
 from vitport import records
 from vitport.bench.flops import FlopCount, flops_per_image
-from vitport.bench.peak import PeakResult, measure_peak, peak_dtype_key, vendor_peak
+from vitport.bench.peak import (
+    PeakResult,
+    emulated,
+    emulation_note,
+    measure_peak,
+    peak_dtype_key,
+    vendor_peak,
+)
 from vitport.bench.timing import Measurement, TaskSpec, measure
 from vitport.device import dtype_name
 from vitport.encoder import Encoder
@@ -91,6 +98,14 @@ class BenchResult:
     auto: bool = False
     notes: list[str] = field(default_factory=list)
     runtime: str = "torch"
+    fp32_peak: PeakResult | None = None  # beside another dtype's peak: is that dtype emulated?
+
+    @property
+    def emulated(self) -> bool:
+        """This dtype's measured matmul peak is below fp32's: it runs emulated here."""
+        return bool(self.peak and self.fp32_peak) and emulated(
+            self.dtype, self.peak.tflops, self.fp32_peak.tflops
+        )
 
     def achieved_tflops(self, run: BatchRun) -> float:
         return self.flops.total * run.measurement.images_per_second / 1e12
@@ -151,6 +166,7 @@ class BenchResult:
             data,
             flops=lambda f: records.from_dict(FlopCount, f),
             peak=lambda p: records.from_dict(PeakResult, p) if p else None,
+            fp32_peak=lambda p: records.from_dict(PeakResult, p) if p else None,
             runs=lambda rs: [run(r) for r in rs],
         )
 
@@ -319,6 +335,10 @@ def bench(
     if measure_roofline:
         progress("peak: a large matmul on the device")
         result.peak = measure_peak(encoder.device, encoder.dtype)
+        if result.dtype != "fp32":
+            result.fp32_peak = measure_peak(encoder.device, torch.float32)
+            note = emulation_note(result.dtype, result.peak.tflops, result.fp32_peak.tflops)
+            result.notes += [note] if note else []
     fastest = result.best()
     if result.peak and fastest and result.achieved_tflops(fastest) > result.peak.tflops:
         result.notes.append(

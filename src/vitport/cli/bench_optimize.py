@@ -50,6 +50,7 @@ def bench_optimize(
             progress=steps(activity),
         )
     show(optimize_table(result))
+    console.print(f"[dim]{esc(result.plan)}[/dim]", highlight=False)
     for line in result.runtimes_skipped:
         console.print(f"[dim]runtime skipped: {esc(line)}[/dim]", highlight=False)
     if result.skipped:
@@ -65,15 +66,17 @@ def bench_optimize(
         trial, batch = best
         speedup = result.speedup()
         console.print(
-            f"[bold]fastest faithful:[/bold] {trial.config.label()} at batch {batch}: "
+            f"[bold]fastest faithful:[/bold] {trial.label()} at batch {batch}: "
             f"{trial.speed(batch):.1f} img/s"
             + (
-                f", {speedup:.2f}x the baseline (fp32, attention as loaded, no compile) at the "
-                f"same batch"
+                f", {speedup:.2f}x the baseline (fp32, attention as loaded, no compile) timed "
+                "beside it at the same batch"
                 if speedup
                 else ""
             )
         )
+        if result.drift():
+            console.print(f"[yellow]note:[/yellow] {esc(result.drift())}", soft_wrap=True)
     if json_out is not None:
         from vitport.outputs import write_text
 

@@ -76,13 +76,15 @@ def optimize_table(result) -> Table:
             faithful += f" ({trial.failed_checks[0]})"
         if trial.error:
             faithful = f"could not run: {trial.error[:60]}"
+        elif trial.note:
+            faithful += f" ({trial.note})"
         speeds = [
             f"{trial.speed(b):.1f}" if trial.speed(b) is not None else "-"
             for b in result.batch_sizes
         ]
         style = "bold green" if best is not None and trial is best[0] else None
         table.add_row(
-            trial.config.label(),
+            trial.label(),
             faithful,
             "-" if trial.worst_rel_error is None else error,
             f"{trial.build_seconds:.1f}",

@@ -39,6 +39,7 @@ __all__ = [
     "available",
     "cache_dir",
     "check",
+    "fallback_note",
     "load",
     "prepare",
     "runner",
@@ -98,6 +99,20 @@ class Prepared:
     build_seconds: float = 0.0
     fix_reports: list[Any] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)  # one line per change: fault, fixes, build
+    ran_dtype: str = ""  # the dtype the runtime actually runs at (see Runner.ran_dtype)
+
+    def __post_init__(self) -> None:
+        self.ran_dtype = self.ran_dtype or self.setup.dtype
+
+    @property
+    def fell_back(self) -> bool:
+        """The runtime runs another precision than the setup asked for."""
+        return self.ran_dtype != self.setup.dtype
+
+    @property
+    def ran_setup(self) -> Setup:
+        """The setup as it actually runs: the one to label and judge it by."""
+        return replace(self.setup, dtype=self.ran_dtype)
 
     def release(self) -> None:
         """Let go of what the runner built (sessions, engines, compiled graphs)."""
@@ -147,8 +162,22 @@ def prepare(
     if not setup.torch_runtime:
         notes.append(f"runtime: {setup.runtime} (built in {seconds:.1f} s)")
         changes.append(f"run by {setup.runtime} (built in {seconds:.1f} s)")
+    ran = kind.ran_dtype() or setup.dtype
+    if ran != setup.dtype:  # labelled by what it runs: bench and search show the ran dtype
+        notes.append(fallback_note(setup, ran))
+        changes.append(f"{setup.runtime} ran {ran} ({setup.dtype} asked)")
+        candidate = replace(candidate, dtype=parse_dtype(ran))
     built = replace(candidate, forward_fn=forward, runtime=setup.runtime, notes=notes)
-    return Prepared(built, setup, kind, seconds, reports, changes)
+    return Prepared(built, setup, kind, seconds, reports, changes, ran)
+
+
+def fallback_note(setup: Setup, ran: str) -> str:
+    """One line for a runtime that runs another precision than it was asked for."""
+    return (
+        f"{setup.runtime} was asked for {setup.dtype} and runs {ran} here (read from the "
+        f"model it built: this device has no {setup.dtype} support in {setup.runtime}); "
+        f"it is labelled and judged as {ran}"
+    )
 
 
 def load(

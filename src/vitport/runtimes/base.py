@@ -131,6 +131,12 @@ class Runner(Protocol):
         """Let go of what `build` made (sessions, engines, compiled graphs)."""
         return None
 
+    def ran_dtype(self) -> str | None:
+        """The dtype the built runtime actually runs at, read from what `build` made, for a
+        runtime that may fall back to another precision than the setup asked for (OpenVINO
+        asked for bf16 on a CPU without bf16 runs f32); None: as asked, or unknown."""
+        return None
+
 
 RUNNERS: Registry[type[Runner]] = Registry("runtime", "runtime")
 """Every runtime, by name; each module under vitport.runtimes registers its own."""
