@@ -117,18 +117,21 @@ PLANTED = {"erf-gelu": approximate_gelus, "layernorm-fp32": low_precision_norms}
 
 
 def template_cases() -> list[Any]:
+    """Every tiny model, fix and dtype; a fix that a planted device fault gives something to
+    change runs with and without it."""
     return [
-        pytest.param(model, fix, dtype, id=f"{model}-{fix}-{dtype}")
+        pytest.param(model, fix, dtype, planted, id=f"{model}-{fix}-{dtype}{planted}")
         for model in TINY
         for fix in TEMPLATE_FIXES
         for dtype in ("bf16", "fp32")
+        for planted in (("-planted", "") if fix in PLANTED else ("",))
     ]
 
 
-@pytest.mark.parametrize(("model", "fix", "dtype"), template_cases())
-def test_a_template_computes_what_its_fix_does(tiny_dir, model, fix, dtype):
+@pytest.mark.parametrize(("model", "fix", "dtype", "planted"), template_cases())
+def test_a_template_computes_what_its_fix_does(tiny_dir, model, fix, dtype, planted):
     encoder = vitport.load(str(tiny_dir(model)), dtype=dtype)
-    if fix in PLANTED:
+    if planted:
         PLANTED[fix](encoder)  # so that the fix has something to change
     fixed = encoder.to(copy=True)
     try:
@@ -142,12 +145,17 @@ def test_a_template_computes_what_its_fix_does(tiny_dir, model, fix, dtype):
         want = fixed.forward_fn(fixed.module, pixels)
         got = apply_template(encoder, fix)(pixels)
         before = encoder.forward_fn(encoder.module, pixels)
-    tolerance = {"atol": 1e-6, "rtol": 1e-5}
+    # bf16 tolerance where vitport judged a norm "already float32" from a few probe rows (CPU
+    # bf16 LayerNorm): the template computes it in float32 regardless, a bf16 ulp apart at times
+    loose = fix == "layernorm-fp32" and dtype == "bf16" and not planted
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if loose else {"atol": 1e-6, "rtol": 1e-5}
     torch.testing.assert_close(got.tokens, want.tokens, **tolerance)
     if want.pooled is not None:
         torch.testing.assert_close(got.pooled, want.pooled, **tolerance)
     changed = {"erf-gelu": "fp32", "layernorm-fp32": "bf16", "attention-fp32": "bf16"}
-    if changed.get(fix) == dtype:  # the fix changed the function here; so did the template
+    if planted and changed.get(fix) == dtype:  # the fix changed the function; so did the template
+        assert not torch.equal(before.tokens, got.tokens)
+    if fix == "attention-fp32" and dtype == "bf16":
         assert not torch.equal(before.tokens, got.tokens)
 
 
