@@ -267,3 +267,25 @@ def test_hub_ids_for_base_model():
     )
     assert hub_id("demo:dinov2-small") is None
     assert hub_id("ms:facebook/dinov2-small") is None
+
+
+def test_a_hub_sources_license_comes_from_its_model_card(source, tiny_dir, tmp_path, monkeypatch):
+    """The weights' download leaves the README out: the license is read from the hub's card,
+    and where there is none, none is written."""
+    import huggingface_hub.constants as constants
+    from hubstub import StubHub
+
+    from vitport.port.package import source_license
+
+    loaded = vitport.load(str(tiny_dir("dinov2")))  # its directory declares no license
+    with StubHub() as stub:
+        stub.add("org/licensed", source)
+        stub.add("org/plain", tiny_dir("dinov2"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setenv("HF_ENDPOINT", stub.url)
+        assert source_license("hf:org/licensed", loaded) == "Apache-2.0"
+        assert source_license("org/licensed", loaded) == "Apache-2.0"
+        assert source_license("hf:org/plain", loaded) is None
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert source_license("hf:org/licensed", loaded) is None  # unreachable, not cached: unknown

@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +84,9 @@ def write_package(
     overwrite: bool = False,
 ) -> Package:
     """Write the port of a report's run into `directory`, all at once: a reader (or a failure)
-    never leaves a half-written package. `directory` must be new, empty, a report or port vitport
-    wrote, or `overwrite` must say to write into it (its other files are then kept)."""
+    never sees a half-written package. `directory` must be new or empty, or `overwrite` must say
+    to write into it: a report or port vitport wrote is then replaced whole, a directory that
+    holds other files keeps them beside the package's."""
     from vitport.report import write_report
 
     directory = Path(directory).expanduser().resolve()
@@ -98,7 +99,7 @@ def write_package(
         if include_weights:
             write_weights(run, tmp)
         inputs = write_golden(run, tmp / GOLDEN)
-        manifest = _replace(manifest, inputs_sha256=tuple(inputs))
+        manifest = replace(manifest, inputs_sha256=tuple(inputs))
         write_report(run.data, tmp, lang)
         (tmp / REQUIREMENTS).write_text(requirements(manifest))
         manifest.write(tmp)
@@ -109,7 +110,8 @@ def write_package(
         if not directory.exists() or not any(directory.iterdir()) or ours(directory):
             manifest = write_atomic(directory, fill)
         else:  # overwrite=True into a directory that holds other files: keep them
-            with tempfile.TemporaryDirectory(dir=directory.parent) as staging:
+            hidden = f".{directory.name}.tmp-"
+            with tempfile.TemporaryDirectory(prefix=hidden, dir=directory.parent) as staging:
                 built = Path(staging) / "port"
                 manifest = fill(built)
                 for path in sorted(built.iterdir()):
@@ -120,12 +122,6 @@ def write_package(
         ) from exc
     files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
     return Package(directory, manifest, files)
-
-
-def _replace(manifest: Manifest, **changes: Any) -> Manifest:
-    from dataclasses import replace
-
-    return replace(manifest, **changes)
 
 
 # --- the manifest ----------------------------------------------------------------------------
@@ -401,8 +397,8 @@ def write_card(
         body = f"{title}\n\n> {STRINGS[manifest.lang]['allow_fail']}\n{rest}"
     spec = manifest.source
     license_ = source_license(spec, base) if base is not None else _license_of(directory)
-    data_ = card_data(manifest, hub_id(spec), license_)
-    card = ModelCard(f"---\n{data_.to_yaml()}\n---\n\n{body}")
+    metadata = card_data(manifest, hub_id(spec), license_)
+    card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}")
     card.save(directory / README)
     return card
 
