@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from vitport import golden
 from vitport.device import Device, dtype_name, out_of_memory_error
 from vitport.errors import DeviceError, VitportError
 from vitport.format import count
+
+if TYPE_CHECKING:
+    from vitport.port.manifest import Manifest
 
 OUTPUT_GROUPS = ("cls", "registers", "patches", "pooled", "logits")
 
@@ -245,6 +248,7 @@ class Encoder:
     runtime: str = "torch"  # what runs the forward (see vitport.runtimes)
     # the roles of a block's parts, as its family reads them (None: by name and kind)
     roles: Callable[[nn.Module], dict[str, str]] | None = None
+    port: Manifest | None = None  # a packaged port's vitport.json (see vitport.port.manifest)
 
     @property
     def num_params(self) -> int:

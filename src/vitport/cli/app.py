@@ -153,7 +153,12 @@ DeviceOpt = Annotated[
     str, typer.Option("--device", "-d", help="auto, cpu, cuda[:N], npu[:N], xpu or mps.")
 ]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="fp32, fp16, bf16, or fp64 (slow; for exact references).")
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="fp32, fp16, bf16, or fp64 (slow; for exact references); default: a port's own "
+        "(its vitport.json), else fp32.",
+    ),
 ]
 ImageSizeOpt = Annotated[
     int | None,
@@ -203,7 +208,11 @@ OverwriteOpt = Annotated[
 ]
 FixOpt = Annotated[
     str | None,
-    typer.Option("--fix", help="Precision fixes to apply, comma-separated (see vitport fixes)."),
+    typer.Option(
+        "--fix",
+        help="Precision fixes to apply, comma-separated (see vitport fixes), or none; default: a "
+        "port's own (its vitport.json), else none.",
+    ),
 ]
 ImagesArg = Annotated[
     list[Path] | None, typer.Argument(help="Image files or directories (searched recursively).")

@@ -27,7 +27,7 @@ from vitport.cli.app import (
     esc,
 )
 from vitport.cli.display import progress, show, steps
-from vitport.cli.inputs import find_inputs, load_model
+from vitport.cli.inputs import find_inputs, load_model, port_options
 from vitport.errors import VitportError
 
 BENCH_DROP = (
@@ -58,7 +58,7 @@ def bench(
     model: ModelOpt,
     images: ImagesArg = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = None,
     batch_sizes: Annotated[
         str,
         typer.Option(
@@ -144,15 +144,16 @@ def bench(
         e2e_paths, _ = find_inputs(images)  # missing and non-image files: said before the load
     check_attention(attn)
     old = read_baseline(baseline) if baseline else None
+    port, _ = port_options(model, dtype, fix, weights)
     if old is not None:
-        check_baseline(old, baseline, model, dtype, attn, compile)
+        check_baseline(old, baseline, model, port.dtype, attn, compile)
     window = Window(warmup_seconds=warmup_seconds, min_seconds=min_seconds)
     seconds = check_budget(budget, optimize)
     if runtimes is not None and not optimize:
         raise VitportError("--runtimes lists what --optimize searches; use --runtime NAME alone")
     if optimize:
         check_optimize_alone(
-            dtype=dtype,
+            dtype=dtype or "fp32",
             attention=attn,
             compiled=compile,
             fixes=fixes,
@@ -182,9 +183,9 @@ def bench(
         raise VitportError(
             f"--runtime {runtime} runs the exported graph; drop --attn and --compile"
         )
-    setup = Setup(runtime, dtype, attn, compile, tuple(fixes))
+    setup = Setup(runtime, port.dtype, attn, compile, port.fixes)
     encoder = load_model(
-        model, device, setup, image_size, weights, trust_remote_code, cuda_shim, sizes
+        model, device, setup, image_size, weights, trust_remote_code, cuda_shim, sizes, port.note
     )
     with progress("benchmarking ...") as activity:
         result = run_bench(encoder, sizes, window, setup=setup, progress=steps(activity))

@@ -25,7 +25,7 @@ from vitport.cli.app import (
     esc,
 )
 from vitport.cli.display import progress, show, steps
-from vitport.cli.inputs import load_model, read_inputs
+from vitport.cli.inputs import load_model, port_options, read_inputs
 from vitport.errors import VitportError
 
 ACCURACY_DROP = (
@@ -42,18 +42,19 @@ def compare(
     model: ModelOpt,
     images: ImagesArg = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = None,
     reference: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--reference",
             "-r",
             help="A device to run the reference on in this process (cpu, cuda, ...), a golden "
             "features file written by `vitport infer --out` on another machine, or an msprobe "
             "tensor dump (its dump_path, step*/ or rank*/proc*/ folder; L0 or mix), whose own "
-            "inputs are then used.",
+            "inputs are then used. Default: a port's own golden file (its vitport.json), else "
+            "cpu.",
         ),
-    ] = "cpu",
+    ] = None,
     reference_dtype: Annotated[
         str, typer.Option(help="dtype of an in-process reference: fp32, fp64, fp16 or bf16.")
     ] = "fp32",
@@ -118,7 +119,7 @@ def compare(
     from vitport.compare.verdict import parse_threshold_overrides, unused_limits
     from vitport.device import Device, parse_dtype, resolve_device
     from vitport.faults import parse_fault
-    from vitport.fixes import fix_names, parse_fixes
+    from vitport.fixes import fix_names
     from vitport.outputs import check_file, is_vitport_json, write_text
     from vitport.runtimes import Setup, check
 
@@ -127,14 +128,16 @@ def compare(
     except ValueError as exc:
         raise VitportError(str(exc)) from exc
     check_file(json_out, "json", overwrite, is_vitport_json)
-    fixes = parse_fixes(fix)
     if inject_fault:
         parse_fault(inject_fault)
+    port, found = port_options(model, dtype, fix, weights)
+    fixes = list(port.fixes)
+    reference, reference_note = port_reference(reference, found)
     source = open_source(reference, localize)
     golden = None if isinstance(source, Device) else source
     target = resolve_device(device)
-    cand_dtype = parse_dtype(dtype)
-    setup = Setup(runtime, dtype)
+    cand_dtype = parse_dtype(port.dtype)
+    setup = Setup(runtime, port.dtype)
     check(setup, target.type)  # the runtime refused before anything loads
     ref_dtype = parse_dtype(reference_dtype)
 
@@ -148,7 +151,8 @@ def compare(
         )
     make_candidate = candidate_factory(base, target, setup, inject_fault)
     candidate, detail = make_candidate(fixes)
-    notes = [*base.notes, *([f"candidate: {detail}"] if detail else [])]
+    notes = [*base.notes, *([port.note] if port.note else []), *reference_note]
+    notes += [f"candidate: {detail}"] if detail else []
     if problems:
         from vitport.inputs import skipped_summary
 
@@ -191,6 +195,22 @@ def compare(
         console.print(f"every number written to [bold]{esc(json_out)}[/bold]")
     if not result.passed:
         raise typer.Exit(1)
+
+
+def port_reference(reference: str | None, found) -> tuple[str, list[str]]:
+    """--reference as given; else a port's own golden file (and a note naming it), else cpu."""
+    if reference is not None:
+        return reference, []
+    if found is None:
+        return "cpu", []
+    manifest, home = found
+    golden = home / manifest.golden
+    if not golden.is_file():
+        raise VitportError(
+            f"the port {home} has no golden file {manifest.golden} beside its vitport.json; "
+            "give --reference DEVICE or FILE, or package the port again"
+        )
+    return str(golden), [f"reference: the port's own golden file {golden} (from its vitport.json)"]
 
 
 def render_compare(result, per_input: bool = False) -> None:

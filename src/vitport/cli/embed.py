@@ -34,7 +34,7 @@ def embed(
     model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = None,
     batch_size: Annotated[
         int | None,
         typer.Option(min=1, help="Images per forward pass; default: the fastest that fits."),
@@ -87,8 +87,10 @@ def embed(
 
     Shards are written atomically: a run killed at any moment resumes with the same command and recomputes nothing already written. Another model, dtype, preprocessing or outputs in an existing DIR is refused (--overwrite starts over). Exit code 0 when every input is embedded or explained in errors.parquet.
     """
+    from vitport.cli.inputs import port_options
     from vitport.embed import embed as run_embed
-    from vitport.fixes import parse_fixes
+
+    port, _ = port_options(model, dtype, fix, weights, show=True)
 
     with progress(
         "loading", bar=True, eta=True, stderr=True, speed_from_first_tick=True, quiet=quiet
@@ -98,13 +100,13 @@ def embed(
             model,
             out,
             device=device,
-            dtype=dtype,
+            dtype=port.dtype,
             batch_size=batch_size,
             workers=workers,
             image_size=image_size,
             weights=weights,
             trust_remote_code=trust_remote_code,
-            fixes=parse_fixes(fix),
+            fixes=list(port.fixes),
             runtime=runtime,
             outputs=outputs,
             shard_size=shard_size,

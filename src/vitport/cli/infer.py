@@ -22,7 +22,7 @@ from vitport.cli.app import (
     esc,
 )
 from vitport.cli.display import progress, show
-from vitport.cli.inputs import find_inputs, load_model, report_problems
+from vitport.cli.inputs import find_inputs, load_model, port_options, report_problems
 from vitport.errors import VitportError
 from vitport.format import count
 
@@ -31,7 +31,7 @@ def infer(
     model: ModelOpt,
     images: ImagesArg = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -83,14 +83,12 @@ def infer(
     features as a golden file that `vitport compare --reference FILE` accepts on another machine.
     """
     from vitport.cli.infer_tables import latency_note, per_image_table, shapes_table
-    from vitport.fixes import parse_fixes
     from vitport.infer import infer as run_infer
     from vitport.infer import infer_inputs
     from vitport.inputs import default_inputs, read_images
     from vitport.inputs.stream import file_inputs
     from vitport.outputs import check_dir, check_file, is_features_file
 
-    fixes = parse_fixes(fix)
     if out_format not in ("vitport", "msprobe"):
         raise VitportError(f"--format {out_format} is not known; choose vitport or msprobe")
     if out_format == "msprobe":
@@ -108,8 +106,11 @@ def infer(
     paths, skipped = find_inputs(images)
     from vitport.runtimes import Setup
 
-    setup = Setup(dtype=dtype, fixes=tuple(fixes))
-    encoder = load_model(model, device, setup, image_size, weights, trust_remote_code, cuda_shim)
+    port, _ = port_options(model, dtype, fix, weights)
+    setup = Setup(dtype=port.dtype, fixes=port.fixes)
+    encoder = load_model(
+        model, device, setup, image_size, weights, trust_remote_code, cuda_shim, note=port.note
+    )
     if paths is None:
         loaded = default_inputs(encoder.image_size[0])
         result = run_infer(encoder, loaded, batch_size)

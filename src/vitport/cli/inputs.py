@@ -26,10 +26,12 @@ def load_model(
     trust_remote_code: bool,
     cuda_shim: bool,
     batch_sizes=None,
+    note: str = "",
 ):
     """Shared by every command: the shim first, then the one door, vitport.runtimes.load (the
     runtime checked, and `batch_sizes` against its limits, before the model loads; then the
-    fixes and the runtime's build). `setup` is a vitport.runtimes.Setup."""
+    fixes and the runtime's build). `setup` is a vitport.runtimes.Setup; `note` (a port's, from
+    port_options) joins the encoder's notes."""
     from vitport.runtimes import load, runner
 
     enable_cuda_shim(cuda_shim)
@@ -45,7 +47,31 @@ def load_model(
         )
     for report in prepared.fix_reports:
         errors.print(f"[dim]fix {report.name}: {esc(report.detail)}[/dim]", soft_wrap=True)
+    if note:
+        prepared.encoder.notes.append(note)
     return prepared.encoder
+
+
+def port_options(
+    spec: str, dtype: str | None, fix: str | None, weights: Path | None = None, show: bool = False
+):
+    """--dtype and --fix as given, else a port's own (its vitport.json), else fp32 and no fixes:
+    a vitport.port.settings.PortSettings, whose note (for a port) the command shows, and the
+    port's (manifest, directory), or None. A hub spec is fetched here, as loading would. `show`:
+    print the note now (for commands whose encoder is not at hand)."""
+    from vitport.families import find_port
+    from vitport.fixes import parse_fixes
+    from vitport.port.settings import CLI_OVERRIDE, port_settings
+
+    fixes = None if fix is None else parse_fixes(fix)
+    if spec.startswith(("demo:", "timm:")):
+        return port_settings(None, dtype, fixes), None
+    with progress(f"reading {esc(spec)} ..."):
+        found = find_port(spec, weights is not None)
+    settings = port_settings(found[0] if found else None, dtype, fixes, CLI_OVERRIDE)
+    if show and settings.note:
+        errors.print(f"[yellow]note:[/yellow] {esc(settings.note)}", soft_wrap=True)
+    return settings, found
 
 
 def report_problems(problems) -> None:

@@ -25,7 +25,7 @@ from vitport.cli.app import (
 )
 from vitport.cli.bench import parse_batch_sizes
 from vitport.cli.display import progress
-from vitport.cli.inputs import enable_cuda_shim, read_inputs
+from vitport.cli.inputs import enable_cuda_shim, port_options, read_inputs
 from vitport.errors import VitportError
 
 
@@ -36,7 +36,7 @@ def report(
     ] = None,
     images: ImagesArg = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = None,
     reference: Annotated[
         str,
         typer.Option(
@@ -119,7 +119,6 @@ def report(
     from vitport.bench.run import Window
     from vitport.compare.check import open_source
     from vitport.device import Device
-    from vitport.fixes import parse_fixes
     from vitport.outputs import check_dir, is_report_dir
     from vitport.report import (
         LANGS,
@@ -148,7 +147,7 @@ def report(
         raise VitportError("vitport report needs --model SPEC (or --from DIR/report.json)")
     seconds = check_budget(budget, optimize)
     sizes = parse_batch_sizes(batch_sizes)
-    fixes = parse_fixes(fix)
+    port, _ = port_options(model, dtype, fix, weights, show=True)
     source = open_source(golden if golden is not None else reference)
     gold = None if isinstance(source, Device) else source
     if package:
@@ -162,12 +161,12 @@ def report(
         options = ReportOptions(
             spec=model,
             device=device,
-            dtype=dtype,
+            dtype=port.dtype,
             reference=reference,
             reference_dtype=reference_dtype,
             batch_sizes=tuple(sizes) if sizes else None,
             window=Window(min_seconds=min_seconds),
-            fixes=tuple(fixes),
+            fixes=port.fixes,
             image_size=image_size,
             weights=str(weights) if weights else None,
             trust_remote_code=trust_remote_code,

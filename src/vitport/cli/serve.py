@@ -21,7 +21,7 @@ from vitport.cli.app import (
     errors,
     esc,
 )
-from vitport.cli.inputs import enable_cuda_shim
+from vitport.cli.inputs import enable_cuda_shim, port_options
 from vitport.errors import VitportError
 
 Int = Annotated[int, typer.Option(min=1)]
@@ -37,7 +37,7 @@ def serve(
             "or cuda:0,cuda:1 (with --engine ray: one replica each)."
         ),
     ] = None,
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = None,
     fix: FixOpt = None,
     image_size: ImageSizeOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -210,13 +210,14 @@ def serve(
 
     from vitport.serve.config import ServeConfig, open_to_all
 
+    port, _ = port_options(model, dtype, fix, weights, show=True)
     config = ServeConfig(
         model=model,
         device=device,
-        dtype=dtype,
+        dtype=port.dtype,
         image_size=image_size,
         devices=tuple(d.strip() for d in (devices or "").split(",") if d.strip()),
-        fixes=tuple(f for f in (fix or "").split(",") if f),
+        fixes=port.fixes,
         weights=str(weights) if weights else None,
         trust_remote_code=trust_remote_code,
         model_name=model_name or "",

@@ -93,7 +93,7 @@ def open_source(
 
         def load_function() -> Encoder:
             write_foreign_as_timm(where, desc, state, pre)
-            return vitport.load(str(where), image_size=image_size)
+            return vitport.load(str(where), "cpu", "fp32", fixes=(), image_size=image_size)
 
         processor = path / "preprocessor_config.json" if path.is_dir() else None
         return Source(
@@ -106,8 +106,14 @@ def open_source(
             preprocessing=pre,
             processor_file=processor if processor and processor.is_file() else None,
         )
-    encoder = vitport.load(
-        source, image_size=image_size, weights=weights, trust_remote_code=trust_remote_code
+    encoder = vitport.load(  # a port converts as its weights are: fp32, no fixes
+        source,
+        "cpu",
+        "fp32",
+        fixes=(),
+        image_size=image_size,
+        weights=weights,
+        trust_remote_code=trust_remote_code,
     )
     layout = "timm" if encoder.family == "timm" else "hf"
     if from_layout is not None and from_layout != layout:
@@ -400,7 +406,7 @@ def _convert_layout(
 
     size = image_size or src.arch.image_size
     progress(f"verifying: the {to} checkpoint against the source at {size}px")
-    target = vitport.load(str(directory), image_size=size)
+    target = vitport.load(str(directory), "cpu", "fp32", fixes=(), image_size=size)
     images = default_inputs(size)
     pixels = list(pixel_batches(target, images, 4))
     reference = run_features(src.function, pixels)

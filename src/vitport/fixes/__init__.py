@@ -60,7 +60,8 @@ def fix_names() -> list[str]:
 
 
 def parse_fixes(text: str | Sequence[str] | None) -> list[str]:
-    """``"erf-gelu,layernorm-fp32"`` (or a list of such) -> fix names; ``"all"`` -> every fix.
+    """``"erf-gelu,layernorm-fp32"`` (or a list of such) -> fix names; ``"all"`` -> every fix;
+    ``"none"`` alone -> no fix (to give no fixes over a port's own).
 
     Order is kept, duplicates dropped, underscores read as hyphens. An unknown name raises
     :class:`~vitport.registry.UnknownNameError`.
@@ -68,7 +69,10 @@ def parse_fixes(text: str | Sequence[str] | None) -> list[str]:
     if text is None:
         return []
     items = [text] if isinstance(text, str) else list(text)
-    return FIXES.parse([part for item in items for part in str(item).split(",")], allow_all=True)
+    parts = [part for item in items for part in str(item).split(",") if part.strip()]
+    if [part.strip().lower() for part in parts] == ["none"]:
+        return []
+    return FIXES.parse(parts, allow_all=True)
 
 
 def apply_fixes(encoder: Encoder, names: Sequence[str]) -> list[FixReport]:

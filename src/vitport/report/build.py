@@ -134,6 +134,7 @@ def measure_all(
         o.spec,
         "cpu",
         "fp32",
+        fixes=(),
         image_size=o.image_size,
         weights=o.weights,
         trust_remote_code=o.trust_remote_code,

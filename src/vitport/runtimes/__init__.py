@@ -189,7 +189,8 @@ def load(
 
     target = device if isinstance(device, Device) else resolve_device(device)
     check(setup, target.type)
-    encoder = vitport.load(spec, target, source_dtype(setup), **load_options)
+    # the setup's fixes are prepare's to apply (a port's own were settled into the setup)
+    encoder = vitport.load(spec, target, source_dtype(setup), fixes=(), **load_options)
     return prepare(encoder, setup, cache=cache, copy=False)
 
 

@@ -149,6 +149,7 @@ class Service:
             cfg.model,
             "cpu",
             "fp32",
+            fixes=(),
             image_size=cfg.image_size,
             weights=cfg.weights,
             trust_remote_code=cfg.trust_remote_code,
