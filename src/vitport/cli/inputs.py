@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vitport.cli.app import errors, esc
 from vitport.cli.display import progress
-from vitport.errors import VitportError
+from vitport.errors import HubUnreachableError, VitportError
 
 
 def enable_cuda_shim(wanted: bool) -> None:
@@ -57,8 +57,9 @@ def port_options(
 ):
     """--dtype and --fix as given, else a port's own (its vitport.json), else fp32 and no fixes:
     a vitport.port.settings.PortSettings, whose note (for a port) the command shows, and the
-    port's (manifest, directory), or None. A hub spec is fetched here, as loading would. `show`:
-    print the note now (for commands whose encoder is not at hand)."""
+    port's (manifest, directory), or None. A hub spec is fetched here, as loading would; a spec
+    that does not resolve is left for the load to refuse, after the command's own checks.
+    `show`: print the note now (for commands whose encoder is not at hand)."""
     from vitport.families import find_port
     from vitport.fixes import parse_fixes
     from vitport.port.settings import CLI_OVERRIDE, port_settings
@@ -66,8 +67,13 @@ def port_options(
     fixes = None if fix is None else parse_fixes(fix)
     if spec.startswith(("demo:", "timm:")):
         return port_settings(None, dtype, fixes), None
-    with progress(f"reading {esc(spec)} ..."):
-        found = find_port(spec, weights is not None)
+    try:
+        with progress(f"reading {esc(spec)} ..."):
+            found = find_port(spec, weights is not None)
+    except HubUnreachableError:
+        raise
+    except VitportError:
+        found = None
     settings = port_settings(found[0] if found else None, dtype, fixes, CLI_OVERRIDE)
     if show and settings.note:
         errors.print(f"[yellow]note:[/yellow] {esc(settings.note)}", soft_wrap=True)
