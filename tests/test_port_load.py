@@ -348,3 +348,50 @@ def test_a_port_from_a_hub_brings_its_settings_and_its_golden_file(
     assert result["reference"]["kind"] == "golden"
     assert "reference: the port's own golden file" in stdout
     assert result["candidate"]["fixes"] == ["erf-gelu"]
+
+
+# --- a port as report --package writes it --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packaged(model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packaged") / "port"
+    cli_once(
+        "report",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--fix",
+        "erf-gelu",
+        "--batch-sizes",
+        "1",
+        "--min-seconds",
+        "0.05",
+        "--out",
+        str(out),
+        "--package",
+    )
+    return out
+
+
+def test_a_packaged_port_re_verifies_itself_and_names_a_planted_fault(
+    monkeypatch, capsys, packaged, tmp_path
+):
+    code, stdout, result = compare(monkeypatch, capsys, tmp_path, str(packaged))
+    assert code == 0, stdout
+    assert result["reference"]["path"] == str(packaged / GOLDEN)
+    assert result["candidate"]["fixes"] == ["erf-gelu"]
+    assert "port: fp32 with erf-gelu from vitport.json" in stdout
+    code, stdout, result = compare(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        str(packaged),
+        "--localize",
+        "--inject-fault",
+        "norm-swap@2",  # a weight fault, above the noise of the package's 16-bit block states
+    )
+    assert code == 1 and "FAIL" in stdout
+    assert result["localization"]["culprit"].startswith("encoder.layer.2")
+    assert "first diverging point: encoder.layer.2" in stdout

@@ -189,7 +189,8 @@ def port_weights_sha256(directory: Path) -> str:
     """The sha256 of the port's weights as loaded (fp32, CPU), as the manifest records it."""
     import vitport
 
-    return vitport.load(str(directory), "cpu").weights_sha256  # hashed before any dtype
+    # hashed before any dtype; the port's own dtype and fixes are not needed for it
+    return vitport.load(str(directory), "cpu", "fp32", fixes=()).weights_sha256
 
 
 def default_message(manifest: Manifest) -> str:
