@@ -378,3 +378,55 @@ def test_a_port_without_weights_says_what_it_needs(tiny_dir, tmp_path, photo_fil
     done = subprocess.run(command, env=no_vitport, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "no weights beside" in done.stderr and str(source) in done.stderr
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from vitport.cli import main
+
+    out = io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(out),
+    ):
+        mp.setattr(sys, "argv", ["vitport", *args])
+        mp.setenv("COLUMNS", "200")
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+    return code, out.getvalue()
+
+
+@pytest.mark.slow
+def test_a_packaged_ports_script_reproduces_vitport(tiny_dir, tmp_path, photo_files, no_vitport):
+    """The inference.py `report --package` writes, run without vitport, gives what vitport
+    gives for the port with its fixes: in fp32 (--dtype) and in the port's own bf16."""
+    from vitport.port.manifest import read_manifest
+
+    port = tmp_path / "port"
+    fixes = "erf-gelu,layernorm-fp32"
+    args = ("--model", str(tiny_dir("dinov2_with_registers")), "--device", "cpu")
+    quick = ("--batch-sizes", "1", "--min-seconds", "0.05", "--dtype", "bf16", "--fix", fixes)
+    code, text = run_cli("report", *args, *quick, "--out", str(port), "--package")
+    assert code == 0, text
+    manifest = read_manifest(port)
+    assert manifest.fixes == ("erf-gelu", "layernorm-fp32") and manifest.dtype == "bf16"
+
+    images, _ = read_images(photo_files)
+    for dtype, least in (("fp32", MIN_COS), ("bf16", 0.999)):
+        encoder = vitport.load(str(port), dtype=dtype)
+        apply_fixes(encoder, [f for f in manifest.fixes if f not in encoder.fixes])
+        want = infer(encoder, images).features
+        out = tmp_path / f"{dtype}.safetensors"
+        flags = ("--dtype", "fp32") if dtype == "fp32" else ()
+        run_script(port, photo_files, out, no_vitport, *flags)
+        got = load_file(str(out))
+        assert set(got) == {"cls", "patches", "pooled"}
+        for group in got:
+            worst = cosines(got[group], getattr(want, group)).min().item()
+            assert worst >= least, f"{dtype} {group}: cos {worst:.6f}"
