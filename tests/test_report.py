@@ -201,3 +201,36 @@ def test_every_language_has_every_word():
     from vitport.report.strings import LANGS, STRINGS
 
     assert all(set(STRINGS[lang]) == set(STRINGS["en"]) for lang in LANGS)
+
+
+def test_the_ports_speed_is_stated_beside_the_reference_dtypes(data, tmp_path):
+    """bf16 on the CPU against fp32 on the CPU, at the same batch, timed in that run; where
+    bf16's measured peak is below fp32's, the line says the device has no bf16 units."""
+    import copy
+
+    from vitport.report.render import headline
+    from vitport.report.strings import STRINGS
+
+    speed = data["speed"]
+    assert speed["dtype"] == "bf16" and speed["reference_dtype"] == "fp32"
+    fastest = max(data["bench"]["rows"], key=lambda r: r["images_per_second"])
+    assert speed["batch_size"] == fastest["batch_size"]
+    assert speed["ratio"] == speed["images_per_second"] / speed["reference_images_per_second"]
+    lines = headline(data, STRINGS["en"])
+    assert lines[2].startswith(f"**bf16: {speed['ratio']:.2f}x fp32 here** (")
+    assert f"at batch {speed['batch_size']}, timed one after the other on cpu)" in lines[2]
+    emulated = copy.deepcopy(data)
+    emulated["speed"].update(ratio=0.14, emulated=True, peak_tflops=0.0213, fp32_peak_tflops=0.152)
+    line = headline(emulated, STRINGS["en"])[2]
+    assert line.startswith("**bf16: 0.14x fp32 here**")
+    assert line.endswith(
+        "; this device has no bf16 units: bf16's measured matmul peak (0.0213 TFLOP/s) is "
+        "below fp32's (0.152 TFLOP/s), so it runs emulated."
+    )
+    zh = headline(emulated, STRINGS["zh"])[2]
+    assert "fp32 的 0.14x" in zh and "0.0213 TFLOP/s" in zh and "0.152 TFLOP/s" in zh
+    readme = write_report(emulated, tmp_path).read_text()
+    assert "- **bf16: 0.14x fp32 here**" in readme
+    same = copy.deepcopy(data)
+    same["speed"] = None  # a report of fp32 against fp32 (or one from before) has no line
+    assert len(headline(same, STRINGS["en"])) == len(lines) - 1

@@ -23,6 +23,7 @@ from vitport.fixes import fix_names
 from vitport.infer import infer, infer_pixels
 from vitport.inputs import PixelInputs
 from vitport.msprobe import Dump, is_dump_reference
+from vitport.report.speed import speed_against_reference
 from vitport.runtimes.base import Setup
 
 SCHEMA_VERSION = 1
@@ -160,6 +161,9 @@ def measure_all(
 
     log("benchmark by batch size")
     perf = bench(candidate, o.batch_sizes, o.window, progress=log)
+    speed = speed_against_reference(
+        base, candidate, perf, target, o.reference_dtype, o.window, progress=log
+    )
 
     log("accuracy against the reference, localisation and fixes")
     accuracy = run_check(
@@ -227,6 +231,7 @@ def measure_all(
             "first_call_ms": sample.first_call_ms,
         },
         "bench": perf.to_dict(),
+        "speed": speed,
         "compare": accuracy.to_dict(),
         "optimize": search,
         "log": log.lines,

@@ -29,13 +29,6 @@ def throughput(measurement: dict[str, Any]) -> float:
     return Measurement.from_dict(measurement).images_per_second
 
 
-def config_label(config: dict[str, Any]) -> str:
-    """The same words as the search's Setup.label, from the report's JSON (older ones: torch)."""
-    from vitport.runtimes.base import Setup
-
-    return Setup.from_dict(config).label()
-
-
 def limits_text(result: CompareResult) -> str:
     unused = unused_limits(result.thresholds, result.groups)
     marks = []
@@ -53,6 +46,41 @@ def floor_text(result: CompareResult, s: dict[str, str]) -> str:
     if result.floor_dtype == "fp32":
         return s["floor_fp32"]
     return s["floor_rounded"].format(dtype=result.floor_dtype)
+
+
+def trial_label(trial: dict[str, Any]) -> str:
+    """A search trial's row label, by the precision it ran (see Trial.label)."""
+    from vitport.bench.optimize import Trial
+
+    return Trial.from_dict(trial).label()
+
+
+def speed_line(data: dict[str, Any], s: dict[str, str]) -> str:
+    """The port's speed-up over the reference dtype on the same device, and why, where the
+    dtype runs emulated; "" where the report has none (same dtypes, or an older report)."""
+    speed = data.get("speed")
+    if not speed:
+        return ""
+    device, dtype = data["command"]["device"], data["command"]["dtype"]
+    if speed.get("error"):
+        return s["vs_reference_failed"].format(
+            ref_dtype=speed["reference_dtype"], device=device, dtype=dtype, error=speed["error"]
+        )
+    why = ""
+    if speed["emulated"]:
+        why = s["emulated"].format(
+            dtype=speed["dtype"], peak=speed["peak_tflops"], fp32=speed["fp32_peak_tflops"]
+        )
+    return s["vs_reference"].format(
+        dtype=speed["dtype"],
+        ratio=speed["ratio"],
+        ref_dtype=speed["reference_dtype"],
+        ips=speed["images_per_second"],
+        ref_ips=speed["reference_images_per_second"],
+        batch=speed["batch_size"],
+        device=device,
+        why=why,
+    )
 
 
 def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
@@ -91,6 +119,9 @@ def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
                 mfu=mfu,
             )
         )
+    line = speed_line(data, s)
+    if line:
+        lines.append(line)
     search = data.get("optimize")
     if search and search.get("best"):
         best = search["best"]
@@ -99,10 +130,14 @@ def headline(data: dict[str, Any], s: dict[str, str]) -> list[str]:
         speedup = search.get("speedup_over_baseline")
         lines.append(
             s["best_config"].format(
-                label=config_label(best["config"]),
+                label=trial_label(trial),
                 batch=best["batch_size"],
                 ips=speed,
-                speedup=f"{speedup:.2f}x" if speedup else "n/a",
+                speedup=f"{speedup:.2f}x"
+                if speedup
+                else s["drifted"]
+                if search.get("drift")
+                else "n/a",
             )
         )
     best_fix = result.best_trial()
@@ -248,7 +283,7 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             runtime = trial["config"].get("runtime", "torch")
             if trial["config"]["compiled"]:
                 runtime = "torch.compile"
-            rows.append([runtime, config_label(trial["config"]), ok, err, *speeds])
+            rows.append([runtime, trial_label(trial), ok, err, *speeds])
         out += table(
             [
                 s["runtime_col"],
@@ -264,6 +299,8 @@ def render(data: dict[str, Any], lang: str = "en", plots: dict[str, str] | None 
             out += [f"- {s['runtime_skipped']}: {line}"]
         if search.get("runtimes_skipped"):
             out += [""]
+        for line in (search.get("plan"), search.get("drift")):
+            out += [line, ""] if line else []
 
     out += [f"## {s['accuracy']}", ""]
     ref = cmp["reference"]

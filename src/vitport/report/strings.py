@@ -18,6 +18,13 @@ STRINGS: dict[str, dict[str, str]] = {
         "fastest_unfaithful": "**Speed** (not a faithful configuration): batch {batch}, "
         "{ips:.1f} img/s.",
         "cure": "**Fix that helps most**: `--fix {fix}` (worst relative error {before} → {after}).",
+        "vs_reference": "**{dtype}: {ratio:.2f}x {ref_dtype} here** ({ips:.1f} against "
+        "{ref_ips:.1f} img/s at batch {batch}, timed one after the other on {device}){why}.",
+        "emulated": "; this device has no {dtype} units: {dtype}'s measured matmul peak "
+        "({peak:.3g} TFLOP/s) is below fp32's ({fp32:.3g} TFLOP/s), so it runs emulated",
+        "vs_reference_failed": "**{ref_dtype} could not run on {device}** beside {dtype} "
+        "({error}), so the port's speed-up is not known.",
+        "drifted": "n/a (the machine's speed drifted during the search)",
         "best_config": "**Fastest faithful configuration**: {label} at batch {batch}, {ips:.1f} "
         "img/s, {speedup} fp32 as transformers loads it at the same batch.",
         "search": "Fastest faithful configuration",
@@ -108,6 +115,13 @@ STRINGS: dict[str, dict[str, str]] = {
         "fastest": "**实测最快**:batch {batch},{ips:.1f} img/s({ms:.2f} ms/图){mfu}。",
         "fastest_unfaithful": "**性能**(该配置精度未通过):batch {batch},{ips:.1f} img/s。",
         "cure": "**最有效的修复**:`--fix {fix}`(最差相对误差 {before} → {after})。",
+        "vs_reference": "**{dtype}:此处为 {ref_dtype} 的 {ratio:.2f}x**(在 {device} 上同 batch "
+        "{batch} 先后测得:{ips:.1f} 对 {ref_ips:.1f} img/s){why}。",
+        "emulated": ";该设备没有 {dtype} 计算单元:{dtype} 实测矩阵乘峰值({peak:.3g} TFLOP/s)"
+        "低于 fp32({fp32:.3g} TFLOP/s),以模拟方式运行",
+        "vs_reference_failed": "**{ref_dtype} 无法在 {device} 上运行**,无法与 {dtype} 对比"
+        "({error}),移植的加速比未知。",
+        "drifted": "n/a(搜索期间机器速度发生漂移)",
         "best_config": "**精度达标的最快配置**:{label},batch {batch},{ips:.1f} img/s,"
         "为同 batch 下 transformers 默认 fp32 的 {speedup}。",
         "search": "精度达标的最快配置",
