@@ -443,6 +443,35 @@ def test_version_answers_without_importing_torch():
     assert "vitport.cli" in imported and "torch" not in imported
 
 
+def test_models_lists_the_families_without_importing_torch():
+    """`vitport models` reads each family's model types from its own module, and those modules
+    import torch, transformers and timm only when a model is loaded or built."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from vitport.families.base import MODULES, families
+
+    # `python -m vitport models`, then the modules it imported (-X importtime misses the family
+    # modules, which the registry imports through importlib)
+    script = (
+        "import atexit, json, runpy, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
+        "sys.argv = ['vitport', 'models']\n"
+        "runpy.run_module('vitport', run_name='__main__')\n"
+    )
+    got = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert got.returncode == 0, got.stderr[-2000:]
+    imported = set(json.loads(got.stderr.strip().splitlines()[-1]))
+    assert {f"vitport.families.{name}" for name in MODULES} <= imported
+    assert not {"torch", "transformers", "timm"} & imported
+    types = [t for family in families() for t in family.model_types]
+    assert types and all(re.search(rf"\b{t}\b", got.stdout) for t in types)
+
+
 def test_the_models_table_never_breaks_a_spec(monkeypatch, capsys):
     import sys
 

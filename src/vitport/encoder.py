@@ -8,15 +8,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from vitport import golden
-from vitport.device import Device, dtype_name, out_of_memory_error
 from vitport.errors import DeviceError, VitportError
 from vitport.format import count
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch loads with the first model: the records above it need none
+    import torch
+    from torch import nn
+
+    from vitport.device import Device
     from vitport.port.manifest import Manifest
 
 OUTPUT_GROUPS = ("cls", "registers", "patches", "pooled", "logits")
@@ -112,6 +111,8 @@ class Features:
 
     def nonfinite_groups(self) -> list[str]:
         """The output groups that hold NaN or inf somewhere (fp16 overflow, a broken kernel)."""
+        import torch
+
         return [name for name, t in self.groups().items() if not torch.isfinite(t).all()]
 
     @property
@@ -128,6 +129,8 @@ class Features:
     @staticmethod
     def concat(parts: Sequence[Features]) -> Features:
         """Join batches of the same run along the batch axis."""
+        import torch
+
         first = parts[0]
         joined = {k: torch.cat([p.groups()[k] for p in parts]) for k in first.groups()}
         names = [n for p in parts for n in p.names]
@@ -141,11 +144,15 @@ class Features:
     ) -> Path:
         """Write a golden file (see vitport.golden); `extra` tensors (block states, named
         ``blocks/...``) and `extra_header` entries go in the same file."""
+        from vitport import golden
+
         return golden.write(path, self, extra, extra_header)
 
     @classmethod
     def load(cls, path: str | Path) -> Features:
         """Read a golden file's features; its block states stay on disk."""
+        from vitport import golden
+
         return cls(**golden.read(path, OUTPUT_GROUPS))
 
 
@@ -268,6 +275,8 @@ class Encoder:
 
     def meta(self) -> dict[str, Any]:
         """What a golden file must record to be comparable on another machine."""
+        from vitport.device import dtype_name
+
         return {
             "spec": self.spec,
             "family": self.family,
@@ -279,19 +288,23 @@ class Encoder:
             "fixes": list(self.fixes),
         }
 
-    @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, names: Sequence[str] = ()) -> Features:
         """Run one pixel batch [B, 3, H, W] and split the tokens by the layout."""
-        pixels = pixels.to(device=self.device.torch_device, dtype=self.dtype)
-        try:
-            raw = self.forward_fn(self.module, pixels)
-        except Exception as exc:
-            if self.device.is_out_of_memory(exc):
-                raise out_of_memory_error(
-                    self.device, exc, f"encoding {count(len(pixels), 'image')}"
-                ) from exc
-            raise
-        return self.split(raw, pixels.shape[-2:], names)
+        import torch
+
+        from vitport.device import out_of_memory_error
+
+        with torch.inference_mode():
+            pixels = pixels.to(device=self.device.torch_device, dtype=self.dtype)
+            try:
+                raw = self.forward_fn(self.module, pixels)
+            except Exception as exc:
+                if self.device.is_out_of_memory(exc):
+                    raise out_of_memory_error(
+                        self.device, exc, f"encoding {count(len(pixels), 'image')}"
+                    ) from exc
+                raise
+            return self.split(raw, pixels.shape[-2:], names)
 
     def split(self, raw: RawOutput, hw: Sequence[int], names: Sequence[str] = ()) -> Features:
         layout, tokens = self.layout, raw.tokens
@@ -319,6 +332,8 @@ class Encoder:
         self, device: Device | None = None, dtype: torch.dtype | None = None, copy: bool = True
     ) -> Encoder:
         """This encoder on another device and/or dtype: a copy, or moved in place (copy=False)."""
+        from vitport.device import dtype_name, out_of_memory_error
+
         device = device or self.device
         dtype = dtype or self.dtype
         if not device.supports(dtype):
@@ -350,13 +365,13 @@ class Encoder:
         )
 
 
-NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
-
-
 def is_norm(module: nn.Module) -> bool:
     """A normalisation layer: a torch norm, or a module whose type name says norm and that holds
     a weight tensor (its learned scale), as the norms of HF and timm models do."""
-    if isinstance(module, NORM_TYPES):
+    import torch
+    from torch import nn
+
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
         return True
     weight = getattr(module, "weight", None)
     return "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor)
@@ -391,6 +406,8 @@ def find_blocks(
     module: nn.Module, depth: int, roles: Callable[[nn.Module], dict[str, str]] | None = None
 ) -> list[nn.Module]:
     """The ModuleList of `depth` identical transformer blocks."""
+    from torch import nn
+
     for _, child in module.named_modules():
         if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) == depth:
             kinds = {type(b) for b in child}

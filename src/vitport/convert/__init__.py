@@ -12,27 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vitport.compare.sides import pixel_batches
 from vitport.convert.engine import ConversionError, Converted, apply
-from vitport.convert.layouts import (
-    TARGETS,
-    detect_layout,
-    expected_shapes,
-    file_sha256,
-    foreign_arch,
-    foreign_preprocessing,
-    layout_names,
-    loaded_arch,
-    loaded_preprocessing,
-    loaded_state,
-    read_json,
-    weights_file,
-    write_checkpoint,
-    write_foreign_as_timm,
-)
 from vitport.convert.result import ConversionResult, Source, VerificationFailed
 from vitport.convert.tables import dropped_groups, table_for
-from vitport.convert.verify import compare_functions, culprit, run_features
 from vitport.encoder import Architecture, Encoder
 from vitport.errors import SpecError
 from vitport.families.base import convertible_titles
@@ -52,6 +34,18 @@ def open_source(
     """Read SOURCE (a spec, a directory or a checkpoint file) and load its own function: a model
     vitport loads comes at its checkpoint's own position grid, or resampled to `image_size`."""
     import vitport
+    from vitport.convert.layouts import (
+        detect_layout,
+        file_sha256,
+        foreign_arch,
+        foreign_preprocessing,
+        layout_names,
+        loaded_arch,
+        loaded_preprocessing,
+        loaded_state,
+        read_json,
+        weights_file,
+    )
     from vitport.families.base import foreign_layouts
     from vitport.families.weights import read_weights
 
@@ -92,6 +86,8 @@ def open_source(
         where = Path(workdir) / "source-as-timm"
 
         def load_function() -> Encoder:
+            from vitport.convert.layouts import write_foreign_as_timm
+
             write_foreign_as_timm(where, desc, state, pre)
             return vitport.load(str(where), "cpu", "fp32", fixes=(), image_size=image_size)
 
@@ -141,6 +137,7 @@ def open_source(
 
 def _weights_of(spec: str) -> Path | None:
     """The weights file behind a local or demo spec, for its hash; None for hub and timm names."""
+    from vitport.convert.layouts import weights_file
     from vitport.families import resolve
 
     if spec.startswith("demo:"):
@@ -181,6 +178,7 @@ def convert(
     With `to="onnx"`, an `out` ending in .onnx is the model file itself, with its preprocessing
     and record beside it (NAME.preprocessor_config.json, NAME.conversion.json).
     `mapping_override` replaces the table (tests plant a broken one with it)."""
+    from vitport.convert.layouts import TARGETS
     from vitport.inputs import default_inputs
 
     if to not in TARGETS:
@@ -375,6 +373,9 @@ def _convert_layout(
     default_inputs: Callable,
 ) -> ConversionResult:
     import vitport
+    from vitport.compare.sides import pixel_batches
+    from vitport.convert.layouts import expected_shapes, write_checkpoint
+    from vitport.convert.verify import compare_functions, culprit, run_features
 
     if src.arch is None:
         raise SpecError(

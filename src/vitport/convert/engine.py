@@ -12,10 +12,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
-
-import torch
+from typing import TYPE_CHECKING
 
 from vitport.errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConversionError(WeightsError):
@@ -138,6 +140,8 @@ def source_names(table: Table, expected: Mapping[str, tuple[int, ...]]) -> dict[
 
 
 def _run(rule: Rule, inputs: list[torch.Tensor], shapes: list[tuple[int, ...] | None]):
+    import torch
+
     op = rule.op
     if op == "rename":
         return [inputs[0]]
@@ -170,6 +174,8 @@ def apply(
     Every source tensor must be consumed or dropped with the table's reason, every expected
     target tensor filled with its expected shape; anything else is a ConversionError naming the
     tensor. Checks run before any tensor is copied."""
+    import torch
+
     needed = source_names(table, expected)
     keys = list(state)
     dropped: dict[str, str] = {}

@@ -6,14 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from vitport.convert.layouts import Preprocessing
-from vitport.convert.verify import Check
-from vitport.encoder import Architecture, Encoder
 from vitport.errors import VitportError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vitport.convert.layouts import Preprocessing
+    from vitport.convert.verify import Check
+    from vitport.encoder import Architecture, Encoder
 
 SCHEMA_VERSION = 1
 

@@ -11,24 +11,26 @@ import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from vitport.device import Device, parse_dtype, resolve_device
-from vitport.encoder import Encoder, find_blocks
 from vitport.errors import SpecError
-from vitport.families import hf
 from vitport.families.base import Family, family_of_timm_name, registry
 from vitport.families.demo import DEMO_MODELS, demo_names
 from vitport.families.sources import SOURCES, hub_snapshot, resolve
-from vitport.fixes import apply_fixes
 from vitport.port.manifest import Manifest, check_weights, is_port, read_manifest
-from vitport.port.settings import port_settings
+
+if TYPE_CHECKING:  # torch and the model code load with the first model, not with the package
+    import torch
+    from torch import nn
+
+    from vitport.device import Device
+    from vitport.encoder import Encoder
 
 
 def weights_sha256(module: nn.Module) -> str:
     """A hash of the weights as loaded (fp32, CPU), independent of file layout."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
@@ -52,6 +54,14 @@ def load(
     where `dtype`/`fixes` are None, and one note says so; its weights (or, for a port made
     without them, its source's) must hash to the manifest's sha256, and `encoder.port` keeps
     the manifest. Otherwise None means fp32 and no fixes."""
+    import torch
+
+    from vitport.device import Device, parse_dtype, resolve_device
+    from vitport.encoder import Encoder, find_blocks
+    from vitport.families import hf
+    from vitport.fixes import apply_fixes
+    from vitport.port.settings import port_settings
+
     target = device if isinstance(device, Device) else resolve_device(device)
     start = time.perf_counter()
     kind, where, port, _ = _resolve(spec, weights is not None)

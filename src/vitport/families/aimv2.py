@@ -8,10 +8,7 @@ pools with its attention-pooling head where the checkpoint has one, else average
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from vitport.convert.engine import Rule, Table, rename, split
 from vitport.encoder import Architecture
@@ -32,6 +29,10 @@ from vitport.families.base import (
     timm_heads,
     tiny_transformers,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 HEAD_WIDTH = 128  # for Apple's checkpoints without a config
 

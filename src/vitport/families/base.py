@@ -54,14 +54,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from vitport.encoder import Architecture, Preprocessing, TokenLayout, block_roles
 from vitport.errors import SpecError, UnsupportedModelError, WeightsError
 from vitport.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from vitport.convert.engine import Table
     from vitport.families.loaded import LoadedModel
 
@@ -303,6 +303,7 @@ def tiny_transformers(
     """A builder that saves a seeded tiny random transformers model and its processor."""
 
     def build(path: Path) -> None:
+        import torch
         import transformers
 
         torch.manual_seed(0)
@@ -316,6 +317,8 @@ def tiny_transformers(
 def mlp_width(mlp: nn.Module) -> int:
     """An MLP's hidden width, read off the module: the input width of its last linear layer (the
     projection back to the model width), gated or not, whatever the version names it."""
+    from torch import nn
+
     linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
     return int(linears[-1].in_features)
 
@@ -353,6 +356,7 @@ def timm_aliases() -> dict[str, str]:
 def timm_heads(name: str) -> int:
     """The head count of a timm architecture (a release's own names accepted)."""
     import timm
+    import torch
 
     aliases = timm_aliases()
     name = aliases.get(name, name)

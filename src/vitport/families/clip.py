@@ -15,10 +15,7 @@ its vision tower with the projection; the text tower is not read.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from vitport.families.base import (
     Family,
@@ -28,6 +25,10 @@ from vitport.families.base import (
     stated_architecture,
     tiny_transformers,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def model_class(config: Mapping[str, Any]) -> str:

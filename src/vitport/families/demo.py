@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-
 from vitport.cache import cache_root
 from vitport.encoder import Architecture
 from vitport.errors import SpecError, WeightsError, one_line
@@ -35,6 +33,7 @@ from vitport.families.dinov2 import FAMILY as DINOV2
 from vitport.outputs import write_atomic
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
 
 log = logging.getLogger(__name__)
@@ -315,6 +314,7 @@ def _backbone_weights(demo: DemoModel, graph: onnx.GraphProto) -> dict[str, np.n
 
     Raises WeightsError if any initializer outside ``demo.ignored_prefixes`` is left unused.
     """
+    import numpy as np
     from onnx import numpy_helper
 
     readers = _consumers(graph)
@@ -367,6 +367,7 @@ def _state_dict(weights: dict[str, np.ndarray], hidden_size: int) -> dict[str, A
     Parameters the ONNX file lacks are zero-filled. Completeness is checked when the written
     checkpoint is loaded back (missing or unexpected keys fail the build).
     """
+    import numpy as np
     import torch
 
     filled = dict(weights)
@@ -405,6 +406,7 @@ def _verify(demo: DemoModel, model: onnx.ModelProto, directory: Path) -> dict[st
 
     Raises WeightsError if the checkpoint does not load cleanly or the outputs differ.
     """
+    import numpy as np
     import onnxruntime as ort
     import torch
 

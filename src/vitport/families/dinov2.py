@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from vitport.convert.engine import Rule, Table, fill, rename, split
 from vitport.encoder import Architecture
@@ -34,6 +31,10 @@ from vitport.families.base import (
     timm_heads,
     tiny_transformers,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MASK_TOKEN = (
     "mask_token is used only by masked-image training, never at inference; "
@@ -187,6 +188,8 @@ def timm_match(registers: bool) -> Callable[[nn.Module], bool]:
     """A timm ViT with LayerScale and no SwiGLU, with or without register tokens."""
 
     def match(module: nn.Module) -> bool:
+        from torch import nn
+
         block = module.blocks[0]
         layer_scale = not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity)
         has_registers = int(getattr(module, "num_reg_tokens", 0)) > 0

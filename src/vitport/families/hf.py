@@ -8,10 +8,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from vitport.encoder import Architecture, Encoder, Preprocess, Preprocessing, RawOutput
 from vitport.errors import SpecError, UnsupportedModelError, VitportError, WeightsError, one_line
@@ -31,7 +28,10 @@ from vitport.families.weights import (
     unsafe_pickle_error,
     weights_file,
 )
-from vitport.hooks import hooked
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # A model type no family claims, loaded with --trust-remote-code: read the way most ViTs state it.
 REMOTE = Family(name="remote", title="remote code", architecture=None)
@@ -71,6 +71,8 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def load_dir(path: Path, image_size: int | None, trust_remote_code: bool) -> LoadedModel:
     """Load a transformers checkpoint directory on the CPU in fp32, checking the weights fit."""
+    import torch
+
     raw_config = read_config(path)
     model_type = raw_config.get("model_type")
     family = family_of_model_type(model_type or "")
@@ -252,6 +254,8 @@ def make_forward(
         return forward
 
     def forward_with_head(module: nn.Module, pixels: torch.Tensor) -> RawOutput:
+        from vitport.hooks import hooked
+
         captured: dict[str, Any] = {}
         keep = [(module.base_model, lambda _m, _a, _k, out: captured.setdefault("out", out))]
         with hooked(keep):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from vitport.encoder import Architecture, Preprocess, RawOutput, TokenLayout
 from vitport.errors import VitportError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass

@@ -12,9 +12,7 @@ input: so400m's 384 px over 14 px patches is a 27x27 grid, the 6 px margin unsee
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from vitport.families.base import (
     Family,
@@ -25,6 +23,9 @@ from vitport.families.base import (
     stated_architecture,
     tiny_transformers,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def model_class(config: Mapping[str, Any]) -> str:

@@ -13,11 +13,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from vitport.encoder import (
     Architecture,
@@ -36,6 +32,10 @@ from vitport.families.base import (
 )
 from vitport.families.loaded import LoadedModel, check_image_size
 from vitport.families.weights import damaged_weights_error, read_weights
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def create(
@@ -104,6 +104,8 @@ def state_dict_problem(error: BaseException) -> str:
 def tensor_shapes(name: str, state: Mapping[str, torch.Tensor] | None) -> dict[str, tuple]:
     """The shapes of the tensors that set a checkpoint's position grid: from the --weights state,
     or read from a timm directory's weights file without loading the rest."""
+    import torch
+
     keys = ("pos_embed", "cls_token", "reg_token", "patch_embed.proj.weight")
     if state is not None:
         return {k: tuple(state[k].shape) for k in keys if k in state}
@@ -173,6 +175,7 @@ def load(name: str, weights: Path | None, image_size: int | None) -> LoadedModel
     """A timm ViT at its checkpoint's own position grid, unless `image_size` resamples it
     (then the note and `resampled_from` say from which grid)."""
     import timm
+    from torch import nn
 
     state = read_weights(weights) if weights is not None else None
     native = checkpoint_grid(tensor_shapes(name, state))
@@ -253,6 +256,8 @@ class TransformPixels:
         self.transform = transform
 
     def __call__(self, images: list[Any]) -> torch.Tensor:
+        import torch
+
         return torch.stack([self.transform(im) for im in images])
 
 
@@ -276,26 +281,27 @@ def architecture(module: nn.Module) -> Architecture:
     )
 
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": lambda x: F.gelu(x, approximate="none"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "silu": F.silu,
-}
-
-
-@torch.no_grad()
 def activation_name(act: nn.Module | None) -> str:
     """What a timm MLP's activation computes, in transformers' names ("" if none of them): timm
     spells the same function with several classes, so it is read from what the module does."""
+    import torch
+    import torch.nn.functional as F
+
     if act is None:
         return ""
+    activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "gelu": lambda x: F.gelu(x, approximate="none"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+        "silu": F.silu,
+    }
     x = torch.linspace(-6.0, 6.0, 1201)
-    try:
-        got = act(x)
-    except Exception:  # an activation that takes other input: unknown
-        return ""
-    return next((n for n, f in ACTIVATIONS.items() if torch.allclose(got, f(x), atol=1e-6)), "")
+    with torch.no_grad():
+        try:
+            got = act(x)
+        except Exception:  # an activation that takes other input: unknown
+            return ""
+        return next((n for n, f in activations.items() if torch.allclose(got, f(x), atol=1e-6)), "")
 
 
 def forward(module: nn.Module, pixels: torch.Tensor) -> RawOutput:
@@ -328,6 +334,7 @@ def conversion_architecture(encoder: Encoder) -> Architecture:
 def tiny_reg4(path: Path) -> None:
     """A tiny timm ViT with four registers, saved as a timm directory."""
     import timm
+    import torch
     from timm.models._hub import save_for_hf
 
     # LayerScale at 1 (not timm's 1e-5 init) so that a fault inside a block shows at the output

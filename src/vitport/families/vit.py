@@ -7,9 +7,7 @@ the model has it.
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from vitport.convert.engine import Rule, Table, rename, split
 from vitport.encoder import Architecture
@@ -23,6 +21,9 @@ from vitport.families.base import (
     stated_architecture,
     tiny_transformers,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 POOLER = (
     "transformers' ViT pooler (dense + tanh) has no timm counterpart; "
@@ -83,6 +84,8 @@ def hf_config(arch: Architecture) -> Any:
 
 def is_plain_timm_vit(module: nn.Module) -> bool:
     """A timm ViT without LayerScale and with a plain GELU MLP."""
+    from torch import nn
+
     block = module.blocks[0]
     layer_scale = not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity)
     return not layer_scale and type(block.mlp).__name__ == "Mlp"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from vitport.errors import WeightsError, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -44,6 +46,8 @@ def damaged_weights_error(path: Path, exc: BaseException) -> WeightsError:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from .pth/.bin with weights-only unpickling."""
+    import torch
+
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found")
     try:
