@@ -178,15 +178,22 @@ def test_an_npu_port_requires_torch_npu(port, monkeypatch):
     assert "torch_npu" not in requirements(read_manifest(port))
 
 
-def test_no_weights_records_the_source_and_its_sha256(source, tmp_path):
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory) -> list[str]:
+    """Two photo files: a report on them is short."""
     from vitport.inputs import sample_images
 
-    images = []
-    for image in sample_images(2):  # two image files keep the run short
-        images.append(str(tmp_path / f"{image.name.split(':')[-1]}.png"))
-        image.image.save(images[-1])
+    directory = tmp_path_factory.mktemp("images")
+    paths = []
+    for image in sample_images(2):
+        paths.append(str(directory / f"{image.name.split(':')[-1]}.png"))
+        image.image.save(paths[-1])
+    return paths
+
+
+def test_no_weights_records_the_source_and_its_sha256(source, two_images, tmp_path):
     out = tmp_path / "port"
-    args = ("report", "--model", str(source), *images, "--device", "cpu", *QUICK)
+    args = ("report", "--model", str(source), *two_images, "--device", "cpu", *QUICK)
     code, text = run_cli(*args, "--out", str(out), "--package", "--no-weights")
     assert code == 0, text
     assert "without weights" in text
@@ -196,8 +203,33 @@ def test_no_weights_records_the_source_and_its_sha256(source, tmp_path):
     manifest = read_manifest(out)
     assert not manifest.weights_included and manifest.source == str(source)
     assert manifest.weights_sha256 == vitport.load(str(source)).weights_sha256
-    assert vitport.Features.load(out / GOLDEN).names == images
+    assert vitport.Features.load(out / GOLDEN).names == two_images
     assert len(manifest.inputs_sha256) == 2
+
+
+def test_a_failing_port_packaged_with_allow_fail_says_so(tiny_dir, two_images, tmp_path):
+    """A real FAIL: a final norm scaled past fp16's range overflows an fp16 run."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "loud"
+    shutil.copytree(tiny_dir("dinov2"), model)
+    state = load_file(model / WEIGHTS)
+    state["layernorm.weight"] *= 1e5
+    save_file(state, model / WEIGHTS, metadata={"format": "pt"})
+    out = tmp_path / "port"
+    args = ("report", "--model", str(model), *two_images, "--device", "cpu", "--dtype", "fp16")
+    code, text = run_cli(*args, *QUICK, "--out", str(out), "--package", "--allow-fail")
+    assert code == 0, text
+    manifest = read_manifest(out)
+    assert manifest.allow_fail and not manifest.passed
+    failed = {(c["group"], c["metric"]) for c in manifest.verdict["checks"] if not c["passed"]}
+    assert ("patches", "nonfinite") in failed
+    card = ModelCard.load(out / "README.md")
+    assert "**This port FAILS its accuracy check**" in card.text
+    assert "**Not faithful**" in card.text
+    from vitport.port.publish import check_package
+
+    assert check_package(out, allow_fail=True) == manifest  # publish takes it as it is
 
 
 def test_flags_without_a_run_are_refused(tmp_path):
