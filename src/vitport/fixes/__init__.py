@@ -2,6 +2,9 @@
 
 Each fix is one module of this package that defines its `FIX` record; the registry below lists
 the modules, in the order ``all`` applies them. Adding a fix is one module and one line there.
+Its record carries its standalone ``template``: the same fix as plain torch code, which a
+packaged port's ``inference.py`` writes out (``tests/test_standalone.py`` checks that it computes
+what the fix does, on every family's tiny model).
 
 Each fix finds its targets from the model's structure (module types, never attribute
 names), changes them in place, and reports what it changed. A fix that finds nothing to
