@@ -42,12 +42,13 @@ QUICK = ("--batch-sizes", "1", "--min-seconds", "0.05")
 
 @pytest.fixture(scope="module")
 def packaged(tiny_dir, tmp_path_factory) -> Path:
-    """A port of a tiny DINOv2 as `vitport report --package` writes it (bf16 on the CPU against
-    the fp32 reference), made once; each test publishes its own copy."""
+    """A port of a tiny DINOv2 as `vitport report --package` writes it (bf16 with a fix on the
+    CPU against the fp32 reference), made once; each test publishes its own copy."""
     from vitport.cli import main
 
     out = tmp_path_factory.mktemp("packaged") / "port"
     args = ["report", "--model", str(tiny_dir("dinov2")), "--device", "cpu", "--dtype", "bf16"]
+    args += ["--fix", "layernorm-fp32"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["vitport", *args, *QUICK, "--out", str(out), "--package"])
         mp.setenv("COLUMNS", "200")
@@ -220,6 +221,35 @@ def test_a_published_port_downloads_through_atomgits_own_client(hub, port, tmp_p
     assert downloaded == package_files(port)
     for name in downloaded:
         assert (out / name).read_bytes() == (port / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_published_port_is_re_verified_from_the_hub_with_its_fixes_and_golden_file(
+    hub, port, tmp_path, monkeypatch, capsys
+):
+    """The issue's end to end: publish, then on a reader's machine (no token) infer and compare
+    load `atomgit:ORG/NAME` back at the port's dtype and fixes, against its own golden file."""
+    from vitport.encoder import Features
+
+    code, _, err = cli(monkeypatch, capsys, "publish", str(port), "atomgit:org/e2e")
+    assert code == 0, err
+    monkeypatch.delenv("VITPORT_ATOMGIT_TOKEN")
+    out = tmp_path / "f.safetensors"
+    args = ("--model", "atomgit:org/e2e", "--device", "cpu")
+    code, stdout, err = cli(monkeypatch, capsys, "infer", *args, "--out", str(out))
+    assert code == 0, err
+    assert "port: bf16 with layernorm-fp32 from vitport.json" in stdout
+    meta = Features.load(out).meta
+    assert meta["dtype"] == "bf16" and meta["fixes"] == ["layernorm-fp32"]
+    record = tmp_path / "compare.json"
+    code, stdout, err = cli(monkeypatch, capsys, "compare", *args, "--json", str(record))
+    assert code == 0, stdout + err
+    result = json.loads(record.read_text())
+    assert result["passed"] and result["reference"]["kind"] == "golden"
+    assert Path(result["reference"]["path"]).read_bytes() == (port / GOLDEN).read_bytes()
+    assert result["candidate"]["dtype"] == "bf16"
+    assert result["candidate"]["fixes"] == ["layernorm-fp32"]
+    assert "reference: the port's own golden file" in stdout
 
 
 # --- refusals: one line, exit 2, nothing sent ---------------------------------------------
