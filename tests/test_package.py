@@ -321,3 +321,40 @@ def test_a_hub_sources_license_comes_from_its_model_card(source, tiny_dir, tmp_p
         assert source_license("hf:org/plain", loaded) is None
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     assert source_license("hf:org/licensed", loaded) is None  # unreachable, not cached: unknown
+
+
+def test_a_golden_file_reference_is_the_ports_golden_file(source, tmp_path):
+    """Against a golden file from another machine, that file is the port's reference as it is."""
+    from vitport.bench.run import Window
+    from vitport.compare.check import load_golden
+    from vitport.inputs import sample_images
+    from vitport.port.package import record_golden
+    from vitport.report import ReportOptions, run_report
+
+    written = tmp_path / "other-machine.safetensors"
+    record_golden(vitport.load(str(source)), sample_images(2), written)
+    window = Window(warmup_iters=1, warmup_seconds=0.0, min_iters=1, min_seconds=0.0)
+    options = ReportOptions(str(source), "cpu", "bf16", batch_sizes=(1,), window=window)
+    run = run_report(options, golden=load_golden(written))
+    package = write_package(run, tmp_path / "port")
+    assert (package.directory / GOLDEN).read_bytes() == written.read_bytes()
+    assert package.manifest.reference["kind"] == "golden"
+    assert list(package.manifest.inputs_sha256) == load_golden(written).meta["image_sha256"]
+
+
+def test_an_msprobe_dump_reference_is_refused_before_the_run(source, tmp_path):
+    dump = tmp_path / "dump"
+    code, text = run_cli("infer", "--model", str(source), "--format", "msprobe", "--out", str(dump))
+    assert code == 0, text
+    args = (
+        "report",
+        "--model",
+        str(source),
+        "--reference",
+        str(dump),
+        "--out",
+        str(tmp_path / "p"),
+    )
+    code, text = run_cli(*args, "--package")
+    assert code == 2 and "an msprobe dump cannot be one" in text and "--package" in text
+    assert not (tmp_path / "p").exists()
