@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from test_cli import one_line_refusal, run
@@ -115,3 +116,49 @@ def test_the_atomic_write_gives_the_umask_modes(tmp_path):
     assert (tmp_path / "file").stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "dir").stat().st_mode & 0o777 == 0o777 & ~mask
     assert mode == {"sub": 0o777 & ~mask, "weights": 0o666 & ~mask, "run.sh": 0o777 & ~mask}
+
+
+# ------------------------------------------------------- --max-bytes holds for every format
+
+
+def test_an_msprobe_dump_over_max_bytes_is_refused_before_writing(
+    monkeypatch, capsys, tiny_dir, tmp_path
+):
+    model = str(tiny_dir("vit"))
+    capsys.readouterr()  # the tiny model's build
+    dump = tmp_path / "dump"
+    args = ("infer", "--model", model, "--device", "cpu", "--format", "msprobe", "--out", str(dump))
+    line = one_line_refusal(*run(monkeypatch, capsys, *args, "--max-bytes", "100000")[::2])
+    assert re.search(r"an msprobe dump of 10 images would take about \d+\.\d MB", line), line
+    assert "over --max-bytes 100000 (0.1 MB); lower --block-images or raise --max-bytes" in line
+    assert not dump.exists()
+    line = one_line_refusal(
+        *run(monkeypatch, capsys, *args, "--max-bytes", "100000", "--block-images", "1")[::2]
+    )
+    assert "an msprobe dump of 1 image would take about" in line and not dump.exists()
+    code, _, err = run(monkeypatch, capsys, *args, "--max-bytes", "100000000")
+    assert code == 0, err
+
+
+def test_the_dump_size_is_estimated_from_the_model(tiny_dir, photos, tmp_path):
+    """The estimate, from one forward of 1 and one of 2 blank images, is the size written."""
+    import vitport
+    from vitport.msprobe.write import check_dump_size, dump_bytes, write_dump
+
+    encoder = vitport.load(str(tiny_dir("dinov2")), device="cpu")
+    for batch_size in (1, 3):
+        images = [p.image for p in photos]
+        batches = [
+            encoder.preprocess(images[i : i + batch_size])
+            for i in range(0, len(images), batch_size)
+        ]
+        estimate = dump_bytes(encoder, [len(b) for b in batches])
+        assert check_dump_size(encoder, len(images), batch_size, estimate) == estimate
+        write_dump(encoder, batches, tmp_path / str(batch_size))
+        written = sum(f.stat().st_size for f in (tmp_path / str(batch_size)).rglob("*"))
+        assert abs(estimate - written) < 0.05 * written, (batch_size, estimate, written)
+
+
+def test_max_bytes_shows_as_an_integer(monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, capsys, "infer", "--help")
+    assert code == 0 and "2000000000" in out and "2000000000.0" not in out

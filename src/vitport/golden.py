@@ -169,8 +169,9 @@ def golden_file_parts(
     size = block_states_bytes(encoder, len(images), dtype)
     if size > max_bytes:
         raise VitportError(
-            f"block states for {count(len(images), 'image')} would take {size / 1e9:.2f} GB, over "
-            f"max_bytes={max_bytes / 1e9:.2f} GB; lower block_images or raise max_bytes",
+            f"block states for {count(len(images), 'image')} would take {size / 1e6:,.1f} MB, "
+            f"over max_bytes={max_bytes} ({max_bytes / 1e6:,.1f} MB); lower block_images or "
+            "raise max_bytes",
             params=("max_bytes=", "block_images", "max_bytes"),
         )
     batches = (

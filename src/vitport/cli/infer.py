@@ -67,8 +67,13 @@ def infer(
         bool, typer.Option("--blocks-fp32", help="Store block states in fp32, not the run's dtype.")
     ] = False,
     max_bytes: Annotated[
-        float, typer.Option(min=1, help="Refuse a --with-blocks file larger than this.")
-    ] = 2e9,
+        int,
+        typer.Option(
+            min=1,
+            help="Refuse, before writing, a --with-blocks file or an msprobe dump that would be "
+            "larger than this many bytes.",
+        ),
+    ] = 2_000_000_000,
     fix: FixOpt = None,
     image_size: ImageSizeOpt = None,
     weights: WeightsOpt = None,
@@ -134,9 +139,10 @@ def infer(
     show(per_image_table(result), ("pooled[:4]", "size"))
     console.print(f"[dim]{latency_note(result, encoder.load_seconds)}[/dim]")
     if out is not None and out_format == "msprobe":
-        from vitport.msprobe import write_dump
+        from vitport.msprobe.write import check_dump_size, write_dump
 
-        recorded = block_images or len(feats.names)
+        recorded = min(block_images or len(feats.names), len(feats.names))
+        check_dump_size(encoder, recorded, batch_size, max_bytes)
         chosen = loaded[:recorded] if paths is None else read_images(feats.names[:recorded])[0]
         batches = (
             encoder.preprocess([im.image for im in chosen[i : i + batch_size]])
@@ -162,7 +168,7 @@ def infer(
                     loaded[:recorded] if paths is None else read_images(feats.names[:recorded])[0]
                 )
                 extra, header = golden_file_parts(
-                    encoder, chosen, batch_size, blocks_fp32, int(max_bytes)
+                    encoder, chosen, batch_size, blocks_fp32, max_bytes
                 )
         path = feats.save(out, extra, header)
         size = path.stat().st_size

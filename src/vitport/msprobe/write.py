@@ -3,9 +3,11 @@ layout and field names, so that `msprobe compare` reads it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from vitport.errors import VitportError
+from vitport.format import count
 from vitport.hooks import hooked
 
 if TYPE_CHECKING:
@@ -27,18 +30,20 @@ from vitport.msprobe.read import (
     TENSOR_DIR,
 )
 
+TYPICAL = -0.12345678901234567  # a statistic as long as most are written, where only sizes count
 
-def _stats(tensor: torch.Tensor, data_name: str | None) -> dict[str, Any]:
-    values = tensor.detach().float()
+
+def _stats(tensor: torch.Tensor, data_name: str | None, measure: bool = True) -> dict[str, Any]:
+    values = tensor.detach().float() if measure else tensor
     empty = values.numel() == 0
     record: dict[str, Any] = {
         "type": "torch.Tensor",
         "dtype": str(tensor.dtype),
         "shape": list(tensor.shape),
-        "Max": None if empty else float(values.max()),
-        "Min": None if empty else float(values.min()),
-        "Mean": None if empty else float(values.mean()),
-        "Norm": None if empty else float(values.norm()),
+        "Max": None if empty else float(values.max()) if measure else TYPICAL,
+        "Min": None if empty else float(values.min()) if measure else TYPICAL,
+        "Mean": None if empty else float(values.mean()) if measure else TYPICAL,
+        "Norm": None if empty else float(values.norm()) if measure else TYPICAL,
         "requires_grad": bool(tensor.requires_grad),
     }
     for key in ("Max", "Min", "Mean", "Norm"):
@@ -52,9 +57,10 @@ def _stats(tensor: torch.Tensor, data_name: str | None) -> dict[str, Any]:
 class _Recorder:
     """Records every module call of forwards, as msprobe's L0 dump does."""
 
-    def __init__(self, encoder: Encoder, folder: Path) -> None:
+    def __init__(self, encoder: Encoder, folder: Path, sizes: list | None = None) -> None:
         self.encoder = encoder
         self.tensors = folder / TENSOR_DIR
+        self.sizes = sizes  # when a list: each tensor's file name and bytes, and nothing saved
         self.data: dict[str, Any] = {}
         self.construct: dict[str, str | None] = {}
         self.calls: dict[str, int] = {}
@@ -63,8 +69,11 @@ class _Recorder:
         self.names = {id(m): n for n, m in encoder.module.named_modules() if n}
 
     def _save(self, tensor: torch.Tensor, name: str) -> dict[str, Any]:
-        torch.save(tensor.detach().to("cpu").clone(), self.tensors / name)
-        return _stats(tensor, name)
+        if self.sizes is None:
+            torch.save(tensor.detach().to("cpu").clone(), self.tensors / name)
+        else:
+            self.sizes.append((name, tensor.numel() * tensor.element_size()))
+        return _stats(tensor, name, measure=self.sizes is None)
 
     def _field(self, value: Any, stem: str) -> Any:
         if isinstance(value, torch.Tensor):
@@ -107,6 +116,78 @@ class _Recorder:
         self.data[key] = record
 
 
+def _record(recorder: _Recorder, pixel_batches: Iterable[torch.Tensor]) -> None:
+    encoder = recorder.encoder
+    modules = [m for m in encoder.module.modules() if id(m) in recorder.names]
+    with (
+        hooked([(m, recorder.after) for m in modules], [(m, recorder.before) for m in modules]),
+        torch.inference_mode(),
+    ):
+        for pixels in pixel_batches:
+            encoder.forward_fn(
+                encoder.module, pixels.to(encoder.device.torch_device, encoder.dtype)
+            )
+
+
+@functools.cache
+def _file_overhead() -> tuple[int, float]:
+    """What torch.save adds to a tensor's bytes in a file: a fixed part, and a part per
+    character of the file's name (its zip entries are named after it); measured once here."""
+    with tempfile.TemporaryDirectory() as scratch:
+        short, long = Path(scratch) / "a.pt", Path(scratch) / f"{'a' * 101}.pt"
+        for path in (short, long):
+            torch.save(torch.zeros(0), path)
+        per_char = (long.stat().st_size - short.stat().st_size) / 100
+        return round(short.stat().st_size - per_char), per_char
+
+
+def _one_forward(encoder: Encoder, batch: int) -> tuple[int, int]:
+    """The bytes the parameters take in a dump, and those of everything else, for one forward
+    of `batch` images."""
+    from PIL import Image
+
+    sizes: list[tuple[str, int]] = []
+    recorder = _Recorder(encoder, Path("."), sizes)
+    h, w = encoder.image_size
+    _record(recorder, [encoder.preprocess([Image.new("RGB", (w, h))] * batch)])
+    fixed, per_char = _file_overhead()
+    params = rest = 0
+    for name, size in sizes:
+        on_disk = size + fixed + round(per_char * len(Path(name).stem))
+        if ".parameters." in name:
+            params += on_disk
+        else:
+            rest += on_disk
+    rest += len(json.dumps({"data": recorder.data}, indent=1))
+    rest += len(json.dumps(recorder.construct, indent=1))
+    return params, rest
+
+
+def dump_bytes(encoder: Encoder, batches: Sequence[int]) -> int:
+    """About how many bytes an msprobe dump of forwards of `batches` images each takes on disk,
+    measured by recording (not saving) one forward of 1 and one of 2 blank images: the
+    parameters are saved once, every other tensor at every call."""
+    params, one = _one_forward(encoder, 1)
+    _, two = _one_forward(encoder, 2)
+    per_image = max(two - one, 0)
+    return params + sum(one + per_image * (batch - 1) for batch in batches)
+
+
+def check_dump_size(encoder: Encoder, images: int, batch_size: int, max_bytes: int) -> int:
+    """The estimated size of a dump of `images` images in batches of `batch_size`; refused,
+    with the estimate, beyond `max_bytes`, before anything is written."""
+    full, last = divmod(images, batch_size)
+    size = dump_bytes(encoder, [batch_size] * full + ([last] if last else []))
+    if size > max_bytes:
+        raise VitportError(
+            f"an msprobe dump of {count(images, 'image')} would take about {size / 1e6:,.1f} MB, "
+            f"over max_bytes={max_bytes} ({max_bytes / 1e6:,.1f} MB); lower block_images or "
+            "raise max_bytes",
+            params=("max_bytes=", "block_images", "max_bytes"),
+        )
+    return size
+
+
 def write_dump(encoder: Encoder, pixel_batches: Iterable[torch.Tensor], folder: str | Path) -> Path:
     """Every module call of the forwards over `pixel_batches`, as an msprobe L0 tensor dump
     under `folder` (`step0/rank0/`); returns the folder holding dump.json."""
@@ -118,15 +199,7 @@ def write_dump(encoder: Encoder, pixel_batches: Iterable[torch.Tensor], folder: 
         rank = tmp / "step0" / "rank0"
         (rank / TENSOR_DIR).mkdir(parents=True)
         recorder = _Recorder(encoder, rank)
-        modules = [m for m in encoder.module.modules() if id(m) in recorder.names]
-        with (
-            hooked([(m, recorder.after) for m in modules], [(m, recorder.before) for m in modules]),
-            torch.inference_mode(),
-        ):
-            for pixels in pixel_batches:
-                encoder.forward_fn(
-                    encoder.module, pixels.to(encoder.device.torch_device, encoder.dtype)
-                )
+        _record(recorder, pixel_batches)
         dump = {
             "task": "tensor",
             "level": "L0",
