@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -258,11 +259,11 @@ def test_disk_full_keeps_written_shards_and_resumes(model_dir, photos, tmp_path,
     real = store._write_part
     calls = {"n": 0}
 
-    def flaky(rows, dims, path):
+    def flaky(table, path):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(rows, dims, path)
+        real(table, path)
 
     monkeypatch.setattr(store, "_write_part", flaky)
     out = tmp_path / "out"
@@ -553,3 +554,153 @@ def test_the_batch_sweep_for_one_image_says_image(tiny_dir):
 
     size, why = auto_batch_size(vitport.load(str(tiny_dir("dinov2"))), 1)
     assert size == 1 and "than the 1 image to embed" in why
+
+
+def interrupt_at_batch(monkeypatch, number: int) -> None:
+    """Ctrl-C as the model starts on batch `number` (as Python raises it: KeyboardInterrupt)."""
+    import vitport.embed as embed_module
+
+    real, calls = embed_module.features_of, {"n": 0}
+
+    def features_of(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == number:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "features_of", features_of)
+
+
+def test_an_interrupt_keeps_what_is_done_and_the_same_call_resumes(
+    model_dir, photos, tmp_path, monkeypatch
+):
+    """Ctrl-C in the middle of a shard: its rows so far are kept as a piece of it (patches
+    too), the message says how many and that the same call resumes; the resumed directory is
+    the one an uninterrupted run writes, pieces gone."""
+    from safetensors import safe_open
+
+    from vitport.embed import Interrupted
+
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    options = {"device": "cpu", "batch_size": 1, "outputs": "cls,patches", "shard_size": 4}
+    interrupt_at_batch(monkeypatch, 5)  # shard 0 (inputs 0-3) whole, shard 1 not begun
+    with pytest.raises(Interrupted, match=rf"^4 of 6 inputs kept in {out}; run the same"):
+        embed([str(photos)], str(model_dir), out, **options)
+    assert len(read(out)) == 4 and not list(out.glob("part-00001*"))
+    monkeypatch.undo()
+    options["shard_size"] = 10_000  # one shard: now the interrupts fall inside it
+    embed([str(photos)], str(model_dir), whole, **options)
+    out = tmp_path / "one"
+    interrupt_at_batch(monkeypatch, 3)
+    with pytest.raises(Interrupted, match=r"^2 of 6 inputs kept in .*; run the same command"):
+        embed([str(photos)], str(model_dir), out, **options)
+    monkeypatch.undo()
+    interrupt_at_batch(monkeypatch, 3)  # resumed, and interrupted again: a second piece
+    with pytest.raises(Interrupted, match=r"^4 of 6 inputs kept"):
+        embed([str(photos)], str(model_dir), out, **options)
+    assert sorted(p.name for p in out.glob("part-*")) == [
+        "part-00000.000000000-000000002.parquet",
+        "part-00000.000000002-000000004.parquet",
+    ]
+    kept = read(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["embedded"] == len(kept) == 4 and not manifest["complete"]
+    assert kept.equals(read(whole).slice(0, 4))
+    monkeypatch.undo()
+    resumed = embed([str(photos)], str(model_dir), out, **options)
+    assert resumed.complete and resumed.skipped_done == 4 and resumed.written_now == 2
+    assert read(out).equals(read(whole)) and len(read(out)) == len(PHOTOS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+    with safe_open(str(out / "patches-00000.safetensors"), "np") as f:
+        assert sorted(f.keys()) == sorted(read(out).column("id").to_pylist())
+
+
+def test_the_batch_size_sweep_shows_what_it_measured_as_it_runs(model_dir, tmp_path):
+    """Each step of the sweep says it is the sweep, the size it tries, and the speed of the
+    size before: a sweep that takes minutes is seen while it runs, not only in the summary."""
+    source = tmp_path / "three"
+    save_photos(source, names=PHOTOS[:3])
+    said: list[str] = []
+    summary = embed(
+        [str(source)], str(model_dir), tmp_path / "out", device="cpu", progress=said.append
+    )
+    sweep = [m for m in said if m.startswith("finding a batch size that fits: ")]
+    assert [m.split(": ", 1)[1].split(" (")[0] for m in sweep] == ["batch 1", "batch 2"], said
+    assert re.fullmatch(r".*: batch 2 \(batch 1: \d+\.\d img/s\)", sweep[1]), sweep
+    assert summary.batch_size_reason.startswith("the fastest of 1, 2 in a short sweep")
+
+
+# a run of `vitport embed` whose model, on its third batch, says so in a file and waits there
+PAUSED_AT_THIRD_BATCH = """
+import sys, time
+from pathlib import Path
+
+import vitport.embed as embed_module
+
+real, calls, marker = embed_module.features_of, [0], Path(sys.argv[1])
+
+
+def features_of(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3:
+        marker.write_text("two batches are in")
+        while True:
+            time.sleep(0.01)
+    return real(*args, **kwargs)
+
+
+embed_module.features_of = features_of
+from vitport.cli import main
+
+sys.argv = ["vitport", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_batches_done_and_says_the_same_command_resumes(
+    model_dir, photos, tmp_path
+):
+    """A real SIGINT to the process group, as Ctrl-C sends it, once two batches are in (seen
+    by a file, not by waiting a while): exit 130, one line saying what is kept and that the
+    same command resumes; the same command then finishes, as an uninterrupted run would."""
+    driver, marker = tmp_path / "driver.py", tmp_path / "two-batches-in"
+    driver.write_text(PAUSED_AT_THIRD_BATCH)
+    args = ["embed", str(photos), "--model", str(model_dir), "--device", "cpu"]
+    args += ["--batch-size", "2", "--workers", "1", "--out"]
+    env = {**os.environ, "PYTHONPATH": str(Path(vitport.__file__).parents[1]), "COLUMNS": "300"}
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(driver), str(marker), *args, str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: 4 of 6 inputs kept in {out}; run the same command again to resume"
+    ), err
+    assert len(read(out)) == 4 and [p.name for p in out.glob("part-*")] == [
+        "part-00000.000000000-000000004.parquet"
+    ]
+    assert not list(out.glob(".*.tmp-*"))
+    vitport_cli = [sys.executable, "-m", "vitport", *args]
+    resumed = subprocess.run([*vitport_cli, str(out)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed: 4 inputs were already written" in resumed.stdout
+    whole = tmp_path / "whole"
+    subprocess.run([*vitport_cli, str(whole)], env=env, check=True, capture_output=True)
+    assert read(out).equals(read(whole)) and len(read(out)) == len(PHOTOS)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True

@@ -279,7 +279,13 @@ def sweep(
         batch = batch if auto else next(sizes, None)
         if batch is None or (auto and batch > max_batch):
             return runs, None
-        progress(f"batch {batch}")
+        last = runs[-1] if runs else None
+        measured = (
+            f" (batch {last.batch_size}: {last.measurement.images_per_second:.1f} img/s)"
+            if last
+            else ""
+        )
+        progress(f"batch {batch}{measured}")
         try:
             run = bench_batch(encoder, batch, window, setup)
         except OutOfMemoryError:

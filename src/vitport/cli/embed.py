@@ -17,6 +17,7 @@ from vitport.cli.app import (
     RuntimeOpt,
     WeightsOpt,
     console,
+    errors,
     esc,
 )
 from vitport.cli.display import progress, show
@@ -88,37 +89,42 @@ def embed(
     Shards are written atomically: a run killed at any moment resumes with the same command and recomputes nothing already written. Another model, dtype, preprocessing or outputs in an existing DIR is refused (--overwrite starts over). Exit code 0 when every input is embedded or explained in errors.parquet.
     """
     from vitport.cli.inputs import port_options
+    from vitport.embed import Interrupted
     from vitport.embed import embed as run_embed
 
     port, _ = port_options(model, dtype, fix, weights, show=True)
 
-    with progress(
-        "loading", bar=True, eta=True, stderr=True, speed_from_first_tick=True, quiet=quiet
-    ) as activity:
-        summary = run_embed(
-            sources,
-            model,
-            out,
-            device=device,
-            dtype=port.dtype,
-            batch_size=batch_size,
-            workers=workers,
-            image_size=image_size,
-            weights=weights,
-            trust_remote_code=trust_remote_code,
-            fixes=list(port.fixes),
-            runtime=runtime,
-            outputs=outputs,
-            shard_size=shard_size,
-            column=column,
-            overwrite=overwrite,
-            engine=engine,
-            ray_address=ray_address,
-            shard=shard,
-            stall_timeout=stall_timeout,
-            progress=lambda m: activity.update(esc(m)),
-            on_batch=lambda done, total: activity.tick(done, total, "embedding"),
-        )
+    try:
+        with progress(
+            "loading", bar=True, eta=True, stderr=True, speed_from_first_tick=True, quiet=quiet
+        ) as activity:
+            summary = run_embed(
+                sources,
+                model,
+                out,
+                device=device,
+                dtype=port.dtype,
+                batch_size=batch_size,
+                workers=workers,
+                image_size=image_size,
+                weights=weights,
+                trust_remote_code=trust_remote_code,
+                fixes=list(port.fixes),
+                runtime=runtime,
+                outputs=outputs,
+                shard_size=shard_size,
+                column=column,
+                overwrite=overwrite,
+                engine=engine,
+                ray_address=ray_address,
+                shard=shard,
+                stall_timeout=stall_timeout,
+                progress=lambda m: activity.update(esc(m)),
+                on_batch=lambda done, total: activity.tick(done, total, "embedding"),
+            )
+    except Interrupted as exc:  # what was done is kept: say so, and how to go on
+        errors.print(f"[yellow]interrupted:[/yellow] {esc(exc)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in summary.outputs.items())
     reasons = ", ".join(f"{reason} {n}" for reason, n in summary.error_reasons.items())
     console.print()  # apart from the progress and the libraries' own output above

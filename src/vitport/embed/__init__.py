@@ -5,7 +5,8 @@
     ids, pooled = vitport.embed.read("features/", arrays=True)["id"], ...["pooled"]
 
 Every input ends as a row in ``part-NNNNN.parquet`` or in ``errors.parquet``; a killed run
-started again with the same command resumes where it stopped (see `vitport.embed.store`).
+started again with the same command resumes where it stopped (see `vitport.embed.store`). On
+Ctrl-C, what is done is kept first, and `Interrupted` says so.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def auto_batch_size(
         encoder,
         None,
         Window(1, 0.2, 3, 0.5),
-        progress=progress,
+        progress=lambda step: progress(f"finding a batch size that fits: {step}"),
         max_batch=min(max(images, 1), AUTO_MAX_BATCH),
     )
     best = max(runs, key=lambda r: r.measurement.images_per_second)
@@ -255,38 +256,43 @@ def embed(
     store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))
     store.open(overwrite)
     todo = store.todo(worker, of)
-    batch_size_reason = "given (--batch-size)" if batch_size else ""
-    if todo and batch_size is None:
-        progress("finding a batch size that fits")
-        images = sum(len(store.shard_range(k)) for k in todo)
-        batch_size, batch_size_reason = auto_batch_size(encoder, images, progress)
-    batch_size = batch_size or 1
-    start = time.perf_counter()
-    if engine == "ray":
-        from vitport.embed.ray_engine import DEFAULT_STALL_TIMEOUT, run_ray
+    total_todo = sum(len(store.remaining(k)) for k in todo)
+    try:
+        batch_size_reason = "given (--batch-size)" if batch_size else ""
+        if todo and batch_size is None:
+            batch_size, batch_size_reason = auto_batch_size(encoder, total_todo, progress)
+        batch_size = batch_size or 1
+        start = time.perf_counter()
+        if engine == "ray":
+            from vitport.embed.ray_engine import DEFAULT_STALL_TIMEOUT, run_ray
 
-        load_options = {
-            "weights": str(weights) if weights else None,
-            "trust_remote_code": trust_remote_code,
-        }
-        timing = run_ray(
-            encoder,
-            inputs,
-            store,
-            todo,
-            dims,
-            batch_size,
-            ray_address,
-            on_batch,
-            load_options,
-            stall_timeout or DEFAULT_STALL_TIMEOUT,
-        )
-    else:
-        timing = run_local(encoder, inputs, store, todo, dims, batch_size, workers, on_batch)
-    seconds = time.perf_counter() - start
+            load_options = {
+                "weights": str(weights) if weights else None,
+                "trust_remote_code": trust_remote_code,
+            }
+            timing = run_ray(
+                encoder,
+                inputs,
+                store,
+                todo,
+                dims,
+                batch_size,
+                ray_address,
+                on_batch,
+                load_options,
+                stall_timeout or DEFAULT_STALL_TIMEOUT,
+            )
+        else:
+            timing = run_local(encoder, inputs, store, todo, dims, batch_size, workers, on_batch)
+        seconds = time.perf_counter() - start
+    except KeyboardInterrupt:
+        counts = store.write_manifest()["counts"]
+        raise Interrupted(
+            f"{counts['embedded'] + counts['errors']} of {count(len(inputs), 'input')} kept in "
+            f"{out}; run the same command again to resume"
+        ) from None
     store.gather_errors()  # also after a run with nothing left to do, or another task's finish
     manifest = store.write_manifest()
-    total_todo = sum(len(store.shard_range(k)) for k in todo)
     mine = sum(len(store.shard_range(k)) for k in range(store.num_shards) if k % of == worker)
     return EmbedSummary(
         out=str(out),
@@ -309,6 +315,11 @@ def embed(
     )
 
 
+class Interrupted(KeyboardInterrupt):
+    """An embed run stopped by Ctrl-C after keeping what it did (see `vitport.embed.store`);
+    its message says how much, and that the same command resumes."""
+
+
 def run_local(
     encoder: Encoder,
     inputs: Sequence[Input],
@@ -322,7 +333,7 @@ def run_local(
     """DataLoader workers decode and preprocess; the main process runs the model and writes."""
     from vitport.inputs import stream
 
-    order = [i for k in todo for i in store.shard_range(k)]
+    order = [i for k in todo for i in store.remaining(k)]
     timing = Timing(workers)
     if not order:
         return timing
@@ -332,19 +343,23 @@ def run_local(
     collector = ShardCollector(store, inputs, dims)
     pool = stream.Workers(workers)
     done = 0
-    for batch, waited in stream.stream(dataset, batch_size, pool, pin):
-        timing.wait_seconds += waited
-        for failure in batch.failures:
-            collector.fail(order[failure.index], failure)
-        if batch.indices:
-            t0 = time.perf_counter()
-            pixels = batch.pixels.to(device.torch_device, non_blocking=pin).to(encoder.dtype)
-            rows = features_of(encoder, pixels, list(dims))
-            timing.model_seconds += time.perf_counter() - t0
-            for local, size, values in zip(batch.indices, batch.sizes, rows, strict=True):
-                collector.add(order[local], size, values)
-        done += len(batch.indices) + len(batch.failures)
-        on_batch(done, len(order))
+    try:
+        for batch, waited in stream.stream(dataset, batch_size, pool, pin):
+            timing.wait_seconds += waited
+            for failure in batch.failures:
+                collector.fail(order[failure.index], failure)
+            if batch.indices:
+                t0 = time.perf_counter()
+                pixels = batch.pixels.to(device.torch_device, non_blocking=pin).to(encoder.dtype)
+                rows = features_of(encoder, pixels, list(dims))
+                timing.model_seconds += time.perf_counter() - t0
+                for local, size, values in zip(batch.indices, batch.sizes, rows, strict=True):
+                    collector.add(order[local], size, values)
+            done += len(batch.indices) + len(batch.failures)
+            on_batch(done, len(order))
+    except KeyboardInterrupt:
+        collector.keep()
+        raise
     timing.workers = pool.used
     timing.notes += pool.notes
     return timing
@@ -358,8 +373,12 @@ def read(directory: str | Path, arrays: bool = False, columns: Sequence[str] | N
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from vitport.embed.store import PIECE
+
     directory = Path(directory)
-    parts = sorted(directory.glob("part-*.parquet"))
+    parts = sorted(directory.glob("part-*.parquet"))  # pieces sort before their shard's part
+    whole = {p.name.split(".")[0] for p in parts if not PIECE.fullmatch(p.name)}
+    parts = [p for p in parts if p.name.split(".")[0] not in whole or not PIECE.fullmatch(p.name)]
     if not (directory / "manifest.json").is_file():
         raise VitportError(f"{directory} is not a vitport embed directory (no manifest.json)")
     tables = [pq.read_table(p, columns=list(columns) if columns else None) for p in parts]
@@ -382,4 +401,4 @@ def read(directory: str | Path, arrays: bool = False, columns: Sequence[str] | N
     return result
 
 
-__all__ = ["EmbedSummary", "embed", "read"]
+__all__ = ["EmbedSummary", "Interrupted", "embed", "read"]

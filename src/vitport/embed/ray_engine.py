@@ -284,7 +284,7 @@ def run_ray(
 ) -> Timing:
     """`load_options`: the weights and trust_remote_code each actor loads the model with."""
     _quiet_ray()
-    order = [i for k in todo for i in store.shard_range(k)]
+    order = [i for k in todo for i in store.remaining(k)]
     if not order:
         return Timing(workers=0)
     with ray_cluster(
@@ -354,6 +354,9 @@ def run_ray(
                             collector.add(index, size, {n: batch[n][k] for n in dims})
                         done += 1
                     on_batch(done, len(order))
+        except KeyboardInterrupt:
+            collector.keep()
+            raise
         except _Stalled:
             raise ClusterError(stalled()) from None
         except Exception as exc:

@@ -28,12 +28,18 @@ class ShardCollector:
     def __init__(self, store: Store, inputs: Sequence[Input], dims: dict[str, list[int]]):
         self.store, self.inputs, self.dims = store, inputs, dims
         self.open: dict[int, ShardRows] = {}
+        self.need: dict[int, range] = {}  # per open shard: the inputs this run embeds of it
+        self.embedded: dict[int, list[int]] = {}  # per open shard: the input of each row
         self.seen: set[int] = set()  # a batch Ray ran twice is taken once
         self.written = 0
 
     def _rows(self, index: int) -> ShardRows:
         shard = index // self.store.shard_size
-        return self.open.setdefault(shard, ShardRows(shard, outputs={n: [] for n in self.dims}))
+        if shard not in self.open:
+            self.need[shard] = self.store.remaining(shard)  # after its pieces, if any
+            self.embedded[shard] = []
+            self.open[shard] = ShardRows(shard, outputs={n: [] for n in self.dims})
+        return self.open[shard]
 
     def _first_time(self, index: int) -> bool:
         if index in self.seen:
@@ -45,6 +51,7 @@ class ShardCollector:
         if not self._first_time(index):
             return
         rows, item = self._rows(index), self.inputs[index]
+        self.embedded[rows.shard].append(index)
         rows.ids.append(item.id)
         rows.paths.append(item.path)
         rows.sizes.append(size)
@@ -64,10 +71,43 @@ class ShardCollector:
 
     def _flush(self, shard: int) -> None:
         rows = self.open[shard]
-        if rows.count == len(self.store.shard_range(shard)):
+        if rows.count == len(self.need[shard]):
             self.store.write_shard(rows, self.dims)
             del self.open[shard]
             self.written += 1
+
+    def keep(self) -> None:
+        """When the run is interrupted: write each open shard that is whole, and keep of the
+        others, as a piece, the rows that follow on from where the shard stood without a gap
+        (any after a gap are embedded again when the run resumes)."""
+        for shard in list(self.open):
+            rows, need = self.open[shard], self.need[shard]
+            if rows.count == len(need):
+                self._flush(shard)
+                continue
+            have = {*self.embedded[shard], *(f.index for f in rows.failures)}
+            stop = need.start
+            while stop < need.stop and stop in have:
+                stop += 1
+            if stop > need.start:
+                self.store.write_piece(self._before(rows, stop), self.dims, need.start, stop)
+            del self.open[shard]
+
+    def _before(self, rows: ShardRows, stop: int) -> ShardRows:
+        """The rows of inputs before `stop`."""
+        kept = ShardRows(rows.shard, outputs={n: [] for n in rows.outputs})
+        for k, index in enumerate(self.embedded[rows.shard]):
+            if index < stop:
+                kept.ids.append(rows.ids[k])
+                kept.paths.append(rows.paths[k])
+                kept.sizes.append(rows.sizes[k])
+                for name, values in rows.outputs.items():
+                    if values:
+                        kept.outputs[name].append(values[k])
+                if rows.ids[k] in rows.patches:
+                    kept.patches[rows.ids[k]] = rows.patches[rows.ids[k]]
+        kept.failures = [f for f in rows.failures if f.index < stop]
+        return kept
 
 
 def features_of(encoder: Encoder, pixels: torch.Tensor, names: Sequence[str]) -> list[dict]:

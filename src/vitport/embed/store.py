@@ -7,6 +7,12 @@
 
 Shard NNNNN holds inputs [N * shard_size, (N + 1) * shard_size). Its files are written under a
 temporary name and renamed; the part file comes last, so its existence records the shard as done.
+
+An interrupted run (Ctrl-C) keeps what it did of an unfinished shard as a piece: the same files
+for inputs [A, B) of shard N, named ``part-NNNNN.AAAAAAAAA-BBBBBBBBB.parquet`` (its marker, written
+last), ``patches-NNNNN.AAAAAAAAA-BBBBBBBBB.safetensors`` and its error rows. The pieces of a shard
+follow one another from its first input; a resumed run embeds the rest, and once the shard is
+whole, writes it as one part file, as an uninterrupted run does, and removes its pieces.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Mapping, Sequence
@@ -50,6 +57,14 @@ def part_name(shard: int) -> str:
 
 def patches_name(shard: int) -> str:
     return f"patches-{shard:05d}.safetensors"
+
+
+def piece_span(shard: int, start: int, stop: int) -> str:
+    """What names the files of the piece holding inputs [start, stop) of `shard`."""
+    return f"{shard:05d}.{start:09d}-{stop:09d}"
+
+
+PIECE = re.compile(r"part-(\d+)\.(\d+)-(\d+)\.parquet")
 
 
 @dataclass
@@ -110,13 +125,17 @@ class Store:
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
-        """Temporary files of killed runs on this host (other hosts' may still be writing)."""
+        """Temporary files of killed runs on this host (other hosts' may still be writing), and
+        the pieces of shards written whole (a run killed before it removed them)."""
         host = socket.gethostname()
         for folder in (self.dir, self.dir / STATE):
             for tmp in folder.glob(f".*.tmp-{host}-*"):
                 pid = tmp.name.rsplit("-", 1)[-1]
                 if pid.isdigit() and not _alive(int(pid)):
                     tmp.unlink(missing_ok=True)
+        for shard in range(self.num_shards):
+            if self.done(shard):
+                self._remove_pieces(shard)
 
     def _clear(self) -> None:
         for path in self.dir.iterdir():
@@ -134,26 +153,104 @@ class Store:
         """Shards not yet written, of those this worker (`--shard I/N`) owns."""
         return [k for k in range(self.num_shards) if k % workers == worker and not self.done(k)]
 
+    def pieces(self, shard: int) -> list[tuple[int, int]]:
+        """The input ranges [start, stop) kept of unfinished `shard` by interrupted runs, in
+        order: those that follow one another from its first input (no other is ever written)."""
+        found = {}
+        for path in self.dir.glob(f"part-{shard:05d}.*-*.parquet"):
+            match = PIECE.fullmatch(path.name)
+            if match and int(match[1]) == shard:
+                found[int(match[2])] = int(match[3])
+        chain, at = [], self.shard_range(shard).start
+        while at in found:
+            chain.append((at, found[at]))
+            at = found[at]
+        return chain
+
+    def remaining(self, shard: int) -> range:
+        """The inputs of `shard` still to embed: none once it is done, else those after its
+        pieces."""
+        whole = self.shard_range(shard)
+        if self.done(shard):
+            return range(whole.stop, whole.stop)
+        pieces = self.pieces(shard)
+        return range(pieces[-1][1] if pieces else whole.start, whole.stop)
+
+    def _piece_files(self, shard: int, start: int, stop: int) -> list[Path]:
+        span = piece_span(shard, start, stop)
+        return [
+            self.dir / STATE / f"errors-{span}.parquet",
+            self.dir / f"patches-{span}.safetensors",
+            self.dir / f"part-{span}.parquet",
+        ]
+
+    def _remove_pieces(self, shard: int) -> None:
+        for start, stop in self.pieces(shard):
+            for path in self._piece_files(shard, start, stop):
+                path.unlink(missing_ok=True)
+
     def write_shard(self, rows: ShardRows, dims: Mapping[str, list[int]]) -> None:
-        """Errors, patches, then the part file, each atomically; the part marks it done."""
+        """Errors, patches, then the part file, each atomically; the part marks it done. The
+        shard's pieces, if any, are joined in before `rows`, then removed."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pieces = [self._piece_files(rows.shard, a, b) for a, b in self.pieces(rows.shard)]
+        errors = pa.concat_tables(
+            [*(pq.read_table(files[0]) for files in pieces), _errors_table(rows.failures)]
+        )
+        columns = {name: shape for name, shape in dims.items() if name != "patches"}
+        table = pa.concat_tables(
+            [*(pq.read_table(files[2]) for files in pieces), rows_table(rows, columns)]
+        )
+        patches = dict(rows.patches)
+        if "patches" in dims:
+            from safetensors.numpy import load_file
+
+            patches = {
+                **{k: v for files in pieces for k, v in load_file(str(files[1])).items()},
+                **patches,
+            }
+        self._write(rows.shard, errors, patches, table, self.dir / part_name(rows.shard))
+        self._remove_pieces(rows.shard)
+        self.gather_errors()
+        self.write_manifest()
+
+    def write_piece(
+        self, rows: ShardRows, dims: Mapping[str, list[int]], start: int, stop: int
+    ) -> None:
+        """Keep `rows`, inputs [start, stop) of an unfinished shard, as a piece of it."""
+        columns = {name: shape for name, shape in dims.items() if name != "patches"}
+        errors, part, patches, marker = (
+            _errors_table(rows.failures),
+            rows_table(rows, columns),
+            rows.patches,
+            self._piece_files(rows.shard, start, stop)[2],
+        )
+        self._write(rows.shard, errors, patches, part, marker, start, stop)
+        self.gather_errors()
+        self.write_manifest()
+
+    def _write(self, shard, errors, patches, table, marker: Path, *span: int) -> None:
+        """The error rows, the patches and then the rows (`marker`), each atomically."""
+        import pyarrow.parquet as pq
+
+        error_file, patches_file = (
+            self._piece_files(shard, *span)[:2]
+            if span
+            else (self.dir / STATE / f"errors-{shard:05d}.parquet", self.dir / patches_name(shard))
+        )
         try:
-            write_atomic(
-                self.dir / STATE / f"errors-{rows.shard:05d}.parquet",
-                lambda p: _write_errors(rows.failures, p),
-            )
-            if rows.patches:
+            write_atomic(error_file, lambda p: pq.write_table(errors, p))
+            if patches:
                 from safetensors.numpy import save_file
 
-                write_atomic(
-                    self.dir / patches_name(rows.shard), lambda p: save_file(rows.patches, str(p))
-                )
-            write_atomic(self.dir / part_name(rows.shard), lambda p: _write_part(rows, dims, p))
-            self.gather_errors()
-            self.write_manifest()
+                write_atomic(patches_file, lambda p: save_file(patches, str(p)))
+            write_atomic(marker, lambda p: _write_part(table, p))
         except OSError as exc:
             full = exc.errno == errno.ENOSPC
             raise VitportError(
-                f"{'disk full' if full else 'cannot write'} while writing shard {rows.shard} in "
+                f"{'disk full' if full else 'cannot write'} while writing shard {shard} in "
                 f"{self.dir} ({exc.strerror or exc}); the shards already written stay valid: "
                 f"{'free space' if full else 'fix the directory'} and run the same command again"
             ) from exc
@@ -164,9 +261,13 @@ class Store:
         import pyarrow.parquet as pq
 
         parts = [
-            self.dir / STATE / f"errors-{k:05d}.parquet"
+            path
             for k in range(self.num_shards)
-            if self.done(k)
+            for path in (
+                [self.dir / STATE / f"errors-{k:05d}.parquet"]
+                if self.done(k)
+                else [self._piece_files(k, a, b)[0] for a, b in self.pieces(k)]
+            )
         ]
         tables = [pq.read_table(p) for p in parts]
         table = pa.concat_tables(tables) if tables else _errors_table([])
@@ -192,8 +293,14 @@ class Store:
         for k in range(self.num_shards):
             if self.done(k):
                 shards += 1
-                embedded += pq.ParquetFile(self.dir / part_name(k)).metadata.num_rows
-                error_file = self.dir / STATE / f"errors-{k:05d}.parquet"
+                written = [(self.dir / part_name(k), self.dir / STATE / f"errors-{k:05d}.parquet")]
+            else:
+                written = [
+                    (files[2], files[0])
+                    for files in (self._piece_files(k, a, b) for a, b in self.pieces(k))
+                ]
+            for part, error_file in written:
+                embedded += pq.ParquetFile(part).metadata.num_rows
                 errors += pq.ParquetFile(error_file).metadata.num_rows
         return {
             "inputs": self.num_inputs,
@@ -292,17 +399,10 @@ def _errors_table(failures: Sequence[Failure]):
     )
 
 
-def _write_errors(failures: Sequence[Failure], path: Path) -> None:
+def _write_part(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    pq.write_table(_errors_table(failures), path)
-
-
-def _write_part(rows: ShardRows, dims: Mapping[str, list[int]], path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    columns = {name: shape for name, shape in dims.items() if name != "patches"}
-    pq.write_table(rows_table(rows, columns), path)
+    pq.write_table(table, path)
 
 
 def rows_table(rows: ShardRows, dims: Mapping[str, list[int]]):
