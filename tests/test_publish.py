@@ -167,6 +167,17 @@ def test_a_three_part_atomgit_id_is_published_as_atomgit_names_it(hub, port):
     assert result.repo_id == "hf_mirrors-org/tiny" and "hf_mirrors-org/tiny" in hub.repos
 
 
+def test_an_atomgit_repository_on_master_gets_the_commit_there(hub, port, tmp_path):
+    """No --revision: the repository's own default branch, found as AtomGit's client finds it."""
+    from vitport.port.publish import publish
+
+    (tmp_path / "older").mkdir()
+    hub.add("org/older", tmp_path / "older", branch="master")
+    result = publish(port, "atomgit:org/older")
+    assert result.revision == "master" and hub.commits[-1]["revision"] == "master"
+    assert (tmp_path / "older" / MANIFEST).read_bytes() == (port / MANIFEST).read_bytes()
+
+
 def test_publish_to_the_hugging_face_hub_sends_its_token(hub, port, monkeypatch):
     """Xet off: the stub speaks only the LFS basic transfer (huggingface.co takes Xet)."""
     import huggingface_hub.constants as constants
