@@ -235,3 +235,28 @@ def test_bench_says_in_one_note_when_the_dtype_runs_emulated(
     assert BenchResult.from_dict(result.to_dict()).fp32_peak == result.fp32_peak
     fp32 = bench(vitport.load(str(tiny_dir("dinov2"))), [1], FAST)
     assert fp32.fp32_peak is None and not fp32.emulated  # fp32 is its own yardstick
+
+
+def test_make_demo_bounds_its_bf16_work():
+    """`make demo` must take under 4 minutes where bf16 runs emulated (7x fp32's time: it took
+    8.4 minutes there). Its cost is bf16 images: compare, its localisation and its fix trials
+    run every input, and bench at least first call + warm-up + timed calls per batch size. No
+    test times it: this one reads the recipe and counts the images it asks for."""
+    import shlex
+    from pathlib import Path
+
+    from vitport.bench.run import Window
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+    command = next(line for line in recipe.splitlines() if "vitport report" in line)
+    words = shlex.split(command)
+    option = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+    assert option["--dtype"] == "bf16" and "--overwrite" in words  # still the bf16 port
+    assert words[words.index("report") + 1] == "$(DEMO_INPUTS)"  # its own few inputs
+    assert "sample_images(4)" in recipe  # 4 photos, not the default 10: 2.5x less compare
+    window = Window(min_seconds=float(option["--min-seconds"]))
+    calls = 1 + window.warmup_iters + window.min_iters
+    sizes = [int(b) for b in option["--batch-sizes"].split(",")]
+    assert sum(calls * b for b in sizes) <= 80  # was 240 (1, 2, 4, 8)
+    assert window.min_seconds <= 1.0
