@@ -174,9 +174,9 @@ def prepare(
 def fallback_note(setup: Setup, ran: str) -> str:
     """One line for a runtime that runs another precision than it was asked for."""
     return (
-        f"{setup.runtime} was asked for {setup.dtype} and runs {ran} here (read from the "
-        f"model it built: this device has no {setup.dtype} support in {setup.runtime}); "
-        f"it is labelled and judged as {ran}"
+        f"{setup.runtime} was asked for {setup.dtype} and runs {ran} here (the precision its "
+        f"built model reports: no {setup.dtype} support in {setup.runtime} on this device); "
+        f"its speed is {ran}'s"
     )
 
 
