@@ -86,7 +86,7 @@ def embed(
 
     Writes DIR/part-NNNNN.parquet (id, path, width, height and one float32 vector column per output), DIR/patches-NNNNN.safetensors with --outputs patches, DIR/errors.parquet (id, path, reason, message: one row per input that could not be embedded) and DIR/manifest.json (model, weights hash, dtype, preprocessing, counts, complete).
 
-    Shards are written atomically: a run killed at any moment resumes with the same command and recomputes nothing already written. Another model, dtype, preprocessing or outputs in an existing DIR is refused (--overwrite starts over). Exit code 0 when every input is embedded or explained in errors.parquet.
+    Shards are written atomically: a run killed at any moment resumes with the same command and recomputes nothing already written; Ctrl-C first keeps the batches done and says so (exit code 130). Another model, dtype, preprocessing or outputs in an existing DIR is refused (--overwrite starts over). Exit code 0 when every input is embedded or explained in errors.parquet.
     """
     from vitport.cli.inputs import port_options
     from vitport.embed import Interrupted
