@@ -375,6 +375,10 @@ def test_cli_embed_and_dedup(model_dir, photos, tmp_path, monkeypatch, capsys):
     )
     assert code == 0 and "pairs with cosine" in stdout
     assert pq.read_table(tmp_path / "pairs.parquet").column_names == ["id_a", "id_b", "cosine"]
+    again = ("dedup", str(out), "--threshold", "0.5", "--out", str(tmp_path / "pairs.parquet"))
+    code, _, err = run(monkeypatch, capsys, *again)  # an earlier run's pairs are kept
+    assert code == 2 and "already holds vitport's output" in err and "--overwrite" in err
+    assert run(monkeypatch, capsys, *again, "--overwrite")[0] == 0
     code, _, err = run(
         monkeypatch,
         capsys,

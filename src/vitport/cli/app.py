@@ -204,7 +204,7 @@ RuntimesOpt = Annotated[
 MinSecondsOpt = Annotated[float, typer.Option(min=0.0, help="Measured window per batch size.")]
 OverwriteOpt = Annotated[
     bool,
-    typer.Option("--overwrite", help="Replace output files that vitport did not write."),
+    typer.Option("--overwrite", help="Replace an existing output, whoever wrote it."),
 ]
 FixOpt = Annotated[
     str | None,

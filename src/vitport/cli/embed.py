@@ -13,6 +13,7 @@ from vitport.cli.app import (
     FixOpt,
     ImageSizeOpt,
     ModelOpt,
+    OverwriteOpt,
     RemoteCodeOpt,
     RuntimeOpt,
     WeightsOpt,
@@ -164,14 +165,17 @@ def dedup(
     ] = None,
     column: Annotated[str, typer.Option(help="Which output to compare.")] = "pooled",
     top: Annotated[int, typer.Option("--show", min=0, help="Pairs to print.")] = 20,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Near-duplicate pairs by cosine similarity of the embeddings.
 
     FAISS when installed, else blocked matrix products: never the full N x N matrix in memory.
     """
     from vitport.cli.tables import pairs_table
-    from vitport.embed.dedup import near_duplicates, write_pairs
+    from vitport.embed.dedup import is_pairs_file, near_duplicates, write_pairs
+    from vitport.outputs import check_file
 
+    check_file(out, "out", overwrite, is_pairs_file)
     pairs = near_duplicates(directory, threshold, column)
     console.print(pairs.describe())
     if len(pairs) and top:

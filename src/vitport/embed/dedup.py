@@ -118,6 +118,19 @@ def near_duplicates(
     )
 
 
+PAIR_COLUMNS = ["id_a", "id_b", "cosine"]
+
+
+def is_pairs_file(path: Path) -> bool:
+    """A pairs file `write_pairs` wrote (a Parquet file of exactly its columns)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).names == PAIR_COLUMNS
+    except Exception:  # noqa: BLE001 - not Parquet at all
+        return False
+
+
 def write_pairs(pairs: Pairs, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
