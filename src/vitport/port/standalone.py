@@ -11,10 +11,11 @@ mean them: registers are left out of the patches, a family without a class token
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -49,12 +50,11 @@ def inference_script(encoder: Encoder, manifest: Manifest) -> str:
     layout = encoder.layout
     parts = {
         "title": _title(encoder, manifest),
-        "imports": _TIMM_IMPORTS if timm_port else _HF_IMPORTS,
         "imports_words": "timm" if timm_port else "transformers",
-        "source": repr(manifest.source),
+        "source": json.dumps(manifest.source),
         "device": manifest.device_type,
         "dtype": manifest.dtype,
-        "fixes": repr(tuple(manifest.fixes)),
+        "fixes": _tuple_literal(manifest.fixes),
         "num_cls": layout.num_cls,
         "num_registers": layout.num_registers,
         "layout": _layout_words(encoder),
@@ -63,9 +63,27 @@ def inference_script(encoder: Encoder, manifest: Manifest) -> str:
         "preprocessing": _timm_preprocessing(encoder) if timm_port else _hf_preprocessing(encoder),
         "load": _TIMM_LOAD if timm_port else _hf_load(encoder),
         "forward": _TIMM_FORWARD if timm_port else _hf_forward(encoder),
-        "apply_fixes": textwrap.indent(fix_code, "    ", lambda line: bool(line.strip())),
+        "apply_fixes": textwrap.indent(
+            fix_code.rstrip("\n"), "    ", lambda line: bool(line.strip())
+        ),
     }
+    parts["json"] = "import json\n" if "json." in parts["load"] else ""
+    parts["imports"] = _imports(timm_port, "F." in parts["preprocessing"] + fix_code)
     return _SCRIPT.format(**parts)
+
+
+def _tuple_literal(names: Sequence[str]) -> str:
+    """A tuple of strings as Python source, double-quoted."""
+    items = [json.dumps(n) for n in names]
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+
+
+def _imports(timm_port: bool, functional: bool) -> str:
+    """The script's plain imports, in isort's order."""
+    modules = ["numpy as np", "torch", "timm" if timm_port else "transformers"]
+    if functional:
+        modules.append("torch.nn.functional as F")
+    return "\n".join(f"import {m}" for m in sorted(modules))
 
 
 # --------------------------------------------------------------------------- the model
@@ -263,12 +281,6 @@ def _title(encoder: Encoder, manifest: Manifest) -> str:
 
 # --------------------------------------------------------------------------- the script
 
-_HF_IMPORTS = """\
-import transformers"""
-
-_TIMM_IMPORTS = """\
-import timm"""
-
 _HF_LOAD_AUTO = '''\
 def load_model() -> nn.Module:
     """The checkpoint in this directory, as vitport loads it: on the CPU, in float32."""
@@ -283,7 +295,8 @@ def load_model() -> nn.Module:
 _HF_LOAD_NAMED = '''\
 def load_model() -> nn.Module:
     """The checkpoint in this directory, as vitport loads it: on the CPU, in float32."""
-    return transformers.{model_class}.from_pretrained(HERE, dtype=torch.float32).eval()'''
+    model = transformers.{model_class}.from_pretrained(HERE, dtype=torch.float32)
+    return model.eval()'''
 
 _TIMM_LOAD = '''\
 def load_model() -> nn.Module:
@@ -384,24 +397,20 @@ left out) and `pooled` [B, D'] in float32, and prints their shapes.
 """
 
 import argparse
-import json
-from pathlib import Path
+{json}from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+{imports}
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 from torch import nn
-
-{imports}
 
 HERE = Path(__file__).resolve().parent
 SOURCE = {source}  # what the port was made from
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the checkpoint's weights, beside this file
 DEVICE = "{device}"  # the port's device type
 DTYPE = "{dtype}"  # the port's dtype
-FIXES = {fixes}  # the port's fixes, written out in apply_fixes below
+# the port's fixes, in the order apply_fixes below writes them out
+FIXES = {fixes}
 DTYPES = {{"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}}
 
 # Token layout: {layout}
@@ -431,6 +440,7 @@ def load_image(path: Path) -> Image.Image:
 
 def apply_fixes(model: nn.Module, blocks: list[nn.Module], final_norm: str) -> None:
     """The port's fixes, in order, as vitport applies them."""
+
 {apply_fixes}
 
 
