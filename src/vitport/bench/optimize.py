@@ -263,9 +263,10 @@ def batches_within_limits(
     return taken, notes
 
 
-# how many times the baseline's trial a first try of each kind costs (demo, 2-core CPU), before
-# a trial of that runtime has been measured
-COST_PRIOR = {"eager": 1.0, "built": 3.0, "compiled": 20.0}
+# how many times the baseline's trial the first trial of a runtime is guessed to cost (an export
+# and a build on top of the same runs; compilation far more), until that runtime's own first
+# trial is measured
+COST_PRIOR = {"eager": 1.0, "built": 1.5, "compiled": 20.0}
 PEAK_PROBE = 1024  # the CPU's matmul size for the search's peaks (an emulated 2048 takes 20 s)
 
 
