@@ -256,7 +256,8 @@ def embed(
     store = Store(out, settings_of(encoder, dims, inputs, shard_size), len(inputs))
     store.open(overwrite)
     todo = store.todo(worker, of)
-    total_todo = sum(len(store.remaining(k)) for k in todo)
+    found = store.found_pieces()
+    total_todo = sum(len(store.remaining(k, found)) for k in todo)
     try:
         batch_size_reason = "given (--batch-size)" if batch_size else ""
         if todo and batch_size is None:
@@ -333,14 +334,15 @@ def run_local(
     """DataLoader workers decode and preprocess; the main process runs the model and writes."""
     from vitport.inputs import stream
 
-    order = [i for k in todo for i in store.remaining(k)]
+    found = store.found_pieces()
+    order = [i for k in todo for i in store.remaining(k, found)]
     timing = Timing(workers)
     if not order:
         return timing
     device = encoder.device
     pin = device.pin_memory
     dataset = stream.ImageInputs([inputs[i] for i in order], encoder.preprocess, encoder.dtype)
-    collector = ShardCollector(store, inputs, dims)
+    collector = ShardCollector(store, inputs, dims, found)
     pool = stream.Workers(workers)
     done = 0
     try:

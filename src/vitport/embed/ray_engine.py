@@ -284,13 +284,14 @@ def run_ray(
 ) -> Timing:
     """`load_options`: the weights and trust_remote_code each actor loads the model with."""
     _quiet_ray()
-    order = [i for k in todo for i in store.remaining(k)]
+    found = store.found_pieces()
+    order = [i for k in todo for i in store.remaining(k, found)]
     if not order:
         return Timing(workers=0)
     with ray_cluster(
         address, needs="Ray Data", module="ray.data", extra="ray", configure_logging=False
     ) as ray:
-        collector = ShardCollector(store, inputs, dims)
+        collector = ShardCollector(store, inputs, dims, found)
 
         def kept() -> str:
             done = sum(store.done(k) for k in range(store.num_shards))

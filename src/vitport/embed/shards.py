@@ -25,8 +25,15 @@ class Timing:
 class ShardCollector:
     """Rows arrive batch by batch, in input order; a shard is written once all its inputs are in."""
 
-    def __init__(self, store: Store, inputs: Sequence[Input], dims: dict[str, list[int]]):
+    def __init__(
+        self,
+        store: Store,
+        inputs: Sequence[Input],
+        dims: dict[str, list[int]],
+        found: dict[int, dict[int, int]] | None = None,
+    ):
         self.store, self.inputs, self.dims = store, inputs, dims
+        self.found = store.found_pieces() if found is None else found  # pieces as the run began
         self.open: dict[int, ShardRows] = {}
         self.need: dict[int, range] = {}  # per open shard: the inputs this run embeds of it
         self.embedded: dict[int, list[int]] = {}  # per open shard: the input of each row
@@ -36,7 +43,7 @@ class ShardCollector:
     def _rows(self, index: int) -> ShardRows:
         shard = index // self.store.shard_size
         if shard not in self.open:
-            self.need[shard] = self.store.remaining(shard)  # after its pieces, if any
+            self.need[shard] = self.store.remaining(shard, self.found)  # after its pieces
             self.embedded[shard] = []
             self.open[shard] = ShardRows(shard, outputs={n: [] for n in self.dims})
         return self.open[shard]

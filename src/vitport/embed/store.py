@@ -133,8 +133,8 @@ class Store:
                 pid = tmp.name.rsplit("-", 1)[-1]
                 if pid.isdigit() and not _alive(int(pid)):
                     tmp.unlink(missing_ok=True)
-        for shard in range(self.num_shards):
-            if self.done(shard):
+        for shard in self.found_pieces():
+            if shard < self.num_shards and self.done(shard):
                 self._remove_pieces(shard)
 
     def _clear(self) -> None:
@@ -153,27 +153,37 @@ class Store:
         """Shards not yet written, of those this worker (`--shard I/N`) owns."""
         return [k for k in range(self.num_shards) if k % workers == worker and not self.done(k)]
 
-    def pieces(self, shard: int) -> list[tuple[int, int]]:
-        """The input ranges [start, stop) kept of unfinished `shard` by interrupted runs, in
-        order: those that follow one another from its first input (no other is ever written)."""
-        found = {}
-        for path in self.dir.glob(f"part-{shard:05d}.*-*.parquet"):
+    def found_pieces(self, shard: int | None = None) -> dict[int, dict[int, int]]:
+        """Per shard, the pieces on disk as {start: stop}: of `shard`, or of every shard (one
+        listing of the directory, not one per shard)."""
+        found: dict[int, dict[int, int]] = {}
+        head = "part-*" if shard is None else f"part-{shard:05d}"
+        for path in self.dir.glob(f"{head}.*-*.parquet"):
             match = PIECE.fullmatch(path.name)
-            if match and int(match[1]) == shard:
-                found[int(match[2])] = int(match[3])
+            if match:
+                found.setdefault(int(match[1]), {})[int(match[2])] = int(match[3])
+        return found
+
+    def pieces(
+        self, shard: int, found: dict[int, dict[int, int]] | None = None
+    ) -> list[tuple[int, int]]:
+        """The input ranges [start, stop) kept of unfinished `shard` by interrupted runs, in
+        order: those that follow one another from its first input (no other is ever written).
+        `found`: the pieces of every shard, when the caller has listed them already."""
+        stops = (self.found_pieces(shard) if found is None else found).get(shard, {})
         chain, at = [], self.shard_range(shard).start
-        while at in found:
-            chain.append((at, found[at]))
-            at = found[at]
+        while at in stops:
+            chain.append((at, stops[at]))
+            at = stops[at]
         return chain
 
-    def remaining(self, shard: int) -> range:
+    def remaining(self, shard: int, found: dict[int, dict[int, int]] | None = None) -> range:
         """The inputs of `shard` still to embed: none once it is done, else those after its
-        pieces."""
+        pieces (`found`: as for `pieces`)."""
         whole = self.shard_range(shard)
         if self.done(shard):
             return range(whole.stop, whole.stop)
-        pieces = self.pieces(shard)
+        pieces = self.pieces(shard, found)
         return range(pieces[-1][1] if pieces else whole.start, whole.stop)
 
     def _piece_files(self, shard: int, start: int, stop: int) -> list[Path]:
@@ -260,13 +270,14 @@ class Store:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        found = self.found_pieces()
         parts = [
             path
             for k in range(self.num_shards)
             for path in (
                 [self.dir / STATE / f"errors-{k:05d}.parquet"]
                 if self.done(k)
-                else [self._piece_files(k, a, b)[0] for a, b in self.pieces(k)]
+                else [self._piece_files(k, a, b)[0] for a, b in self.pieces(k, found)]
             )
         ]
         tables = [pq.read_table(p) for p in parts]
@@ -290,6 +301,7 @@ class Store:
 
         embedded = errors = 0
         shards = 0
+        found = self.found_pieces()
         for k in range(self.num_shards):
             if self.done(k):
                 shards += 1
@@ -297,7 +309,7 @@ class Store:
             else:
                 written = [
                     (files[2], files[0])
-                    for files in (self._piece_files(k, a, b) for a, b in self.pieces(k))
+                    for files in (self._piece_files(k, a, b) for a, b in self.pieces(k, found))
                 ]
             for part, error_file in written:
                 embedded += pq.ParquetFile(part).metadata.num_rows
