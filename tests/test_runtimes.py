@@ -252,9 +252,9 @@ def test_a_batch_beyond_a_runtimes_limit_is_refused_before_anything_runs(
     a single call; the search measures that runtime at the sizes it takes, and says so."""
     from vitport.bench.optimize import optimize
     from vitport.bench.run import bench
-    from vitport.cli.serve import check_options
     from vitport.embed import embed
     from vitport.serve import ServeConfig
+    from vitport.serve.checks import check_options
 
     model = str(tiny_dir("dinov2"))
     base = vitport.load(model)

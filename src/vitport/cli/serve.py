@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,10 +17,8 @@ from vitport.cli.app import (
     RuntimeOpt,
     WeightsOpt,
     errors,
-    esc,
 )
 from vitport.cli.inputs import enable_cuda_shim, port_options
-from vitport.errors import VitportError
 
 Int = Annotated[int, typer.Option(min=1)]
 
@@ -208,16 +204,17 @@ def serve(
     """
     import logging
 
+    from vitport.serve.checks import check_options, check_port, parse_autoscale
     from vitport.serve.config import ServeConfig, open_to_all
 
-    port, _ = port_options(model, dtype, fix, weights, show=True)
+    settings, _ = port_options(model, dtype, fix, weights, show=True)
     config = ServeConfig(
         model=model,
         device=device,
-        dtype=port.dtype,
+        dtype=settings.dtype,
         image_size=image_size,
         devices=tuple(d.strip() for d in (devices or "").split(",") if d.strip()),
-        fixes=port.fixes,
+        fixes=settings.fixes,
         weights=str(weights) if weights else None,
         trust_remote_code=trust_remote_code,
         model_name=model_name or "",
@@ -288,65 +285,3 @@ def serve(
             f"after --drain-seconds {drain_seconds:g}"
         )
         raise typer.Exit(1)
-
-
-def check_options(config, engine: str) -> None:
-    """Everything that can be refused before the model loads, in one line each."""
-    from vitport.compare.check import open_source
-    from vitport.compare.verdict import parse_threshold_overrides
-    from vitport.device import resolve_device
-    from vitport.faults import parse_fault
-    from vitport.fixes import parse_fixes
-
-    if engine not in ("local", "ray"):
-        raise VitportError(f"--engine takes local or ray, not {engine!r}")
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise VitportError(f"vitport serve needs {exc.name}: pip install 'vitport[serve]'") from exc
-    parse_fixes(list(config.fixes))
-    from vitport.runtimes import runner
-
-    setup = config.setup  # names the dtype and the runtime, or refuses them
-    kind = runner(setup.runtime)
-    missing = kind.missing()
-    if missing:
-        raise VitportError(missing)
-    if config.max_batch_size:
-        kind.limits.check_batch(setup.runtime, config.max_batch_size, "max_batch_size")
-    if config.inject_fault:
-        parse_fault(config.inject_fault)
-    try:
-        parse_threshold_overrides(list(config.thresholds))
-    except ValueError as exc:
-        raise VitportError(str(exc)) from exc
-    if config.weights and not Path(config.weights).exists():
-        raise VitportError(f"--weights {config.weights}: file not found")
-    if config.check:
-        open_source(config.reference)
-    if engine == "local":
-        for spec in config.device_list:
-            resolve_device(spec)
-
-
-def check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise VitportError(
-                f"cannot listen on {esc(host)}:{port} ({exc.strerror}); choose "
-                "another --port or --host"
-            ) from exc
-
-
-def parse_autoscale(text: str | None) -> dict | None:
-    if not text:
-        return None
-    low, _, high = text.partition(":")
-    if not (low.isdigit() and high.isdigit()) or int(low) > int(high) or int(high) < 1:
-        raise VitportError(f"--autoscale takes MIN:MAX replicas (e.g. 1:4), not {text!r}")
-    return {"min_replicas": int(low), "max_replicas": int(high)}
