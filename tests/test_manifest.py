@@ -52,3 +52,15 @@ def test_weights_that_changed_are_refused() -> None:
     check_weights(manifest, "ab" * 32, "port")
     with pytest.raises(WeightsError, match="do not match its vitport.json"):
         check_weights(manifest, "cd" * 32, "port")
+
+
+def test_a_failed_runs_non_finite_numbers_are_strict_json(tmp_path) -> None:
+    """A FAIL verdict can hold inf or NaN; vitport.json stays JSON that strict readers take."""
+    manifest = Manifest(
+        **MANIFEST_FIELDS,
+        verdict={"passed": False, "checks": [{"value": float("nan"), "needed": float("inf")}]},
+    )
+    text = manifest.write(tmp_path).read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    checks = json.loads(text, parse_constant=lambda c: pytest.fail(c))["verdict"]["checks"]
+    assert checks == [{"value": "nan", "needed": "inf"}]

@@ -9,11 +9,12 @@ strings, numbers as keys, nested records to rebuild) are named, each with its co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, TypeVar
 
-__all__ = ["from_dict", "insert_after", "plain", "to_dict"]
+__all__ = ["from_dict", "insert_after", "json_safe", "plain", "to_dict"]
 
 Record = TypeVar("Record")
 SCALARS: dict[str, Callable[[Any], Any]] = {"int": int, "float": float, "str": str, "bool": bool}
@@ -29,6 +30,18 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as the string "inf", "-inf" or "nan", so that
+    strict JSON readers take it (``json.dumps`` would write the non-JSON ``Infinity``/``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
     return value
 
 

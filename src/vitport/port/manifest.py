@@ -70,7 +70,9 @@ class Manifest:
         from vitport.outputs import write_text
 
         path = Path(directory) / MANIFEST
-        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(
+            path, json.dumps(records.json_safe(self.to_dict()), indent=2, allow_nan=False) + "\n"
+        )
         return path
 
 
