@@ -233,6 +233,7 @@ def test_search_picks_the_faster_faithful_runtime_and_never_an_unfaithful_one(
         attentions=("default",),
         compile_options=(False,),
         runtimes=("torch", "slow-exact", "fast-exact", "fast-wrong"),
+        peaks={"fp32": 1.0},  # injected: a matmul timed on the fake clock would never end
     )
     by_runtime = {t.config.runtime: t for t in result.trials}
     assert set(by_runtime) == {"torch", "slow-exact", "fast-exact", "fast-wrong"}
@@ -290,6 +291,7 @@ def test_a_batch_beyond_a_runtimes_limit_is_refused_before_anything_runs(
         attentions=("default",),
         compile_options=(False,),
         runtimes=("torch", "small-batch"),
+        peaks={"fp32": 1.0},
     )
     limited = next(t for t in result.trials if t.config.runtime == "small-batch")
     assert sorted(limited.measurements) == [2] and max(calls) <= 4
