@@ -55,6 +55,29 @@ class Published:
         return records.to_dict(self)
 
 
+@dataclass(frozen=True)
+class Upload:
+    """What goes up, checked: the port, where to, with which token, and how."""
+
+    directory: Path
+    target: str  # as the user wrote it
+    prefix: str  # "atomgit:", "hf:" or "ms:"
+    user_id: str  # the repository id as written
+    token: str
+    files: tuple[str, ...]  # the port's files, repository paths
+    private: bool
+    revision: str | None
+    message: str
+    manifest: Manifest
+
+    def published(self, **facts: Any) -> Published:
+        """The record of this upload, from what the hub answered."""
+        uploaded = facts["uploaded"]
+        unchanged = tuple(name for name in self.files if name not in uploaded)
+        allow_fail = not self.manifest.passed
+        return Published(target=self.target, unchanged=unchanged, allow_fail=allow_fail, **facts)
+
+
 def publish(
     directory: str | Path,
     target: str,
@@ -74,16 +97,19 @@ def publish(
     amended = not manifest.passed and not manifest.allow_fail
     if amended:
         manifest = state_allow_fail(directory, manifest)
-    message = message or default_message(manifest)
-    files = package_files(directory)
-    if prefix == "ms:":
-        published = _publish_modelscope(
-            directory, target, user_id, token, files, private, revision, message, manifest
-        )
-    else:
-        published = _publish_hf_api(
-            directory, target, prefix, user_id, token, files, private, revision, message, manifest
-        )
+    upload = Upload(
+        directory=directory,
+        target=target,
+        prefix=prefix,
+        user_id=user_id,
+        token=token,
+        files=tuple(package_files(directory)),
+        private=private,
+        revision=revision,
+        message=message or default_message(manifest),
+        manifest=manifest,
+    )
+    published = _publish_modelscope(upload) if prefix == "ms:" else _publish_hf_api(upload)
     return replace(published, amended=amended)
 
 
@@ -213,60 +239,45 @@ def package_files(directory: Path) -> list[str]:
 # --- AtomGit and the Hugging Face hub: huggingface_hub -------------------------------------
 
 
-def _publish_hf_api(
-    directory: Path,
-    target: str,
-    prefix: str,
-    user_id: str,
-    token: str,
-    files: list[str],
-    private: bool,
-    revision: str | None,
-    message: str,
-    manifest: Manifest,
-) -> Published:
+def _publish_hf_api(up: Upload) -> Published:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     from vitport.families.sources import ATOMGIT, HF_HUB, default_branch
 
-    hub = ATOMGIT if prefix == "atomgit:" else HF_HUB
-    repo_id = hub.repo_id(user_id)
-    api = HfApi(endpoint=hub.endpoint, token=token)
+    hub = ATOMGIT if up.prefix == "atomgit:" else HF_HUB
+    repo_id = hub.repo_id(up.user_id)
+    api = HfApi(endpoint=hub.endpoint, token=up.token)
     where = f"{hub.name} at {api.endpoint}"
     try:
         with hub.transfers():
-            url = str(api.create_repo(repo_id, private=private, exist_ok=True))
-            branch = revision or (default_branch(repo_id, hub) if hub.atomgit else "main")
-            if revision:
+            url = str(api.create_repo(repo_id, private=up.private, exist_ok=True))
+            branch = up.revision or (default_branch(repo_id, hub) if hub.atomgit else "main")
+            if up.revision:
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
             try:  # what the branch holds now, to tell what goes up
                 before = api.model_info(repo_id, revision=branch, files_metadata=True)
                 head, held = before.sha, {s.rfilename: s for s in before.siblings or ()}
             except HfHubHTTPError:  # no first commit yet, or a hub that does not say
                 head, held = None, {}
-            changed = [name for name in files if not _same(directory / name, held.get(name))]
+            changed = [n for n in up.files if not _same(up.directory / n, held.get(n))]
             commit = api.upload_folder(
-                folder_path=str(directory),
+                folder_path=str(up.directory),
                 repo_id=repo_id,
                 revision=branch,
-                commit_message=message,
+                commit_message=up.message,
             )
     except VitportError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreachable, refused, malformed: one line, exit 1
-        raise _upload_error(exc, user_id, where, hub.token_env or HF_TOKEN) from exc
-    uploaded = () if commit.oid == head else tuple(changed)
-    return Published(
-        target=target,
+        raise _upload_error(exc, up.user_id, where, hub.token_env or HF_TOKEN) from exc
+    return up.published(
         hub=hub.name,
         repo_id=repo_id,
         url=url,
         revision=branch,
         commit=commit.oid,
-        uploaded=uploaded,
-        unchanged=tuple(name for name in files if name not in uploaded),
-        allow_fail=not manifest.passed,
+        uploaded=() if commit.oid == head else tuple(changed),
     )
 
 
@@ -311,17 +322,7 @@ def _server_message(exc: Exception) -> str:
 # --- ModelScope: modelscope's HubApi --------------------------------------------------------
 
 
-def _publish_modelscope(
-    directory: Path,
-    target: str,
-    repo_id: str,
-    token: str,
-    files: list[str],
-    private: bool,
-    revision: str | None,
-    message: str,
-    manifest: Manifest,
-) -> Published:
+def _publish_modelscope(up: Upload) -> Published:
     try:
         from modelscope.hub.api import HubApi
     except ImportError as exc:
@@ -332,19 +333,20 @@ def _publish_modelscope(
 
     # modelscope remembers what it committed (size and time of each file); kept outside the
     # port, so the port's directory is left as it is
+    repo_id, token = up.user_id, up.token
     tracker = cache_root() / "publish" / "modelscope" / f"{repo_id.replace('/', '--')}.json"
     tracker.parent.mkdir(parents=True, exist_ok=True)
     try:
         api = HubApi(token=token)
         api.create_repo(
-            repo_id, token=token, visibility="private" if private else "public", exist_ok=True
+            repo_id, token=token, visibility="private" if up.private else "public", exist_ok=True
         )
         result = api.upload_folder(
             repo_id,
-            folder_path=str(directory),
+            folder_path=str(up.directory),
             token=token,
-            commit_message=message,
-            revision=revision,
+            commit_message=up.message,
+            revision=up.revision,
             use_cache=True,
             tracker_path=str(tracker),
             disable_tqdm=True,
@@ -354,15 +356,11 @@ def _publish_modelscope(
             f"could not publish '{repo_id}' to ModelScope ({one_line(exc, typed=True, limit=120)}); "
             f"check {MODELSCOPE_TOKEN} and the network, then publish again"
         ) from exc
-    uploaded = tuple(files) if result else ()  # None: every file was already committed
-    return Published(
-        target=target,
+    return up.published(
         hub="ModelScope",
         repo_id=repo_id,
         url=f"{str(api.endpoint).rstrip('/')}/models/{repo_id}",
-        revision=revision or "master",
+        revision=up.revision or "master",
         commit=None,
-        uploaded=uploaded,
-        unchanged=tuple(name for name in files if name not in uploaded),
-        allow_fail=not manifest.passed,
+        uploaded=tuple(up.files) if result else (),  # None: every file was already committed
     )
