@@ -21,7 +21,7 @@ from vitport.device import dtype_name
 from vitport.errors import GoldenMismatchError, VitportError
 from vitport.format import count
 from vitport.hooks import first_tensor, hooked_forward
-from vitport.outputs import write_atomic
+from vitport.outputs import check_size, write_atomic
 
 if TYPE_CHECKING:
     from vitport.device import Device
@@ -167,13 +167,7 @@ def golden_file_parts(
     refused, with the estimate, beyond `max_bytes`."""
     dtype = torch.float32 if fp32 else encoder.dtype
     size = block_states_bytes(encoder, len(images), dtype)
-    if size > max_bytes:
-        raise VitportError(
-            f"block states for {count(len(images), 'image')} would take {size / 1e6:,.1f} MB, "
-            f"over max_bytes={max_bytes} ({max_bytes / 1e6:,.1f} MB); lower block_images or "
-            "raise max_bytes",
-            params=("max_bytes=", "block_images", "max_bytes"),
-        )
+    check_size(f"block states for {count(len(images), 'image')}", size, max_bytes)
     batches = (
         encoder.preprocess([im.image for im in images[i : i + batch_size]])
         for i in range(0, len(images), batch_size)

@@ -206,3 +206,14 @@ def write_text(path: Path, text: str) -> None:
         write_atomic(path, lambda tmp: tmp.write_text(text))
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
+
+
+def check_size(what: str, size: int, max_bytes: int, estimated: bool = False) -> None:
+    """Refuse, before anything is written, an output of `size` bytes beyond `max_bytes`."""
+    if size > max_bytes:
+        about = "about " if estimated else ""
+        raise OutputError(
+            f"{what} would take {about}{size / 1e6:,.1f} MB, over max_bytes={max_bytes} "
+            f"({max_bytes / 1e6:,.1f} MB); lower block_images or raise max_bytes",
+            params=("max_bytes=", "block_images", "max_bytes"),
+        )

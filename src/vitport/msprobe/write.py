@@ -17,6 +17,7 @@ from torch import nn
 from vitport.errors import VitportError
 from vitport.format import count
 from vitport.hooks import hooked
+from vitport.outputs import check_size
 
 if TYPE_CHECKING:
     from vitport.encoder import Encoder
@@ -178,13 +179,7 @@ def check_dump_size(encoder: Encoder, images: int, batch_size: int, max_bytes: i
     with the estimate, beyond `max_bytes`, before anything is written."""
     full, last = divmod(images, batch_size)
     size = dump_bytes(encoder, [batch_size] * full + ([last] if last else []))
-    if size > max_bytes:
-        raise VitportError(
-            f"an msprobe dump of {count(images, 'image')} would take about {size / 1e6:,.1f} MB, "
-            f"over max_bytes={max_bytes} ({max_bytes / 1e6:,.1f} MB); lower block_images or "
-            "raise max_bytes",
-            params=("max_bytes=", "block_images", "max_bytes"),
-        )
+    check_size(f"an msprobe dump of {count(images, 'image')}", size, max_bytes, estimated=True)
     return size
 
 
