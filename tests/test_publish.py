@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from every_command import cli
 from hubstub import StubHub
 
 from vitport.port.manifest import GOLDEN, MANIFEST, WEIGHTS, read_manifest
@@ -21,20 +22,6 @@ FAILS = "**This port FAILS its accuracy check**"
 
 ATOMGIT_TOKEN = "atomgit_write_token"
 HF_SECRET = "hf_secret_token"
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from vitport.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["vitport", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 QUICK = ("--batch-sizes", "1", "--min-seconds", "0.05")
